@@ -1,0 +1,55 @@
+"""lowbit: low-bit quantization for PyTorch researchers, with a Rust core.
+
+Affine INT2-INT8 quantization and fake-quant that match PyTorch bit for bit, packed
+quantized checkpoints, and the `lowbit` command line tool. NumPy arrays and CPU torch
+tensors go in and come out without copies.
+
+>>> import numpy as np, lowbit
+>>> x = np.array([-1.0, -0.26, 0.25, 0.74], dtype=np.float32)
+>>> lowbit.fake_quantize_per_tensor_affine(x, 0.5, 0, -2, 1)
+array([-1. , -0.5,  0. ,  0.5], dtype=float32)
+"""
+
+from lowbit._lowbit import (
+    LowbitError,
+    LowbitFormatError,
+    LowbitIOError,
+    LowbitTypeError,
+    LowbitValueError,
+    QuantizedTensor,
+    QuantSpec,
+    __version__,
+)
+from lowbit._quant import (
+    dequantize_checkpoint,
+    dequantize_per_channel,
+    dequantize_per_tensor,
+    fake_quantize_per_channel_affine,
+    fake_quantize_per_tensor_affine,
+    load_quantized,
+    quantize,
+    quantize_checkpoint,
+    quantize_per_channel,
+    quantize_per_tensor,
+)
+
+__all__ = [
+    "LowbitError",
+    "LowbitFormatError",
+    "LowbitIOError",
+    "LowbitTypeError",
+    "LowbitValueError",
+    "QuantSpec",
+    "QuantizedTensor",
+    "__version__",
+    "dequantize_checkpoint",
+    "dequantize_per_channel",
+    "dequantize_per_tensor",
+    "fake_quantize_per_channel_affine",
+    "fake_quantize_per_tensor_affine",
+    "load_quantized",
+    "quantize",
+    "quantize_checkpoint",
+    "quantize_per_channel",
+    "quantize_per_tensor",
+]

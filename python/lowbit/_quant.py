@@ -1,0 +1,268 @@
+"""The public quantization functions: argument normalisation and torch dispatch around the core."""
+
+from __future__ import annotations
+
+import operator
+import os
+from typing import Any
+
+import numpy as np
+
+from lowbit import _lowbit
+from lowbit._lowbit import LowbitTypeError, QuantizedTensor, QuantSpec
+
+
+def _is_tensor(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+def _torch() -> Any:
+    from lowbit import torch as lt
+
+    return lt
+
+
+def _array(x: Any, what: str = "x") -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, (str, bytes, dict, set)) or x is None:
+        raise LowbitTypeError(f"{what} must be an array, got {type(x).__name__}")
+    return np.asarray(x)
+
+
+def _float(v: Any, what: str) -> float:
+    if _is_tensor(v) or isinstance(v, np.ndarray):
+        if (v.numel() if _is_tensor(v) else v.size) != 1:
+            raise LowbitTypeError(f"{what} must be a single number")
+        v = v.item()
+    if isinstance(v, (bool, str, bytes)) or not isinstance(v, (int, float, np.number)):
+        raise LowbitTypeError(f"{what} must be a float, got {type(v).__name__}")
+    return float(v)
+
+
+def _int(v: Any, what: str) -> int:
+    if _is_tensor(v) or isinstance(v, np.ndarray):
+        if (v.numel() if _is_tensor(v) else v.size) != 1:
+            raise LowbitTypeError(f"{what} must be a single integer")
+        v = v.item()
+    if isinstance(v, bool):
+        raise LowbitTypeError(f"{what} must be an integer, got bool")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise LowbitTypeError(f"{what} must be an integer, got {type(v).__name__}") from None
+
+
+def _vector(v: Any, what: str, integer: bool) -> list:
+    a = v.detach().cpu().numpy() if _is_tensor(v) else np.asarray(v)
+    if a.ndim != 1:
+        raise LowbitTypeError(f"{what} must be one-dimensional, got shape {a.shape}")
+    if integer and a.dtype.kind not in "iu":
+        raise LowbitTypeError(f"{what} must hold integers, got {a.dtype}")
+    if not integer and a.dtype.kind not in "fiu":
+        raise LowbitTypeError(f"{what} must hold floats, got {a.dtype}")
+    return a.tolist()
+
+
+def fake_quantize_per_tensor_affine(
+    x: Any, scale: Any, zero_point: Any, quant_min: int, quant_max: int, return_mask: bool = False
+) -> Any:
+    """Fake-quantize ``x`` with one scale and zero point, bit-identical to PyTorch.
+
+    Computes ``(clamp(zero_point + round(x * (1/scale)), quant_min, quant_max) - zero_point) * scale``
+    with the float32 reciprocal and round-half-to-even, as ATen does. NaN maps to ``quant_min``
+    and ±Inf clamp, as in PyTorch. ``x`` is a float32/float16/float64 NumPy array (any strides)
+    or a CPU torch tensor (also bfloat16; autograd uses the straight-through estimator). The
+    result has the dtype and type of ``x``. ``return_mask=True`` also returns the boolean
+    straight-through mask ``quant_min <= zero_point + round(x / scale) <= quant_max``.
+
+    Raises ``LowbitValueError`` for a non-positive or non-finite scale, a zero point outside
+    ``[quant_min, quant_max]`` or ``quant_min > quant_max``; ``LowbitTypeError`` for other dtypes.
+
+    >>> import numpy as np, lowbit
+    >>> x = np.array([0.1, 0.25, 0.35, 9.0], dtype=np.float32)
+    >>> lowbit.fake_quantize_per_tensor_affine(x, 0.1, 0, -8, 7)
+    array([0.1       , 0.2       , 0.3       , 0.70000005], dtype=float32)
+    >>> _, mask = lowbit.fake_quantize_per_tensor_affine(x, 0.1, 0, -8, 7, return_mask=True)
+    >>> mask
+    array([ True,  True,  True, False])
+    """
+    if _is_tensor(x):
+        return _torch().fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max, return_mask)
+    return _lowbit.fake_quantize_per_tensor_affine(
+        _array(x),
+        _float(scale, "scale"),
+        _int(zero_point, "zero_point"),
+        _int(quant_min, "quant_min"),
+        _int(quant_max, "quant_max"),
+        bool(return_mask),
+    )
+
+
+def fake_quantize_per_channel_affine(
+    x: Any,
+    scale: Any,
+    zero_point: Any,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+    return_mask: bool = False,
+) -> Any:
+    """Fake-quantize ``x`` with one scale and zero point per index of ``axis``, bit-identical to PyTorch.
+
+    ``scale`` and ``zero_point`` are 1-D (lists, arrays or tensors) with ``x.shape[axis]``
+    entries; zero points must be integers. Edge cases follow ``torch.fake_quantize_per_channel_affine``
+    exactly, including its int64 conversion: NaN, +Inf and values whose code reaches 2^63 map to
+    ``quant_min``. Other arguments and the result as in :func:`fake_quantize_per_tensor_affine`.
+
+    >>> import numpy as np, lowbit
+    >>> w = np.array([[0.5, -0.5], [3.0, 1.2]], dtype=np.float32)
+    >>> lowbit.fake_quantize_per_channel_affine(w, [0.25, 1.0], [0, 0], 0, -2, 1)
+    array([[ 0.25, -0.5 ],
+           [ 1.  ,  1.  ]], dtype=float32)
+    """
+    if _is_tensor(x):
+        return _torch().fake_quantize_per_channel_affine(x, scale, zero_point, axis, quant_min, quant_max, return_mask)
+    return _lowbit.fake_quantize_per_channel_affine(
+        _array(x),
+        _vector(scale, "scale", integer=False),
+        _vector(zero_point, "zero_point", integer=True),
+        _int(axis, "axis"),
+        _int(quant_min, "quant_min"),
+        _int(quant_max, "quant_max"),
+        bool(return_mask),
+    )
+
+
+def quantize_per_tensor(x: Any, scale: Any, zero_point: Any, quant_min: int, quant_max: int) -> Any:
+    """Integer codes of ``x``: ``torch.quantize_per_tensor(...).int_repr()`` clamped to the range.
+
+    Returns int8 codes when ``quant_min < 0`` and uint8 otherwise (the range must fit one of
+    them). Equal to PyTorch for qint8/quint8 on every input, including its FBGEMM rules for
+    NaN (the top of the range) and huge values. float16/float64 input is rounded to float32 first.
+
+    >>> import numpy as np, lowbit
+    >>> lowbit.quantize_per_tensor(np.array([-1.0, 0.3, 2.0], dtype=np.float32), 0.1, 3, 0, 15)
+    array([ 0,  6, 15], dtype=uint8)
+    """
+    if _is_tensor(x):
+        return _torch().quantize_per_tensor(x, scale, zero_point, quant_min, quant_max)
+    return _lowbit.quantize_per_tensor(
+        _array(x), _float(scale, "scale"), _int(zero_point, "zero_point"), _int(quant_min, "quant_min"), _int(quant_max, "quant_max")
+    )
+
+
+def quantize_per_channel(x: Any, scales: Any, zero_points: Any, axis: int, quant_min: int, quant_max: int) -> Any:
+    """Per-channel integer codes: ``torch.quantize_per_channel(...).int_repr()`` clamped to the range.
+
+    >>> import numpy as np, lowbit
+    >>> w = np.array([[0.5, -0.5], [3.0, 1.2]], dtype=np.float32)
+    >>> lowbit.quantize_per_channel(w, [0.25, 1.0], [0, 0], 0, -8, 7)
+    array([[ 2, -2],
+           [ 3,  1]], dtype=int8)
+    """
+    if _is_tensor(x):
+        return _torch().quantize_per_channel(x, scales, zero_points, axis, quant_min, quant_max)
+    return _lowbit.quantize_per_channel(
+        _array(x),
+        _vector(scales, "scales", integer=False),
+        _vector(zero_points, "zero_points", integer=True),
+        _int(axis, "axis"),
+        _int(quant_min, "quant_min"),
+        _int(quant_max, "quant_max"),
+    )
+
+
+def dequantize_per_tensor(q: Any, scale: Any, zero_point: Any) -> Any:
+    """Float32 ``(q - zero_point) * scale`` of int8/uint8 codes, as ``torch.dequantize`` computes it.
+
+    >>> import numpy as np, lowbit
+    >>> lowbit.dequantize_per_tensor(np.array([0, 6, 15], dtype=np.uint8), 0.1, 3)
+    array([-0.3       ,  0.3       ,  1.2       ], dtype=float32)
+    """
+    if _is_tensor(q):
+        return _torch().dequantize_per_tensor(q, scale, zero_point)
+    return _lowbit.dequantize_per_tensor(_array(q, "q"), _float(scale, "scale"), _int(zero_point, "zero_point"))
+
+
+def dequantize_per_channel(q: Any, scales: Any, zero_points: Any, axis: int) -> Any:
+    """Float32 ``(q - zero_points[c]) * scales[c]`` along ``axis``.
+
+    >>> import numpy as np, lowbit
+    >>> lowbit.dequantize_per_channel(np.array([[2, -2], [3, 1]], dtype=np.int8), [0.25, 1.0], [0, 0], 0)
+    array([[ 0.5, -0.5],
+           [ 3. ,  1. ]], dtype=float32)
+    """
+    if _is_tensor(q):
+        return _torch().dequantize_per_channel(q, scales, zero_points, axis)
+    return _lowbit.dequantize_per_channel(
+        _array(q, "q"), _vector(scales, "scales", integer=False), _vector(zero_points, "zero_points", integer=True), _int(axis, "axis")
+    )
+
+
+def quantize(x: Any, spec: QuantSpec, scales: Any = None, zero_points: Any = None) -> QuantizedTensor:
+    """Quantize ``x`` with ``spec`` into a :class:`QuantizedTensor` (packed codes + qparams).
+
+    Scales and zero points come from the min-max of each tensor / channel / group (torch.ao's
+    MinMaxObserver formula) unless given, shaped like ``spec``'s qparams: ``()`` per tensor,
+    ``(x.shape[axis],)`` per channel, ``x.shape[:-1] + (ceil(x.shape[-1] / group_size),)`` per group.
+
+    >>> import numpy as np, lowbit
+    >>> w = np.linspace(-1, 1, 256, dtype=np.float32).reshape(2, 128)
+    >>> q = lowbit.quantize(w, lowbit.QuantSpec(4, granularity="group", group_size=64))
+    >>> q.nbytes, q.scales.shape
+    (140, (2, 2))
+    >>> float(np.abs(q.dequantize() - w).max()) <= q.scales.max() / 2 + 1e-7
+    True
+    """
+    if not isinstance(spec, QuantSpec):
+        raise LowbitTypeError(f"spec must be a lowbit.QuantSpec, got {type(spec).__name__}")
+    if _is_tensor(x):
+        x, bf16 = _torch()._to_numpy(x, "x")
+        if bf16:
+            x = x.view(np.uint16).astype(np.uint32) << 16
+            x = x.view(np.float32)
+    s = None if scales is None else np.ascontiguousarray(_to_np(scales), dtype=np.float32)
+    z = None if zero_points is None else np.ascontiguousarray(_to_np(zero_points), dtype=np.int32)
+    return _lowbit.quantize(_array(x), spec, s, z)
+
+
+def _to_np(v: Any) -> np.ndarray:
+    return v.detach().cpu().numpy() if _is_tensor(v) else np.asarray(v)
+
+
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, spec: QuantSpec) -> list[dict]:
+    """Quantize every floating 2-D tensor of the safetensors file ``src`` into ``dst`` (atomically).
+
+    Returns one dict per tensor: ``name, shape, dtype, bits (None if copied), sqnr_db,
+    bytes_before, bytes_after``. Read back with :func:`load_quantized` or :func:`dequantize_checkpoint`.
+    """
+    return _lowbit.quantize_checkpoint(os.fspath(src), os.fspath(dst), spec)
+
+
+def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> list[dict]:
+    """Write a plain safetensors file with every quantized tensor of ``src`` restored to its dtype."""
+    return _lowbit.dequantize_checkpoint(os.fspath(src), os.fspath(dst))
+
+
+def load_quantized(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a quantized checkpoint: ``{name: QuantizedTensor}``, plus ``{name: np.ndarray}`` for
+    tensors stored unquantized. Corrupt or foreign files raise ``LowbitFormatError``.
+    """
+    out: dict[str, Any] = {}
+    for name, v in _lowbit.load_quantized(os.fspath(path)).items():
+        if isinstance(v, QuantizedTensor):
+            out[name] = v
+        else:
+            dtype, shape, data = v
+            out[name] = _raw_to_numpy(dtype, shape, data)
+    return out
+
+
+_NP = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BF16": "<u2"}
+
+
+def _raw_to_numpy(dtype: str, shape: list[int], data: bytes) -> np.ndarray:
+    if dtype not in _NP:
+        return np.frombuffer(data, dtype=np.uint8)
+    return np.frombuffer(data, dtype=_NP[dtype]).reshape(shape)

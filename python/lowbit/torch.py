@@ -1,0 +1,214 @@
+"""PyTorch integration: lowbit's kernels on CPU tensors without copies, with autograd.
+
+Imported only when PyTorch is installed. float32, float16 and bfloat16 (and float64) CPU
+tensors are shared with the Rust core through NumPy views; results come back as tensors
+sharing the memory the core allocated.
+
+>>> import torch, lowbit.torch as lt
+>>> x = torch.tensor([0.1, 0.25, 0.35, 9.0], requires_grad=True)
+>>> y = lt.fake_quantize_per_tensor_affine(x, 0.1, 0, -8, 7)
+>>> y.sum().backward()
+>>> x.grad
+tensor([1., 1., 1., 0.])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from lowbit import _lowbit
+from lowbit._lowbit import LowbitTypeError
+from lowbit._quant import _float, _int, _vector
+
+__all__ = [
+    "FakeQuantize",
+    "dequantize_per_channel",
+    "dequantize_per_tensor",
+    "fake_quantize_per_channel_affine",
+    "fake_quantize_per_tensor_affine",
+    "quantize_per_channel",
+    "quantize_per_tensor",
+]
+
+_FLOATS = (torch.float32, torch.float16, torch.float64)
+
+
+def _to_numpy(t: torch.Tensor, what: str) -> tuple[np.ndarray, bool]:
+    """A NumPy view of a CPU tensor (no copy) and whether it holds bfloat16 bits."""
+    if not isinstance(t, torch.Tensor):
+        raise LowbitTypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise LowbitTypeError(f"{what} is on {t.device}; lowbit's kernels run on CPU tensors (use .cpu())")
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy(), True
+    if t.dtype in _FLOATS:
+        return t.numpy(), False
+    raise LowbitTypeError(f"{what} must be a float32, float16, bfloat16 or float64 tensor, got {t.dtype}")
+
+
+def _from_numpy(a: np.ndarray, bf16: bool) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if bf16 else t
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Fake-quant forward in Rust; backward passes the gradient where the code was in range,
+    exactly like ATen's ``fake_quantize_*_affine_cachemask_backward``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, qargs: tuple) -> torch.Tensor:  # type: ignore[override]
+        a, bf16 = _to_numpy(x, "x")
+        if qargs[0] == "tensor":
+            _, scale, zp, qmin, qmax = qargs
+            out, mask = _lowbit.fake_quantize_per_tensor_affine(a, scale, zp, qmin, qmax, True, bf16)
+        else:
+            _, scale, zp, axis, qmin, qmax = qargs
+            out, mask = _lowbit.fake_quantize_per_channel_affine(a, scale, zp, axis, qmin, qmax, True, bf16)
+        mask_t = torch.from_numpy(mask)
+        ctx.save_for_backward(mask_t)
+        return _from_numpy(out, bf16)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return grad * mask.to(grad.device), None
+
+
+def _fake_quant(x: torch.Tensor, qargs: tuple, return_mask: bool) -> Any:
+    if return_mask or not (torch.is_grad_enabled() and x.requires_grad):
+        a, bf16 = _to_numpy(x, "x")
+        fn = _lowbit.fake_quantize_per_tensor_affine if qargs[0] == "tensor" else _lowbit.fake_quantize_per_channel_affine
+        r = fn(a, *qargs[1:], return_mask, bf16)
+        if return_mask:
+            return _from_numpy(r[0], bf16), torch.from_numpy(r[1])
+        return _from_numpy(r, bf16)
+    return _FakeQuant.apply(x, qargs)
+
+
+def fake_quantize_per_tensor_affine(
+    x: torch.Tensor, scale: Any, zero_point: Any, quant_min: int, quant_max: int, return_mask: bool = False
+) -> Any:
+    """Drop-in for ``torch.fake_quantize_per_tensor_affine`` on CPU tensors: same bits, same
+    straight-through gradient. See :func:`lowbit.fake_quantize_per_tensor_affine`."""
+    qargs = ("tensor", _float(scale, "scale"), _int(zero_point, "zero_point"), _int(quant_min, "quant_min"), _int(quant_max, "quant_max"))
+    return _fake_quant(x, qargs, return_mask)
+
+
+def fake_quantize_per_channel_affine(
+    x: torch.Tensor, scale: Any, zero_point: Any, axis: int, quant_min: int, quant_max: int, return_mask: bool = False
+) -> Any:
+    """Drop-in for ``torch.fake_quantize_per_channel_affine`` on CPU tensors."""
+    qargs = (
+        "channel",
+        _vector(scale, "scale", integer=False),
+        _vector(zero_point, "zero_point", integer=True),
+        _int(axis, "axis"),
+        _int(quant_min, "quant_min"),
+        _int(quant_max, "quant_max"),
+    )
+    return _fake_quant(x, qargs, return_mask)
+
+
+def _float32_numpy(x: torch.Tensor) -> np.ndarray:
+    a, bf16 = _to_numpy(x, "x")
+    return a.view(np.uint16).astype(np.uint32).__lshift__(16).view(np.float32) if bf16 else a
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: Any, zero_point: Any, quant_min: int, quant_max: int) -> torch.Tensor:
+    """Integer codes as an int8/uint8 tensor; see :func:`lowbit.quantize_per_tensor`."""
+    q = _lowbit.quantize_per_tensor(_float32_numpy(x), _float(scale, "scale"), _int(zero_point, "zero_point"), _int(quant_min, "quant_min"), _int(quant_max, "quant_max"))
+    return torch.from_numpy(q)
+
+
+def quantize_per_channel(x: torch.Tensor, scales: Any, zero_points: Any, axis: int, quant_min: int, quant_max: int) -> torch.Tensor:
+    """Per-channel integer codes as a tensor; see :func:`lowbit.quantize_per_channel`."""
+    q = _lowbit.quantize_per_channel(
+        _float32_numpy(x),
+        _vector(scales, "scales", integer=False),
+        _vector(zero_points, "zero_points", integer=True),
+        _int(axis, "axis"),
+        _int(quant_min, "quant_min"),
+        _int(quant_max, "quant_max"),
+    )
+    return torch.from_numpy(q)
+
+
+def _codes_numpy(q: torch.Tensor) -> np.ndarray:
+    if not isinstance(q, torch.Tensor) or q.device.type != "cpu" or q.dtype not in (torch.int8, torch.uint8):
+        raise LowbitTypeError(f"q must be a CPU int8 or uint8 tensor, got {getattr(q, 'dtype', type(q).__name__)}")
+    return q.detach().numpy()
+
+
+def dequantize_per_tensor(q: torch.Tensor, scale: Any, zero_point: Any) -> torch.Tensor:
+    """Float32 tensor ``(q - zero_point) * scale``."""
+    return torch.from_numpy(_lowbit.dequantize_per_tensor(_codes_numpy(q), _float(scale, "scale"), _int(zero_point, "zero_point")))
+
+
+def dequantize_per_channel(q: torch.Tensor, scales: Any, zero_points: Any, axis: int) -> torch.Tensor:
+    """Float32 tensor ``(q - zero_points[c]) * scales[c]`` along ``axis``."""
+    return torch.from_numpy(
+        _lowbit.dequantize_per_channel(
+            _codes_numpy(q), _vector(scales, "scales", integer=False), _vector(zero_points, "zero_points", integer=True), _int(axis, "axis")
+        )
+    )
+
+
+class FakeQuantize(torch.nn.Module):
+    """Fake-quantization layer for quantization-aware training, per tensor or per channel.
+
+    Forward equals ``torch.fake_quantize_per_{tensor,channel}_affine`` bit for bit; backward
+    is PyTorch's straight-through estimator (gradient 1 where the code is in range, else 0).
+    ``scale`` and ``zero_point`` are buffers (saved in ``state_dict``); ``axis=None`` means
+    per tensor. ``enabled=False`` makes the layer the identity.
+
+    >>> import torch, lowbit.torch as lt
+    >>> fq = lt.FakeQuantize(quant_min=-8, quant_max=7, scale=0.1)
+    >>> fq(torch.tensor([0.26, 5.0]))
+    tensor([0.3000, 0.7000])
+    >>> w = torch.randn(4, 16)
+    >>> fq = lt.FakeQuantize.from_tensor(w, bits=4, axis=0)
+    >>> fq.scale.shape
+    torch.Size([4])
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def __init__(
+        self,
+        quant_min: int = -128,
+        quant_max: int = 127,
+        scale: Any = 1.0,
+        zero_point: Any = 0,
+        axis: int | None = None,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__()
+        self.quant_min, self.quant_max, self.axis, self.enabled = int(quant_min), int(quant_max), axis, enabled
+        shape = () if axis is None else (-1,)
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(shape).clone())
+        self.register_buffer("zero_point", torch.as_tensor(zero_point, dtype=torch.int32).reshape(shape).clone())
+
+    @classmethod
+    def from_tensor(cls, x: torch.Tensor, bits: int = 8, symmetric: bool = True, axis: int | None = None) -> FakeQuantize:
+        """A layer whose qparams come from the min-max of ``x`` (torch.ao's MinMaxObserver formula)."""
+        from lowbit import QuantSpec, quantize
+
+        spec = QuantSpec(bits, symmetric=symmetric, granularity="tensor" if axis is None else "channel", axis=axis or 0)
+        q = quantize(x, spec)
+        return cls(spec.quant_min, spec.quant_max, torch.from_numpy(q.scales), torch.from_numpy(q.zero_points), axis)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.axis is None:
+            return fake_quantize_per_tensor_affine(x, float(self.scale), int(self.zero_point), self.quant_min, self.quant_max)
+        return fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.quant_min, self.quant_max)
+
+    def extra_repr(self) -> str:
+        where = "per_tensor" if self.axis is None else f"per_channel(axis={self.axis})"
+        return f"{where}, quant_min={self.quant_min}, quant_max={self.quant_max}, enabled={self.enabled}"

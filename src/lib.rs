@@ -1,0 +1,9 @@
+//! lowbit: low-bit quantization kernels with a thin Python layer (see `py`).
+
+pub mod error;
+pub mod quant;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use error::{Error, Result};

@@ -1,0 +1,108 @@
+//! The Python module `lowbit._lowbit`: the only code that touches pyo3 and numpy.
+use crate::Error;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
+use std::panic::AssertUnwindSafe;
+
+mod quant;
+
+
+pyo3::create_exception!(lowbit, LowbitError, PyException, "Base class of every error lowbit raises.");
+
+static VALUE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static TYPE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static IO_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static FORMAT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// Creates `class name(LowbitError, base)` in module `lowbit`.
+fn subclass<'py>(py: Python<'py>, name: &str, base: &Bound<'py, PyType>, doc: &str) -> PyResult<Bound<'py, PyType>> {
+    let bases = PyTuple::new(py, [py.get_type::<LowbitError>(), base.clone()])?;
+    let ns = PyDict::new(py);
+    ns.set_item("__module__", "lowbit")?;
+    ns.set_item("__doc__", doc)?;
+    let ty = py.get_type::<PyType>().call1((name, bases, ns))?;
+    Ok(ty.cast_into::<PyType>()?)
+}
+
+fn err_type<'py>(py: Python<'py>, cell: &'static PyOnceLock<Py<PyType>>) -> Bound<'py, PyType> {
+    cell.get(py).expect("exception classes are created at import").bind(py).clone()
+}
+
+/// Converts a core error into the matching Python exception.
+pub(crate) fn to_pyerr(e: Error) -> PyErr {
+    Python::attach(|py| {
+        let cell = match &e {
+            Error::Value(_) => &VALUE_ERROR,
+            Error::Type(_) => &TYPE_ERROR,
+            Error::Io { .. } => &IO_ERROR,
+            Error::Format(_) => &FORMAT_ERROR,
+        };
+        PyErr::from_type(err_type(py, cell), e.to_string())
+    })
+}
+
+pub(crate) fn value_error(msg: impl Into<String>) -> PyErr {
+    to_pyerr(Error::Value(msg.into()))
+}
+
+pub(crate) fn type_error(msg: impl Into<String>) -> PyErr {
+    to_pyerr(Error::Type(msg.into()))
+}
+
+/// Runs a core call with the GIL released; a core error becomes its Python exception and a
+/// panic (a lowbit bug) becomes `LowbitError` instead of `PanicException`.
+pub(crate) fn detach<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
+    match py.detach(|| std::panic::catch_unwind(AssertUnwindSafe(f))) {
+        Ok(r) => r.map_err(to_pyerr),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(LowbitError::new_err(format!("internal error in lowbit (please report): {msg}")))
+        }
+    }
+}
+
+#[pymodule]
+mod _lowbit {
+    use super::*;
+
+    #[pymodule_export]
+    use super::LowbitError;
+
+    #[pymodule_export]
+    use super::quant::{
+        dequantize_per_channel, dequantize_per_tensor, fake_quantize_per_channel_affine,
+        fake_quantize_per_tensor_affine, load_quantized, quantize, quantize_checkpoint,
+        dequantize_checkpoint, quantize_per_channel, quantize_per_tensor, pack_bits, unpack_bits,
+        QuantSpec, QuantizedTensor,
+    };
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        let py = m.py();
+        let _ = pyo3_log::try_init();
+        for (cell, name, base, doc) in [
+            (&VALUE_ERROR, "LowbitValueError", py.get_type::<pyo3::exceptions::PyValueError>(), "A bad shape, value or range (also a ValueError)."),
+            (&TYPE_ERROR, "LowbitTypeError", py.get_type::<pyo3::exceptions::PyTypeError>(), "A wrong dtype or argument type (also a TypeError)."),
+            (&IO_ERROR, "LowbitIOError", py.get_type::<pyo3::exceptions::PyOSError>(), "A file could not be read or written (also an OSError)."),
+            (&FORMAT_ERROR, "LowbitFormatError", py.get_type::<pyo3::exceptions::PyValueError>(), "A corrupt, truncated or foreign file (also a ValueError)."),
+        ] {
+            let ty = match cell.get(py) {
+                Some(t) => t.bind(py).clone(),
+                None => {
+                    let t = subclass(py, name, &base, doc)?;
+                    let _ = cell.set(py, t.clone().unbind());
+                    t
+                }
+            };
+            m.add(name, ty)?;
+        }
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,445 @@
+//! Bindings of `crate::quant`: convert arrays, release the GIL, call the core, convert back.
+use super::{detach, type_error, value_error};
+use crate::quant::affine::{self, Codes};
+use crate::quant::checkpoint::{self, Entry, Report};
+use crate::quant::spec::{self, Granularity};
+use crate::quant::{pack, Elem};
+use half::{bf16, f16};
+use ndarray::{ArrayD, ArrayViewD};
+use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::path::PathBuf;
+
+/// A float input array; bfloat16 arrives as an int16 view with `bf16=True`.
+enum FloatIn<'py> {
+    F32(PyReadonlyArrayDyn<'py, f32>),
+    F64(PyReadonlyArrayDyn<'py, f64>),
+    F16(PyReadonlyArrayDyn<'py, f16>),
+    BF16(PyReadonlyArrayDyn<'py, i16>),
+}
+
+fn dtype_str(x: &Bound<'_, PyAny>) -> String {
+    x.getattr("dtype").map(|d| d.to_string()).unwrap_or_else(|_| x.get_type().to_string())
+}
+
+fn float_in<'py>(x: &Bound<'py, PyAny>, bf16: bool, what: &str) -> PyResult<FloatIn<'py>> {
+    if bf16 {
+        if let Ok(a) = x.cast::<PyArrayDyn<i16>>() {
+            return Ok(FloatIn::BF16(a.try_readonly()?));
+        }
+    } else if let Ok(a) = x.cast::<PyArrayDyn<f32>>() {
+        return Ok(FloatIn::F32(a.try_readonly()?));
+    } else if let Ok(a) = x.cast::<PyArrayDyn<f64>>() {
+        return Ok(FloatIn::F64(a.try_readonly()?));
+    } else if let Ok(a) = x.cast::<PyArrayDyn<f16>>() {
+        return Ok(FloatIn::F16(a.try_readonly()?));
+    }
+    Err(type_error(format!(
+        "{what} must be a float32, float16 or float64 array (bfloat16 through lowbit.torch), got {}",
+        dtype_str(x)
+    )))
+}
+
+/// Reinterprets int16 bits as bfloat16 in place (same size and alignment).
+fn bf16_view<'a>(a: ArrayViewD<'a, i16>) -> ArrayViewD<'a, bf16> {
+    // SAFETY: bf16 is a transparent u16 with the size and alignment of i16; the view keeps
+    // the lifetime, shape and strides of `a`.
+    let raw = a.raw_view().cast::<bf16>();
+    unsafe { raw.deref_into_view() }
+}
+
+/// Hands an owned array to NumPy without copying; bfloat16 goes back as int16 bits.
+trait ToNumpy: Sized {
+    fn to_numpy(a: ArrayD<Self>, py: Python<'_>) -> Bound<'_, PyAny>;
+}
+macro_rules! to_numpy_direct {
+    ($($t:ty),*) => {$(
+        impl ToNumpy for $t {
+            fn to_numpy(a: ArrayD<$t>, py: Python<'_>) -> Bound<'_, PyAny> {
+                a.into_pyarray(py).into_any()
+            }
+        }
+    )*};
+}
+to_numpy_direct!(f32, f64, f16, bool, i8, u8);
+impl ToNumpy for bf16 {
+    fn to_numpy(a: ArrayD<bf16>, py: Python<'_>) -> Bound<'_, PyAny> {
+        let dim = a.raw_dim();
+        let (v, _) = a.into_raw_vec_and_offset();
+        let bits: Vec<i16> = bytemuck::allocation::cast_vec(v);
+        ArrayD::from_shape_vec(dim, bits).expect("same shape").into_pyarray(py).into_any()
+    }
+}
+
+/// Calls a generic kernel on the view of any float input.
+macro_rules! with_float {
+    ($x:expr, |$v:ident| $body:expr) => {
+        match $x {
+            FloatIn::F32(a) => {
+                let $v = a.as_array();
+                $body
+            }
+            FloatIn::F64(a) => {
+                let $v = a.as_array();
+                $body
+            }
+            FloatIn::F16(a) => {
+                let $v = a.as_array();
+                $body
+            }
+            FloatIn::BF16(a) => {
+                let $v = bf16_view(a.as_array());
+                $body
+            }
+        }
+    };
+}
+
+fn fq_out<'py, E: Elem + ToNumpy>(
+    py: Python<'py>,
+    (out, mask): (ArrayD<E>, Option<ArrayD<bool>>),
+) -> PyResult<Bound<'py, PyAny>> {
+    let o = E::to_numpy(out, py);
+    Ok(match mask {
+        Some(m) => (o, bool::to_numpy(m, py)).into_pyobject(py)?.into_any(),
+        None => o,
+    })
+}
+
+fn codes_out(py: Python<'_>, c: Codes) -> Bound<'_, PyAny> {
+    match c {
+        Codes::I8(a) => i8::to_numpy(a, py),
+        Codes::U8(a) => u8::to_numpy(a, py),
+    }
+}
+
+fn vec_f64(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<f64>> {
+    x.extract::<Vec<f64>>()
+        .map_err(|_| type_error(format!("{what} must be a 1-D sequence of floats, got {}", dtype_str(x))))
+}
+
+fn vec_i64(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
+    x.extract::<Vec<i64>>()
+        .map_err(|_| type_error(format!("{what} must be a 1-D sequence of integers, got {}", dtype_str(x))))
+}
+
+#[pyfunction]
+#[pyo3(signature = (x, scale, zero_point, quant_min, quant_max, return_mask=false, bf16=false))]
+pub fn fake_quantize_per_tensor_affine<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    scale: f64,
+    zero_point: i64,
+    quant_min: i64,
+    quant_max: i64,
+    return_mask: bool,
+    bf16: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let x = float_in(x, bf16, "x")?;
+    with_float!(x, |v| {
+        let r = detach(py, || affine::fake_quantize_per_tensor(v, scale, zero_point, quant_min, quant_max, return_mask))?;
+        fq_out(py, r)
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (x, scale, zero_point, axis, quant_min, quant_max, return_mask=false, bf16=false))]
+#[allow(clippy::too_many_arguments)]
+pub fn fake_quantize_per_channel_affine<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    scale: &Bound<'py, PyAny>,
+    zero_point: &Bound<'py, PyAny>,
+    axis: i64,
+    quant_min: i64,
+    quant_max: i64,
+    return_mask: bool,
+    bf16: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let x = float_in(x, bf16, "x")?;
+    let (s, z) = (vec_f64(scale, "scale")?, vec_i64(zero_point, "zero_point")?);
+    with_float!(x, |v| {
+        let r = detach(py, || affine::fake_quantize_per_channel(v, &s, &z, axis, quant_min, quant_max, return_mask))?;
+        fq_out(py, r)
+    })
+}
+
+#[pyfunction]
+pub fn quantize_per_tensor<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    scale: f64,
+    zero_point: i64,
+    quant_min: i64,
+    quant_max: i64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let x = float_in(x, false, "x")?;
+    let c = with_float!(x, |v| detach(py, || affine::quantize_per_tensor(v, scale, zero_point, quant_min, quant_max))?);
+    Ok(codes_out(py, c))
+}
+
+#[pyfunction]
+pub fn quantize_per_channel<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    scales: &Bound<'py, PyAny>,
+    zero_points: &Bound<'py, PyAny>,
+    axis: i64,
+    quant_min: i64,
+    quant_max: i64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let x = float_in(x, false, "x")?;
+    let (s, z) = (vec_f64(scales, "scales")?, vec_i64(zero_points, "zero_points")?);
+    let c = with_float!(x, |v| detach(py, || affine::quantize_per_channel(v, &s, &z, axis, quant_min, quant_max))?);
+    Ok(codes_out(py, c))
+}
+
+enum CodesIn<'py> {
+    I8(PyReadonlyArrayDyn<'py, i8>),
+    U8(PyReadonlyArrayDyn<'py, u8>),
+}
+
+fn codes_in<'py>(q: &Bound<'py, PyAny>) -> PyResult<CodesIn<'py>> {
+    if let Ok(a) = q.cast::<PyArrayDyn<i8>>() {
+        Ok(CodesIn::I8(a.try_readonly()?))
+    } else if let Ok(a) = q.cast::<PyArrayDyn<u8>>() {
+        Ok(CodesIn::U8(a.try_readonly()?))
+    } else {
+        Err(type_error(format!("q must be an int8 or uint8 array of codes, got {}", dtype_str(q))))
+    }
+}
+
+#[pyfunction]
+pub fn dequantize_per_tensor<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, scale: f64, zero_point: i64) -> PyResult<Bound<'py, PyAny>> {
+    let out = match codes_in(q)? {
+        CodesIn::I8(a) => {
+            let v = a.as_array();
+            detach(py, || affine::dequantize_per_tensor(v, scale, zero_point))?
+        }
+        CodesIn::U8(a) => {
+            let v = a.as_array();
+            detach(py, || affine::dequantize_per_tensor(v, scale, zero_point))?
+        }
+    };
+    Ok(f32::to_numpy(out, py))
+}
+
+#[pyfunction]
+pub fn dequantize_per_channel<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    scales: &Bound<'py, PyAny>,
+    zero_points: &Bound<'py, PyAny>,
+    axis: i64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (s, z) = (vec_f64(scales, "scales")?, vec_i64(zero_points, "zero_points")?);
+    let out = match codes_in(q)? {
+        CodesIn::I8(a) => {
+            let v = a.as_array();
+            detach(py, || affine::dequantize_per_channel(v, &s, &z, axis))?
+        }
+        CodesIn::U8(a) => {
+            let v = a.as_array();
+            detach(py, || affine::dequantize_per_channel(v, &s, &z, axis))?
+        }
+    };
+    Ok(f32::to_numpy(out, py))
+}
+
+#[pyfunction]
+pub fn pack_bits<'py>(py: Python<'py>, codes: PyReadonlyArrayDyn<'py, u8>, bits: u32) -> PyResult<Bound<'py, PyAny>> {
+    let v = codes.as_array();
+    let packed = detach(py, || match v.as_slice() {
+        Some(s) => pack::pack(s, bits),
+        None => pack::pack(&v.iter().copied().collect::<Vec<_>>(), bits),
+    })?;
+    Ok(ndarray::Array1::from(packed).into_dyn().into_pyarray(py).into_any())
+}
+
+#[pyfunction]
+pub fn unpack_bits<'py>(py: Python<'py>, packed: PyReadonlyArrayDyn<'py, u8>, bits: u32, n: usize) -> PyResult<Bound<'py, PyAny>> {
+    let v = packed.as_array();
+    let out = detach(py, || pack::unpack(&v.iter().copied().collect::<Vec<_>>(), bits, n))?;
+    Ok(ndarray::Array1::from(out).into_dyn().into_pyarray(py).into_any())
+}
+
+/// How to quantize: code width, symmetric or not, and the granularity of the scales.
+#[pyclass(module = "lowbit", frozen, eq, hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct QuantSpec(pub(crate) spec::QuantSpec);
+
+#[pymethods]
+impl QuantSpec {
+    #[new]
+    #[pyo3(signature = (bits, symmetric=true, granularity="tensor", axis=0, group_size=None))]
+    fn new(bits: u32, symmetric: bool, granularity: &str, axis: i64, group_size: Option<usize>) -> PyResult<Self> {
+        let g: Granularity = granularity.parse().map_err(super::to_pyerr)?;
+        Ok(QuantSpec(spec::QuantSpec::new(bits, symmetric, g, axis, group_size).map_err(super::to_pyerr)?))
+    }
+    #[getter]
+    fn bits(&self) -> u32 {
+        self.0.bits
+    }
+    #[getter]
+    fn symmetric(&self) -> bool {
+        self.0.symmetric
+    }
+    #[getter]
+    fn granularity(&self) -> &'static str {
+        self.0.granularity.as_str()
+    }
+    #[getter]
+    fn axis(&self) -> i64 {
+        self.0.axis
+    }
+    #[getter]
+    fn group_size(&self) -> Option<usize> {
+        self.0.group_size
+    }
+    #[getter]
+    fn quant_min(&self) -> i32 {
+        self.0.range().min
+    }
+    #[getter]
+    fn quant_max(&self) -> i32 {
+        self.0.range().max
+    }
+    fn __repr__(&self) -> String {
+        let s = &self.0;
+        let g = s.group_size.map_or("None".to_string(), |g| g.to_string());
+        format!(
+            "QuantSpec(bits={}, symmetric={}, granularity='{}', axis={}, group_size={g})",
+            s.bits,
+            if s.symmetric { "True" } else { "False" },
+            s.granularity.as_str(),
+            s.axis
+        )
+    }
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (u32, bool, &'static str, i64, Option<usize>))> {
+        let s = slf.get().0;
+        Ok((slf.get_type().into_any(), (s.bits, s.symmetric, s.granularity.as_str(), s.axis, s.group_size)))
+    }
+}
+
+/// Packed codes with their scales and zero points.
+#[pyclass(module = "lowbit", frozen)]
+pub struct QuantizedTensor(pub(crate) spec::QuantizedTensor);
+
+#[pymethods]
+impl QuantizedTensor {
+    #[getter]
+    fn spec(&self) -> QuantSpec {
+        QuantSpec(self.0.spec)
+    }
+    #[getter]
+    fn shape(&self) -> Vec<usize> {
+        self.0.shape.clone()
+    }
+    /// Packed codes (a fresh uint8 array; `code - quant_min` at `bits` bits each, LSB first).
+    #[getter]
+    fn codes<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        ndarray::Array1::from(self.0.codes.clone()).into_dyn().into_pyarray(py).into_any()
+    }
+    #[getter]
+    fn scales<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        self.0.scales.clone().into_pyarray(py).into_any()
+    }
+    #[getter]
+    fn zero_points<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        self.0.zero_points.clone().into_pyarray(py).into_any()
+    }
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.0.nbytes()
+    }
+    fn int_repr<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let c = detach(py, || self.0.int_codes())?;
+        Ok(codes_out(py, c))
+    }
+    fn dequantize<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let x = detach(py, || self.0.dequantize())?;
+        Ok(f32::to_numpy(x, py))
+    }
+    #[pyo3(signature = (path, name="tensor"))]
+    fn save(&self, py: Python<'_>, path: PathBuf, name: &str) -> PyResult<()> {
+        let e = vec![(name.to_string(), Entry::Quantized { tensor: self.0.clone(), dtype: safetensors::Dtype::F32 })];
+        detach(py, || checkpoint::save(&path, &e))
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "QuantizedTensor(shape={:?}, bits={}, granularity='{}', nbytes={})",
+            self.0.shape,
+            self.0.spec.bits,
+            self.0.spec.granularity.as_str(),
+            self.0.nbytes()
+        )
+    }
+}
+
+/// `quantize(x, spec, scales=None, zero_points=None)`: the core of `lowbit.quantize`.
+#[pyfunction]
+#[pyo3(signature = (x, spec, scales=None, zero_points=None))]
+pub fn quantize<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    spec: &QuantSpec,
+    scales: Option<PyReadonlyArrayDyn<'py, f32>>,
+    zero_points: Option<PyReadonlyArrayDyn<'py, i32>>,
+) -> PyResult<QuantizedTensor> {
+    let x = float_in(x, false, "x")?;
+    let qp = match (scales, zero_points) {
+        (Some(s), Some(z)) => Some((s.as_array().to_owned(), z.as_array().to_owned())),
+        (None, None) => None,
+        _ => return Err(value_error("give both scales and zero_points, or neither")),
+    };
+    let sp = spec.0;
+    let q = with_float!(x, |v| detach(py, || spec::quantize(v, sp, qp))?);
+    Ok(QuantizedTensor(q))
+}
+
+fn reports(py: Python<'_>, rs: Vec<Report>) -> PyResult<Vec<Bound<'_, PyDict>>> {
+    rs.into_iter()
+        .map(|r| {
+            let d = PyDict::new(py);
+            d.set_item("name", r.name)?;
+            d.set_item("shape", r.shape)?;
+            d.set_item("dtype", r.dtype)?;
+            d.set_item("bits", r.bits)?;
+            d.set_item("sqnr_db", r.sqnr_db)?;
+            d.set_item("bytes_before", r.bytes_before)?;
+            d.set_item("bytes_after", r.bytes_after)?;
+            Ok(d)
+        })
+        .collect()
+}
+
+#[pyfunction]
+pub fn quantize_checkpoint<'py>(py: Python<'py>, src: PathBuf, dst: PathBuf, spec: &QuantSpec) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    let sp = spec.0;
+    let rs = detach(py, || checkpoint::quantize_file(&src, &dst, sp))?;
+    reports(py, rs)
+}
+
+#[pyfunction]
+pub fn dequantize_checkpoint<'py>(py: Python<'py>, src: PathBuf, dst: PathBuf) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    let rs = detach(py, || checkpoint::dequantize_file(&src, &dst))?;
+    reports(py, rs)
+}
+
+/// Loads a quantized checkpoint: `{name: QuantizedTensor}` for the quantized tensors and
+/// `{name: (dtype, shape, bytes)}` for the others.
+#[pyfunction]
+pub fn load_quantized<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let entries = detach(py, || checkpoint::load(&path))?;
+    let d = PyDict::new(py);
+    for (name, e) in entries {
+        match e {
+            Entry::Quantized { tensor, .. } => d.set_item(name, QuantizedTensor(tensor))?,
+            Entry::Raw { dtype, shape, data } => {
+                d.set_item(name, (format!("{dtype:?}"), shape, pyo3::types::PyBytes::new(py, &data)))?
+            }
+        }
+    }
+    Ok(d)
+}

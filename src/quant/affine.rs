@@ -1,0 +1,714 @@
+//! Affine quantization with ATen's exact arithmetic: `q = clamp(zp + nearbyint(x * (1/scale)))`
+//! in float32 with the float32 reciprocal, rounding half to even, and `x̂ = (q - zp) * scale`.
+//!
+//! The edge cases (NaN, ±Inf, values beyond int64) follow what PyTorch's CPU kernels return,
+//! which differs between its entry points; each kernel below says which rule it follows.
+use super::elem::{Elem, Real};
+use super::{with_simd, CHUNK};
+use crate::{ensure, Result};
+use ndarray::{ArrayD, ArrayViewD, Axis};
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// An integer range `[min, max]` of quantized codes, validated on construction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QRange {
+    pub min: i32,
+    pub max: i32,
+}
+
+/// Fake-quant ranges go up to 2^24 so that every integer in them is exact in float32.
+const FAKE_QUANT_LIMIT: i64 = 1 << 24;
+
+impl QRange {
+    /// A range for fake-quant: `quant_min <= quant_max`, both within ±2^24.
+    pub fn new(quant_min: i64, quant_max: i64) -> Result<Self> {
+        ensure!(
+            quant_min <= quant_max,
+            "quant_min ({quant_min}) must be less than or equal to quant_max ({quant_max})"
+        );
+        ensure!(
+            quant_min >= -FAKE_QUANT_LIMIT && quant_max <= FAKE_QUANT_LIMIT,
+            "quant_min/quant_max ({quant_min}, {quant_max}) must lie within ±2^24"
+        );
+        Ok(QRange {
+            min: quant_min as i32,
+            max: quant_max as i32,
+        })
+    }
+
+    /// A range whose codes fit one byte: int8 when `quant_min < 0`, uint8 otherwise.
+    pub fn codes(quant_min: i64, quant_max: i64) -> Result<Self> {
+        let r = Self::new(quant_min, quant_max)?;
+        ensure!(
+            (r.min >= 0 && r.max <= 255) || (r.min >= -128 && r.max <= 127),
+            "quant_min/quant_max ({quant_min}, {quant_max}) must fit int8 (-128..127) or uint8 (0..255)"
+        );
+        Ok(r)
+    }
+
+    /// Range of a `bits`-wide code: signed `-2^(b-1)..2^(b-1)-1` or unsigned `0..2^b-1`.
+    pub fn for_bits(bits: u32, signed: bool) -> Result<Self> {
+        ensure!((1..=8).contains(&bits), "bits must be between 1 and 8, got {bits}");
+        let levels = 1i64 << bits;
+        if signed {
+            Self::codes(-levels / 2, levels / 2 - 1)
+        } else {
+            Self::codes(0, levels - 1)
+        }
+    }
+
+    pub fn is_signed(&self) -> bool {
+        self.min < 0
+    }
+
+    /// Number of bits a code of this range needs.
+    pub fn bits(&self) -> u32 {
+        let span = (self.max as i64 - self.min as i64) as u64;
+        64 - span.leading_zeros()
+    }
+}
+
+/// Validates a scale and rounds it to float32 as ATen does (`float sc = scale`).
+pub fn check_scale(what: &str, scale: f64) -> Result<f32> {
+    ensure!(
+        scale.is_finite() && scale > 0.0,
+        "{what} must be a finite positive number, got {scale}"
+    );
+    let s = scale as f32;
+    ensure!(
+        s > 0.0 && s.is_finite(),
+        "{what} ({scale}) is outside the float32 range"
+    );
+    Ok(s)
+}
+
+/// Validates a zero point against its range (PyTorch's own check).
+pub fn check_zero_point(what: &str, zp: i64, r: QRange) -> Result<i32> {
+    ensure!(
+        zp >= r.min as i64 && zp <= r.max as i64,
+        "{what} ({zp}) must be between quant_min ({}) and quant_max ({})",
+        r.min,
+        r.max
+    );
+    Ok(zp as i32)
+}
+
+/// Normalises a possibly negative axis.
+pub fn check_axis(axis: i64, ndim: usize) -> Result<usize> {
+    let n = ndim as i64;
+    ensure!(
+        ndim > 0 && axis >= -n && axis < n,
+        "axis {axis} is out of range for an array with {ndim} dimensions"
+    );
+    Ok(if axis < 0 { axis + n } else { axis } as usize)
+}
+
+/// A byte-wide integer code type.
+pub trait Code: Copy + Send + Sync + 'static {
+    fn from_i32(v: i32) -> Self;
+    fn to_i32(self) -> i32;
+}
+impl Code for i8 {
+    #[inline(always)]
+    fn from_i32(v: i32) -> i8 {
+        v as i8
+    }
+    #[inline(always)]
+    fn to_i32(self) -> i32 {
+        self as i32
+    }
+}
+impl Code for u8 {
+    #[inline(always)]
+    fn from_i32(v: i32) -> u8 {
+        v as u8
+    }
+    #[inline(always)]
+    fn to_i32(self) -> i32 {
+        self as i32
+    }
+}
+
+/// One elementwise kernel, applied to runs of elements that share a channel (`uniform`) or
+/// whose channel advances by one per element (`varying`, the innermost-axis case).
+trait RunKernel<I, O>: Sync {
+    fn uniform(&self, x: &[I], o: &mut [MaybeUninit<O>], m: Option<&mut [MaybeUninit<bool>]>, c: usize);
+    fn varying(&self, x: &[I], o: &mut [MaybeUninit<O>], m: Option<&mut [MaybeUninit<bool>]>, c0: usize);
+}
+
+/// Shape of an array seen as `(outer, channels, inner)` around the quantization axis.
+#[derive(Clone, Copy)]
+struct Layout {
+    channels: usize,
+    inner: usize,
+}
+
+impl Layout {
+    fn per_tensor(n: usize) -> Self {
+        Layout {
+            channels: 1,
+            inner: n.max(1),
+        }
+    }
+    fn per_channel(shape: &[usize], axis: usize) -> Self {
+        Layout {
+            channels: shape[axis],
+            inner: shape[axis + 1..].iter().product::<usize>().max(1),
+        }
+    }
+}
+
+/// Runs `k` over every element of `x`, writing `out` (and `mask`) in C order. Contiguous input is
+/// split into parallel chunks of contiguous runs; any other layout is read in place element by element.
+fn drive<I, O, K>(
+    x: &ArrayViewD<'_, I>,
+    lay: Layout,
+    k: &K,
+    with_mask: bool,
+) -> (ArrayD<O>, Option<ArrayD<bool>>)
+where
+    I: Copy + Sync,
+    O: Copy + Send,
+    K: RunKernel<I, O>,
+{
+    let mut out = ArrayD::<O>::uninit(x.raw_dim());
+    let mut mask = with_mask.then(|| ArrayD::<bool>::uninit(x.raw_dim()));
+    let (channels, inner) = (lay.channels, lay.inner);
+    let n = x.len();
+    // Runs the kernel over `x`, whose first element has C-order index `start`.
+    let task = |start: usize, x: &[I], o: &mut [MaybeUninit<O>], mut m: Option<&mut [MaybeUninit<bool>]>| {
+        with_simd(|| {
+            let len = x.len();
+            let mut off = 0;
+            while off < len {
+                let i = start + off;
+                let (c, n) = if inner == 1 {
+                    let c = i % channels;
+                    (c, (channels - c).min(len - off))
+                } else {
+                    ((i / inner) % channels, (inner - i % inner).min(len - off))
+                };
+                let r = off..off + n;
+                let mr = m.as_deref_mut().map(|m| &mut m[r.clone()]);
+                if inner == 1 {
+                    k.varying(&x[r.clone()], &mut o[r], mr, c);
+                } else {
+                    k.uniform(&x[r.clone()], &mut o[r], mr, c);
+                }
+                off += n;
+            }
+        })
+    };
+    if n > 0 {
+        // Contiguous input goes in chunks of CHUNK; strided input in blocks of its first axis,
+        // gathered CHUNK elements at a time (the C-order index drives the channel either way).
+        let (xs, block) = match x.as_slice() {
+            Some(xs) => (Some(xs), CHUNK),
+            None => (None, n / x.shape()[0]),
+        };
+        let os = out.as_slice_mut().expect("fresh arrays are contiguous");
+        let ms: Vec<Option<&mut [MaybeUninit<bool>]>> = match mask.as_mut() {
+            Some(m) => m.as_slice_mut().expect("fresh arrays are contiguous").chunks_mut(block).map(Some).collect(),
+            None => (0..n.div_ceil(block)).map(|_| None).collect(),
+        };
+        match xs {
+            Some(xs) => xs
+                .par_chunks(block)
+                .zip(os.par_chunks_mut(block))
+                .zip(ms)
+                .enumerate()
+                .for_each(|(i, ((x, o), m))| task(i * block, x, o, m)),
+            None => x
+                .axis_iter(Axis(0))
+                .into_par_iter()
+                .zip(os.par_chunks_mut(block))
+                .zip(ms)
+                .enumerate()
+                .for_each(|(i, ((sub, o), mut m))| {
+                    let mut it = sub.iter().copied();
+                    let mut buf = Vec::with_capacity(CHUNK.min(block));
+                    let mut off = 0;
+                    loop {
+                        buf.clear();
+                        buf.extend(it.by_ref().take(CHUNK));
+                        if buf.is_empty() {
+                            break;
+                        }
+                        let r = off..off + buf.len();
+                        task(i * block + off, &buf, &mut o[r.clone()], m.as_deref_mut().map(|m| &mut m[r]));
+                        off += buf.len();
+                    }
+                }),
+        }
+    }
+    // SAFETY: the chunks above cover every element, and every kernel writes each element of its run.
+    unsafe { (out.assume_init(), mask.map(|m| m.assume_init())) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake-quant
+
+/// Per-channel parameters in the compute type (one entry for per-tensor).
+struct FakeQuant<C> {
+    inv: Vec<C>,
+    scale: Vec<C>,
+    zp: Vec<C>,
+    qmin: C,
+    qmax: C,
+    /// Largest `zp + round(x/s)` still clamped to `qmax`; beyond it the value goes to `qmin`.
+    /// Per tensor ATen clamps in float (∞); per channel it converts to int64 first, and an
+    /// overflowing conversion yields INT64_MIN, hence `qmin`.
+    hi: C,
+}
+
+impl<C: Real> FakeQuant<C> {
+    fn new(scales: &[f32], zps: &[i32], r: QRange, hi: C) -> Self {
+        FakeQuant {
+            inv: scales.iter().map(|&s| C::from_f32(1.0f32 / s)).collect(),
+            scale: scales.iter().map(|&s| C::from_f32(s)).collect(),
+            zp: zps.iter().map(|&z| C::from_i32(z)).collect(),
+            qmin: C::from_i32(r.min),
+            qmax: C::from_i32(r.max),
+            hi,
+        }
+    }
+
+    #[inline(always)]
+    fn one(&self, x: C, inv: C, scale: C, zp: C) -> (C, bool) {
+        let t = zp + (x * inv).rne();
+        let inside = t >= self.qmin && t <= self.qmax;
+        let q = if inside {
+            t
+        } else if t > self.qmax && t <= self.hi {
+            self.qmax
+        } else {
+            self.qmin // below the range, NaN, or an int64 overflow
+        };
+        ((q - zp) * scale, inside)
+    }
+}
+
+impl<E: Elem> RunKernel<E, E> for FakeQuant<E::C> {
+    #[inline(always)]
+    fn uniform(&self, x: &[E], o: &mut [MaybeUninit<E>], m: Option<&mut [MaybeUninit<bool>]>, c: usize) {
+        let (inv, s, zp) = (self.inv[c], self.scale[c], self.zp[c]);
+        match m {
+            Some(m) => {
+                for ((o, m), x) in o.iter_mut().zip(m.iter_mut()).zip(x) {
+                    let (v, inside) = self.one(x.load(), inv, s, zp);
+                    o.write(E::store(v));
+                    m.write(inside);
+                }
+            }
+            None => {
+                for (o, x) in o.iter_mut().zip(x) {
+                    o.write(E::store(self.one(x.load(), inv, s, zp).0));
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn varying(&self, x: &[E], o: &mut [MaybeUninit<E>], m: Option<&mut [MaybeUninit<bool>]>, c0: usize) {
+        let n = x.len();
+        let (inv, s, zp) = (&self.inv[c0..c0 + n], &self.scale[c0..c0 + n], &self.zp[c0..c0 + n]);
+        match m {
+            Some(m) => {
+                for (i, (o, m)) in o.iter_mut().zip(m.iter_mut()).enumerate() {
+                    let (v, inside) = self.one(x[i].load(), inv[i], s[i], zp[i]);
+                    o.write(E::store(v));
+                    m.write(inside);
+                }
+            }
+            None => {
+                for (i, o) in o.iter_mut().enumerate() {
+                    o.write(E::store(self.one(x[i].load(), inv[i], s[i], zp[i]).0));
+                }
+            }
+        }
+    }
+}
+
+/// Output of a fake-quant kernel: the rounded values and, when asked for, the
+/// straight-through mask `quant_min <= zp + round(x / scale) <= quant_max`.
+pub type FakeQuantOutput<E> = (ArrayD<E>, Option<ArrayD<bool>>);
+
+/// `torch.fake_quantize_per_tensor_affine`, bit for bit: NaN maps to `quant_min`, ±Inf and
+/// out-of-range values clamp; the mask is false for all of them.
+pub fn fake_quantize_per_tensor<E: Elem>(
+    x: ArrayViewD<'_, E>,
+    scale: f64,
+    zero_point: i64,
+    quant_min: i64,
+    quant_max: i64,
+    with_mask: bool,
+) -> Result<FakeQuantOutput<E>> {
+    let r = QRange::new(quant_min, quant_max)?;
+    let s = check_scale("scale", scale)?;
+    let zp = check_zero_point("zero_point", zero_point, r)?;
+    let k = FakeQuant::<E::C>::new(&[s], &[zp], r, E::C::INFINITY);
+    Ok(drive(&x, Layout::per_tensor(x.len()), &k, with_mask))
+}
+
+/// `torch.fake_quantize_per_channel_affine`, bit for bit, including its int64 conversion:
+/// values whose `zp + round(x/s)` reaches 2^63 (and +Inf) map to `quant_min`, like NaN.
+pub fn fake_quantize_per_channel<E: Elem>(
+    x: ArrayViewD<'_, E>,
+    scales: &[f64],
+    zero_points: &[i64],
+    axis: i64,
+    quant_min: i64,
+    quant_max: i64,
+    with_mask: bool,
+) -> Result<FakeQuantOutput<E>> {
+    let r = QRange::new(quant_min, quant_max)?;
+    let axis = check_axis(axis, x.ndim())?;
+    let (s, zp) = channel_params(x.shape(), axis, scales, zero_points, r)?;
+    let k = FakeQuant::<E::C>::new(&s, &zp, r, E::C::I64_SAFE_MAX);
+    Ok(drive(&x, Layout::per_channel(x.shape(), axis), &k, with_mask))
+}
+
+/// Validates per-channel scales and zero points against the array's channel count.
+pub(crate) fn channel_params(
+    shape: &[usize],
+    axis: usize,
+    scales: &[f64],
+    zero_points: &[i64],
+    r: QRange,
+) -> Result<(Vec<f32>, Vec<i32>)> {
+    let c = shape[axis];
+    ensure!(
+        scales.len() == c,
+        "scales has {} entries but axis {axis} of shape {shape:?} has {c}",
+        scales.len()
+    );
+    ensure!(
+        zero_points.len() == c,
+        "zero_points has {} entries but axis {axis} of shape {shape:?} has {c}",
+        zero_points.len()
+    );
+    let s = scales
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| check_scale(&format!("scales[{i}]"), v))
+        .collect::<Result<Vec<_>>>()?;
+    let z = zero_points
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| check_zero_point(&format!("zero_points[{i}]"), v, r))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((s, z))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantize to integer codes
+
+/// Per tensor, PyTorch quantizes with FBGEMM's vector rule: `x * inv` is capped at
+/// 2147483520 (NaN becomes the cap too), converted to int32, and the zero point is added
+/// with int32 wrap-around before the clamp.
+struct QuantTensor {
+    inv: f32,
+    zp: i32,
+    r: QRange,
+}
+
+/// Per channel, PyTorch uses the scalar rule: `zp + nearbyint(x * inv)` in float, clamped; NaN
+/// converts to the raw code 0.
+pub(crate) struct QuantChannel {
+    pub(crate) inv: Vec<f32>,
+    pub(crate) zp: Vec<f32>,
+    r: QRange,
+}
+
+const FBGEMM_CAP: f32 = 2_147_483_520.0; // largest float32 below i32::MAX
+
+impl QuantTensor {
+    #[inline(always)]
+    fn one(&self, x: f32) -> i32 {
+        let t = x * self.inv;
+        let t = if t <= FBGEMM_CAP { t } else { FBGEMM_CAP };
+        (t.rne() as i32).wrapping_add(self.zp).clamp(self.r.min, self.r.max)
+    }
+}
+
+impl QuantChannel {
+    pub(crate) fn new(scales: &[f32], zps: &[i32], r: QRange) -> Self {
+        QuantChannel {
+            inv: scales.iter().map(|&s| 1.0 / s).collect(),
+            zp: zps.iter().map(|&z| z as f32).collect(),
+            r,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn one(&self, x: f32, inv: f32, zp: f32) -> i32 {
+        let t = zp + (x * inv).rne();
+        let (lo, hi) = (self.r.min as f32, self.r.max as f32);
+        if t.is_nan() {
+            0.clamp(self.r.min, self.r.max)
+        } else {
+            t.clamp(lo, hi) as i32
+        }
+    }
+}
+
+impl<E: Elem, Q: Code> RunKernel<E, Q> for QuantTensor {
+    #[inline(always)]
+    fn uniform(&self, x: &[E], o: &mut [MaybeUninit<Q>], _: Option<&mut [MaybeUninit<bool>]>, _: usize) {
+        for (o, x) in o.iter_mut().zip(x) {
+            o.write(Q::from_i32(self.one(x.to_f32())));
+        }
+    }
+    #[inline(always)]
+    fn varying(&self, x: &[E], o: &mut [MaybeUninit<Q>], m: Option<&mut [MaybeUninit<bool>]>, c0: usize) {
+        <Self as RunKernel<E, Q>>::uniform(self, x, o, m, c0)
+    }
+}
+
+impl<E: Elem, Q: Code> RunKernel<E, Q> for QuantChannel {
+    #[inline(always)]
+    fn uniform(&self, x: &[E], o: &mut [MaybeUninit<Q>], _: Option<&mut [MaybeUninit<bool>]>, c: usize) {
+        let (inv, zp) = (self.inv[c], self.zp[c]);
+        for (o, x) in o.iter_mut().zip(x) {
+            o.write(Q::from_i32(self.one(x.to_f32(), inv, zp)));
+        }
+    }
+    #[inline(always)]
+    fn varying(&self, x: &[E], o: &mut [MaybeUninit<Q>], _: Option<&mut [MaybeUninit<bool>]>, c0: usize) {
+        let n = x.len();
+        let (inv, zp) = (&self.inv[c0..c0 + n], &self.zp[c0..c0 + n]);
+        for (i, o) in o.iter_mut().enumerate() {
+            o.write(Q::from_i32(self.one(x[i].to_f32(), inv[i], zp[i])));
+        }
+    }
+}
+
+/// Integer codes of an array, either int8 or uint8 depending on the range.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Codes {
+    I8(ArrayD<i8>),
+    U8(ArrayD<u8>),
+}
+
+/// `torch.quantize_per_tensor(x, scale, zp, dtype).int_repr()` clamped to `[quant_min, quant_max]`;
+/// int8 codes when `quant_min < 0`, uint8 otherwise. Input is rounded to float32 first.
+pub fn quantize_per_tensor<E: Elem>(
+    x: ArrayViewD<'_, E>,
+    scale: f64,
+    zero_point: i64,
+    quant_min: i64,
+    quant_max: i64,
+) -> Result<Codes> {
+    let r = QRange::codes(quant_min, quant_max)?;
+    let s = check_scale("scale", scale)?;
+    let zp = check_zero_point("zero_point", zero_point, r)?;
+    let k = QuantTensor { inv: 1.0 / s, zp, r };
+    let lay = Layout::per_tensor(x.len());
+    Ok(if r.is_signed() {
+        Codes::I8(drive(&x, lay, &k, false).0)
+    } else {
+        Codes::U8(drive(&x, lay, &k, false).0)
+    })
+}
+
+/// `torch.quantize_per_channel(...).int_repr()` clamped to `[quant_min, quant_max]`.
+pub fn quantize_per_channel<E: Elem>(
+    x: ArrayViewD<'_, E>,
+    scales: &[f64],
+    zero_points: &[i64],
+    axis: i64,
+    quant_min: i64,
+    quant_max: i64,
+) -> Result<Codes> {
+    let r = QRange::codes(quant_min, quant_max)?;
+    let axis = check_axis(axis, x.ndim())?;
+    let (s, zp) = channel_params(x.shape(), axis, scales, zero_points, r)?;
+    let k = QuantChannel::new(&s, &zp, r);
+    let lay = Layout::per_channel(x.shape(), axis);
+    Ok(if r.is_signed() {
+        Codes::I8(drive(&x, lay, &k, false).0)
+    } else {
+        Codes::U8(drive(&x, lay, &k, false).0)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantize
+
+struct Dequant {
+    scale: Vec<f32>,
+    zp: Vec<i32>,
+}
+
+impl<Q: Code> RunKernel<Q, f32> for Dequant {
+    #[inline(always)]
+    fn uniform(&self, x: &[Q], o: &mut [MaybeUninit<f32>], _: Option<&mut [MaybeUninit<bool>]>, c: usize) {
+        let (s, zp) = (self.scale[c], self.zp[c]);
+        for (o, x) in o.iter_mut().zip(x) {
+            o.write((x.to_i32() - zp) as f32 * s);
+        }
+    }
+    #[inline(always)]
+    fn varying(&self, x: &[Q], o: &mut [MaybeUninit<f32>], _: Option<&mut [MaybeUninit<bool>]>, c0: usize) {
+        let n = x.len();
+        let (s, zp) = (&self.scale[c0..c0 + n], &self.zp[c0..c0 + n]);
+        for (i, o) in o.iter_mut().enumerate() {
+            o.write((x[i].to_i32() - zp[i]) as f32 * s[i]);
+        }
+    }
+}
+
+/// `(q - zero_point) * scale` in float32, as `torch.dequantize` computes it.
+pub fn dequantize_per_tensor<Q: Code>(q: ArrayViewD<'_, Q>, scale: f64, zero_point: i64) -> Result<ArrayD<f32>> {
+    let s = check_scale("scale", scale)?;
+    ensure!(
+        (i32::MIN as i64..=i32::MAX as i64).contains(&zero_point),
+        "zero_point ({zero_point}) does not fit int32"
+    );
+    let k = Dequant {
+        scale: vec![s],
+        zp: vec![zero_point as i32],
+    };
+    Ok(drive(&q, Layout::per_tensor(q.len()), &k, false).0)
+}
+
+/// Per-channel `(q - zero_points[c]) * scales[c]` along `axis`.
+pub fn dequantize_per_channel<Q: Code>(
+    q: ArrayViewD<'_, Q>,
+    scales: &[f64],
+    zero_points: &[i64],
+    axis: i64,
+) -> Result<ArrayD<f32>> {
+    let axis = check_axis(axis, q.ndim())?;
+    let wide = QRange {
+        min: i32::MIN,
+        max: i32::MAX,
+    };
+    let (s, zp) = channel_params(q.shape(), axis, scales, zero_points, wide)?;
+    let k = Dequant { scale: s, zp };
+    Ok(drive(&q, Layout::per_channel(q.shape(), axis), &k, false).0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{arr1, Array2, ArrayD, IxDyn};
+
+    /// ATen's scalar loop, written out the way the C++ does it (int64 conversion included).
+    fn aten_fq(x: f32, s: f32, zp: i64, qmin: i64, qmax: i64, per_channel: bool) -> f32 {
+        let inv = 1.0f32 / s;
+        let t = zp as f32 + (x * inv).round_ties_even();
+        let q = if t.is_nan() {
+            qmin
+        } else if per_channel && t >= 9.223_372e18 {
+            qmin
+        } else {
+            (t.clamp(qmin as f32, qmax as f32)) as i64
+        };
+        ((q - zp) as f64 * s as f64) as f32
+    }
+
+    #[test]
+    fn per_tensor_matches_reference_on_ties_and_specials() {
+        let s = 0.1f32;
+        let mut xs: Vec<f32> = (-300..300).map(|i| (i as f32 + 0.5) * s).collect();
+        xs.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30, 0.0, -0.0, 1e-45]);
+        let x = arr1(&xs).into_dyn();
+        for (qmin, qmax, zp) in [(-2, 1, 0), (0, 3, 1), (-8, 7, 0), (0, 15, 3), (-128, 127, -5), (0, 255, 128)] {
+            let (out, mask) = fake_quantize_per_tensor(x.view(), s as f64, zp, qmin, qmax, true).unwrap();
+            let mask = mask.unwrap();
+            for (i, &v) in xs.iter().enumerate() {
+                let want = aten_fq(v, s, zp, qmin, qmax, false);
+                assert_eq!(out[i].to_bits(), want.to_bits(), "x={v} range {qmin}..{qmax}");
+                let t = zp as f32 + (v / s).round_ties_even();
+                let _ = t;
+                let tq = zp as f32 + (v * (1.0 / s)).round_ties_even();
+                assert_eq!(mask[i], tq >= qmin as f32 && tq <= qmax as f32);
+            }
+        }
+    }
+
+    #[test]
+    fn per_channel_every_axis_and_strided_input() {
+        let shape = [3usize, 4, 5];
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|i| ((i * 7919) % 101) as f32 * 0.37 - 18.0).collect();
+        let x = ArrayD::from_shape_vec(IxDyn(&shape), data).unwrap();
+        for axis in 0..3 {
+            let c = shape[axis];
+            let scales: Vec<f64> = (0..c).map(|i| 0.05 + 0.1 * i as f64).collect();
+            let zps: Vec<i64> = (0..c).map(|i| i as i64).collect();
+            let (out, _) = fake_quantize_per_channel(x.view(), &scales, &zps, axis as i64, 0, 15, false).unwrap();
+            // The strided path (a transposed view) must agree with the contiguous one.
+            let xt = x.view().reversed_axes();
+            let (out_t, _) =
+                fake_quantize_per_channel(xt, &scales, &zps, (2 - axis) as i64, 0, 15, false).unwrap();
+            for (idx, &v) in x.indexed_iter() {
+                let ch = idx[axis];
+                let want = aten_fq(v, scales[ch] as f32, zps[ch], 0, 15, true);
+                assert_eq!(out[&idx].to_bits(), want.to_bits());
+                let ti = IxDyn(&[idx[2], idx[1], idx[0]]);
+                assert_eq!(out_t[&ti].to_bits(), want.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn large_input_crosses_chunks() {
+        let n = CHUNK * 3 + 17;
+        let x: Vec<f32> = (0..n).map(|i| (i as f32).sin() * 3.0).collect();
+        let xa = ArrayD::from_shape_vec(IxDyn(&[n]), x.clone()).unwrap();
+        let (out, _) = fake_quantize_per_tensor(xa.view(), 0.02, 3, -8, 7, false).unwrap();
+        for i in 0..n {
+            assert_eq!(out[i].to_bits(), aten_fq(x[i], 0.02, 3, -8, 7, false).to_bits());
+        }
+        // innermost-axis per channel with a row length that does not divide the chunk
+        let cols = 1000;
+        let rows = n / cols;
+        let m = Array2::from_shape_vec((rows, cols), x[..rows * cols].to_vec()).unwrap().into_dyn();
+        let scales: Vec<f64> = (0..cols).map(|i| 0.01 + i as f64 * 1e-4).collect();
+        let zps = vec![0i64; cols];
+        let (out, _) = fake_quantize_per_channel(m.view(), &scales, &zps, 1, -8, 7, false).unwrap();
+        for ((r, c), &v) in m.clone().into_dimensionality::<ndarray::Ix2>().unwrap().indexed_iter() {
+            let want = aten_fq(v, scales[c] as f32, 0, -8, 7, true);
+            assert_eq!(out[[r, c]].to_bits(), want.to_bits());
+        }
+    }
+
+    #[test]
+    fn quantize_codes_follow_torch_edge_rules() {
+        let x = arr1(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, 3e9, 2.5, -0.5]).into_dyn();
+        let Codes::U8(q) = quantize_per_tensor(x.view(), 1.0, 3, 0, 255).unwrap() else { panic!() };
+        assert_eq!(q.as_slice().unwrap(), &[255, 255, 0, 255, 255, 5, 3]);
+        let Codes::U8(q) = quantize_per_tensor(x.view(), 1.0, 200, 0, 255).unwrap() else { panic!() };
+        assert_eq!(q.as_slice().unwrap(), &[0, 0, 0, 0, 0, 202, 200]); // FBGEMM's int32 wrap-around
+        let x2 = x.clone().into_shape_with_order(IxDyn(&[1, 7])).unwrap();
+        let Codes::I8(q) = quantize_per_channel(x2.view(), &[1.0], &[0], 0, -128, 127).unwrap() else { panic!() };
+        assert_eq!(q.as_slice().unwrap(), &[0, 127, -128, 127, 127, 2, 0]);
+    }
+
+    #[test]
+    fn dequantize_inverts_quantize_within_half_a_step() {
+        let x: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.731).cos() * 2.0).collect();
+        let xa = ArrayD::from_shape_vec(IxDyn(&[10, 100]), x.clone()).unwrap();
+        let Codes::I8(q) = quantize_per_tensor(xa.view(), 2.0 / 127.0, 0, -128, 127).unwrap() else { panic!() };
+        let d = dequantize_per_tensor(q.view(), 2.0 / 127.0, 0).unwrap();
+        for (a, b) in d.iter().zip(&x) {
+            assert!((a - b).abs() <= 0.5 * 2.0 / 127.0 + 1e-6);
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let x = arr1(&[1.0f32]).into_dyn();
+        assert!(fake_quantize_per_tensor(x.view(), 0.0, 0, 0, 15, false).is_err());
+        assert!(fake_quantize_per_tensor(x.view(), f64::NAN, 0, 0, 15, false).is_err());
+        assert!(fake_quantize_per_tensor(x.view(), 1.0, 16, 0, 15, false).is_err());
+        assert!(fake_quantize_per_tensor(x.view(), 1.0, 0, 5, 3, false).is_err());
+        assert!(fake_quantize_per_channel(x.view(), &[1.0, 2.0], &[0, 0], 0, 0, 15, false).is_err());
+        assert!(fake_quantize_per_channel(x.view(), &[1.0], &[0], 1, 0, 15, false).is_err());
+        assert!(quantize_per_tensor(x.view(), 1.0, 0, -1, 255).is_err());
+        assert!(QRange::for_bits(9, true).is_err());
+    }
+}

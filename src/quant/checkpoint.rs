@@ -1,0 +1,381 @@
+//! The quantized safetensors format and whole-checkpoint (de)quantization.
+//!
+//! A quantized tensor `name` is stored as three tensors, `name.codes` (U8, the packed codes),
+//! `name.scales` (F32) and `name.zero_points` (I8 for symmetric specs, U8 otherwise), plus an
+//! entry in the JSON metadata key `lowbit.quantized` with its shape, original dtype and spec.
+//! Every other tensor is copied unchanged. Files are written atomically (temp file + rename).
+use super::elem::Elem;
+use super::spec::{quantize, Granularity, QuantSpec, QuantizedTensor};
+use crate::{ensure, Error, Result};
+use half::{bf16, f16};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+pub const FORMAT_KEY: &str = "lowbit.format";
+pub const FORMAT: &str = "quantized-v1";
+pub const QUANTIZED_KEY: &str = "lowbit.quantized";
+
+/// What the metadata records for each quantized tensor.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct QuantizedInfo {
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    pub spec: QuantSpec,
+}
+
+/// A tensor of a checkpoint: quantized, or kept as raw bytes.
+#[derive(Clone, Debug)]
+pub enum Entry {
+    Quantized { tensor: QuantizedTensor, dtype: Dtype },
+    Raw { dtype: Dtype, shape: Vec<usize>, data: Vec<u8> },
+}
+
+/// One row of the table `lowbit quantize` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    /// `None` when the tensor was copied unchanged.
+    pub bits: Option<u32>,
+    /// Signal-to-quantization-noise ratio in dB (`inf` when exact).
+    pub sqnr_db: Option<f64>,
+    pub bytes_before: usize,
+    pub bytes_after: usize,
+}
+
+/// Float data of a safetensors tensor, borrowed when aligned, copied otherwise.
+enum FloatData<'a> {
+    F32(Cow<'a, [f32]>),
+    F64(Cow<'a, [f64]>),
+    F16(Cow<'a, [f16]>),
+    BF16(Cow<'a, [bf16]>),
+}
+
+fn cast<'a, T: bytemuck::Pod>(b: &'a [u8]) -> Cow<'a, [T]> {
+    match bytemuck::try_cast_slice(b) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(b)),
+    }
+}
+
+fn float_data<'a>(t: &TensorView<'a>) -> Option<FloatData<'a>> {
+    Some(match t.dtype() {
+        Dtype::F32 => FloatData::F32(cast(t.data())),
+        Dtype::F64 => FloatData::F64(cast(t.data())),
+        Dtype::F16 => FloatData::F16(cast(t.data())),
+        Dtype::BF16 => FloatData::BF16(cast(t.data())),
+        _ => return None,
+    })
+}
+
+fn view<'a, E>(data: &'a [E], shape: &[usize]) -> Result<ArrayViewD<'a, E>> {
+    ArrayViewD::from_shape(IxDyn(shape), data).map_err(|e| Error::format(format!("tensor data does not match its shape {shape:?}: {e}")))
+}
+
+/// Quantizes one float tensor and measures its SQNR.
+fn quantize_one<E: Elem>(data: &[E], shape: &[usize], spec: QuantSpec) -> Result<(QuantizedTensor, f64)> {
+    let x = view(data, shape)?;
+    let q = quantize(x.view(), spec, None)?;
+    let xh = q.dequantize()?;
+    Ok((q, sqnr_db(&x, &xh.view())))
+}
+
+/// `10 log10(Σx² / Σ(x - x̂)²)`, computed in f64; `inf` when the reconstruction is exact.
+pub fn sqnr_db<E: Elem>(x: &ArrayViewD<'_, E>, xh: &ArrayViewD<'_, f32>) -> f64 {
+    let (mut sig, mut err) = (0f64, 0f64);
+    for (a, b) in x.iter().zip(xh.iter()) {
+        let a = a.to_f32() as f64;
+        sig += a * a;
+        err += (a - *b as f64).powi(2);
+    }
+    if err == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (sig / err).log10()
+    }
+}
+
+fn dtype_name(d: Dtype) -> String {
+    format!("{d:?}")
+}
+
+fn parse_dtype(s: &str) -> Result<Dtype> {
+    Ok(match s {
+        "F32" => Dtype::F32,
+        "F64" => Dtype::F64,
+        "F16" => Dtype::F16,
+        "BF16" => Dtype::BF16,
+        _ => return Err(Error::format(format!("unsupported original dtype {s:?} in metadata"))),
+    })
+}
+
+/// Maps a file read-only. The map is only read, and files are replaced by rename, never rewritten.
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+    // SAFETY: read-only map; lowbit never writes to a file in place.
+    unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(format!("cannot map {}", path.display()), e))
+}
+
+fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::format(format!("{} is not a valid safetensors file: {e}", path.display())))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::format(format!("{} is not a valid safetensors file: {e}", path.display())))?;
+    Ok((st, meta.metadata().clone().unwrap_or_default()))
+}
+
+/// Quantizes every floating-point 2-D tensor of the safetensors file `input` with `spec` and
+/// writes the quantized checkpoint to `output` atomically. Other tensors are copied.
+pub fn quantize_file(input: &Path, output: &Path, spec: QuantSpec) -> Result<Vec<Report>> {
+    let map = map_file(input)?;
+    let (st, meta) = parse(&map, input)?;
+    ensure!(
+        !meta.contains_key(QUANTIZED_KEY),
+        "{} is already quantized by lowbit",
+        input.display()
+    );
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let mut entries = Vec::with_capacity(names.len());
+    let mut reports = Vec::with_capacity(names.len());
+    for name in names {
+        let t = st.tensor(&name).map_err(|e| Error::format(format!("tensor {name}: {e}")))?;
+        let shape = t.shape().to_vec();
+        let before = t.data().len();
+        let dtype = dtype_name(t.dtype());
+        let fd = if shape.len() == 2 { float_data(&t) } else { None };
+        let (entry, report) = match fd {
+            Some(fd) => {
+                let (q, sqnr) = match &fd {
+                    FloatData::F32(d) => quantize_one(d, &shape, spec),
+                    FloatData::F64(d) => quantize_one(d, &shape, spec),
+                    FloatData::F16(d) => quantize_one(d, &shape, spec),
+                    FloatData::BF16(d) => quantize_one(d, &shape, spec),
+                }
+                .map_err(|e| Error::value(format!("tensor {name}: {e}")))?;
+                let after = q.nbytes();
+                log::debug!("quantized {name} {shape:?}: {sqnr:.2} dB");
+                let r = Report { name: name.clone(), shape: shape.clone(), dtype, bits: Some(spec.bits), sqnr_db: Some(sqnr), bytes_before: before, bytes_after: after };
+                (Entry::Quantized { tensor: q, dtype: t.dtype() }, r)
+            }
+            None => {
+                let r = Report { name: name.clone(), shape: shape.clone(), dtype, bits: None, sqnr_db: None, bytes_before: before, bytes_after: before };
+                (Entry::Raw { dtype: t.dtype(), shape, data: t.data().to_vec() }, r)
+            }
+        };
+        entries.push((name, entry));
+        reports.push(report);
+    }
+    save(output, &entries)?;
+    Ok(reports)
+}
+
+/// Writes entries in the quantized format, atomically.
+pub fn save(path: &Path, entries: &[(String, Entry)]) -> Result<()> {
+    let mut info = BTreeMap::new();
+    let mut tensors: Vec<(String, TensorView<'_>)> = Vec::new();
+    let mut zps: Vec<(String, Vec<u8>, Dtype, Vec<usize>)> = Vec::new();
+    for (name, e) in entries {
+        if let Entry::Quantized { tensor, .. } = e {
+            let signed = tensor.spec.range().is_signed();
+            let bytes = tensor.zero_points.iter().map(|&z| z as i8 as u8).collect();
+            zps.push((name.clone(), bytes, if signed { Dtype::I8 } else { Dtype::U8 }, tensor.zero_points.shape().to_vec()));
+        }
+    }
+    let mut zi = zps.iter();
+    for (name, e) in entries {
+        match e {
+            Entry::Raw { dtype, shape, data } => tensors.push((name.clone(), tv(*dtype, shape.clone(), data)?)),
+            Entry::Quantized { tensor, dtype } => {
+                info.insert(name.clone(), QuantizedInfo { shape: tensor.shape.clone(), dtype: dtype_name(*dtype), spec: tensor.spec });
+                tensors.push((format!("{name}.codes"), tv(Dtype::U8, vec![tensor.codes.len()], &tensor.codes)?));
+                let scales = tensor.scales.as_slice().expect("scales are standard layout");
+                tensors.push((format!("{name}.scales"), tv(Dtype::F32, tensor.scales.shape().to_vec(), bytemuck::cast_slice(scales))?));
+                let (_, zb, zd, zs) = zi.next().expect("one zero-point entry per quantized tensor");
+                tensors.push((format!("{name}.zero_points"), tv(*zd, zs.clone(), zb)?));
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (n, _) in &tensors {
+        ensure!(seen.insert(n.as_str()), "two tensors would be stored under the name {n:?}");
+    }
+    let meta = HashMap::from([
+        (FORMAT_KEY.to_string(), FORMAT.to_string()),
+        (QUANTIZED_KEY.to_string(), serde_json::to_string(&info).expect("plain data serializes")),
+    ]);
+    let bytes = safetensors::serialize(tensors, Some(meta)).map_err(|e| Error::value(format!("cannot serialize: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`, so an
+/// interrupted write leaves any previous file intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let ctx = |what: &str| format!("cannot {what} {}", path.display());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".lowbit-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(ctx("create a temporary file for"), e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(ctx("write"), e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(ctx("sync"), e))?;
+    tmp.persist(path).map_err(|e| Error::io(ctx("replace"), e.error))?;
+    Ok(())
+}
+
+fn tv(d: Dtype, shape: Vec<usize>, data: &[u8]) -> Result<TensorView<'_>> {
+    TensorView::new(d, shape, data).map_err(|e| Error::value(format!("cannot build tensor: {e}")))
+}
+
+/// Reads a quantized checkpoint, validating every quantized tensor against its metadata.
+pub fn load(path: &Path) -> Result<Vec<(String, Entry)>> {
+    let map = map_file(path)?;
+    let (st, meta) = parse(&map, path)?;
+    ensure!(
+        meta.get(FORMAT_KEY).map(String::as_str) == Some(FORMAT),
+        "{} is not a lowbit quantized checkpoint (metadata {FORMAT_KEY:?} is missing or unknown)",
+        path.display()
+    );
+    let info: BTreeMap<String, QuantizedInfo> = serde_json::from_str(meta.get(QUANTIZED_KEY).map(String::as_str).unwrap_or("{}"))
+        .map_err(|e| Error::format(format!("{}: bad {QUANTIZED_KEY} metadata: {e}", path.display())))?;
+    let mut used = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (name, qi) in &info {
+        let get = |suffix: &str, want: &[Dtype]| -> Result<TensorView<'_>> {
+            let n = format!("{name}.{suffix}");
+            let t = st.tensor(&n).map_err(|_| Error::format(format!("{}: tensor {n:?} is missing", path.display())))?;
+            ensure!(want.contains(&t.dtype()), "{}: tensor {n:?} has dtype {:?}", path.display(), t.dtype());
+            Ok(t)
+        };
+        let codes = get("codes", &[Dtype::U8])?;
+        let scales = get("scales", &[Dtype::F32])?;
+        let zps = get("zero_points", &[Dtype::I8, Dtype::U8])?;
+        // Re-validate the spec: metadata is untrusted input.
+        let s = qi.spec;
+        let spec = QuantSpec::new(s.bits, s.symmetric, s.granularity, s.axis, s.group_size)
+            .map_err(|e| Error::format(format!("{}: tensor {name:?}: {e}", path.display())))?;
+        ensure!(qi.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_some(), "{}: tensor {name:?} has an impossible shape", path.display());
+        let signed = zps.dtype() == Dtype::I8;
+        let zero_points: Vec<i32> = zps.data().iter().map(|&b| if signed { b as i8 as i32 } else { b as i32 }).collect();
+        let scales_v: Vec<f32> = bytemuck::pod_collect_to_vec(scales.data());
+        let shape_err = |e: ndarray::ShapeError| Error::format(format!("{}: tensor {name:?}: {e}", path.display()));
+        let tensor = QuantizedTensor {
+            spec,
+            shape: qi.shape.clone(),
+            codes: codes.data().to_vec(),
+            scales: ArrayD::from_shape_vec(IxDyn(scales.shape()), scales_v).map_err(shape_err)?,
+            zero_points: ArrayD::from_shape_vec(IxDyn(zps.shape()), zero_points).map_err(shape_err)?,
+        };
+        if spec.granularity == Granularity::Channel || spec.granularity == Granularity::Group {
+            ensure!(!qi.shape.is_empty(), "{}: tensor {name:?} needs at least one dimension", path.display());
+        }
+        tensor.validate().map_err(|e| Error::format(format!("{}: tensor {name:?}: {e}", path.display())))?;
+        for suffix in ["codes", "scales", "zero_points"] {
+            used.insert(format!("{name}.{suffix}"));
+        }
+        out.push((name.clone(), Entry::Quantized { tensor, dtype: parse_dtype(&qi.dtype)? }));
+    }
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    for n in names {
+        if used.contains(&n) {
+            continue;
+        }
+        let t = st.tensor(&n).map_err(|e| Error::format(format!("tensor {n}: {e}")))?;
+        out.push((n, Entry::Raw { dtype: t.dtype(), shape: t.shape().to_vec(), data: t.data().to_vec() }));
+    }
+    Ok(out)
+}
+
+fn to_bytes(x: &ArrayD<f32>, dtype: Dtype) -> Vec<u8> {
+    let it = x.iter();
+    match dtype {
+        Dtype::F64 => it.flat_map(|&v| (v as f64).to_le_bytes()).collect(),
+        Dtype::F16 => it.flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
+        Dtype::BF16 => it.flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
+        _ => it.flat_map(|&v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// Reverses `quantize_file`: every quantized tensor is dequantized back to its original dtype.
+pub fn dequantize_file(input: &Path, output: &Path) -> Result<Vec<Report>> {
+    let entries = load(input)?;
+    let mut reports = Vec::new();
+    let mut raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, e) in entries {
+        match e {
+            Entry::Quantized { tensor, dtype } => {
+                let x = tensor.dequantize()?;
+                let data = to_bytes(&x, dtype);
+                reports.push(Report { name: name.clone(), shape: tensor.shape.clone(), dtype: dtype_name(dtype), bits: Some(tensor.spec.bits), sqnr_db: None, bytes_before: tensor.nbytes(), bytes_after: data.len() });
+                raw.push((name, dtype, tensor.shape, data));
+            }
+            Entry::Raw { dtype, shape, data } => {
+                reports.push(Report { name: name.clone(), shape: shape.clone(), dtype: dtype_name(dtype), bits: None, sqnr_db: None, bytes_before: data.len(), bytes_after: data.len() });
+                raw.push((name, dtype, shape, data));
+            }
+        }
+    }
+    let views = raw
+        .iter()
+        .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| Error::value(format!("tensor {n}: {e}"))))
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| Error::value(format!("cannot serialize: {e}")))?;
+    write_atomic(output, &bytes)?;
+    Ok(reports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_input(path: &Path) {
+        let w: Vec<f32> = (0..64 * 96).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let b: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let h: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+        let tensors = vec![
+            ("w".to_string(), TensorView::new(Dtype::F32, vec![64, 96], bytemuck::cast_slice(&w)).unwrap()),
+            ("b".to_string(), TensorView::new(Dtype::F32, vec![64], bytemuck::cast_slice(&b)).unwrap()),
+            ("h".to_string(), TensorView::new(Dtype::F16, vec![96, 64], bytemuck::cast_slice(&h)).unwrap()),
+        ];
+        std::fs::write(path, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn quantize_then_dequantize_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, q, d) = (dir.path().join("a.safetensors"), dir.path().join("q.safetensors"), dir.path().join("d.safetensors"));
+        write_input(&a);
+        let spec = QuantSpec::new(4, true, Granularity::Group, 0, Some(32)).unwrap();
+        let rep = quantize_file(&a, &q, spec).unwrap();
+        assert_eq!(rep.len(), 3);
+        let w = rep.iter().find(|r| r.name == "w").unwrap();
+        assert_eq!(w.bytes_after, 64 * 96 / 2 + 64 * 3 * 4 + 64 * 3);
+        assert!(w.sqnr_db.unwrap() > 15.0);
+        assert_eq!(rep.iter().find(|r| r.name == "b").unwrap().bits, None);
+        let loaded = load(&q).unwrap();
+        assert_eq!(loaded.len(), 3);
+        dequantize_file(&q, &d).unwrap();
+        let bytes = std::fs::read(&d).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("h").unwrap().dtype(), Dtype::F16);
+        assert_eq!(st.tensor("b").unwrap().data(), bytemuck::cast_slice::<f32, u8>(&(0..64).map(|i| i as f32).collect::<Vec<_>>()));
+        // a quantized file is refused as input, and a corrupt one gives an error, not a panic
+        assert!(quantize_file(&q, &d, spec).is_err());
+        let mut bad = std::fs::read(&q).unwrap();
+        bad.truncate(bad.len() - 10);
+        std::fs::write(&d, &bad).unwrap();
+        assert!(load(&d).is_err());
+    }
+}
