@@ -4,7 +4,7 @@
 //! The edge cases (NaN, ±Inf, values beyond int64) follow what PyTorch's CPU kernels return,
 //! which differs between its entry points; each kernel below says which rule it follows.
 use super::elem::{Elem, Real};
-use super::{with_simd, CHUNK};
+use super::CHUNK;
 use crate::{ensure, Result};
 use ndarray::{ArrayD, ArrayViewD, Axis};
 use rayon::prelude::*;
@@ -176,29 +176,8 @@ where
     let mut mask = with_mask.then(|| ArrayD::<bool>::uninit(x.raw_dim()));
     let (channels, inner) = (lay.channels, lay.inner);
     let n = x.len();
-    // Runs the kernel over `x`, whose first element has C-order index `start`.
-    let task = |start: usize, x: &[I], o: &mut [MaybeUninit<O>], mut m: Option<&mut [MaybeUninit<bool>]>| {
-        with_simd(|| {
-            let len = x.len();
-            let mut off = 0;
-            while off < len {
-                let i = start + off;
-                let (c, n) = if inner == 1 {
-                    let c = i % channels;
-                    (c, (channels - c).min(len - off))
-                } else {
-                    ((i / inner) % channels, (inner - i % inner).min(len - off))
-                };
-                let r = off..off + n;
-                let mr = m.as_deref_mut().map(|m| &mut m[r.clone()]);
-                if inner == 1 {
-                    k.varying(&x[r.clone()], &mut o[r], mr, c);
-                } else {
-                    k.uniform(&x[r.clone()], &mut o[r], mr, c);
-                }
-                off += n;
-            }
-        })
+    let task = |start: usize, x: &[I], o: &mut [MaybeUninit<O>], m: Option<&mut [MaybeUninit<bool>]>| {
+        run_chunk_dispatch(k, channels, inner, start, x, o, m)
     };
     if n > 0 {
         // Contiguous input goes in chunks of CHUNK; strided input in blocks of its first axis,
@@ -246,6 +225,77 @@ where
     unsafe { (out.assume_init(), mask.map(|m| m.assume_init())) }
 }
 
+/// Runs the kernel over `x`, whose first element has C-order index `start`, splitting it into
+/// runs of one channel (or, for the innermost axis, runs of consecutive channels).
+#[inline(always)]
+fn run_chunk<I, O, K: RunKernel<I, O>>(
+    k: &K,
+    channels: usize,
+    inner: usize,
+    start: usize,
+    x: &[I],
+    o: &mut [MaybeUninit<O>],
+    mut m: Option<&mut [MaybeUninit<bool>]>,
+) {
+    let len = x.len();
+    let mut off = 0;
+    while off < len {
+        let i = start + off;
+        let (c, n) = if inner == 1 {
+            let c = i % channels;
+            (c, (channels - c).min(len - off))
+        } else {
+            ((i / inner) % channels, (inner - i % inner).min(len - off))
+        };
+        let r = off..off + n;
+        let mr = m.as_deref_mut().map(|m| &mut m[r.clone()]);
+        if inner == 1 {
+            k.varying(&x[r.clone()], &mut o[r], mr, c);
+        } else {
+            k.uniform(&x[r.clone()], &mut o[r], mr, c);
+        }
+        off += n;
+    }
+}
+
+/// `run_chunk` compiled for the best instruction set the CPU has: the kernels are generic
+/// `#[inline(always)]` code, so each copy below is vectorized for its own target (AVX2's
+/// `vroundps` instead of a `rintf` call per element). aarch64 has NEON's `frintn` as baseline.
+fn run_chunk_dispatch<I, O, K: RunKernel<I, O>>(
+    k: &K,
+    channels: usize,
+    inner: usize,
+    start: usize,
+    x: &[I],
+    o: &mut [MaybeUninit<O>],
+    m: Option<&mut [MaybeUninit<bool>]>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<I, O, K: RunKernel<I, O>>(
+            k: &K, c: usize, i: usize, s: usize, x: &[I], o: &mut [MaybeUninit<O>], m: Option<&mut [MaybeUninit<bool>]>,
+        ) {
+            run_chunk(k, c, i, s, x, o, m)
+        }
+        #[target_feature(enable = "sse4.1")]
+        unsafe fn sse41<I, O, K: RunKernel<I, O>>(
+            k: &K, c: usize, i: usize, s: usize, x: &[I], o: &mut [MaybeUninit<O>], m: Option<&mut [MaybeUninit<bool>]>,
+        ) {
+            run_chunk(k, c, i, s, x, o, m)
+        }
+        if super::simd_level() >= 2 {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { avx2(k, channels, inner, start, x, o, m) };
+        }
+        if super::simd_level() == 1 {
+            // SAFETY: the CPU has SSE4.1.
+            return unsafe { sse41(k, channels, inner, start, x, o, m) };
+        }
+    }
+    run_chunk(k, channels, inner, start, x, o, m)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fake-quant
 
@@ -260,11 +310,15 @@ struct FakeQuant<C> {
     /// Per tensor ATen clamps in float (∞); per channel it converts to int64 first, and an
     /// overflowing conversion yields INT64_MIN, hence `qmin`.
     hi: C,
+    /// ATen's per-tensor kernel multiplies `(q - zp) * scale` in float32 even for float64
+    /// input; the per-channel one multiplies in the input's type.
+    product_f32: bool,
 }
 
 impl<C: Real> FakeQuant<C> {
-    fn new(scales: &[f32], zps: &[i32], r: QRange, hi: C) -> Self {
+    fn new(scales: &[f32], zps: &[i32], r: QRange, hi: C, product_f32: bool) -> Self {
         FakeQuant {
+            product_f32,
             inv: scales.iter().map(|&s| C::from_f32(1.0f32 / s)).collect(),
             scale: scales.iter().map(|&s| C::from_f32(s)).collect(),
             zp: zps.iter().map(|&z| C::from_i32(z)).collect(),
@@ -285,7 +339,12 @@ impl<C: Real> FakeQuant<C> {
         } else {
             self.qmin // below the range, NaN, or an int64 overflow
         };
-        ((q - zp) * scale, inside)
+        let out = if self.product_f32 {
+            C::from_f32((q - zp).to_f32() * scale.to_f32())
+        } else {
+            (q - zp) * scale
+        };
+        (out, inside)
     }
 }
 
@@ -347,7 +406,7 @@ pub fn fake_quantize_per_tensor<E: Elem>(
     let r = QRange::new(quant_min, quant_max)?;
     let s = check_scale("scale", scale)?;
     let zp = check_zero_point("zero_point", zero_point, r)?;
-    let k = FakeQuant::<E::C>::new(&[s], &[zp], r, E::C::INFINITY);
+    let k = FakeQuant::<E::C>::new(&[s], &[zp], r, E::C::INFINITY, true);
     Ok(drive(&x, Layout::per_tensor(x.len()), &k, with_mask))
 }
 
@@ -365,7 +424,7 @@ pub fn fake_quantize_per_channel<E: Elem>(
     let r = QRange::new(quant_min, quant_max)?;
     let axis = check_axis(axis, x.ndim())?;
     let (s, zp) = channel_params(x.shape(), axis, scales, zero_points, r)?;
-    let k = FakeQuant::<E::C>::new(&s, &zp, r, E::C::I64_SAFE_MAX);
+    let k = FakeQuant::<E::C>::new(&s, &zp, r, E::C::I64_SAFE_MAX, false);
     Ok(drive(&x, Layout::per_channel(x.shape(), axis), &k, with_mask))
 }
 

@@ -14,6 +14,7 @@ pub trait Real:
     /// Round half to even (`std::nearbyint` in the default rounding mode).
     fn rne(self) -> Self;
     fn to_f64(self) -> f64;
+    fn to_f32(self) -> f32;
 }
 
 impl Real for f32 {
@@ -35,6 +36,10 @@ impl Real for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
 }
 
 impl Real for f64 {
@@ -55,6 +60,10 @@ impl Real for f64 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
     }
 }
 

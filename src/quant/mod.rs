@@ -14,30 +14,29 @@ pub use affine::{
 pub use elem::{Elem, Real};
 pub use spec::{Granularity, QuantSpec, QuantizedTensor};
 
-/// Runs `f` compiled with AVX2 when the CPU has it, so the generic loops inside inline into a
-/// body that LLVM vectorizes with `vroundps`; elsewhere (NEON is baseline on aarch64) it runs as is.
-#[inline(always)]
-pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        #[target_feature(enable = "sse4.1")]
-        unsafe fn sse41<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { avx2(f) };
-        }
-        if std::is_x86_feature_detected!("sse4.1") {
-            // SAFETY: as above.
-            return unsafe { sse41(f) };
-        }
-    }
-    f()
+/// The x86 instruction set the kernels use: 2 = AVX2 + FMA, 1 = SSE4.1, 0 = baseline.
+/// `LOWBIT_SIMD=scalar|sse4.1|avx2` caps it (for tests of every path); read once.
+pub fn simd_level() -> u8 {
+    use std::sync::OnceLock;
+    static LEVEL: OnceLock<u8> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let hw = if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            2
+        } else if std::is_x86_feature_detected!("sse4.1") {
+            1
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let hw = 0;
+        let cap = match std::env::var("LOWBIT_SIMD").as_deref() {
+            Ok("scalar") => 0,
+            Ok("sse4.1") => 1,
+            _ => 2,
+        };
+        hw.min(cap)
+    })
 }
 
 /// Elements per parallel task: large enough to amortise rayon, small enough to balance 2..64 cores.
