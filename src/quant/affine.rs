@@ -174,6 +174,7 @@ where
 {
     let mut out = ArrayD::<O>::uninit(x.raw_dim());
     let mut mask = with_mask.then(|| ArrayD::<bool>::uninit(x.raw_dim()));
+    advise_huge_pages(out.as_slice_mut().expect("fresh arrays are contiguous"));
     let (channels, inner) = (lay.channels, lay.inner);
     let n = x.len();
     let task = |start: usize, x: &[I], o: &mut [MaybeUninit<O>], m: Option<&mut [MaybeUninit<bool>]>| {
@@ -223,6 +224,24 @@ where
     }
     // SAFETY: the chunks above cover every element, and every kernel writes each element of its run.
     unsafe { (out.assume_init(), mask.map(|m| m.assume_init())) }
+}
+
+/// Asks Linux to back a large fresh output with transparent huge pages: first-touch page
+/// faults on 4 KiB pages otherwise cost more than the kernel itself.
+fn advise_huge_pages<T>(s: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let (start, len) = (s.as_mut_ptr() as usize, std::mem::size_of_val(s));
+        if len >= 2 * HUGE {
+            let a = start.next_multiple_of(HUGE);
+            let b = (start + len) & !(HUGE - 1);
+            if b > a {
+                // SAFETY: [a, b) lies inside the allocation; MADV_HUGEPAGE only changes how it is backed.
+                unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
+            }
+        }
+    }
 }
 
 /// Runs the kernel over `x`, whose first element has C-order index `start`, splitting it into
@@ -487,7 +506,11 @@ impl QuantTensor {
     fn one(&self, x: f32) -> i32 {
         let t = x * self.inv;
         let t = if t <= FBGEMM_CAP { t } else { FBGEMM_CAP };
-        (t.rne() as i32).wrapping_add(self.zp).clamp(self.r.min, self.r.max)
+        // Below -2^31 the conversion gives i32::MIN, like cvtps2dq's "integer indefinite".
+        let t = t.rne().max(-2_147_483_648.0);
+        // SAFETY: t is finite and within [-2^31, 2^31 - 128].
+        let v: i32 = unsafe { t.to_int_unchecked() };
+        v.wrapping_add(self.zp).clamp(self.r.min, self.r.max)
     }
 }
 
@@ -504,11 +527,9 @@ impl QuantChannel {
     pub(crate) fn one(&self, x: f32, inv: f32, zp: f32) -> i32 {
         let t = zp + (x * inv).rne();
         let (lo, hi) = (self.r.min as f32, self.r.max as f32);
-        if t.is_nan() {
-            0.clamp(self.r.min, self.r.max)
-        } else {
-            t.clamp(lo, hi) as i32
-        }
+        let t = if t.is_nan() { 0f32.clamp(lo, hi) } else { t.clamp(lo, hi) };
+        // SAFETY: t is an integer-valued float within the i32 range [lo, hi].
+        unsafe { t.to_int_unchecked() }
     }
 }
 

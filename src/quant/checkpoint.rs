@@ -239,7 +239,15 @@ fn tv(d: Dtype, shape: Vec<usize>, data: &[u8]) -> Result<TensorView<'_>> {
 }
 
 /// Reads a quantized checkpoint, validating every quantized tensor against its metadata.
+/// Anything inconsistent in the file is a `Format` error.
 pub fn load(path: &Path) -> Result<Vec<(String, Entry)>> {
+    load_entries(path).map_err(|e| match e {
+        Error::Value(m) => Error::Format(m),
+        e => e,
+    })
+}
+
+fn load_entries(path: &Path) -> Result<Vec<(String, Entry)>> {
     let map = map_file(path)?;
     let (st, meta) = parse(&map, path)?;
     ensure!(

@@ -1,0 +1,29 @@
+"""The examples in the docstrings run and print what they say."""
+
+import doctest
+
+import pytest
+
+import lowbit
+import lowbit._quant
+import lowbit.torch
+
+
+@pytest.mark.parametrize("module", [lowbit, lowbit._quant, lowbit.torch])
+def test_docstring_examples(module):
+    r = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert r.attempted > 0 and r.failed == 0
+
+
+def test_stub_examples():
+    import ast
+    import pathlib
+
+    stub = pathlib.Path(lowbit._lowbit.__file__).with_name("_lowbit.pyi")
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for node in ast.walk(ast.parse(stub.read_text())):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node):
+            test = doctest.DocTestParser().get_doctest(ast.get_docstring(node), {}, node.name, str(stub), node.lineno)
+            runner.run(test)
+    r = runner.summarize(verbose=False)
+    assert r.attempted > 0 and r.failed == 0
