@@ -183,3 +183,39 @@ def test_property_any_input_matches_torch(x, scale, rng_range, zp_frac):
     z = np.full(c, zp, dtype=np.int32)
     out = lowbit.fake_quantize_per_channel_affine(x, s, z, axis, qmin, qmax)
     np.testing.assert_array_equal(bits(out), bits(torch_fq_channel(x, s, z, axis, qmin, qmax)[0]))
+
+
+@pytest.mark.parametrize("level", ["scalar", "sse4.1", "avx2"])
+def test_every_simd_path_matches_torch(level, tmp_path):
+    """The kernels compiled for each instruction set give PyTorch's bits (run in a fresh process)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import numpy as np, torch, lowbit, sys
+        sys.path.insert(0, sys.argv[1])
+        from conftest import adversarial
+        x = adversarial(0.0371, n_random=100_000)
+        for qmin, qmax, zp in [(-8, 7, 0), (0, 255, 77), (-2, 1, -1)]:
+            a, m = lowbit.fake_quantize_per_tensor_affine(x, 0.0371, zp, qmin, qmax, return_mask=True)
+            b, n = torch.ops.aten.fake_quantize_per_tensor_affine_cachemask(torch.from_numpy(x), 0.0371, zp, qmin, qmax)
+            assert np.array_equal(a.view(np.uint32), b.numpy().view(np.uint32)) and np.array_equal(m, n.numpy())
+            y = x[: len(x) // 10 * 10].reshape(-1, 10)
+            s = np.linspace(0.01, 0.1, 10, dtype=np.float32); z = np.full(10, zp, np.int32)
+            a = lowbit.fake_quantize_per_channel_affine(y, s, z, 1, qmin, qmax)
+            b = torch.fake_quantize_per_channel_affine(torch.from_numpy(y), torch.from_numpy(s), torch.from_numpy(z), 1, qmin, qmax)
+            assert np.array_equal(a.view(np.uint32), b.numpy().view(np.uint32))
+        q = lowbit.quantize_per_tensor(x, 0.0371, 3, 0, 255)
+        t = torch.quantize_per_tensor(torch.from_numpy(x), 0.0371, 3, torch.quint8).int_repr().numpy()
+        assert np.array_equal(q, t)
+        print("ok")
+        """
+    )
+    import os
+    import pathlib
+
+    env = dict(os.environ, LOWBIT_SIMD=level)
+    r = subprocess.run([sys.executable, "-c", script, str(pathlib.Path(__file__).parent)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -8,8 +8,12 @@ use std::panic::AssertUnwindSafe;
 
 mod quant;
 
-
-pyo3::create_exception!(lowbit, LowbitError, PyException, "Base class of every error lowbit raises.");
+pyo3::create_exception!(
+    lowbit,
+    LowbitError,
+    PyException,
+    "Base class of every error lowbit raises."
+);
 
 static VALUE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static TYPE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
@@ -17,7 +21,12 @@ static IO_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static FORMAT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 /// Creates `class name(LowbitError, base)` in module `lowbit`.
-fn subclass<'py>(py: Python<'py>, name: &str, base: &Bound<'py, PyType>, doc: &str) -> PyResult<Bound<'py, PyType>> {
+fn subclass<'py>(
+    py: Python<'py>,
+    name: &str,
+    base: &Bound<'py, PyType>,
+    doc: &str,
+) -> PyResult<Bound<'py, PyType>> {
     let bases = PyTuple::new(py, [py.get_type::<LowbitError>(), base.clone()])?;
     let ns = PyDict::new(py);
     ns.set_item("__module__", "lowbit")?;
@@ -27,7 +36,10 @@ fn subclass<'py>(py: Python<'py>, name: &str, base: &Bound<'py, PyType>, doc: &s
 }
 
 fn err_type<'py>(py: Python<'py>, cell: &'static PyOnceLock<Py<PyType>>) -> Bound<'py, PyType> {
-    cell.get(py).expect("exception classes are created at import").bind(py).clone()
+    cell.get(py)
+        .expect("exception classes are created at import")
+        .bind(py)
+        .clone()
 }
 
 /// Converts a core error into the matching Python exception.
@@ -53,7 +65,10 @@ pub(crate) fn type_error(msg: impl Into<String>) -> PyErr {
 
 /// Runs a core call with the GIL released; a core error becomes its Python exception and a
 /// panic (a lowbit bug) becomes `LowbitError` instead of `PanicException`.
-pub(crate) fn detach<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
+pub(crate) fn detach<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
     match py.detach(|| std::panic::catch_unwind(AssertUnwindSafe(f))) {
         Ok(r) => r.map_err(to_pyerr),
         Err(p) => {
@@ -62,7 +77,9 @@ pub(crate) fn detach<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            Err(LowbitError::new_err(format!("internal error in lowbit (please report): {msg}")))
+            Err(LowbitError::new_err(format!(
+                "internal error in lowbit (please report): {msg}"
+            )))
         }
     }
 }
@@ -76,10 +93,10 @@ mod _lowbit {
 
     #[pymodule_export]
     use super::quant::{
-        dequantize_per_channel, dequantize_per_tensor, fake_quantize_per_channel_affine,
-        fake_quantize_per_tensor_affine, load_quantized, quantize, quantize_checkpoint,
-        dequantize_checkpoint, quantize_per_channel, quantize_per_tensor, pack_bits, unpack_bits,
-        QuantSpec, QuantizedTensor,
+        dequantize_checkpoint, dequantize_per_channel, dequantize_per_tensor,
+        fake_quantize_per_channel_affine, fake_quantize_per_tensor_affine, load_quantized,
+        pack_bits, quantize, quantize_checkpoint, quantize_per_channel, quantize_per_tensor,
+        unpack_bits, QuantSpec, QuantizedTensor,
     };
 
     #[pymodule_init]
@@ -87,10 +104,30 @@ mod _lowbit {
         let py = m.py();
         let _ = pyo3_log::try_init();
         for (cell, name, base, doc) in [
-            (&VALUE_ERROR, "LowbitValueError", py.get_type::<pyo3::exceptions::PyValueError>(), "A bad shape, value or range (also a ValueError)."),
-            (&TYPE_ERROR, "LowbitTypeError", py.get_type::<pyo3::exceptions::PyTypeError>(), "A wrong dtype or argument type (also a TypeError)."),
-            (&IO_ERROR, "LowbitIOError", py.get_type::<pyo3::exceptions::PyOSError>(), "A file could not be read or written (also an OSError)."),
-            (&FORMAT_ERROR, "LowbitFormatError", py.get_type::<pyo3::exceptions::PyValueError>(), "A corrupt, truncated or foreign file (also a ValueError)."),
+            (
+                &VALUE_ERROR,
+                "LowbitValueError",
+                py.get_type::<pyo3::exceptions::PyValueError>(),
+                "A bad shape, value or range (also a ValueError).",
+            ),
+            (
+                &TYPE_ERROR,
+                "LowbitTypeError",
+                py.get_type::<pyo3::exceptions::PyTypeError>(),
+                "A wrong dtype or argument type (also a TypeError).",
+            ),
+            (
+                &IO_ERROR,
+                "LowbitIOError",
+                py.get_type::<pyo3::exceptions::PyOSError>(),
+                "A file could not be read or written (also an OSError).",
+            ),
+            (
+                &FORMAT_ERROR,
+                "LowbitFormatError",
+                py.get_type::<pyo3::exceptions::PyValueError>(),
+                "A corrupt, truncated or foreign file (also a ValueError).",
+            ),
         ] {
             let ty = match cell.get(py) {
                 Some(t) => t.bind(py).clone(),

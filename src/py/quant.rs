@@ -20,7 +20,9 @@ enum FloatIn<'py> {
 }
 
 fn dtype_str(x: &Bound<'_, PyAny>) -> String {
-    x.getattr("dtype").map(|d| d.to_string()).unwrap_or_else(|_| x.get_type().to_string())
+    x.getattr("dtype")
+        .map(|d| d.to_string())
+        .unwrap_or_else(|_| x.get_type().to_string())
 }
 
 fn float_in<'py>(x: &Bound<'py, PyAny>, bf16: bool, what: &str) -> PyResult<FloatIn<'py>> {
@@ -68,7 +70,10 @@ impl ToNumpy for bf16 {
         let dim = a.raw_dim();
         let (v, _) = a.into_raw_vec_and_offset();
         let bits: Vec<i16> = bytemuck::allocation::cast_vec(v);
-        ArrayD::from_shape_vec(dim, bits).expect("same shape").into_pyarray(py).into_any()
+        ArrayD::from_shape_vec(dim, bits)
+            .expect("same shape")
+            .into_pyarray(py)
+            .into_any()
     }
 }
 
@@ -115,17 +120,26 @@ fn codes_out(py: Python<'_>, c: Codes) -> Bound<'_, PyAny> {
 }
 
 fn vec_f64(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<f64>> {
-    x.extract::<Vec<f64>>()
-        .map_err(|_| type_error(format!("{what} must be a 1-D sequence of floats, got {}", dtype_str(x))))
+    x.extract::<Vec<f64>>().map_err(|_| {
+        type_error(format!(
+            "{what} must be a 1-D sequence of floats, got {}",
+            dtype_str(x)
+        ))
+    })
 }
 
 fn vec_i64(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
-    x.extract::<Vec<i64>>()
-        .map_err(|_| type_error(format!("{what} must be a 1-D sequence of integers, got {}", dtype_str(x))))
+    x.extract::<Vec<i64>>().map_err(|_| {
+        type_error(format!(
+            "{what} must be a 1-D sequence of integers, got {}",
+            dtype_str(x)
+        ))
+    })
 }
 
 #[pyfunction]
 #[pyo3(signature = (x, scale, zero_point, quant_min, quant_max, return_mask=false, bf16=false))]
+#[allow(clippy::too_many_arguments)]
 pub fn fake_quantize_per_tensor_affine<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
@@ -138,7 +152,16 @@ pub fn fake_quantize_per_tensor_affine<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let x = float_in(x, bf16, "x")?;
     with_float!(x, |v| {
-        let r = detach(py, || affine::fake_quantize_per_tensor(v, scale, zero_point, quant_min, quant_max, return_mask))?;
+        let r = detach(py, || {
+            affine::fake_quantize_per_tensor(
+                v,
+                scale,
+                zero_point,
+                quant_min,
+                quant_max,
+                return_mask,
+            )
+        })?;
         fq_out(py, r)
     })
 }
@@ -160,7 +183,9 @@ pub fn fake_quantize_per_channel_affine<'py>(
     let x = float_in(x, bf16, "x")?;
     let (s, z) = (vec_f64(scale, "scale")?, vec_i64(zero_point, "zero_point")?);
     with_float!(x, |v| {
-        let r = detach(py, || affine::fake_quantize_per_channel(v, &s, &z, axis, quant_min, quant_max, return_mask))?;
+        let r = detach(py, || {
+            affine::fake_quantize_per_channel(v, &s, &z, axis, quant_min, quant_max, return_mask)
+        })?;
         fq_out(py, r)
     })
 }
@@ -175,7 +200,9 @@ pub fn quantize_per_tensor<'py>(
     quant_max: i64,
 ) -> PyResult<Bound<'py, PyAny>> {
     let x = float_in(x, false, "x")?;
-    let c = with_float!(x, |v| detach(py, || affine::quantize_per_tensor(v, scale, zero_point, quant_min, quant_max))?);
+    let c = with_float!(x, |v| detach(py, || affine::quantize_per_tensor(
+        v, scale, zero_point, quant_min, quant_max
+    ))?);
     Ok(codes_out(py, c))
 }
 
@@ -190,8 +217,13 @@ pub fn quantize_per_channel<'py>(
     quant_max: i64,
 ) -> PyResult<Bound<'py, PyAny>> {
     let x = float_in(x, false, "x")?;
-    let (s, z) = (vec_f64(scales, "scales")?, vec_i64(zero_points, "zero_points")?);
-    let c = with_float!(x, |v| detach(py, || affine::quantize_per_channel(v, &s, &z, axis, quant_min, quant_max))?);
+    let (s, z) = (
+        vec_f64(scales, "scales")?,
+        vec_i64(zero_points, "zero_points")?,
+    );
+    let c = with_float!(x, |v| detach(py, || affine::quantize_per_channel(
+        v, &s, &z, axis, quant_min, quant_max
+    ))?);
     Ok(codes_out(py, c))
 }
 
@@ -206,12 +238,20 @@ fn codes_in<'py>(q: &Bound<'py, PyAny>) -> PyResult<CodesIn<'py>> {
     } else if let Ok(a) = q.cast::<PyArrayDyn<u8>>() {
         Ok(CodesIn::U8(a.try_readonly()?))
     } else {
-        Err(type_error(format!("q must be an int8 or uint8 array of codes, got {}", dtype_str(q))))
+        Err(type_error(format!(
+            "q must be an int8 or uint8 array of codes, got {}",
+            dtype_str(q)
+        )))
     }
 }
 
 #[pyfunction]
-pub fn dequantize_per_tensor<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, scale: f64, zero_point: i64) -> PyResult<Bound<'py, PyAny>> {
+pub fn dequantize_per_tensor<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    scale: f64,
+    zero_point: i64,
+) -> PyResult<Bound<'py, PyAny>> {
     let out = match codes_in(q)? {
         CodesIn::I8(a) => {
             let v = a.as_array();
@@ -233,7 +273,10 @@ pub fn dequantize_per_channel<'py>(
     zero_points: &Bound<'py, PyAny>,
     axis: i64,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let (s, z) = (vec_f64(scales, "scales")?, vec_i64(zero_points, "zero_points")?);
+    let (s, z) = (
+        vec_f64(scales, "scales")?,
+        vec_i64(zero_points, "zero_points")?,
+    );
     let out = match codes_in(q)? {
         CodesIn::I8(a) => {
             let v = a.as_array();
@@ -248,21 +291,41 @@ pub fn dequantize_per_channel<'py>(
 }
 
 #[pyfunction]
-pub fn pack_bits<'py>(py: Python<'py>, codes: PyReadonlyArrayDyn<'py, u8>, bits: u32) -> PyResult<Bound<'py, PyAny>> {
+pub fn pack_bits<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArrayDyn<'py, u8>,
+    bits: u32,
+) -> PyResult<Bound<'py, PyAny>> {
     let v = codes.as_array();
     let packed = detach(py, || match v.as_slice() {
         Some(s) => pack::pack(s, bits),
         None => pack::pack(&v.iter().copied().collect::<Vec<_>>(), bits),
     })?;
-    Ok(ndarray::Array1::from(packed).into_dyn().into_pyarray(py).into_any())
+    Ok(ndarray::Array1::from(packed)
+        .into_dyn()
+        .into_pyarray(py)
+        .into_any())
 }
 
 #[pyfunction]
-pub fn unpack_bits<'py>(py: Python<'py>, packed: PyReadonlyArrayDyn<'py, u8>, bits: u32, n: usize) -> PyResult<Bound<'py, PyAny>> {
+pub fn unpack_bits<'py>(
+    py: Python<'py>,
+    packed: PyReadonlyArrayDyn<'py, u8>,
+    bits: u32,
+    n: usize,
+) -> PyResult<Bound<'py, PyAny>> {
     let v = packed.as_array();
-    let out = detach(py, || pack::unpack(&v.iter().copied().collect::<Vec<_>>(), bits, n))?;
-    Ok(ndarray::Array1::from(out).into_dyn().into_pyarray(py).into_any())
+    let out = detach(py, || {
+        pack::unpack(&v.iter().copied().collect::<Vec<_>>(), bits, n)
+    })?;
+    Ok(ndarray::Array1::from(out)
+        .into_dyn()
+        .into_pyarray(py)
+        .into_any())
 }
+
+/// Constructor arguments of a `QuantSpec`, for pickling.
+type SpecArgs = (u32, bool, &'static str, i64, Option<usize>);
 
 /// How to quantize: code width, symmetric or not, and the granularity of the scales.
 #[pyclass(module = "lowbit", frozen, eq, hash)]
@@ -273,9 +336,17 @@ pub struct QuantSpec(pub(crate) spec::QuantSpec);
 impl QuantSpec {
     #[new]
     #[pyo3(signature = (bits, symmetric=true, granularity="tensor", axis=0, group_size=None))]
-    fn new(bits: u32, symmetric: bool, granularity: &str, axis: i64, group_size: Option<usize>) -> PyResult<Self> {
+    fn new(
+        bits: u32,
+        symmetric: bool,
+        granularity: &str,
+        axis: i64,
+        group_size: Option<usize>,
+    ) -> PyResult<Self> {
         let g: Granularity = granularity.parse().map_err(super::to_pyerr)?;
-        Ok(QuantSpec(spec::QuantSpec::new(bits, symmetric, g, axis, group_size).map_err(super::to_pyerr)?))
+        Ok(QuantSpec(
+            spec::QuantSpec::new(bits, symmetric, g, axis, group_size).map_err(super::to_pyerr)?,
+        ))
     }
     #[getter]
     fn bits(&self) -> u32 {
@@ -316,9 +387,18 @@ impl QuantSpec {
             s.axis
         )
     }
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (u32, bool, &'static str, i64, Option<usize>))> {
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, SpecArgs)> {
         let s = slf.get().0;
-        Ok((slf.get_type().into_any(), (s.bits, s.symmetric, s.granularity.as_str(), s.axis, s.group_size)))
+        Ok((
+            slf.get_type().into_any(),
+            (
+                s.bits,
+                s.symmetric,
+                s.granularity.as_str(),
+                s.axis,
+                s.group_size,
+            ),
+        ))
     }
 }
 
@@ -339,7 +419,10 @@ impl QuantizedTensor {
     /// Packed codes (a fresh uint8 array; `code - quant_min` at `bits` bits each, LSB first).
     #[getter]
     fn codes<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
-        ndarray::Array1::from(self.0.codes.clone()).into_dyn().into_pyarray(py).into_any()
+        ndarray::Array1::from(self.0.codes.clone())
+            .into_dyn()
+            .into_pyarray(py)
+            .into_any()
     }
     #[getter]
     fn scales<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
@@ -363,7 +446,13 @@ impl QuantizedTensor {
     }
     #[pyo3(signature = (path, name="tensor"))]
     fn save(&self, py: Python<'_>, path: PathBuf, name: &str) -> PyResult<()> {
-        let e = vec![(name.to_string(), Entry::Quantized { tensor: self.0.clone(), dtype: safetensors::Dtype::F32 })];
+        let e = vec![(
+            name.to_string(),
+            Entry::Quantized {
+                tensor: self.0.clone(),
+                dtype: safetensors::Dtype::F32,
+            },
+        )];
         detach(py, || checkpoint::save(&path, &e))
     }
     fn __repr__(&self) -> String {
@@ -415,14 +504,23 @@ fn reports(py: Python<'_>, rs: Vec<Report>) -> PyResult<Vec<Bound<'_, PyDict>>> 
 }
 
 #[pyfunction]
-pub fn quantize_checkpoint<'py>(py: Python<'py>, src: PathBuf, dst: PathBuf, spec: &QuantSpec) -> PyResult<Vec<Bound<'py, PyDict>>> {
+pub fn quantize_checkpoint<'py>(
+    py: Python<'py>,
+    src: PathBuf,
+    dst: PathBuf,
+    spec: &QuantSpec,
+) -> PyResult<Vec<Bound<'py, PyDict>>> {
     let sp = spec.0;
     let rs = detach(py, || checkpoint::quantize_file(&src, &dst, sp))?;
     reports(py, rs)
 }
 
 #[pyfunction]
-pub fn dequantize_checkpoint<'py>(py: Python<'py>, src: PathBuf, dst: PathBuf) -> PyResult<Vec<Bound<'py, PyDict>>> {
+pub fn dequantize_checkpoint<'py>(
+    py: Python<'py>,
+    src: PathBuf,
+    dst: PathBuf,
+) -> PyResult<Vec<Bound<'py, PyDict>>> {
     let rs = detach(py, || checkpoint::dequantize_file(&src, &dst))?;
     reports(py, rs)
 }
@@ -436,9 +534,14 @@ pub fn load_quantized<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py
     for (name, e) in entries {
         match e {
             Entry::Quantized { tensor, .. } => d.set_item(name, QuantizedTensor(tensor))?,
-            Entry::Raw { dtype, shape, data } => {
-                d.set_item(name, (format!("{dtype:?}"), shape, pyo3::types::PyBytes::new(py, &data)))?
-            }
+            Entry::Raw { dtype, shape, data } => d.set_item(
+                name,
+                (
+                    format!("{dtype:?}"),
+                    shape,
+                    pyo3::types::PyBytes::new(py, &data),
+                ),
+            )?,
         }
     }
     Ok(d)

@@ -49,7 +49,10 @@ impl QRange {
 
     /// Range of a `bits`-wide code: signed `-2^(b-1)..2^(b-1)-1` or unsigned `0..2^b-1`.
     pub fn for_bits(bits: u32, signed: bool) -> Result<Self> {
-        ensure!((1..=8).contains(&bits), "bits must be between 1 and 8, got {bits}");
+        ensure!(
+            (1..=8).contains(&bits),
+            "bits must be between 1 and 8, got {bits}"
+        );
         let levels = 1i64 << bits;
         if signed {
             Self::codes(-levels / 2, levels / 2 - 1)
@@ -133,8 +136,20 @@ impl Code for u8 {
 /// One elementwise kernel, applied to runs of elements that share a channel (`uniform`) or
 /// whose channel advances by one per element (`varying`, the innermost-axis case).
 trait RunKernel<I, O>: Sync {
-    fn uniform(&self, x: &[I], o: &mut [MaybeUninit<O>], m: Option<&mut [MaybeUninit<bool>]>, c: usize);
-    fn varying(&self, x: &[I], o: &mut [MaybeUninit<O>], m: Option<&mut [MaybeUninit<bool>]>, c0: usize);
+    fn uniform(
+        &self,
+        x: &[I],
+        o: &mut [MaybeUninit<O>],
+        m: Option<&mut [MaybeUninit<bool>]>,
+        c: usize,
+    );
+    fn varying(
+        &self,
+        x: &[I],
+        o: &mut [MaybeUninit<O>],
+        m: Option<&mut [MaybeUninit<bool>]>,
+        c0: usize,
+    );
 }
 
 /// Shape of an array seen as `(outer, channels, inner)` around the quantization axis.
@@ -177,9 +192,10 @@ where
     advise_huge_pages(out.as_slice_mut().expect("fresh arrays are contiguous"));
     let (channels, inner) = (lay.channels, lay.inner);
     let n = x.len();
-    let task = |start: usize, x: &[I], o: &mut [MaybeUninit<O>], m: Option<&mut [MaybeUninit<bool>]>| {
-        run_chunk_dispatch(k, channels, inner, start, x, o, m)
-    };
+    let task =
+        |start: usize, x: &[I], o: &mut [MaybeUninit<O>], m: Option<&mut [MaybeUninit<bool>]>| {
+            run_chunk_dispatch(k, channels, inner, start, x, o, m)
+        };
     if n > 0 {
         // Contiguous input goes in chunks of CHUNK; strided input in blocks of its first axis,
         // gathered CHUNK elements at a time (the C-order index drives the channel either way).
@@ -189,7 +205,12 @@ where
         };
         let os = out.as_slice_mut().expect("fresh arrays are contiguous");
         let ms: Vec<Option<&mut [MaybeUninit<bool>]>> = match mask.as_mut() {
-            Some(m) => m.as_slice_mut().expect("fresh arrays are contiguous").chunks_mut(block).map(Some).collect(),
+            Some(m) => m
+                .as_slice_mut()
+                .expect("fresh arrays are contiguous")
+                .chunks_mut(block)
+                .map(Some)
+                .collect(),
             None => (0..n.div_ceil(block)).map(|_| None).collect(),
         };
         match xs {
@@ -216,7 +237,12 @@ where
                             break;
                         }
                         let r = off..off + buf.len();
-                        task(i * block + off, &buf, &mut o[r.clone()], m.as_deref_mut().map(|m| &mut m[r]));
+                        task(
+                            i * block + off,
+                            &buf,
+                            &mut o[r.clone()],
+                            m.as_deref_mut().map(|m| &mut m[r]),
+                        );
                         off += buf.len();
                     }
                 }),
@@ -293,13 +319,25 @@ fn run_chunk_dispatch<I, O, K: RunKernel<I, O>>(
     {
         #[target_feature(enable = "avx2,fma")]
         unsafe fn avx2<I, O, K: RunKernel<I, O>>(
-            k: &K, c: usize, i: usize, s: usize, x: &[I], o: &mut [MaybeUninit<O>], m: Option<&mut [MaybeUninit<bool>]>,
+            k: &K,
+            c: usize,
+            i: usize,
+            s: usize,
+            x: &[I],
+            o: &mut [MaybeUninit<O>],
+            m: Option<&mut [MaybeUninit<bool>]>,
         ) {
             run_chunk(k, c, i, s, x, o, m)
         }
         #[target_feature(enable = "sse4.1")]
         unsafe fn sse41<I, O, K: RunKernel<I, O>>(
-            k: &K, c: usize, i: usize, s: usize, x: &[I], o: &mut [MaybeUninit<O>], m: Option<&mut [MaybeUninit<bool>]>,
+            k: &K,
+            c: usize,
+            i: usize,
+            s: usize,
+            x: &[I],
+            o: &mut [MaybeUninit<O>],
+            m: Option<&mut [MaybeUninit<bool>]>,
         ) {
             run_chunk(k, c, i, s, x, o, m)
         }
@@ -369,7 +407,13 @@ impl<C: Real> FakeQuant<C> {
 
 impl<E: Elem> RunKernel<E, E> for FakeQuant<E::C> {
     #[inline(always)]
-    fn uniform(&self, x: &[E], o: &mut [MaybeUninit<E>], m: Option<&mut [MaybeUninit<bool>]>, c: usize) {
+    fn uniform(
+        &self,
+        x: &[E],
+        o: &mut [MaybeUninit<E>],
+        m: Option<&mut [MaybeUninit<bool>]>,
+        c: usize,
+    ) {
         let (inv, s, zp) = (self.inv[c], self.scale[c], self.zp[c]);
         match m {
             Some(m) => {
@@ -388,9 +432,19 @@ impl<E: Elem> RunKernel<E, E> for FakeQuant<E::C> {
     }
 
     #[inline(always)]
-    fn varying(&self, x: &[E], o: &mut [MaybeUninit<E>], m: Option<&mut [MaybeUninit<bool>]>, c0: usize) {
+    fn varying(
+        &self,
+        x: &[E],
+        o: &mut [MaybeUninit<E>],
+        m: Option<&mut [MaybeUninit<bool>]>,
+        c0: usize,
+    ) {
         let n = x.len();
-        let (inv, s, zp) = (&self.inv[c0..c0 + n], &self.scale[c0..c0 + n], &self.zp[c0..c0 + n]);
+        let (inv, s, zp) = (
+            &self.inv[c0..c0 + n],
+            &self.scale[c0..c0 + n],
+            &self.zp[c0..c0 + n],
+        );
         match m {
             Some(m) => {
                 for (i, (o, m)) in o.iter_mut().zip(m.iter_mut()).enumerate() {
@@ -444,7 +498,12 @@ pub fn fake_quantize_per_channel<E: Elem>(
     let axis = check_axis(axis, x.ndim())?;
     let (s, zp) = channel_params(x.shape(), axis, scales, zero_points, r)?;
     let k = FakeQuant::<E::C>::new(&s, &zp, r, E::C::I64_SAFE_MAX, false);
-    Ok(drive(&x, Layout::per_channel(x.shape(), axis), &k, with_mask))
+    Ok(drive(
+        &x,
+        Layout::per_channel(x.shape(), axis),
+        &k,
+        with_mask,
+    ))
 }
 
 /// Validates per-channel scales and zero points against the array's channel count.
@@ -527,7 +586,11 @@ impl QuantChannel {
     pub(crate) fn one(&self, x: f32, inv: f32, zp: f32) -> i32 {
         let t = zp + (x * inv).rne();
         let (lo, hi) = (self.r.min as f32, self.r.max as f32);
-        let t = if t.is_nan() { 0f32.clamp(lo, hi) } else { t.clamp(lo, hi) };
+        let t = if t.is_nan() {
+            0f32.clamp(lo, hi)
+        } else {
+            t.clamp(lo, hi)
+        };
         // SAFETY: t is an integer-valued float within the i32 range [lo, hi].
         unsafe { t.to_int_unchecked() }
     }
@@ -535,27 +598,51 @@ impl QuantChannel {
 
 impl<E: Elem, Q: Code> RunKernel<E, Q> for QuantTensor {
     #[inline(always)]
-    fn uniform(&self, x: &[E], o: &mut [MaybeUninit<Q>], _: Option<&mut [MaybeUninit<bool>]>, _: usize) {
+    fn uniform(
+        &self,
+        x: &[E],
+        o: &mut [MaybeUninit<Q>],
+        _: Option<&mut [MaybeUninit<bool>]>,
+        _: usize,
+    ) {
         for (o, x) in o.iter_mut().zip(x) {
             o.write(Q::from_i32(self.one(x.to_f32())));
         }
     }
     #[inline(always)]
-    fn varying(&self, x: &[E], o: &mut [MaybeUninit<Q>], m: Option<&mut [MaybeUninit<bool>]>, c0: usize) {
+    fn varying(
+        &self,
+        x: &[E],
+        o: &mut [MaybeUninit<Q>],
+        m: Option<&mut [MaybeUninit<bool>]>,
+        c0: usize,
+    ) {
         <Self as RunKernel<E, Q>>::uniform(self, x, o, m, c0)
     }
 }
 
 impl<E: Elem, Q: Code> RunKernel<E, Q> for QuantChannel {
     #[inline(always)]
-    fn uniform(&self, x: &[E], o: &mut [MaybeUninit<Q>], _: Option<&mut [MaybeUninit<bool>]>, c: usize) {
+    fn uniform(
+        &self,
+        x: &[E],
+        o: &mut [MaybeUninit<Q>],
+        _: Option<&mut [MaybeUninit<bool>]>,
+        c: usize,
+    ) {
         let (inv, zp) = (self.inv[c], self.zp[c]);
         for (o, x) in o.iter_mut().zip(x) {
             o.write(Q::from_i32(self.one(x.to_f32(), inv, zp)));
         }
     }
     #[inline(always)]
-    fn varying(&self, x: &[E], o: &mut [MaybeUninit<Q>], _: Option<&mut [MaybeUninit<bool>]>, c0: usize) {
+    fn varying(
+        &self,
+        x: &[E],
+        o: &mut [MaybeUninit<Q>],
+        _: Option<&mut [MaybeUninit<bool>]>,
+        c0: usize,
+    ) {
         let n = x.len();
         let (inv, zp) = (&self.inv[c0..c0 + n], &self.zp[c0..c0 + n]);
         for (i, o) in o.iter_mut().enumerate() {
@@ -583,7 +670,11 @@ pub fn quantize_per_tensor<E: Elem>(
     let r = QRange::codes(quant_min, quant_max)?;
     let s = check_scale("scale", scale)?;
     let zp = check_zero_point("zero_point", zero_point, r)?;
-    let k = QuantTensor { inv: 1.0 / s, zp, r };
+    let k = QuantTensor {
+        inv: 1.0 / s,
+        zp,
+        r,
+    };
     let lay = Layout::per_tensor(x.len());
     Ok(if r.is_signed() {
         Codes::I8(drive(&x, lay, &k, false).0)
@@ -623,14 +714,26 @@ struct Dequant {
 
 impl<Q: Code> RunKernel<Q, f32> for Dequant {
     #[inline(always)]
-    fn uniform(&self, x: &[Q], o: &mut [MaybeUninit<f32>], _: Option<&mut [MaybeUninit<bool>]>, c: usize) {
+    fn uniform(
+        &self,
+        x: &[Q],
+        o: &mut [MaybeUninit<f32>],
+        _: Option<&mut [MaybeUninit<bool>]>,
+        c: usize,
+    ) {
         let (s, zp) = (self.scale[c], self.zp[c]);
         for (o, x) in o.iter_mut().zip(x) {
             o.write((x.to_i32() - zp) as f32 * s);
         }
     }
     #[inline(always)]
-    fn varying(&self, x: &[Q], o: &mut [MaybeUninit<f32>], _: Option<&mut [MaybeUninit<bool>]>, c0: usize) {
+    fn varying(
+        &self,
+        x: &[Q],
+        o: &mut [MaybeUninit<f32>],
+        _: Option<&mut [MaybeUninit<bool>]>,
+        c0: usize,
+    ) {
         let n = x.len();
         let (s, zp) = (&self.scale[c0..c0 + n], &self.zp[c0..c0 + n]);
         for (i, o) in o.iter_mut().enumerate() {
@@ -640,7 +743,11 @@ impl<Q: Code> RunKernel<Q, f32> for Dequant {
 }
 
 /// `(q - zero_point) * scale` in float32, as `torch.dequantize` computes it.
-pub fn dequantize_per_tensor<Q: Code>(q: ArrayViewD<'_, Q>, scale: f64, zero_point: i64) -> Result<ArrayD<f32>> {
+pub fn dequantize_per_tensor<Q: Code>(
+    q: ArrayViewD<'_, Q>,
+    scale: f64,
+    zero_point: i64,
+) -> Result<ArrayD<f32>> {
     let s = check_scale("scale", scale)?;
     ensure!(
         (i32::MIN as i64..=i32::MAX as i64).contains(&zero_point),
@@ -679,9 +786,7 @@ mod tests {
     fn aten_fq(x: f32, s: f32, zp: i64, qmin: i64, qmax: i64, per_channel: bool) -> f32 {
         let inv = 1.0f32 / s;
         let t = zp as f32 + (x * inv).round_ties_even();
-        let q = if t.is_nan() {
-            qmin
-        } else if per_channel && t >= 9.223_372e18 {
+        let q = if t.is_nan() || (per_channel && t >= 9.223_372e18) {
             qmin
         } else {
             (t.clamp(qmin as f32, qmax as f32)) as i64
@@ -693,14 +798,35 @@ mod tests {
     fn per_tensor_matches_reference_on_ties_and_specials() {
         let s = 0.1f32;
         let mut xs: Vec<f32> = (-300..300).map(|i| (i as f32 + 0.5) * s).collect();
-        xs.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30, 0.0, -0.0, 1e-45]);
+        xs.extend([
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e30,
+            -1e30,
+            0.0,
+            -0.0,
+            1e-45,
+        ]);
         let x = arr1(&xs).into_dyn();
-        for (qmin, qmax, zp) in [(-2, 1, 0), (0, 3, 1), (-8, 7, 0), (0, 15, 3), (-128, 127, -5), (0, 255, 128)] {
-            let (out, mask) = fake_quantize_per_tensor(x.view(), s as f64, zp, qmin, qmax, true).unwrap();
+        for (qmin, qmax, zp) in [
+            (-2, 1, 0),
+            (0, 3, 1),
+            (-8, 7, 0),
+            (0, 15, 3),
+            (-128, 127, -5),
+            (0, 255, 128),
+        ] {
+            let (out, mask) =
+                fake_quantize_per_tensor(x.view(), s as f64, zp, qmin, qmax, true).unwrap();
             let mask = mask.unwrap();
             for (i, &v) in xs.iter().enumerate() {
                 let want = aten_fq(v, s, zp, qmin, qmax, false);
-                assert_eq!(out[i].to_bits(), want.to_bits(), "x={v} range {qmin}..{qmax}");
+                assert_eq!(
+                    out[i].to_bits(),
+                    want.to_bits(),
+                    "x={v} range {qmin}..{qmax}"
+                );
                 let t = zp as f32 + (v / s).round_ties_even();
                 let _ = t;
                 let tq = zp as f32 + (v * (1.0 / s)).round_ties_even();
@@ -713,17 +839,22 @@ mod tests {
     fn per_channel_every_axis_and_strided_input() {
         let shape = [3usize, 4, 5];
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|i| ((i * 7919) % 101) as f32 * 0.37 - 18.0).collect();
+        let data: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 101) as f32 * 0.37 - 18.0)
+            .collect();
         let x = ArrayD::from_shape_vec(IxDyn(&shape), data).unwrap();
         for axis in 0..3 {
             let c = shape[axis];
             let scales: Vec<f64> = (0..c).map(|i| 0.05 + 0.1 * i as f64).collect();
             let zps: Vec<i64> = (0..c).map(|i| i as i64).collect();
-            let (out, _) = fake_quantize_per_channel(x.view(), &scales, &zps, axis as i64, 0, 15, false).unwrap();
+            let (out, _) =
+                fake_quantize_per_channel(x.view(), &scales, &zps, axis as i64, 0, 15, false)
+                    .unwrap();
             // The strided path (a transposed view) must agree with the contiguous one.
             let xt = x.view().reversed_axes();
             let (out_t, _) =
-                fake_quantize_per_channel(xt, &scales, &zps, (2 - axis) as i64, 0, 15, false).unwrap();
+                fake_quantize_per_channel(xt, &scales, &zps, (2 - axis) as i64, 0, 15, false)
+                    .unwrap();
             for (idx, &v) in x.indexed_iter() {
                 let ch = idx[axis];
                 let want = aten_fq(v, scales[ch] as f32, zps[ch], 0, 15, true);
@@ -741,16 +872,26 @@ mod tests {
         let xa = ArrayD::from_shape_vec(IxDyn(&[n]), x.clone()).unwrap();
         let (out, _) = fake_quantize_per_tensor(xa.view(), 0.02, 3, -8, 7, false).unwrap();
         for i in 0..n {
-            assert_eq!(out[i].to_bits(), aten_fq(x[i], 0.02, 3, -8, 7, false).to_bits());
+            assert_eq!(
+                out[i].to_bits(),
+                aten_fq(x[i], 0.02, 3, -8, 7, false).to_bits()
+            );
         }
         // innermost-axis per channel with a row length that does not divide the chunk
         let cols = 1000;
         let rows = n / cols;
-        let m = Array2::from_shape_vec((rows, cols), x[..rows * cols].to_vec()).unwrap().into_dyn();
+        let m = Array2::from_shape_vec((rows, cols), x[..rows * cols].to_vec())
+            .unwrap()
+            .into_dyn();
         let scales: Vec<f64> = (0..cols).map(|i| 0.01 + i as f64 * 1e-4).collect();
         let zps = vec![0i64; cols];
         let (out, _) = fake_quantize_per_channel(m.view(), &scales, &zps, 1, -8, 7, false).unwrap();
-        for ((r, c), &v) in m.clone().into_dimensionality::<ndarray::Ix2>().unwrap().indexed_iter() {
+        for ((r, c), &v) in m
+            .clone()
+            .into_dimensionality::<ndarray::Ix2>()
+            .unwrap()
+            .indexed_iter()
+        {
             let want = aten_fq(v, scales[c] as f32, 0, -8, 7, true);
             assert_eq!(out[[r, c]].to_bits(), want.to_bits());
         }
@@ -758,13 +899,29 @@ mod tests {
 
     #[test]
     fn quantize_codes_follow_torch_edge_rules() {
-        let x = arr1(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, 3e9, 2.5, -0.5]).into_dyn();
-        let Codes::U8(q) = quantize_per_tensor(x.view(), 1.0, 3, 0, 255).unwrap() else { panic!() };
+        let x = arr1(&[
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e30,
+            3e9,
+            2.5,
+            -0.5,
+        ])
+        .into_dyn();
+        let Codes::U8(q) = quantize_per_tensor(x.view(), 1.0, 3, 0, 255).unwrap() else {
+            panic!()
+        };
         assert_eq!(q.as_slice().unwrap(), &[255, 255, 0, 255, 255, 5, 3]);
-        let Codes::U8(q) = quantize_per_tensor(x.view(), 1.0, 200, 0, 255).unwrap() else { panic!() };
+        let Codes::U8(q) = quantize_per_tensor(x.view(), 1.0, 200, 0, 255).unwrap() else {
+            panic!()
+        };
         assert_eq!(q.as_slice().unwrap(), &[0, 0, 0, 0, 0, 202, 200]); // FBGEMM's int32 wrap-around
         let x2 = x.clone().into_shape_with_order(IxDyn(&[1, 7])).unwrap();
-        let Codes::I8(q) = quantize_per_channel(x2.view(), &[1.0], &[0], 0, -128, 127).unwrap() else { panic!() };
+        let Codes::I8(q) = quantize_per_channel(x2.view(), &[1.0], &[0], 0, -128, 127).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(q.as_slice().unwrap(), &[0, 127, -128, 127, 127, 2, 0]);
     }
 
@@ -772,7 +929,10 @@ mod tests {
     fn dequantize_inverts_quantize_within_half_a_step() {
         let x: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.731).cos() * 2.0).collect();
         let xa = ArrayD::from_shape_vec(IxDyn(&[10, 100]), x.clone()).unwrap();
-        let Codes::I8(q) = quantize_per_tensor(xa.view(), 2.0 / 127.0, 0, -128, 127).unwrap() else { panic!() };
+        let Codes::I8(q) = quantize_per_tensor(xa.view(), 2.0 / 127.0, 0, -128, 127).unwrap()
+        else {
+            panic!()
+        };
         let d = dequantize_per_tensor(q.view(), 2.0 / 127.0, 0).unwrap();
         for (a, b) in d.iter().zip(&x) {
             assert!((a - b).abs() <= 0.5 * 2.0 / 127.0 + 1e-6);
@@ -786,7 +946,9 @@ mod tests {
         assert!(fake_quantize_per_tensor(x.view(), f64::NAN, 0, 0, 15, false).is_err());
         assert!(fake_quantize_per_tensor(x.view(), 1.0, 16, 0, 15, false).is_err());
         assert!(fake_quantize_per_tensor(x.view(), 1.0, 0, 5, 3, false).is_err());
-        assert!(fake_quantize_per_channel(x.view(), &[1.0, 2.0], &[0, 0], 0, 0, 15, false).is_err());
+        assert!(
+            fake_quantize_per_channel(x.view(), &[1.0, 2.0], &[0, 0], 0, 0, 15, false).is_err()
+        );
         assert!(fake_quantize_per_channel(x.view(), &[1.0], &[0], 1, 0, 15, false).is_err());
         assert!(quantize_per_tensor(x.view(), 1.0, 0, -1, 255).is_err());
         assert!(QRange::for_bits(9, true).is_err());

@@ -30,9 +30,17 @@ pub struct QuantizedInfo {
 
 /// A tensor of a checkpoint: quantized, or kept as raw bytes.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // a handful per checkpoint; boxing buys nothing
 pub enum Entry {
-    Quantized { tensor: QuantizedTensor, dtype: Dtype },
-    Raw { dtype: Dtype, shape: Vec<usize>, data: Vec<u8> },
+    Quantized {
+        tensor: QuantizedTensor,
+        dtype: Dtype,
+    },
+    Raw {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        data: Vec<u8>,
+    },
 }
 
 /// One row of the table `lowbit quantize` prints.
@@ -75,11 +83,19 @@ fn float_data<'a>(t: &TensorView<'a>) -> Option<FloatData<'a>> {
 }
 
 fn view<'a, E>(data: &'a [E], shape: &[usize]) -> Result<ArrayViewD<'a, E>> {
-    ArrayViewD::from_shape(IxDyn(shape), data).map_err(|e| Error::format(format!("tensor data does not match its shape {shape:?}: {e}")))
+    ArrayViewD::from_shape(IxDyn(shape), data).map_err(|e| {
+        Error::format(format!(
+            "tensor data does not match its shape {shape:?}: {e}"
+        ))
+    })
 }
 
 /// Quantizes one float tensor and measures its SQNR.
-fn quantize_one<E: Elem>(data: &[E], shape: &[usize], spec: QuantSpec) -> Result<(QuantizedTensor, f64)> {
+fn quantize_one<E: Elem>(
+    data: &[E],
+    shape: &[usize],
+    spec: QuantSpec,
+) -> Result<(QuantizedTensor, f64)> {
     let x = view(data, shape)?;
     let q = quantize(x.view(), spec, None)?;
     let xh = q.dequantize()?;
@@ -111,22 +127,36 @@ fn parse_dtype(s: &str) -> Result<Dtype> {
         "F64" => Dtype::F64,
         "F16" => Dtype::F16,
         "BF16" => Dtype::BF16,
-        _ => return Err(Error::format(format!("unsupported original dtype {s:?} in metadata"))),
+        _ => {
+            return Err(Error::format(format!(
+                "unsupported original dtype {s:?} in metadata"
+            )))
+        }
     })
 }
 
 /// Maps a file read-only. The map is only read, and files are replaced by rename, never rewritten.
 fn map_file(path: &Path) -> Result<memmap2::Mmap> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+    let f = std::fs::File::open(path)
+        .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
     // SAFETY: read-only map; lowbit never writes to a file in place.
-    unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(format!("cannot map {}", path.display()), e))
+    unsafe { memmap2::Mmap::map(&f) }
+        .map_err(|e| Error::io(format!("cannot map {}", path.display()), e))
 }
 
 fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
-    let (_, meta) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| Error::format(format!("{} is not a valid safetensors file: {e}", path.display())))?;
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::format(format!("{} is not a valid safetensors file: {e}", path.display())))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        Error::format(format!(
+            "{} is not a valid safetensors file: {e}",
+            path.display()
+        ))
+    })?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
+        Error::format(format!(
+            "{} is not a valid safetensors file: {e}",
+            path.display()
+        ))
+    })?;
     Ok((st, meta.metadata().clone().unwrap_or_default()))
 }
 
@@ -145,11 +175,17 @@ pub fn quantize_file(input: &Path, output: &Path, spec: QuantSpec) -> Result<Vec
     let mut entries = Vec::with_capacity(names.len());
     let mut reports = Vec::with_capacity(names.len());
     for name in names {
-        let t = st.tensor(&name).map_err(|e| Error::format(format!("tensor {name}: {e}")))?;
+        let t = st
+            .tensor(&name)
+            .map_err(|e| Error::format(format!("tensor {name}: {e}")))?;
         let shape = t.shape().to_vec();
         let before = t.data().len();
         let dtype = dtype_name(t.dtype());
-        let fd = if shape.len() == 2 { float_data(&t) } else { None };
+        let fd = if shape.len() == 2 {
+            float_data(&t)
+        } else {
+            None
+        };
         let (entry, report) = match fd {
             Some(fd) => {
                 let (q, sqnr) = match &fd {
@@ -161,12 +197,41 @@ pub fn quantize_file(input: &Path, output: &Path, spec: QuantSpec) -> Result<Vec
                 .map_err(|e| Error::value(format!("tensor {name}: {e}")))?;
                 let after = q.nbytes();
                 log::debug!("quantized {name} {shape:?}: {sqnr:.2} dB");
-                let r = Report { name: name.clone(), shape: shape.clone(), dtype, bits: Some(spec.bits), sqnr_db: Some(sqnr), bytes_before: before, bytes_after: after };
-                (Entry::Quantized { tensor: q, dtype: t.dtype() }, r)
+                let r = Report {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    dtype,
+                    bits: Some(spec.bits),
+                    sqnr_db: Some(sqnr),
+                    bytes_before: before,
+                    bytes_after: after,
+                };
+                (
+                    Entry::Quantized {
+                        tensor: q,
+                        dtype: t.dtype(),
+                    },
+                    r,
+                )
             }
             None => {
-                let r = Report { name: name.clone(), shape: shape.clone(), dtype, bits: None, sqnr_db: None, bytes_before: before, bytes_after: before };
-                (Entry::Raw { dtype: t.dtype(), shape, data: t.data().to_vec() }, r)
+                let r = Report {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    dtype,
+                    bits: None,
+                    sqnr_db: None,
+                    bytes_before: before,
+                    bytes_after: before,
+                };
+                (
+                    Entry::Raw {
+                        dtype: t.dtype(),
+                        shape,
+                        data: t.data().to_vec(),
+                    },
+                    r,
+                )
             }
         };
         entries.push((name, entry));
@@ -185,32 +250,68 @@ pub fn save(path: &Path, entries: &[(String, Entry)]) -> Result<()> {
         if let Entry::Quantized { tensor, .. } = e {
             let signed = tensor.spec.range().is_signed();
             let bytes = tensor.zero_points.iter().map(|&z| z as i8 as u8).collect();
-            zps.push((name.clone(), bytes, if signed { Dtype::I8 } else { Dtype::U8 }, tensor.zero_points.shape().to_vec()));
+            zps.push((
+                name.clone(),
+                bytes,
+                if signed { Dtype::I8 } else { Dtype::U8 },
+                tensor.zero_points.shape().to_vec(),
+            ));
         }
     }
     let mut zi = zps.iter();
     for (name, e) in entries {
         match e {
-            Entry::Raw { dtype, shape, data } => tensors.push((name.clone(), tv(*dtype, shape.clone(), data)?)),
+            Entry::Raw { dtype, shape, data } => {
+                tensors.push((name.clone(), tv(*dtype, shape.clone(), data)?))
+            }
             Entry::Quantized { tensor, dtype } => {
-                info.insert(name.clone(), QuantizedInfo { shape: tensor.shape.clone(), dtype: dtype_name(*dtype), spec: tensor.spec });
-                tensors.push((format!("{name}.codes"), tv(Dtype::U8, vec![tensor.codes.len()], &tensor.codes)?));
-                let scales = tensor.scales.as_slice().expect("scales are standard layout");
-                tensors.push((format!("{name}.scales"), tv(Dtype::F32, tensor.scales.shape().to_vec(), bytemuck::cast_slice(scales))?));
-                let (_, zb, zd, zs) = zi.next().expect("one zero-point entry per quantized tensor");
+                info.insert(
+                    name.clone(),
+                    QuantizedInfo {
+                        shape: tensor.shape.clone(),
+                        dtype: dtype_name(*dtype),
+                        spec: tensor.spec,
+                    },
+                );
+                tensors.push((
+                    format!("{name}.codes"),
+                    tv(Dtype::U8, vec![tensor.codes.len()], &tensor.codes)?,
+                ));
+                let scales = tensor
+                    .scales
+                    .as_slice()
+                    .expect("scales are standard layout");
+                tensors.push((
+                    format!("{name}.scales"),
+                    tv(
+                        Dtype::F32,
+                        tensor.scales.shape().to_vec(),
+                        bytemuck::cast_slice(scales),
+                    )?,
+                ));
+                let (_, zb, zd, zs) = zi
+                    .next()
+                    .expect("one zero-point entry per quantized tensor");
                 tensors.push((format!("{name}.zero_points"), tv(*zd, zs.clone(), zb)?));
             }
         }
     }
     let mut seen = std::collections::HashSet::new();
     for (n, _) in &tensors {
-        ensure!(seen.insert(n.as_str()), "two tensors would be stored under the name {n:?}");
+        ensure!(
+            seen.insert(n.as_str()),
+            "two tensors would be stored under the name {n:?}"
+        );
     }
     let meta = HashMap::from([
         (FORMAT_KEY.to_string(), FORMAT.to_string()),
-        (QUANTIZED_KEY.to_string(), serde_json::to_string(&info).expect("plain data serializes")),
+        (
+            QUANTIZED_KEY.to_string(),
+            serde_json::to_string(&info).expect("plain data serializes"),
+        ),
     ]);
-    let bytes = safetensors::serialize(tensors, Some(meta)).map_err(|e| Error::value(format!("cannot serialize: {e}")))?;
+    let bytes = safetensors::serialize(tensors, Some(meta))
+        .map_err(|e| Error::value(format!("cannot serialize: {e}")))?;
     write_atomic(path, &bytes)
 }
 
@@ -228,9 +329,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(|e| Error::io(ctx("create a temporary file for"), e))?;
-    tmp.write_all(bytes).map_err(|e| Error::io(ctx("write"), e))?;
-    tmp.as_file().sync_all().map_err(|e| Error::io(ctx("sync"), e))?;
-    tmp.persist(path).map_err(|e| Error::io(ctx("replace"), e.error))?;
+    tmp.write_all(bytes)
+        .map_err(|e| Error::io(ctx("write"), e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io(ctx("sync"), e))?;
+    tmp.persist(path)
+        .map_err(|e| Error::io(ctx("replace"), e.error))?;
     Ok(())
 }
 
@@ -255,15 +360,29 @@ fn load_entries(path: &Path) -> Result<Vec<(String, Entry)>> {
         "{} is not a lowbit quantized checkpoint (metadata {FORMAT_KEY:?} is missing or unknown)",
         path.display()
     );
-    let info: BTreeMap<String, QuantizedInfo> = serde_json::from_str(meta.get(QUANTIZED_KEY).map(String::as_str).unwrap_or("{}"))
-        .map_err(|e| Error::format(format!("{}: bad {QUANTIZED_KEY} metadata: {e}", path.display())))?;
+    let info: BTreeMap<String, QuantizedInfo> = serde_json::from_str(
+        meta.get(QUANTIZED_KEY).map(String::as_str).unwrap_or("{}"),
+    )
+    .map_err(|e| {
+        Error::format(format!(
+            "{}: bad {QUANTIZED_KEY} metadata: {e}",
+            path.display()
+        ))
+    })?;
     let mut used = std::collections::HashSet::new();
     let mut out = Vec::new();
     for (name, qi) in &info {
         let get = |suffix: &str, want: &[Dtype]| -> Result<TensorView<'_>> {
             let n = format!("{name}.{suffix}");
-            let t = st.tensor(&n).map_err(|_| Error::format(format!("{}: tensor {n:?} is missing", path.display())))?;
-            ensure!(want.contains(&t.dtype()), "{}: tensor {n:?} has dtype {:?}", path.display(), t.dtype());
+            let t = st.tensor(&n).map_err(|_| {
+                Error::format(format!("{}: tensor {n:?} is missing", path.display()))
+            })?;
+            ensure!(
+                want.contains(&t.dtype()),
+                "{}: tensor {n:?} has dtype {:?}",
+                path.display(),
+                t.dtype()
+            );
             Ok(t)
         };
         let codes = get("codes", &[Dtype::U8])?;
@@ -273,26 +392,52 @@ fn load_entries(path: &Path) -> Result<Vec<(String, Entry)>> {
         let s = qi.spec;
         let spec = QuantSpec::new(s.bits, s.symmetric, s.granularity, s.axis, s.group_size)
             .map_err(|e| Error::format(format!("{}: tensor {name:?}: {e}", path.display())))?;
-        ensure!(qi.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_some(), "{}: tensor {name:?} has an impossible shape", path.display());
+        ensure!(
+            qi.shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .is_some(),
+            "{}: tensor {name:?} has an impossible shape",
+            path.display()
+        );
         let signed = zps.dtype() == Dtype::I8;
-        let zero_points: Vec<i32> = zps.data().iter().map(|&b| if signed { b as i8 as i32 } else { b as i32 }).collect();
+        let zero_points: Vec<i32> = zps
+            .data()
+            .iter()
+            .map(|&b| if signed { b as i8 as i32 } else { b as i32 })
+            .collect();
         let scales_v: Vec<f32> = bytemuck::pod_collect_to_vec(scales.data());
-        let shape_err = |e: ndarray::ShapeError| Error::format(format!("{}: tensor {name:?}: {e}", path.display()));
+        let shape_err = |e: ndarray::ShapeError| {
+            Error::format(format!("{}: tensor {name:?}: {e}", path.display()))
+        };
         let tensor = QuantizedTensor {
             spec,
             shape: qi.shape.clone(),
             codes: codes.data().to_vec(),
             scales: ArrayD::from_shape_vec(IxDyn(scales.shape()), scales_v).map_err(shape_err)?,
-            zero_points: ArrayD::from_shape_vec(IxDyn(zps.shape()), zero_points).map_err(shape_err)?,
+            zero_points: ArrayD::from_shape_vec(IxDyn(zps.shape()), zero_points)
+                .map_err(shape_err)?,
         };
         if spec.granularity == Granularity::Channel || spec.granularity == Granularity::Group {
-            ensure!(!qi.shape.is_empty(), "{}: tensor {name:?} needs at least one dimension", path.display());
+            ensure!(
+                !qi.shape.is_empty(),
+                "{}: tensor {name:?} needs at least one dimension",
+                path.display()
+            );
         }
-        tensor.validate().map_err(|e| Error::format(format!("{}: tensor {name:?}: {e}", path.display())))?;
+        tensor
+            .validate()
+            .map_err(|e| Error::format(format!("{}: tensor {name:?}: {e}", path.display())))?;
         for suffix in ["codes", "scales", "zero_points"] {
             used.insert(format!("{name}.{suffix}"));
         }
-        out.push((name.clone(), Entry::Quantized { tensor, dtype: parse_dtype(&qi.dtype)? }));
+        out.push((
+            name.clone(),
+            Entry::Quantized {
+                tensor,
+                dtype: parse_dtype(&qi.dtype)?,
+            },
+        ));
     }
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
@@ -300,8 +445,17 @@ fn load_entries(path: &Path) -> Result<Vec<(String, Entry)>> {
         if used.contains(&n) {
             continue;
         }
-        let t = st.tensor(&n).map_err(|e| Error::format(format!("tensor {n}: {e}")))?;
-        out.push((n, Entry::Raw { dtype: t.dtype(), shape: t.shape().to_vec(), data: t.data().to_vec() }));
+        let t = st
+            .tensor(&n)
+            .map_err(|e| Error::format(format!("tensor {n}: {e}")))?;
+        out.push((
+            n,
+            Entry::Raw {
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
+                data: t.data().to_vec(),
+            },
+        ));
     }
     Ok(out)
 }
@@ -326,20 +480,41 @@ pub fn dequantize_file(input: &Path, output: &Path) -> Result<Vec<Report>> {
             Entry::Quantized { tensor, dtype } => {
                 let x = tensor.dequantize()?;
                 let data = to_bytes(&x, dtype);
-                reports.push(Report { name: name.clone(), shape: tensor.shape.clone(), dtype: dtype_name(dtype), bits: Some(tensor.spec.bits), sqnr_db: None, bytes_before: tensor.nbytes(), bytes_after: data.len() });
+                reports.push(Report {
+                    name: name.clone(),
+                    shape: tensor.shape.clone(),
+                    dtype: dtype_name(dtype),
+                    bits: Some(tensor.spec.bits),
+                    sqnr_db: None,
+                    bytes_before: tensor.nbytes(),
+                    bytes_after: data.len(),
+                });
                 raw.push((name, dtype, tensor.shape, data));
             }
             Entry::Raw { dtype, shape, data } => {
-                reports.push(Report { name: name.clone(), shape: shape.clone(), dtype: dtype_name(dtype), bits: None, sqnr_db: None, bytes_before: data.len(), bytes_after: data.len() });
+                reports.push(Report {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    dtype: dtype_name(dtype),
+                    bits: None,
+                    sqnr_db: None,
+                    bytes_before: data.len(),
+                    bytes_after: data.len(),
+                });
                 raw.push((name, dtype, shape, data));
             }
         }
     }
     let views = raw
         .iter()
-        .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| Error::value(format!("tensor {n}: {e}"))))
+        .map(|(n, d, s, b)| {
+            TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::value(format!("tensor {n}: {e}")))
+        })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| Error::value(format!("cannot serialize: {e}")))?;
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| Error::value(format!("cannot serialize: {e}")))?;
     write_atomic(output, &bytes)?;
     Ok(reports)
 }
@@ -349,13 +524,24 @@ mod tests {
     use super::*;
 
     fn write_input(path: &Path) {
-        let w: Vec<f32> = (0..64 * 96).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let w: Vec<f32> = (0..64 * 96)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
         let b: Vec<f32> = (0..64).map(|i| i as f32).collect();
         let h: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
         let tensors = vec![
-            ("w".to_string(), TensorView::new(Dtype::F32, vec![64, 96], bytemuck::cast_slice(&w)).unwrap()),
-            ("b".to_string(), TensorView::new(Dtype::F32, vec![64], bytemuck::cast_slice(&b)).unwrap()),
-            ("h".to_string(), TensorView::new(Dtype::F16, vec![96, 64], bytemuck::cast_slice(&h)).unwrap()),
+            (
+                "w".to_string(),
+                TensorView::new(Dtype::F32, vec![64, 96], bytemuck::cast_slice(&w)).unwrap(),
+            ),
+            (
+                "b".to_string(),
+                TensorView::new(Dtype::F32, vec![64], bytemuck::cast_slice(&b)).unwrap(),
+            ),
+            (
+                "h".to_string(),
+                TensorView::new(Dtype::F16, vec![96, 64], bytemuck::cast_slice(&h)).unwrap(),
+            ),
         ];
         std::fs::write(path, safetensors::serialize(tensors, None).unwrap()).unwrap();
     }
@@ -363,7 +549,11 @@ mod tests {
     #[test]
     fn quantize_then_dequantize_round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, q, d) = (dir.path().join("a.safetensors"), dir.path().join("q.safetensors"), dir.path().join("d.safetensors"));
+        let (a, q, d) = (
+            dir.path().join("a.safetensors"),
+            dir.path().join("q.safetensors"),
+            dir.path().join("d.safetensors"),
+        );
         write_input(&a);
         let spec = QuantSpec::new(4, true, Granularity::Group, 0, Some(32)).unwrap();
         let rep = quantize_file(&a, &q, spec).unwrap();
@@ -378,7 +568,10 @@ mod tests {
         let bytes = std::fs::read(&d).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(st.tensor("h").unwrap().dtype(), Dtype::F16);
-        assert_eq!(st.tensor("b").unwrap().data(), bytemuck::cast_slice::<f32, u8>(&(0..64).map(|i| i as f32).collect::<Vec<_>>()));
+        assert_eq!(
+            st.tensor("b").unwrap().data(),
+            bytemuck::cast_slice::<f32, u8>(&(0..64).map(|i| i as f32).collect::<Vec<_>>())
+        );
         // a quantized file is refused as input, and a corrupt one gives an error, not a panic
         assert!(quantize_file(&q, &d, spec).is_err());
         let mut bad = std::fs::read(&q).unwrap();

@@ -10,7 +10,10 @@ pub fn packed_len(n: usize, bits: u32) -> usize {
 
 /// Packs codes `< 2^bits` (`1 <= bits <= 8`). Codes with higher bits set are an error.
 pub fn pack(codes: &[u8], bits: u32) -> Result<Vec<u8>> {
-    ensure!((1..=8).contains(&bits), "bits must be between 1 and 8, got {bits}");
+    ensure!(
+        (1..=8).contains(&bits),
+        "bits must be between 1 and 8, got {bits}"
+    );
     if bits < 8 {
         let limit = 1u16 << bits;
         if let Some(i) = codes.iter().position(|&c| c as u16 >= limit) {
@@ -58,7 +61,10 @@ pub(crate) fn pack_unchecked(codes: &[u8], bits: u32) -> Vec<u8> {
 
 /// Unpacks `n` codes of `bits` bits; `packed` must hold exactly `packed_len(n, bits)` bytes.
 pub fn unpack(packed: &[u8], bits: u32, n: usize) -> Result<Vec<u8>> {
-    ensure!((1..=8).contains(&bits), "bits must be between 1 and 8, got {bits}");
+    ensure!(
+        (1..=8).contains(&bits),
+        "bits must be between 1 and 8, got {bits}"
+    );
     let want = packed_len(n, bits);
     ensure!(
         packed.len() == want,
@@ -102,7 +108,9 @@ mod tests {
     fn round_trip_every_width_and_length() {
         for bits in 1..=8u32 {
             for n in [0usize, 1, 2, 3, 7, 8, 9, 63, 64, 65, 1000] {
-                let codes: Vec<u8> = (0..n).map(|i| ((i * 2654435761) >> 7) as u8 & ((1u16 << bits) - 1) as u8).collect();
+                let codes: Vec<u8> = (0..n)
+                    .map(|i| ((i * 2654435761) >> 7) as u8 & ((1u16 << bits) - 1) as u8)
+                    .collect();
                 let p = pack(&codes, bits).unwrap();
                 assert_eq!(p.len(), packed_len(n, bits));
                 assert_eq!(unpack(&p, bits, n).unwrap(), codes);

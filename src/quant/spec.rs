@@ -59,7 +59,10 @@ impl QuantSpec {
         axis: i64,
         group_size: Option<usize>,
     ) -> Result<Self> {
-        ensure!((2..=8).contains(&bits), "bits must be between 2 and 8, got {bits}");
+        ensure!(
+            (2..=8).contains(&bits),
+            "bits must be between 2 and 8, got {bits}"
+        );
         let group_size = match granularity {
             Granularity::Group => {
                 let g = group_size.ok_or_else(|| {
@@ -97,7 +100,10 @@ impl QuantSpec {
             Granularity::Tensor => vec![],
             Granularity::Channel => vec![shape[check_axis(self.axis, shape.len())?]],
             Granularity::Group => {
-                ensure!(!shape.is_empty(), "group quantization needs at least one dimension");
+                ensure!(
+                    !shape.is_empty(),
+                    "group quantization needs at least one dimension"
+                );
                 let mut s = shape.to_vec();
                 let k = s.pop().unwrap_or(0);
                 s.push(k.div_ceil(self.group_size.unwrap_or(1)));
@@ -118,7 +124,11 @@ pub fn qparams_from_minmax(min: f32, max: f32, r: QRange, symmetric: bool) -> (f
     if symmetric {
         let amax = (-lo).max(hi);
         let s = (amax / ((r.max - r.min) as f32 / 2.0)).max(EPS);
-        let zp = if r.is_signed() { 0 } else { (r.min + r.max) / 2 };
+        let zp = if r.is_signed() {
+            0
+        } else {
+            (r.min + r.max) / 2
+        };
         (s, zp)
     } else {
         let s = ((hi - lo) / (r.max - r.min) as f32).max(EPS);
@@ -129,7 +139,8 @@ pub fn qparams_from_minmax(min: f32, max: f32, r: QRange, symmetric: bool) -> (f
 
 /// Min and max of a view, refusing NaN and ±Inf (no range can be derived from them).
 pub fn finite_minmax<E: Elem>(x: &ArrayViewD<'_, E>) -> Result<(f32, f32)> {
-    let fold = |(lo, hi, bad): (f32, f32, bool), v: f32| (lo.min(v), hi.max(v), bad || !v.is_finite());
+    let fold =
+        |(lo, hi, bad): (f32, f32, bool), v: f32| (lo.min(v), hi.max(v), bad || !v.is_finite());
     let init = (f32::INFINITY, f32::NEG_INFINITY, false);
     let (lo, hi, bad) = match x.as_slice_memory_order() {
         Some(s) if s.len() > super::CHUNK => s
@@ -292,10 +303,21 @@ pub fn quantize<E: Elem>(
     let z64: Vec<i64> = zps.iter().map(|&v| v as i64).collect();
     // Offsets `q - quant_min` in 0..2^bits, ready to pack.
     let offsets: Vec<u8> = match spec.granularity {
-        Granularity::Tensor => codes_to_offsets(affine::quantize_per_tensor(x.view(), s64[0], z64[0], r.min as i64, r.max as i64)?, r),
-        Granularity::Channel => {
-            codes_to_offsets(affine::quantize_per_channel(x.view(), &s64, &z64, spec.axis, r.min as i64, r.max as i64)?, r)
-        }
+        Granularity::Tensor => codes_to_offsets(
+            affine::quantize_per_tensor(x.view(), s64[0], z64[0], r.min as i64, r.max as i64)?,
+            r,
+        ),
+        Granularity::Channel => codes_to_offsets(
+            affine::quantize_per_channel(
+                x.view(),
+                &s64,
+                &z64,
+                spec.axis,
+                r.min as i64,
+                r.max as i64,
+            )?,
+            r,
+        ),
         Granularity::Group => {
             let (s, z) = affine::channel_params(&[s64.len()], 0, &s64, &z64, r)?;
             let g = spec.group_size.unwrap_or(1);
@@ -304,8 +326,10 @@ pub fn quantize<E: Elem>(
                 xs.chunks(g)
                     .enumerate()
                     .flat_map(|(j, c)| {
-                        let k = affine::QuantChannel::new(&[s[row * ng + j]], &[z[row * ng + j]], r);
-                        c.iter().map(move |v| (k.one(v.to_f32(), k.inv[0], k.zp[0]) - r.min) as u8)
+                        let k =
+                            affine::QuantChannel::new(&[s[row * ng + j]], &[z[row * ng + j]], r);
+                        c.iter()
+                            .map(move |v| (k.one(v.to_f32(), k.inv[0], k.zp[0]) - r.min) as u8)
                     })
                     .collect()
             })
