@@ -83,10 +83,27 @@ class QuantizedTensor:
         """Write a one-tensor quantized safetensors file atomically."""
 
 def fake_quantize_per_tensor_affine(
-    x: npt.NDArray[Any], scale: float, zero_point: int, quant_min: int, quant_max: int, return_mask: bool = False, bf16: bool = False
+    x: npt.NDArray[Any],
+    scale: float,
+    zero_point: int,
+    quant_min: int,
+    quant_max: int,
+    return_mask: bool = False,
+    bf16: bool = False,
+    out: npt.NDArray[Any] | None = None,
+    inplace: bool = False,
 ) -> Any: ...
 def fake_quantize_per_channel_affine(
-    x: npt.NDArray[Any], scale: list[float], zero_point: list[int], axis: int, quant_min: int, quant_max: int, return_mask: bool = False, bf16: bool = False
+    x: npt.NDArray[Any],
+    scale: list[float],
+    zero_point: list[int],
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+    return_mask: bool = False,
+    bf16: bool = False,
+    out: npt.NDArray[Any] | None = None,
+    inplace: bool = False,
 ) -> Any: ...
 def quantize_per_tensor(x: npt.NDArray[Any], scale: float, zero_point: int, quant_min: int, quant_max: int) -> npt.NDArray[Any]: ...
 def quantize_per_channel(x: npt.NDArray[Any], scales: list[float], zero_points: list[int], axis: int, quant_min: int, quant_max: int) -> npt.NDArray[Any]: ...

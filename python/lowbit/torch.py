@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lowbit import _lowbit
-from lowbit._lowbit import LowbitTypeError
+from lowbit._lowbit import LowbitTypeError, LowbitValueError
 from lowbit._quant import _float, _int, _vector
 
 __all__ = [
@@ -78,7 +78,20 @@ class _FakeQuant(torch.autograd.Function):
         return grad * mask.to(grad.device), None
 
 
-def _fake_quant(x: torch.Tensor, qargs: tuple, return_mask: bool) -> Any:
+def _fake_quant(x: torch.Tensor, qargs: tuple, return_mask: bool, out: torch.Tensor | None = None) -> Any:
+    if out is not None:
+        if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+            raise LowbitValueError("out= does not support autograd; call it under torch.no_grad()")
+        a, bf16 = _to_numpy(x, "x")
+        o, obf16 = _to_numpy(out, "out")
+        if bf16 or obf16:
+            raise LowbitTypeError("out= is not supported for bfloat16 tensors")
+        from lowbit._quant import _out
+
+        o, inplace = _out(a, o)
+        fn = _lowbit.fake_quantize_per_tensor_affine if qargs[0] == "tensor" else _lowbit.fake_quantize_per_channel_affine
+        r = fn(a, *qargs[1:], return_mask, False, out=o, inplace=inplace)
+        return (out, torch.from_numpy(r[1])) if return_mask else out
     if return_mask or not (torch.is_grad_enabled() and x.requires_grad):
         a, bf16 = _to_numpy(x, "x")
         fn = _lowbit.fake_quantize_per_tensor_affine if qargs[0] == "tensor" else _lowbit.fake_quantize_per_channel_affine
@@ -90,18 +103,32 @@ def _fake_quant(x: torch.Tensor, qargs: tuple, return_mask: bool) -> Any:
 
 
 def fake_quantize_per_tensor_affine(
-    x: torch.Tensor, scale: Any, zero_point: Any, quant_min: int, quant_max: int, return_mask: bool = False
+    x: torch.Tensor,
+    scale: Any,
+    zero_point: Any,
+    quant_min: int,
+    quant_max: int,
+    return_mask: bool = False,
+    out: torch.Tensor | None = None,
 ) -> Any:
     """Drop-in for ``torch.fake_quantize_per_tensor_affine`` on CPU tensors: same bits, same
-    straight-through gradient. See :func:`lowbit.fake_quantize_per_tensor_affine`."""
+    straight-through gradient. ``out=`` (no autograd) writes into a contiguous tensor, ``out=x``
+    in place. See :func:`lowbit.fake_quantize_per_tensor_affine`."""
     qargs = ("tensor", _float(scale, "scale"), _int(zero_point, "zero_point"), _int(quant_min, "quant_min"), _int(quant_max, "quant_max"))
-    return _fake_quant(x, qargs, return_mask)
+    return _fake_quant(x, qargs, return_mask, out)
 
 
 def fake_quantize_per_channel_affine(
-    x: torch.Tensor, scale: Any, zero_point: Any, axis: int, quant_min: int, quant_max: int, return_mask: bool = False
+    x: torch.Tensor,
+    scale: Any,
+    zero_point: Any,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+    return_mask: bool = False,
+    out: torch.Tensor | None = None,
 ) -> Any:
-    """Drop-in for ``torch.fake_quantize_per_channel_affine`` on CPU tensors."""
+    """Drop-in for ``torch.fake_quantize_per_channel_affine`` on CPU tensors (``out=`` as per tensor)."""
     qargs = (
         "channel",
         _vector(scale, "scale", integer=False),
@@ -110,7 +137,7 @@ def fake_quantize_per_channel_affine(
         _int(quant_min, "quant_min"),
         _int(quant_max, "quant_max"),
     )
-    return _fake_quant(x, qargs, return_mask)
+    return _fake_quant(x, qargs, return_mask, out)
 
 
 def _float32_numpy(x: torch.Tensor) -> np.ndarray:

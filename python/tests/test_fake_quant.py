@@ -219,3 +219,42 @@ def test_every_simd_path_matches_torch(level, tmp_path):
     env = dict(os.environ, LOWBIT_SIMD=level)
     r = subprocess.run([sys.executable, "-c", script, str(pathlib.Path(__file__).parent)], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_out_and_in_place(per_channel, rng):
+    x = (rng.standard_normal((300, 70)) * 3).astype(np.float32)
+    s = (rng.random(70) * 0.1 + 0.01).astype(np.float32)
+    z = rng.integers(-8, 8, 70).astype(np.int32)
+
+    def fq(a, **kw):
+        if per_channel:
+            return lowbit.fake_quantize_per_channel_affine(a, s, z, 1, -8, 7, **kw)
+        return lowbit.fake_quantize_per_tensor_affine(a, 0.05, 2, -8, 7, **kw)
+
+    want, want_mask = fq(x, return_mask=True)
+    out = np.empty_like(x)
+    r = fq(x, out=out)
+    assert r is out and np.array_equal(out, want)
+    r, m = fq(x.T.copy().T, out=np.empty_like(x), return_mask=True)  # strided x into a fresh out
+    np.testing.assert_array_equal(r, want)
+    np.testing.assert_array_equal(m, want_mask)
+    y = x.copy()
+    r, m = fq(y, out=y, return_mask=True)
+    assert r is y and np.array_equal(y, want) and np.array_equal(m, want_mask)
+    t = torch.from_numpy(x.copy())
+    assert fq(t, out=t) is t and torch.equal(t, torch.from_numpy(want))
+    with pytest.raises(lowbit.LowbitValueError, match="overlaps"):
+        fq(x[:, :-1], out=x[:, 1:])
+    with pytest.raises(lowbit.LowbitTypeError, match="dtype"):
+        fq(x, out=np.empty(x.shape, np.float64))
+    with pytest.raises(lowbit.LowbitValueError, match="shape"):
+        fq(x, out=np.empty((70, 300), np.float32))
+    with pytest.raises(lowbit.LowbitValueError, match="C-contiguous"):
+        fq(x, out=np.empty((70, 300), np.float32).T)
+    ro = np.empty_like(x)
+    ro.flags.writeable = False
+    with pytest.raises(lowbit.LowbitValueError, match="written"):
+        fq(x, out=ro)
+    with pytest.raises(lowbit.LowbitValueError, match="autograd"):
+        fq(torch.from_numpy(x).requires_grad_(True), out=torch.empty(x.shape))

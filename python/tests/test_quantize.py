@@ -146,3 +146,12 @@ def test_quant_spec_is_a_value():
     for bad in [dict(bits=1), dict(bits=9), dict(bits=4, granularity="row"), dict(bits=4, granularity="group"), dict(bits=4, group_size=32), dict(bits=4, granularity="group", group_size=0)]:
         with pytest.raises(lowbit.LowbitValueError):
             lowbit.QuantSpec(**bad)
+
+
+def test_per_tensor_spec_accepts_scalar_qparams(rng):
+    w = rng.standard_normal((8, 32)).astype(np.float32)
+    spec = lowbit.QuantSpec(4)
+    q = lowbit.quantize(w, spec)
+    for s, z in [(q.scales, q.zero_points), (float(q.scales), 0), (np.float32(q.scales), np.int32(0))]:
+        q2 = lowbit.quantize(w, spec, scales=s, zero_points=z)
+        np.testing.assert_array_equal(q2.codes, q.codes)

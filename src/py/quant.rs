@@ -3,10 +3,11 @@ use super::{detach, type_error, value_error};
 use crate::quant::affine::{self, Codes};
 use crate::quant::checkpoint::{self, Entry, Report};
 use crate::quant::spec::{self, Granularity};
-use crate::quant::{pack, Elem};
+use crate::quant::affine::FakeQuantOp;
+use crate::quant::{pack, Elem, Real};
 use half::{bf16, f16};
-use ndarray::{ArrayD, ArrayViewD};
-use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::path::PathBuf;
@@ -137,8 +138,95 @@ fn vec_i64(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
     })
 }
 
+/// The arguments of a fake-quant call, turned into a validated op once the shape is known.
+enum FqArgs {
+    Tensor(f64, i64, i64, i64),
+    Channel(Vec<f64>, Vec<i64>, i64, i64, i64),
+}
+
+impl FqArgs {
+    fn op<C: Real>(&self, shape: &[usize]) -> crate::Result<FakeQuantOp<C>> {
+        match self {
+            FqArgs::Tensor(s, z, lo, hi) => FakeQuantOp::per_tensor(shape, *s, *z, *lo, *hi),
+            FqArgs::Channel(s, z, axis, lo, hi) => FakeQuantOp::per_channel(shape, s, z, *axis, *lo, *hi),
+        }
+    }
+}
+
+/// Runs a fake-quant into a new array, or into `out` (in place when `inplace`, then `x` is `out`).
+fn fake_quant<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    args: FqArgs,
+    return_mask: bool,
+    bf16: bool,
+    out: Option<&Bound<'py, PyAny>>,
+    inplace: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let Some(out) = out else {
+        let x = float_in(x, bf16, "x")?;
+        return with_float!(x, |v| {
+            let r = detach(py, || args.op(v.shape())?.run(v, return_mask))?;
+            fq_out(py, r)
+        });
+    };
+    if bf16 {
+        return Err(type_error("out is not supported for bfloat16"));
+    }
+    if let Ok(o) = out.cast::<PyArrayDyn<f32>>() {
+        fq_into(py, x, o, &args, inplace, return_mask)
+    } else if let Ok(o) = out.cast::<PyArrayDyn<f64>>() {
+        fq_into(py, x, o, &args, inplace, return_mask)
+    } else if let Ok(o) = out.cast::<PyArrayDyn<f16>>() {
+        fq_into(py, x, o, &args, inplace, return_mask)
+    } else {
+        Err(type_error(format!("out must be a float32, float16 or float64 array, got {}", dtype_str(out))))
+    }
+}
+
+fn fq_into<'py, E: Elem + numpy::Element>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyArrayDyn<E>>,
+    args: &FqArgs,
+    inplace: bool,
+    return_mask: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let mut ow = out
+        .try_readwrite()
+        .map_err(|e| value_error(format!("out cannot be written: {e}")))?;
+    // as_slice_mut also accepts Fortran order, whose memory order is not the C order we write.
+    if !out.is_c_contiguous() {
+        return Err(value_error("out must be a C-contiguous array"));
+    }
+    let shape = ow.shape().to_vec();
+    let op = args.op::<E::C>(&shape).map_err(super::to_pyerr)?;
+    let mut mask = return_mask.then(|| ArrayD::<bool>::from_elem(IxDyn(&shape), false));
+    let os = ow
+        .as_slice_mut()
+        .map_err(|_| value_error("out must be a C-contiguous array"))?;
+    let ms = mask.as_mut().map(|m| m.as_slice_mut().expect("fresh arrays are contiguous"));
+    if inplace {
+        detach(py, || op.run_in_place(os, ms))?;
+    } else {
+        let xa = x
+            .cast::<PyArrayDyn<E>>()
+            .map_err(|_| type_error(format!("out has dtype {}, x has {}", dtype_str(out.as_any()), dtype_str(x))))?
+            .try_readonly()
+            .map_err(|_| value_error("out overlaps x; pass out=x to work in place"))?;
+        let xv = xa.as_array();
+        detach(py, || op.run_into(xv, os, ms))?;
+    }
+    drop(ow);
+    let o = out.clone().into_any();
+    Ok(match mask {
+        Some(m) => (o, bool::to_numpy(m, py)).into_pyobject(py)?.into_any(),
+        None => o,
+    })
+}
+
 #[pyfunction]
-#[pyo3(signature = (x, scale, zero_point, quant_min, quant_max, return_mask=false, bf16=false))]
+#[pyo3(signature = (x, scale, zero_point, quant_min, quant_max, return_mask=false, bf16=false, out=None, inplace=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn fake_quantize_per_tensor_affine<'py>(
     py: Python<'py>,
@@ -149,25 +237,15 @@ pub fn fake_quantize_per_tensor_affine<'py>(
     quant_max: i64,
     return_mask: bool,
     bf16: bool,
+    out: Option<&Bound<'py, PyAny>>,
+    inplace: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let x = float_in(x, bf16, "x")?;
-    with_float!(x, |v| {
-        let r = detach(py, || {
-            affine::fake_quantize_per_tensor(
-                v,
-                scale,
-                zero_point,
-                quant_min,
-                quant_max,
-                return_mask,
-            )
-        })?;
-        fq_out(py, r)
-    })
+    let args = FqArgs::Tensor(scale, zero_point, quant_min, quant_max);
+    fake_quant(py, x, args, return_mask, bf16, out, inplace)
 }
 
 #[pyfunction]
-#[pyo3(signature = (x, scale, zero_point, axis, quant_min, quant_max, return_mask=false, bf16=false))]
+#[pyo3(signature = (x, scale, zero_point, axis, quant_min, quant_max, return_mask=false, bf16=false, out=None, inplace=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn fake_quantize_per_channel_affine<'py>(
     py: Python<'py>,
@@ -179,15 +257,17 @@ pub fn fake_quantize_per_channel_affine<'py>(
     quant_max: i64,
     return_mask: bool,
     bf16: bool,
+    out: Option<&Bound<'py, PyAny>>,
+    inplace: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let x = float_in(x, bf16, "x")?;
-    let (s, z) = (vec_f64(scale, "scale")?, vec_i64(zero_point, "zero_point")?);
-    with_float!(x, |v| {
-        let r = detach(py, || {
-            affine::fake_quantize_per_channel(v, &s, &z, axis, quant_min, quant_max, return_mask)
-        })?;
-        fq_out(py, r)
-    })
+    let args = FqArgs::Channel(
+        vec_f64(scale, "scale")?,
+        vec_i64(zero_point, "zero_point")?,
+        axis,
+        quant_min,
+        quant_max,
+    );
+    fake_quant(py, x, args, return_mask, bf16, out, inplace)
 }
 
 #[pyfunction]

@@ -135,7 +135,7 @@ impl Code for u8 {
 
 /// One elementwise kernel, applied to runs of elements that share a channel (`uniform`) or
 /// whose channel advances by one per element (`varying`, the innermost-axis case).
-trait RunKernel<I, O>: Sync {
+pub(crate) trait RunKernel<I, O>: Sync {
     fn uniform(
         &self,
         x: &[I],
@@ -154,77 +154,99 @@ trait RunKernel<I, O>: Sync {
 
 /// Shape of an array seen as `(outer, channels, inner)` around the quantization axis.
 #[derive(Clone, Copy)]
-struct Layout {
+pub(crate) struct Layout {
     channels: usize,
     inner: usize,
+    /// `(k, g)`: groups of `g` consecutive elements of rows of length `k` (the last group of a
+    /// row may be shorter); group `j` of row `r` uses channel `r * ceil(k / g) + j`.
+    groups: Option<(usize, usize)>,
 }
 
 impl Layout {
-    fn per_tensor(n: usize) -> Self {
+    pub(crate) fn per_tensor(n: usize) -> Self {
         Layout {
             channels: 1,
             inner: n.max(1),
+            groups: None,
         }
     }
-    fn per_channel(shape: &[usize], axis: usize) -> Self {
+    pub(crate) fn per_channel(shape: &[usize], axis: usize) -> Self {
         Layout {
             channels: shape[axis],
             inner: shape[axis + 1..].iter().product::<usize>().max(1),
+            groups: None,
+        }
+    }
+    /// Groups along the last axis of `shape` (callers check `shape` is not 0-d and `g > 0`).
+    pub(crate) fn groups(shape: &[usize], g: usize) -> Self {
+        let k = shape.last().copied().unwrap_or(1).max(1);
+        Layout {
+            channels: 0,
+            inner: 0,
+            groups: Some((k, g)),
+        }
+    }
+
+    /// The channel of flat index `i` and how many elements from `i` on (at most `left`) share
+    /// it; `varying` runs instead advance the channel by one per element (innermost axis).
+    #[inline(always)]
+    fn run_at(&self, i: usize, left: usize) -> (usize, usize, bool) {
+        if let Some((k, g)) = self.groups {
+            let (row, col) = (i / k, i % k);
+            let c = row * k.div_ceil(g) + col / g;
+            (c, (g - col % g).min(k - col).min(left), false)
+        } else if self.inner == 1 {
+            let c = i % self.channels;
+            (c, (self.channels - c).min(left), true)
+        } else {
+            let c = (i / self.inner) % self.channels;
+            (c, (self.inner - i % self.inner).min(left), false)
         }
     }
 }
 
-/// Runs `k` over every element of `x`, writing `out` (and `mask`) in C order. Contiguous input is
-/// split into parallel chunks of contiguous runs; any other layout is read in place element by element.
-fn drive<I, O, K>(
+type MaskOut<'a> = Option<&'a mut [MaybeUninit<bool>]>;
+
+/// Splits an optional mask into the same chunks as the output.
+fn mask_chunks<'a>(mask: MaskOut<'a>, n: usize, block: usize) -> Vec<MaskOut<'a>> {
+    match mask {
+        Some(m) => m.chunks_mut(block).map(Some).collect(),
+        None => (0..n.div_ceil(block)).map(|_| None).collect(),
+    }
+}
+
+/// Runs `k` over every element of `x`, writing `out` (and `mask`, both C-contiguous with
+/// `x.len()` elements) in C order. Contiguous input is split into parallel chunks; strided
+/// input is read in place, in parallel blocks of its first axis gathered CHUNK elements at a time.
+pub(crate) fn drive_into<I, O, K>(
     x: &ArrayViewD<'_, I>,
-    lay: Layout,
+    lay: &Layout,
     k: &K,
-    with_mask: bool,
-) -> (ArrayD<O>, Option<ArrayD<bool>>)
-where
+    out: &mut [MaybeUninit<O>],
+    mask: MaskOut<'_>,
+) where
     I: Copy + Sync,
     O: Copy + Send,
     K: RunKernel<I, O>,
 {
-    let mut out = ArrayD::<O>::uninit(x.raw_dim());
-    let mut mask = with_mask.then(|| ArrayD::<bool>::uninit(x.raw_dim()));
-    advise_huge_pages(out.as_slice_mut().expect("fresh arrays are contiguous"));
-    let (channels, inner) = (lay.channels, lay.inner);
     let n = x.len();
-    let task =
-        |start: usize, x: &[I], o: &mut [MaybeUninit<O>], m: Option<&mut [MaybeUninit<bool>]>| {
-            run_chunk_dispatch(k, channels, inner, start, x, o, m)
-        };
-    if n > 0 {
-        // Contiguous input goes in chunks of CHUNK; strided input in blocks of its first axis,
-        // gathered CHUNK elements at a time (the C-order index drives the channel either way).
-        let (xs, block) = match x.as_slice() {
-            Some(xs) => (Some(xs), CHUNK),
-            None => (None, n / x.shape()[0]),
-        };
-        let os = out.as_slice_mut().expect("fresh arrays are contiguous");
-        let ms: Vec<Option<&mut [MaybeUninit<bool>]>> = match mask.as_mut() {
-            Some(m) => m
-                .as_slice_mut()
-                .expect("fresh arrays are contiguous")
-                .chunks_mut(block)
-                .map(Some)
-                .collect(),
-            None => (0..n.div_ceil(block)).map(|_| None).collect(),
-        };
-        match xs {
-            Some(xs) => xs
-                .par_chunks(block)
-                .zip(os.par_chunks_mut(block))
-                .zip(ms)
-                .enumerate()
-                .for_each(|(i, ((x, o), m))| task(i * block, x, o, m)),
-            None => x
-                .axis_iter(Axis(0))
+    assert_eq!(out.len(), n, "output length checked by the caller");
+    if n == 0 {
+        return;
+    }
+    match x.as_slice() {
+        Some(xs) => xs
+            .par_chunks(CHUNK)
+            .zip(out.par_chunks_mut(CHUNK))
+            .zip(mask_chunks(mask, n, CHUNK))
+            .enumerate()
+            .for_each(|(i, ((x, o), m))| run_chunk_dispatch(k, lay, i * CHUNK, x, o, m)),
+        None => {
+            let block = n / x.shape()[0];
+            x.axis_iter(Axis(0))
                 .into_par_iter()
-                .zip(os.par_chunks_mut(block))
-                .zip(ms)
+                .zip(out.par_chunks_mut(block))
+                .zip(mask_chunks(mask, n, block))
                 .enumerate()
                 .for_each(|(i, ((sub, o), mut m))| {
                     let mut it = sub.iter().copied();
@@ -237,19 +259,55 @@ where
                             break;
                         }
                         let r = off..off + buf.len();
-                        task(
-                            i * block + off,
-                            &buf,
-                            &mut o[r.clone()],
-                            m.as_deref_mut().map(|m| &mut m[r]),
-                        );
+                        let mr = m.as_deref_mut().map(|m| &mut m[r.clone()]);
+                        run_chunk_dispatch(k, lay, i * block + off, &buf, &mut o[r], mr);
                         off += buf.len();
                     }
-                }),
+                })
         }
     }
-    // SAFETY: the chunks above cover every element, and every kernel writes each element of its run.
+}
+
+/// `drive_into` a freshly allocated output (and mask).
+pub(crate) fn drive<I, O, K>(x: &ArrayViewD<'_, I>, lay: &Layout, k: &K, with_mask: bool) -> (ArrayD<O>, Option<ArrayD<bool>>)
+where
+    I: Copy + Sync,
+    O: Copy + Send,
+    K: RunKernel<I, O>,
+{
+    let mut out = ArrayD::<O>::uninit(x.raw_dim());
+    let mut mask = with_mask.then(|| ArrayD::<bool>::uninit(x.raw_dim()));
+    let os = out.as_slice_mut().expect("fresh arrays are contiguous");
+    advise_huge_pages(os);
+    let ms = mask.as_mut().map(|m| m.as_slice_mut().expect("fresh arrays are contiguous"));
+    drive_into(x, lay, k, os, ms);
+    // SAFETY: drive_into writes every element of `out` and `mask`.
     unsafe { (out.assume_init(), mask.map(|m| m.assume_init())) }
+}
+
+/// Runs `k` over a contiguous buffer in place, staging small blocks through a cache-sized copy.
+pub(crate) fn drive_in_place<E, K>(data: &mut [E], lay: &Layout, k: &K, mask: MaskOut<'_>)
+where
+    E: Copy + Send + Sync,
+    K: RunKernel<E, E>,
+{
+    const STAGE: usize = 2048;
+    let n = data.len();
+    data.par_chunks_mut(CHUNK)
+        .zip(mask_chunks(mask, n, CHUNK))
+        .enumerate()
+        .for_each(|(i, (d, mut m))| {
+            let mut buf = Vec::with_capacity(STAGE.min(d.len()));
+            for (j, sub) in d.chunks_mut(STAGE).enumerate() {
+                buf.clear();
+                buf.extend_from_slice(sub);
+                // SAFETY: MaybeUninit<E> has E's layout; the kernel only writes initialized values.
+                let o = unsafe { &mut *(sub as *mut [E] as *mut [MaybeUninit<E>]) };
+                let r = j * STAGE..j * STAGE + buf.len();
+                let mr = m.as_deref_mut().map(|m| &mut m[r]);
+                run_chunk_dispatch(k, lay, i * CHUNK + j * STAGE, &buf, o, mr);
+            }
+        });
 }
 
 /// Asks Linux to back a large fresh output with transparent huge pages: first-touch page
@@ -270,31 +328,24 @@ fn advise_huge_pages<T>(s: &mut [T]) {
     }
 }
 
-/// Runs the kernel over `x`, whose first element has C-order index `start`, splitting it into
-/// runs of one channel (or, for the innermost axis, runs of consecutive channels).
+/// Runs the kernel over `x`, whose first element has C-order index `start`, split into runs
+/// that share a channel (or, on the innermost axis, runs of consecutive channels).
 #[inline(always)]
 fn run_chunk<I, O, K: RunKernel<I, O>>(
     k: &K,
-    channels: usize,
-    inner: usize,
+    lay: &Layout,
     start: usize,
     x: &[I],
     o: &mut [MaybeUninit<O>],
-    mut m: Option<&mut [MaybeUninit<bool>]>,
+    mut m: MaskOut<'_>,
 ) {
     let len = x.len();
     let mut off = 0;
     while off < len {
-        let i = start + off;
-        let (c, n) = if inner == 1 {
-            let c = i % channels;
-            (c, (channels - c).min(len - off))
-        } else {
-            ((i / inner) % channels, (inner - i % inner).min(len - off))
-        };
+        let (c, n, varying) = lay.run_at(start + off, len - off);
         let r = off..off + n;
         let mr = m.as_deref_mut().map(|m| &mut m[r.clone()]);
-        if inner == 1 {
+        if varying {
             k.varying(&x[r.clone()], &mut o[r], mr, c);
         } else {
             k.uniform(&x[r.clone()], &mut o[r], mr, c);
@@ -308,49 +359,45 @@ fn run_chunk<I, O, K: RunKernel<I, O>>(
 /// `vroundps` instead of a `rintf` call per element). aarch64 has NEON's `frintn` as baseline.
 fn run_chunk_dispatch<I, O, K: RunKernel<I, O>>(
     k: &K,
-    channels: usize,
-    inner: usize,
+    lay: &Layout,
     start: usize,
     x: &[I],
     o: &mut [MaybeUninit<O>],
-    m: Option<&mut [MaybeUninit<bool>]>,
+    m: MaskOut<'_>,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
         unsafe fn avx2<I, O, K: RunKernel<I, O>>(
             k: &K,
-            c: usize,
-            i: usize,
+            lay: &Layout,
             s: usize,
             x: &[I],
             o: &mut [MaybeUninit<O>],
-            m: Option<&mut [MaybeUninit<bool>]>,
+            m: MaskOut<'_>,
         ) {
-            run_chunk(k, c, i, s, x, o, m)
+            run_chunk(k, lay, s, x, o, m)
         }
         #[target_feature(enable = "sse4.1")]
         unsafe fn sse41<I, O, K: RunKernel<I, O>>(
             k: &K,
-            c: usize,
-            i: usize,
+            lay: &Layout,
             s: usize,
             x: &[I],
             o: &mut [MaybeUninit<O>],
-            m: Option<&mut [MaybeUninit<bool>]>,
+            m: MaskOut<'_>,
         ) {
-            run_chunk(k, c, i, s, x, o, m)
+            run_chunk(k, lay, s, x, o, m)
         }
-        if super::simd_level() >= 2 {
+        match super::simd_level() {
             // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { avx2(k, channels, inner, start, x, o, m) };
-        }
-        if super::simd_level() == 1 {
+            2 => return unsafe { avx2(k, lay, start, x, o, m) },
             // SAFETY: the CPU has SSE4.1.
-            return unsafe { sse41(k, channels, inner, start, x, o, m) };
+            1 => return unsafe { sse41(k, lay, start, x, o, m) },
+            _ => {}
         }
     }
-    run_chunk(k, channels, inner, start, x, o, m)
+    run_chunk(k, lay, start, x, o, m)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -466,8 +513,87 @@ impl<E: Elem> RunKernel<E, E> for FakeQuant<E::C> {
 /// straight-through mask `quant_min <= zp + round(x / scale) <= quant_max`.
 pub type FakeQuantOutput<E> = (ArrayD<E>, Option<ArrayD<bool>>);
 
-/// `torch.fake_quantize_per_tensor_affine`, bit for bit: NaN maps to `quant_min`, ±Inf and
-/// out-of-range values clamp; the mask is false for all of them.
+/// A validated fake-quant operation for arrays of one shape, runnable into a new array, into a
+/// caller's buffer, or in place.
+pub struct FakeQuantOp<C> {
+    k: FakeQuant<C>,
+    lay: Layout,
+    shape: Vec<usize>,
+}
+
+impl<C: Real> FakeQuantOp<C> {
+    /// `torch.fake_quantize_per_tensor_affine`, bit for bit: NaN maps to `quant_min`, ±Inf and
+    /// out-of-range values clamp; the mask is false for all of them.
+    pub fn per_tensor(shape: &[usize], scale: f64, zero_point: i64, quant_min: i64, quant_max: i64) -> Result<Self> {
+        let r = QRange::new(quant_min, quant_max)?;
+        let s = check_scale("scale", scale)?;
+        let zp = check_zero_point("zero_point", zero_point, r)?;
+        let n = shape.iter().product();
+        Ok(FakeQuantOp {
+            k: FakeQuant::new(&[s], &[zp], r, C::INFINITY, true),
+            lay: Layout::per_tensor(n),
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// `torch.fake_quantize_per_channel_affine`, bit for bit, including its int64 conversion:
+    /// values whose `zp + round(x/s)` reaches 2^63 (and +Inf) map to `quant_min`, like NaN.
+    pub fn per_channel(
+        shape: &[usize],
+        scales: &[f64],
+        zero_points: &[i64],
+        axis: i64,
+        quant_min: i64,
+        quant_max: i64,
+    ) -> Result<Self> {
+        let r = QRange::new(quant_min, quant_max)?;
+        let axis = check_axis(axis, shape.len())?;
+        let (s, zp) = channel_params(shape, axis, scales, zero_points, r)?;
+        Ok(FakeQuantOp {
+            k: FakeQuant::new(&s, &zp, r, C::I64_SAFE_MAX, false),
+            lay: Layout::per_channel(shape, axis),
+            shape: shape.to_vec(),
+        })
+    }
+
+    fn check(&self, shape: &[usize], what: &str) -> Result<()> {
+        ensure!(
+            shape == self.shape.as_slice(),
+            "{what} has shape {shape:?}, expected {:?}",
+            self.shape
+        );
+        Ok(())
+    }
+
+    /// Fake-quantizes `x` into a new array (and mask).
+    pub fn run<E: Elem<C = C>>(&self, x: ArrayViewD<'_, E>, with_mask: bool) -> Result<FakeQuantOutput<E>> {
+        self.check(x.shape(), "x")?;
+        Ok(drive(&x, &self.lay, &self.k, with_mask))
+    }
+
+    /// Fake-quantizes `x` into `out` (C order, `x.len()` elements) and optionally a mask.
+    pub fn run_into<E: Elem<C = C>>(&self, x: ArrayViewD<'_, E>, out: &mut [E], mask: Option<&mut [bool]>) -> Result<()> {
+        self.check(x.shape(), "x")?;
+        ensure!(out.len() == x.len(), "out has {} elements, expected {}", out.len(), x.len());
+        // SAFETY: MaybeUninit<T> has T's layout; kernels only write initialized values.
+        let o = unsafe { &mut *(out as *mut [E] as *mut [MaybeUninit<E>]) };
+        let m = mask.map(|m| unsafe { &mut *(m as *mut [bool] as *mut [MaybeUninit<bool>]) });
+        drive_into(&x, &self.lay, &self.k, o, m);
+        Ok(())
+    }
+
+    /// Fake-quantizes a C-contiguous buffer of this op's shape in place.
+    pub fn run_in_place<E: Elem<C = C>>(&self, data: &mut [E], mask: Option<&mut [bool]>) -> Result<()> {
+        let n: usize = self.shape.iter().product();
+        ensure!(data.len() == n, "the buffer has {} elements, expected {n}", data.len());
+        // SAFETY: as in run_into.
+        let m = mask.map(|m| unsafe { &mut *(m as *mut [bool] as *mut [MaybeUninit<bool>]) });
+        drive_in_place(data, &self.lay, &self.k, m);
+        Ok(())
+    }
+}
+
+/// `FakeQuantOp::per_tensor(..).run(x, with_mask)`.
 pub fn fake_quantize_per_tensor<E: Elem>(
     x: ArrayViewD<'_, E>,
     scale: f64,
@@ -476,15 +602,10 @@ pub fn fake_quantize_per_tensor<E: Elem>(
     quant_max: i64,
     with_mask: bool,
 ) -> Result<FakeQuantOutput<E>> {
-    let r = QRange::new(quant_min, quant_max)?;
-    let s = check_scale("scale", scale)?;
-    let zp = check_zero_point("zero_point", zero_point, r)?;
-    let k = FakeQuant::<E::C>::new(&[s], &[zp], r, E::C::INFINITY, true);
-    Ok(drive(&x, Layout::per_tensor(x.len()), &k, with_mask))
+    FakeQuantOp::<E::C>::per_tensor(x.shape(), scale, zero_point, quant_min, quant_max)?.run(x, with_mask)
 }
 
-/// `torch.fake_quantize_per_channel_affine`, bit for bit, including its int64 conversion:
-/// values whose `zp + round(x/s)` reaches 2^63 (and +Inf) map to `quant_min`, like NaN.
+/// `FakeQuantOp::per_channel(..).run(x, with_mask)`.
 pub fn fake_quantize_per_channel<E: Elem>(
     x: ArrayViewD<'_, E>,
     scales: &[f64],
@@ -494,16 +615,7 @@ pub fn fake_quantize_per_channel<E: Elem>(
     quant_max: i64,
     with_mask: bool,
 ) -> Result<FakeQuantOutput<E>> {
-    let r = QRange::new(quant_min, quant_max)?;
-    let axis = check_axis(axis, x.ndim())?;
-    let (s, zp) = channel_params(x.shape(), axis, scales, zero_points, r)?;
-    let k = FakeQuant::<E::C>::new(&s, &zp, r, E::C::I64_SAFE_MAX, false);
-    Ok(drive(
-        &x,
-        Layout::per_channel(x.shape(), axis),
-        &k,
-        with_mask,
-    ))
+    FakeQuantOp::<E::C>::per_channel(x.shape(), scales, zero_points, axis, quant_min, quant_max)?.run(x, with_mask)
 }
 
 /// Validates per-channel scales and zero points against the array's channel count.
@@ -553,9 +665,11 @@ struct QuantTensor {
 /// Per channel, PyTorch uses the scalar rule: `zp + nearbyint(x * inv)` in float, clamped; NaN
 /// converts to the raw code 0.
 pub(crate) struct QuantChannel {
-    pub(crate) inv: Vec<f32>,
-    pub(crate) zp: Vec<f32>,
+    inv: Vec<f32>,
+    zp: Vec<f32>,
     r: QRange,
+    /// Subtracted from every code: `quant_min` gives the unsigned offsets that get packed.
+    offset: i32,
 }
 
 const FBGEMM_CAP: f32 = 2_147_483_520.0; // largest float32 below i32::MAX
@@ -579,11 +693,18 @@ impl QuantChannel {
             inv: scales.iter().map(|&s| 1.0 / s).collect(),
             zp: zps.iter().map(|&z| z as f32).collect(),
             r,
+            offset: 0,
         }
     }
 
+    /// The same kernel writing `code - quant_min`.
+    pub(crate) fn offsets(mut self) -> Self {
+        self.offset = self.r.min;
+        self
+    }
+
     #[inline(always)]
-    pub(crate) fn one(&self, x: f32, inv: f32, zp: f32) -> i32 {
+    fn one(&self, x: f32, inv: f32, zp: f32) -> i32 {
         let t = zp + (x * inv).rne();
         let (lo, hi) = (self.r.min as f32, self.r.max as f32);
         let t = if t.is_nan() {
@@ -592,7 +713,8 @@ impl QuantChannel {
             t.clamp(lo, hi)
         };
         // SAFETY: t is an integer-valued float within the i32 range [lo, hi].
-        unsafe { t.to_int_unchecked() }
+        let q: i32 = unsafe { t.to_int_unchecked() };
+        q - self.offset
     }
 }
 
@@ -677,9 +799,9 @@ pub fn quantize_per_tensor<E: Elem>(
     };
     let lay = Layout::per_tensor(x.len());
     Ok(if r.is_signed() {
-        Codes::I8(drive(&x, lay, &k, false).0)
+        Codes::I8(drive(&x, &lay, &k, false).0)
     } else {
-        Codes::U8(drive(&x, lay, &k, false).0)
+        Codes::U8(drive(&x, &lay, &k, false).0)
     })
 }
 
@@ -698,18 +820,18 @@ pub fn quantize_per_channel<E: Elem>(
     let k = QuantChannel::new(&s, &zp, r);
     let lay = Layout::per_channel(x.shape(), axis);
     Ok(if r.is_signed() {
-        Codes::I8(drive(&x, lay, &k, false).0)
+        Codes::I8(drive(&x, &lay, &k, false).0)
     } else {
-        Codes::U8(drive(&x, lay, &k, false).0)
+        Codes::U8(drive(&x, &lay, &k, false).0)
     })
 }
 
 // ---------------------------------------------------------------------------------------------
 // Dequantize
 
-struct Dequant {
-    scale: Vec<f32>,
-    zp: Vec<i32>,
+pub(crate) struct Dequant {
+    pub(crate) scale: Vec<f32>,
+    pub(crate) zp: Vec<i32>,
 }
 
 impl<Q: Code> RunKernel<Q, f32> for Dequant {
@@ -757,7 +879,7 @@ pub fn dequantize_per_tensor<Q: Code>(
         scale: vec![s],
         zp: vec![zero_point as i32],
     };
-    Ok(drive(&q, Layout::per_tensor(q.len()), &k, false).0)
+    Ok(drive(&q, &Layout::per_tensor(q.len()), &k, false).0)
 }
 
 /// Per-channel `(q - zero_points[c]) * scales[c]` along `axis`.
@@ -774,7 +896,7 @@ pub fn dequantize_per_channel<Q: Code>(
     };
     let (s, zp) = channel_params(q.shape(), axis, scales, zero_points, wide)?;
     let k = Dequant { scale: s, zp };
-    Ok(drive(&q, Layout::per_channel(q.shape(), axis), &k, false).0)
+    Ok(drive(&q, &Layout::per_channel(q.shape(), axis), &k, false).0)
 }
 
 #[cfg(test)]
@@ -936,6 +1058,28 @@ mod tests {
         let d = dequantize_per_tensor(q.view(), 2.0 / 127.0, 0).unwrap();
         for (a, b) in d.iter().zip(&x) {
             assert!((a - b).abs() <= 0.5 * 2.0 / 127.0 + 1e-6);
+        }
+    }
+
+    #[test]
+    fn into_and_in_place_agree_with_a_fresh_output() {
+        let n = CHUNK * 2 + 333;
+        let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
+        let xa = ArrayD::from_shape_vec(IxDyn(&[n / 3, 3]), x[..n / 3 * 3].to_vec()).unwrap();
+        for op in [
+            FakeQuantOp::<f32>::per_tensor(xa.shape(), 0.03, 1, -8, 7).unwrap(),
+            FakeQuantOp::<f32>::per_channel(xa.shape(), &[0.01, 0.02, 0.05], &[0, 1, -1], 1, -8, 7).unwrap(),
+        ] {
+            let (want, mask) = op.run(xa.view(), true).unwrap();
+            let mut out = vec![0f32; xa.len()];
+            let mut m = vec![false; xa.len()];
+            op.run_into(xa.view(), &mut out, Some(&mut m)).unwrap();
+            assert_eq!(out.as_slice(), want.as_slice().unwrap());
+            assert_eq!(m.as_slice(), mask.unwrap().as_slice().unwrap());
+            let mut inplace = xa.as_slice().unwrap().to_vec();
+            op.run_in_place(&mut inplace, None).unwrap();
+            assert_eq!(inplace.as_slice(), want.as_slice().unwrap());
+            assert!(op.run_into(xa.view(), &mut out[1..], None).is_err());
         }
     }
 

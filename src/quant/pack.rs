@@ -26,8 +26,20 @@ pub fn pack(codes: &[u8], bits: u32) -> Result<Vec<u8>> {
     Ok(pack_unchecked(codes, bits))
 }
 
+/// Codes per parallel task: a multiple of 8, so every task starts on a byte boundary.
+const PAR: usize = 1 << 16;
+
+/// `pack` without the range check, in parallel.
 pub(crate) fn pack_unchecked(codes: &[u8], bits: u32) -> Vec<u8> {
+    use rayon::prelude::*;
     let mut out = vec![0u8; packed_len(codes.len(), bits)];
+    out.par_chunks_mut(PAR / 8 * bits as usize)
+        .zip(codes.par_chunks(PAR))
+        .for_each(|(o, c)| pack_into(c, bits, o));
+    out
+}
+
+fn pack_into(codes: &[u8], bits: u32, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(codes),
         1 | 2 | 4 => {
@@ -56,7 +68,6 @@ pub(crate) fn pack_unchecked(codes: &[u8], bits: u32) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 /// Unpacks `n` codes of `bits` bits; `packed` must hold exactly `packed_len(n, bits)` bytes.
@@ -71,8 +82,16 @@ pub fn unpack(packed: &[u8], bits: u32, n: usize) -> Result<Vec<u8>> {
         "{n} codes of {bits} bits take {want} bytes, got {}",
         packed.len()
     );
-    let mask = ((1u16 << bits) - 1) as u8;
+    use rayon::prelude::*;
     let mut out = vec![0u8; n];
+    out.par_chunks_mut(PAR)
+        .zip(packed.par_chunks(PAR / 8 * bits as usize))
+        .for_each(|(o, p)| unpack_into(p, bits, o));
+    Ok(out)
+}
+
+fn unpack_into(packed: &[u8], bits: u32, out: &mut [u8]) {
+    let mask = ((1u16 << bits) - 1) as u8;
     match bits {
         8 => out.copy_from_slice(packed),
         1 | 2 | 4 => {
@@ -97,7 +116,6 @@ pub fn unpack(packed: &[u8], bits: u32, n: usize) -> Result<Vec<u8>> {
             }
         }
     }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! `QuantSpec` (bits, symmetric, granularity) and `QuantizedTensor` (packed codes + qparams).
-use super::affine::{self, check_axis, Code, Codes, QRange};
+use super::affine::{self, check_axis, Codes, QRange};
 use super::elem::Elem;
 use super::pack;
 use crate::{ensure, Error, Result};
@@ -94,6 +94,18 @@ impl QuantSpec {
         QRange::for_bits(self.bits, self.symmetric).expect("bits validated in new()")
     }
 
+    /// How the kernels walk an input of `shape` for this spec.
+    pub(crate) fn layout(&self, shape: &[usize]) -> Result<affine::Layout> {
+        Ok(match self.granularity {
+            Granularity::Tensor => affine::Layout::per_tensor(shape.iter().product()),
+            Granularity::Channel => affine::Layout::per_channel(shape, check_axis(self.axis, shape.len())?),
+            Granularity::Group => {
+                ensure!(!shape.is_empty(), "group quantization needs at least one dimension");
+                affine::Layout::groups(shape, self.group_size.unwrap_or(1))
+            }
+        })
+    }
+
     /// Shape of the scales / zero points for an input of `shape`.
     pub fn qparams_shape(&self, shape: &[usize]) -> Result<Vec<usize>> {
         Ok(match self.granularity {
@@ -137,23 +149,37 @@ pub fn qparams_from_minmax(min: f32, max: f32, r: QRange, symmetric: bool) -> (f
     }
 }
 
-/// Min and max of a view, refusing NaN and ±Inf (no range can be derived from them).
-pub fn finite_minmax<E: Elem>(x: &ArrayViewD<'_, E>) -> Result<(f32, f32)> {
-    let fold =
-        |(lo, hi, bad): (f32, f32, bool), v: f32| (lo.min(v), hi.max(v), bad || !v.is_finite());
-    let init = (f32::INFINITY, f32::NEG_INFINITY, false);
-    let (lo, hi, bad) = match x.as_slice_memory_order() {
-        Some(s) if s.len() > super::CHUNK => s
-            .par_chunks(super::CHUNK)
-            .map(|c| c.iter().fold(init, |a, v| fold(a, v.to_f32())))
-            .reduce(|| init, |a, b| (a.0.min(b.0), a.1.max(b.1), a.2 || b.2)),
-        _ => x.iter().fold(init, |a, v| fold(a, v.to_f32())),
-    };
+/// Min, max and whether any value is NaN or ±Inf, in one pass LLVM vectorizes.
+#[inline]
+fn minmax_slice<E: Elem>(s: &[E]) -> (f32, f32, bool) {
+    let (mut lo, mut hi, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, false);
+    for v in s {
+        let v = v.to_f32();
+        lo = lo.min(v);
+        hi = hi.max(v);
+        bad |= (v - v) != 0.0; // NaN for NaN and ±Inf
+    }
+    (lo, hi, bad)
+}
+
+fn finish_minmax((lo, hi, bad): (f32, f32, bool)) -> Result<(f32, f32)> {
     ensure!(
         !bad,
         "the input contains NaN or Inf: no quantization range can be derived from it (pass scales explicitly)"
     );
     Ok(if lo > hi { (0.0, 0.0) } else { (lo, hi) })
+}
+
+/// Min and max of a view, refusing NaN and ±Inf (no range can be derived from them).
+pub fn finite_minmax<E: Elem>(x: &ArrayViewD<'_, E>) -> Result<(f32, f32)> {
+    let merge = |a: (f32, f32, bool), b: (f32, f32, bool)| (a.0.min(b.0), a.1.max(b.1), a.2 || b.2);
+    let init = (f32::INFINITY, f32::NEG_INFINITY, false);
+    finish_minmax(match x.as_slice_memory_order() {
+        Some(s) => s.par_chunks(super::CHUNK).map(minmax_slice).reduce(|| init, merge),
+        None => x.lanes(Axis(x.ndim().max(1) - 1)).into_iter().fold(init, |a, l| {
+            merge(a, l.as_slice().map_or_else(|| minmax_slice(&l.to_vec()), minmax_slice))
+        }),
+    })
 }
 
 /// A quantized array: codes packed at `spec.bits` bits (stored as `code - quant_min`, see
@@ -209,77 +235,40 @@ impl QuantizedTensor {
         Ok(())
     }
 
+    /// The unsigned offsets `code - quant_min`, unpacked.
+    fn offsets(&self) -> Result<ArrayD<u8>> {
+        let u = pack::unpack(&self.codes, self.spec.bits, self.numel())?;
+        ArrayD::from_shape_vec(IxDyn(&self.shape), u).map_err(|e| Error::value(e.to_string()))
+    }
+
     /// Integer codes in `[quant_min, quant_max]` (int8 for symmetric specs, uint8 otherwise).
     pub fn int_codes(&self) -> Result<Codes> {
-        let u = pack::unpack(&self.codes, self.spec.bits, self.numel())?;
+        let u = self.offsets()?;
         let r = self.spec.range();
-        let dim = IxDyn(&self.shape);
-        let shape_err = |e: ndarray::ShapeError| Error::value(e.to_string());
         Ok(if r.is_signed() {
-            let v = u.iter().map(|&c| (c as i32 + r.min) as i8).collect();
-            Codes::I8(ArrayD::from_shape_vec(dim, v).map_err(shape_err)?)
+            Codes::I8(u.mapv(|c| (c as i32 + r.min) as i8))
         } else {
-            Codes::U8(ArrayD::from_shape_vec(dim, u).map_err(shape_err)?)
+            Codes::U8(u)
         })
     }
 
     /// Float32 reconstruction `(q - zero_point) * scale`.
     pub fn dequantize(&self) -> Result<ArrayD<f32>> {
         self.validate()?;
-        match self.int_codes()? {
-            Codes::I8(q) => self.dequantize_codes(q.view()),
-            Codes::U8(q) => self.dequantize_codes(q.view()),
-        }
+        let u = self.offsets()?;
+        let qmin = self.spec.range().min;
+        // (u + qmin - zp) * s == (u - (zp - qmin)) * s, exactly, in integers.
+        let k = affine::Dequant {
+            scale: self.scales.iter().copied().collect(),
+            zp: self.zero_points.iter().map(|&z| z - qmin).collect(),
+        };
+        Ok(affine::drive(&u.view(), &self.spec.layout(&self.shape)?, &k, false).0)
     }
-
-    fn dequantize_codes<Q: Code>(&self, q: ArrayViewD<'_, Q>) -> Result<ArrayD<f32>> {
-        let s: Vec<f64> = self.scales.iter().map(|&v| v as f64).collect();
-        let z: Vec<i64> = self.zero_points.iter().map(|&v| v as i64).collect();
-        match self.spec.granularity {
-            Granularity::Tensor => affine::dequantize_per_tensor(q, s[0], z[0]),
-            Granularity::Channel => affine::dequantize_per_channel(q, &s, &z, self.spec.axis),
-            Granularity::Group => {
-                let g = self.spec.group_size.unwrap_or(1);
-                let ng = self.shape[self.shape.len() - 1].div_ceil(g);
-                let sc: Vec<f32> = self.scales.iter().copied().collect();
-                let zp: Vec<i32> = self.zero_points.iter().copied().collect();
-                let out = map_rows(q.view(), |r, qs| {
-                    qs.chunks(g)
-                        .enumerate()
-                        .flat_map(|(j, c)| {
-                            let (s, z) = (sc[r * ng + j], zp[r * ng + j]);
-                            c.iter().map(move |&q| (q.to_i32() - z) as f32 * s)
-                        })
-                        .collect()
-                });
-                ArrayD::from_shape_vec(q.raw_dim(), out).map_err(|e| Error::value(e.to_string()))
-            }
-        }
-    }
-}
-
-/// Maps every row (lane of the last axis) of `x` to a `Vec`, in parallel, and concatenates
-/// the results in C order. Strided rows are copied to a buffer one at a time.
-fn map_rows<I, R, F>(x: ArrayViewD<'_, I>, f: F) -> Vec<R>
-where
-    I: Copy + Sync,
-    R: Send,
-    F: Fn(usize, &[I]) -> Vec<R> + Sync,
-{
-    let rows: Vec<_> = x.lanes(Axis(x.ndim() - 1)).into_iter().collect();
-    let parts: Vec<Vec<R>> = rows
-        .par_iter()
-        .enumerate()
-        .map(|(r, row)| match row.as_slice() {
-            Some(xs) => f(r, xs),
-            None => f(r, &row.to_vec()),
-        })
-        .collect();
-    parts.into_iter().flatten().collect()
 }
 
 /// Quantizes `x` with `spec`. Scales and zero points come from the min-max of each tensor /
-/// channel / group unless given (shaped as `spec.qparams_shape`).
+/// channel / group unless given (shaped as `spec.qparams_shape`). Codes follow PyTorch's
+/// per-channel rule at every granularity: `clamp(zp + nearbyint(x * (1/scale)))`, NaN to 0.
 pub fn quantize<E: Elem>(
     x: ArrayViewD<'_, E>,
     spec: QuantSpec,
@@ -287,6 +276,7 @@ pub fn quantize<E: Elem>(
 ) -> Result<QuantizedTensor> {
     let r = spec.range();
     let qshape = spec.qparams_shape(x.shape())?;
+    let lay = spec.layout(x.shape())?;
     let (scales, zps) = match qparams {
         Some((s, z)) => {
             ensure!(
@@ -301,56 +291,19 @@ pub fn quantize<E: Elem>(
     };
     let s64: Vec<f64> = scales.iter().map(|&v| v as f64).collect();
     let z64: Vec<i64> = zps.iter().map(|&v| v as i64).collect();
-    // Offsets `q - quant_min` in 0..2^bits, ready to pack.
-    let offsets: Vec<u8> = match spec.granularity {
-        Granularity::Tensor => codes_to_offsets(
-            affine::quantize_per_tensor(x.view(), s64[0], z64[0], r.min as i64, r.max as i64)?,
-            r,
-        ),
-        Granularity::Channel => codes_to_offsets(
-            affine::quantize_per_channel(
-                x.view(),
-                &s64,
-                &z64,
-                spec.axis,
-                r.min as i64,
-                r.max as i64,
-            )?,
-            r,
-        ),
-        Granularity::Group => {
-            let (s, z) = affine::channel_params(&[s64.len()], 0, &s64, &z64, r)?;
-            let g = spec.group_size.unwrap_or(1);
-            let ng = x.shape()[x.ndim() - 1].div_ceil(g);
-            map_rows(x.view(), |row, xs| {
-                xs.chunks(g)
-                    .enumerate()
-                    .flat_map(|(j, c)| {
-                        let k =
-                            affine::QuantChannel::new(&[s[row * ng + j]], &[z[row * ng + j]], r);
-                        c.iter()
-                            .map(move |v| (k.one(v.to_f32(), k.inv[0], k.zp[0]) - r.min) as u8)
-                    })
-                    .collect()
-            })
-        }
-    };
+    let (s32, z32) = affine::channel_params(&[s64.len()], 0, &s64, &z64, r)?;
+    let k = affine::QuantChannel::new(&s32, &z32, r).offsets();
+    let (offsets, _) = affine::drive::<E, u8, _>(&x, &lay, &k, false);
+    let offsets = offsets.as_standard_layout();
     let qt = QuantizedTensor {
         spec,
         shape: x.shape().to_vec(),
-        codes: pack::pack_unchecked(&offsets, spec.bits),
+        codes: pack::pack_unchecked(offsets.as_slice().expect("standard layout"), spec.bits),
         scales,
         zero_points: zps,
     };
     qt.validate()?;
     Ok(qt)
-}
-
-fn codes_to_offsets(c: Codes, r: QRange) -> Vec<u8> {
-    match c {
-        Codes::I8(a) => a.iter().map(|&q| (q as i32 - r.min) as u8).collect(),
-        Codes::U8(a) => a.iter().map(|&q| (q as i32 - r.min) as u8).collect(),
-    }
 }
 
 fn derive_qparams<E: Elem>(
@@ -370,13 +323,18 @@ fn derive_qparams<E: Elem>(
         }
         Granularity::Group => {
             let g = spec.group_size.unwrap_or(1);
-            map_rows(x.view(), |_, xs| {
-                xs.chunks(g)
-                    .map(|c| finite_minmax(&ndarray::aview1(c).into_dyn()))
-                    .collect()
-            })
-            .into_iter()
-            .collect::<Result<_>>()?
+            let k = x.shape()[x.ndim() - 1];
+            let per_row = |row: &[E]| -> Vec<Result<(f32, f32)>> {
+                row.chunks(g).map(|c| finish_minmax(minmax_slice(c))).collect()
+            };
+            let rows: Vec<Vec<Result<(f32, f32)>>> = match x.as_slice() {
+                Some(xs) if k > 0 => xs.par_chunks(k).map(per_row).collect(),
+                _ => {
+                    let lanes: Vec<_> = x.lanes(Axis(x.ndim() - 1)).into_iter().collect();
+                    lanes.par_iter().map(|l| per_row(&l.to_vec())).collect()
+                }
+            };
+            rows.into_iter().flatten().collect::<Result<_>>()?
         }
     };
     let (s, z): (Vec<f32>, Vec<i32>) = pairs
@@ -389,4 +347,49 @@ fn derive_qparams<E: Elem>(
         ArrayD::from_shape_vec(dim.clone(), s).map_err(err)?,
         ArrayD::from_shape_vec(dim, z).map_err(err)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array2;
+
+    /// Group quantization equals per-tensor quantization of every group on its own, for
+    /// contiguous and strided input and a short last group.
+    #[test]
+    fn groups_are_independent_tensors() {
+        let (rows, k, g) = (7, 50, 16);
+        let w = Array2::from_shape_fn((rows, k), |(r, c)| ((r * 31 + c * 17) % 23) as f32 * 0.1 - 1.1 + r as f32);
+        let spec = QuantSpec::new(3, false, Granularity::Group, 0, Some(g)).unwrap();
+        let wt = w.t().to_owned();
+        for x in [w.view().into_dyn(), wt.t().into_dyn()] {
+            let q = quantize(x.view(), spec, None).unwrap();
+            let d = q.dequantize().unwrap();
+            for r in 0..rows {
+                for j in 0..k.div_ceil(g) {
+                    let cols = j * g..((j + 1) * g).min(k);
+                    let part = w.slice(ndarray::s![r, cols.clone()]).to_owned().into_dyn();
+                    let one = quantize(part.view(), QuantSpec::new(3, false, Granularity::Tensor, 0, None).unwrap(), None).unwrap();
+                    assert_eq!(q.scales[[r, j]], one.scales[[]]);
+                    assert_eq!(q.zero_points[[r, j]], one.zero_points[[]]);
+                    let dd = one.dequantize().unwrap();
+                    for (a, b) in d.slice(ndarray::s![r, cols]).iter().zip(dd.iter()) {
+                        assert_eq!(a.to_bits(), b.to_bits());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn qparams_follow_torch_minmax_formula() {
+        let r = QRange::for_bits(8, true).unwrap();
+        assert_eq!(qparams_from_minmax(-1.0, 2.0, r, true), (2.0 / 127.5, 0));
+        let u = QRange::for_bits(8, false).unwrap();
+        let (s, z) = qparams_from_minmax(-1.0, 2.0, u, false);
+        assert_eq!(s, 3.0 / 255.0);
+        assert_eq!(z, (0.0f32 - (-1.0f32 / s).round_ties_even()) as i32);
+        // all-zero input: eps scale, zero point in range
+        assert_eq!(qparams_from_minmax(0.0, 0.0, u, false), (f32::EPSILON, 0));
+    }
 }
