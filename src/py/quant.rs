@@ -1,9 +1,9 @@
 //! Bindings of `crate::quant`: convert arrays, release the GIL, call the core, convert back.
 use super::{detach, type_error, value_error};
+use crate::quant::affine::FakeQuantOp;
 use crate::quant::affine::{self, Codes};
 use crate::quant::checkpoint::{self, Entry, Report};
 use crate::quant::spec::{self, Granularity};
-use crate::quant::affine::FakeQuantOp;
 use crate::quant::{pack, Elem, Real};
 use half::{bf16, f16};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -148,7 +148,9 @@ impl FqArgs {
     fn op<C: Real>(&self, shape: &[usize]) -> crate::Result<FakeQuantOp<C>> {
         match self {
             FqArgs::Tensor(s, z, lo, hi) => FakeQuantOp::per_tensor(shape, *s, *z, *lo, *hi),
-            FqArgs::Channel(s, z, axis, lo, hi) => FakeQuantOp::per_channel(shape, s, z, *axis, *lo, *hi),
+            FqArgs::Channel(s, z, axis, lo, hi) => {
+                FakeQuantOp::per_channel(shape, s, z, *axis, *lo, *hi)
+            }
         }
     }
 }
@@ -180,7 +182,10 @@ fn fake_quant<'py>(
     } else if let Ok(o) = out.cast::<PyArrayDyn<f16>>() {
         fq_into(py, x, o, &args, inplace, return_mask)
     } else {
-        Err(type_error(format!("out must be a float32, float16 or float64 array, got {}", dtype_str(out))))
+        Err(type_error(format!(
+            "out must be a float32, float16 or float64 array, got {}",
+            dtype_str(out)
+        )))
     }
 }
 
@@ -205,13 +210,21 @@ fn fq_into<'py, E: Elem + numpy::Element>(
     let os = ow
         .as_slice_mut()
         .map_err(|_| value_error("out must be a C-contiguous array"))?;
-    let ms = mask.as_mut().map(|m| m.as_slice_mut().expect("fresh arrays are contiguous"));
+    let ms = mask
+        .as_mut()
+        .map(|m| m.as_slice_mut().expect("fresh arrays are contiguous"));
     if inplace {
         detach(py, || op.run_in_place(os, ms))?;
     } else {
         let xa = x
             .cast::<PyArrayDyn<E>>()
-            .map_err(|_| type_error(format!("out has dtype {}, x has {}", dtype_str(out.as_any()), dtype_str(x))))?
+            .map_err(|_| {
+                type_error(format!(
+                    "out has dtype {}, x has {}",
+                    dtype_str(out.as_any()),
+                    dtype_str(x)
+                ))
+            })?
             .try_readonly()
             .map_err(|_| value_error("out overlaps x; pass out=x to work in place"))?;
         let xv = xa.as_array();

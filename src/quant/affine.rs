@@ -269,7 +269,12 @@ pub(crate) fn drive_into<I, O, K>(
 }
 
 /// `drive_into` a freshly allocated output (and mask).
-pub(crate) fn drive<I, O, K>(x: &ArrayViewD<'_, I>, lay: &Layout, k: &K, with_mask: bool) -> (ArrayD<O>, Option<ArrayD<bool>>)
+pub(crate) fn drive<I, O, K>(
+    x: &ArrayViewD<'_, I>,
+    lay: &Layout,
+    k: &K,
+    with_mask: bool,
+) -> (ArrayD<O>, Option<ArrayD<bool>>)
 where
     I: Copy + Sync,
     O: Copy + Send,
@@ -279,7 +284,9 @@ where
     let mut mask = with_mask.then(|| ArrayD::<bool>::uninit(x.raw_dim()));
     let os = out.as_slice_mut().expect("fresh arrays are contiguous");
     advise_huge_pages(os);
-    let ms = mask.as_mut().map(|m| m.as_slice_mut().expect("fresh arrays are contiguous"));
+    let ms = mask
+        .as_mut()
+        .map(|m| m.as_slice_mut().expect("fresh arrays are contiguous"));
     drive_into(x, lay, k, os, ms);
     // SAFETY: drive_into writes every element of `out` and `mask`.
     unsafe { (out.assume_init(), mask.map(|m| m.assume_init())) }
@@ -524,7 +531,13 @@ pub struct FakeQuantOp<C> {
 impl<C: Real> FakeQuantOp<C> {
     /// `torch.fake_quantize_per_tensor_affine`, bit for bit: NaN maps to `quant_min`, ±Inf and
     /// out-of-range values clamp; the mask is false for all of them.
-    pub fn per_tensor(shape: &[usize], scale: f64, zero_point: i64, quant_min: i64, quant_max: i64) -> Result<Self> {
+    pub fn per_tensor(
+        shape: &[usize],
+        scale: f64,
+        zero_point: i64,
+        quant_min: i64,
+        quant_max: i64,
+    ) -> Result<Self> {
         let r = QRange::new(quant_min, quant_max)?;
         let s = check_scale("scale", scale)?;
         let zp = check_zero_point("zero_point", zero_point, r)?;
@@ -566,15 +579,29 @@ impl<C: Real> FakeQuantOp<C> {
     }
 
     /// Fake-quantizes `x` into a new array (and mask).
-    pub fn run<E: Elem<C = C>>(&self, x: ArrayViewD<'_, E>, with_mask: bool) -> Result<FakeQuantOutput<E>> {
+    pub fn run<E: Elem<C = C>>(
+        &self,
+        x: ArrayViewD<'_, E>,
+        with_mask: bool,
+    ) -> Result<FakeQuantOutput<E>> {
         self.check(x.shape(), "x")?;
         Ok(drive(&x, &self.lay, &self.k, with_mask))
     }
 
     /// Fake-quantizes `x` into `out` (C order, `x.len()` elements) and optionally a mask.
-    pub fn run_into<E: Elem<C = C>>(&self, x: ArrayViewD<'_, E>, out: &mut [E], mask: Option<&mut [bool]>) -> Result<()> {
+    pub fn run_into<E: Elem<C = C>>(
+        &self,
+        x: ArrayViewD<'_, E>,
+        out: &mut [E],
+        mask: Option<&mut [bool]>,
+    ) -> Result<()> {
         self.check(x.shape(), "x")?;
-        ensure!(out.len() == x.len(), "out has {} elements, expected {}", out.len(), x.len());
+        ensure!(
+            out.len() == x.len(),
+            "out has {} elements, expected {}",
+            out.len(),
+            x.len()
+        );
         // SAFETY: MaybeUninit<T> has T's layout; kernels only write initialized values.
         let o = unsafe { &mut *(out as *mut [E] as *mut [MaybeUninit<E>]) };
         let m = mask.map(|m| unsafe { &mut *(m as *mut [bool] as *mut [MaybeUninit<bool>]) });
@@ -583,9 +610,17 @@ impl<C: Real> FakeQuantOp<C> {
     }
 
     /// Fake-quantizes a C-contiguous buffer of this op's shape in place.
-    pub fn run_in_place<E: Elem<C = C>>(&self, data: &mut [E], mask: Option<&mut [bool]>) -> Result<()> {
+    pub fn run_in_place<E: Elem<C = C>>(
+        &self,
+        data: &mut [E],
+        mask: Option<&mut [bool]>,
+    ) -> Result<()> {
         let n: usize = self.shape.iter().product();
-        ensure!(data.len() == n, "the buffer has {} elements, expected {n}", data.len());
+        ensure!(
+            data.len() == n,
+            "the buffer has {} elements, expected {n}",
+            data.len()
+        );
         // SAFETY: as in run_into.
         let m = mask.map(|m| unsafe { &mut *(m as *mut [bool] as *mut [MaybeUninit<bool>]) });
         drive_in_place(data, &self.lay, &self.k, m);
@@ -602,7 +637,8 @@ pub fn fake_quantize_per_tensor<E: Elem>(
     quant_max: i64,
     with_mask: bool,
 ) -> Result<FakeQuantOutput<E>> {
-    FakeQuantOp::<E::C>::per_tensor(x.shape(), scale, zero_point, quant_min, quant_max)?.run(x, with_mask)
+    FakeQuantOp::<E::C>::per_tensor(x.shape(), scale, zero_point, quant_min, quant_max)?
+        .run(x, with_mask)
 }
 
 /// `FakeQuantOp::per_channel(..).run(x, with_mask)`.
@@ -615,7 +651,8 @@ pub fn fake_quantize_per_channel<E: Elem>(
     quant_max: i64,
     with_mask: bool,
 ) -> Result<FakeQuantOutput<E>> {
-    FakeQuantOp::<E::C>::per_channel(x.shape(), scales, zero_points, axis, quant_min, quant_max)?.run(x, with_mask)
+    FakeQuantOp::<E::C>::per_channel(x.shape(), scales, zero_points, axis, quant_min, quant_max)?
+        .run(x, with_mask)
 }
 
 /// Validates per-channel scales and zero points against the array's channel count.
@@ -637,15 +674,19 @@ pub(crate) fn channel_params(
         "zero_points has {} entries but axis {axis} of shape {shape:?} has {c}",
         zero_points.len()
     );
+    // Names are formatted only for the error: there can be millions of groups.
     let s = scales
         .iter()
         .enumerate()
-        .map(|(i, &v)| check_scale(&format!("scales[{i}]"), v))
+        .map(|(i, &v)| check_scale("", v).or_else(|_| check_scale(&format!("scales[{i}]"), v)))
         .collect::<Result<Vec<_>>>()?;
     let z = zero_points
         .iter()
         .enumerate()
-        .map(|(i, &v)| check_zero_point(&format!("zero_points[{i}]"), v, r))
+        .map(|(i, &v)| {
+            check_zero_point("", v, r)
+                .or_else(|_| check_zero_point(&format!("zero_points[{i}]"), v, r))
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((s, z))
 }
@@ -707,11 +748,10 @@ impl QuantChannel {
     fn one(&self, x: f32, inv: f32, zp: f32) -> i32 {
         let t = zp + (x * inv).rne();
         let (lo, hi) = (self.r.min as f32, self.r.max as f32);
-        let t = if t.is_nan() {
-            0f32.clamp(lo, hi)
-        } else {
-            t.clamp(lo, hi)
-        };
+        // NaN converts to the raw code 0 before the clamp. (f32::clamp's assert would keep
+        // this loop from vectorizing, hence max/min.)
+        let t = if t.is_nan() { 0.0 } else { t };
+        let t = t.max(lo).min(hi);
         // SAFETY: t is an integer-valued float within the i32 range [lo, hi].
         let q: i32 = unsafe { t.to_int_unchecked() };
         q - self.offset
@@ -1068,7 +1108,8 @@ mod tests {
         let xa = ArrayD::from_shape_vec(IxDyn(&[n / 3, 3]), x[..n / 3 * 3].to_vec()).unwrap();
         for op in [
             FakeQuantOp::<f32>::per_tensor(xa.shape(), 0.03, 1, -8, 7).unwrap(),
-            FakeQuantOp::<f32>::per_channel(xa.shape(), &[0.01, 0.02, 0.05], &[0, 1, -1], 1, -8, 7).unwrap(),
+            FakeQuantOp::<f32>::per_channel(xa.shape(), &[0.01, 0.02, 0.05], &[0, 1, -1], 1, -8, 7)
+                .unwrap(),
         ] {
             let (want, mask) = op.run(xa.view(), true).unwrap();
             let mut out = vec![0f32; xa.len()];

@@ -42,15 +42,9 @@ pub(crate) fn pack_unchecked(codes: &[u8], bits: u32) -> Vec<u8> {
 fn pack_into(codes: &[u8], bits: u32, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(codes),
-        1 | 2 | 4 => {
-            let per = (8 / bits) as usize;
-            for (o, chunk) in out.iter_mut().zip(codes.chunks(per)) {
-                *o = chunk
-                    .iter()
-                    .enumerate()
-                    .fold(0u8, |acc, (j, &c)| acc | (c << (j * bits as usize)));
-            }
-        }
+        4 => pack_fixed::<4>(codes, out),
+        2 => pack_fixed::<2>(codes, out),
+        1 => pack_fixed::<1>(codes, out),
         _ => {
             let (mut acc, mut nacc, mut w) = (0u64, 0u32, 0usize);
             for &c in codes {
@@ -67,6 +61,27 @@ fn pack_into(codes: &[u8], bits: u32, out: &mut [u8]) {
                 out[w] = acc as u8;
             }
         }
+    }
+}
+
+/// Byte-aligned widths: `8 / BITS` codes per byte, first code in the low bits.
+fn pack_fixed<const BITS: usize>(codes: &[u8], out: &mut [u8]) {
+    let per = 8 / BITS;
+    let full = codes.chunks_exact(per);
+    let rest = full.remainder();
+    for (o, c) in out.iter_mut().zip(full) {
+        let mut b = 0u8;
+        for (j, &v) in c.iter().enumerate() {
+            b |= v << (j * BITS);
+        }
+        *o = b;
+    }
+    if !rest.is_empty() {
+        let b = rest
+            .iter()
+            .enumerate()
+            .fold(0u8, |a, (j, &v)| a | (v << (j * BITS)));
+        out[codes.len() / per] = b;
     }
 }
 

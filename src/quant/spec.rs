@@ -98,9 +98,14 @@ impl QuantSpec {
     pub(crate) fn layout(&self, shape: &[usize]) -> Result<affine::Layout> {
         Ok(match self.granularity {
             Granularity::Tensor => affine::Layout::per_tensor(shape.iter().product()),
-            Granularity::Channel => affine::Layout::per_channel(shape, check_axis(self.axis, shape.len())?),
+            Granularity::Channel => {
+                affine::Layout::per_channel(shape, check_axis(self.axis, shape.len())?)
+            }
             Granularity::Group => {
-                ensure!(!shape.is_empty(), "group quantization needs at least one dimension");
+                ensure!(
+                    !shape.is_empty(),
+                    "group quantization needs at least one dimension"
+                );
                 affine::Layout::groups(shape, self.group_size.unwrap_or(1))
             }
         })
@@ -149,17 +154,32 @@ pub fn qparams_from_minmax(min: f32, max: f32, r: QRange, symmetric: bool) -> (f
     }
 }
 
-/// Min, max and whether any value is NaN or ±Inf, in one pass LLVM vectorizes.
+/// Min, max and whether any value is NaN or ±Inf, in one pass. Eight independent lanes let
+/// LLVM vectorize it; `v - v` is 0 for finite values and NaN otherwise, and NaN sticks in a sum.
 #[inline]
+#[allow(clippy::eq_op)] // `v - v` is the point: it is NaN exactly when v is NaN or ±Inf
 fn minmax_slice<E: Elem>(s: &[E]) -> (f32, f32, bool) {
-    let (mut lo, mut hi, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, false);
-    for v in s {
-        let v = v.to_f32();
-        lo = lo.min(v);
-        hi = hi.max(v);
-        bad |= (v - v) != 0.0; // NaN for NaN and ±Inf
+    const L: usize = 8;
+    let (mut lo, mut hi, mut nan) = ([f32::INFINITY; L], [f32::NEG_INFINITY; L], [0f32; L]);
+    let chunks = s.chunks_exact(L);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..L {
+            let v = c[j].to_f32();
+            lo[j] = lo[j].min(v);
+            hi[j] = hi[j].max(v);
+            nan[j] += v - v;
+        }
     }
-    (lo, hi, bad)
+    for (j, v) in rest.iter().enumerate() {
+        let v = v.to_f32();
+        lo[j] = lo[j].min(v);
+        hi[j] = hi[j].max(v);
+        nan[j] += v - v;
+    }
+    let lo = lo.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+    let hi = hi.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    (lo, hi, nan.iter().any(|v| v.is_nan()))
 }
 
 fn finish_minmax((lo, hi, bad): (f32, f32, bool)) -> Result<(f32, f32)> {
@@ -175,10 +195,20 @@ pub fn finite_minmax<E: Elem>(x: &ArrayViewD<'_, E>) -> Result<(f32, f32)> {
     let merge = |a: (f32, f32, bool), b: (f32, f32, bool)| (a.0.min(b.0), a.1.max(b.1), a.2 || b.2);
     let init = (f32::INFINITY, f32::NEG_INFINITY, false);
     finish_minmax(match x.as_slice_memory_order() {
-        Some(s) => s.par_chunks(super::CHUNK).map(minmax_slice).reduce(|| init, merge),
-        None => x.lanes(Axis(x.ndim().max(1) - 1)).into_iter().fold(init, |a, l| {
-            merge(a, l.as_slice().map_or_else(|| minmax_slice(&l.to_vec()), minmax_slice))
-        }),
+        Some(s) => s
+            .par_chunks(super::CHUNK)
+            .map(minmax_slice)
+            .reduce(|| init, merge),
+        None => x
+            .lanes(Axis(x.ndim().max(1) - 1))
+            .into_iter()
+            .fold(init, |a, l| {
+                merge(
+                    a,
+                    l.as_slice()
+                        .map_or_else(|| minmax_slice(&l.to_vec()), minmax_slice),
+                )
+            }),
     })
 }
 
@@ -325,7 +355,9 @@ fn derive_qparams<E: Elem>(
             let g = spec.group_size.unwrap_or(1);
             let k = x.shape()[x.ndim() - 1];
             let per_row = |row: &[E]| -> Vec<Result<(f32, f32)>> {
-                row.chunks(g).map(|c| finish_minmax(minmax_slice(c))).collect()
+                row.chunks(g)
+                    .map(|c| finish_minmax(minmax_slice(c)))
+                    .collect()
             };
             let rows: Vec<Vec<Result<(f32, f32)>>> = match x.as_slice() {
                 Some(xs) if k > 0 => xs.par_chunks(k).map(per_row).collect(),
@@ -359,7 +391,9 @@ mod tests {
     #[test]
     fn groups_are_independent_tensors() {
         let (rows, k, g) = (7, 50, 16);
-        let w = Array2::from_shape_fn((rows, k), |(r, c)| ((r * 31 + c * 17) % 23) as f32 * 0.1 - 1.1 + r as f32);
+        let w = Array2::from_shape_fn((rows, k), |(r, c)| {
+            ((r * 31 + c * 17) % 23) as f32 * 0.1 - 1.1 + r as f32
+        });
         let spec = QuantSpec::new(3, false, Granularity::Group, 0, Some(g)).unwrap();
         let wt = w.t().to_owned();
         for x in [w.view().into_dyn(), wt.t().into_dyn()] {
@@ -369,7 +403,12 @@ mod tests {
                 for j in 0..k.div_ceil(g) {
                     let cols = j * g..((j + 1) * g).min(k);
                     let part = w.slice(ndarray::s![r, cols.clone()]).to_owned().into_dyn();
-                    let one = quantize(part.view(), QuantSpec::new(3, false, Granularity::Tensor, 0, None).unwrap(), None).unwrap();
+                    let one = quantize(
+                        part.view(),
+                        QuantSpec::new(3, false, Granularity::Tensor, 0, None).unwrap(),
+                        None,
+                    )
+                    .unwrap();
                     assert_eq!(q.scales[[r, j]], one.scales[[]]);
                     assert_eq!(q.zero_points[[r, j]], one.zero_points[[]]);
                     let dd = one.dequantize().unwrap();
