@@ -33,6 +33,17 @@ from lowbit._quant import (
     quantize_per_tensor,
 )
 
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    # `lowbit.torch` on first use, so `import lowbit` works without PyTorch installed.
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module("lowbit.torch")
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
+
 __all__ = [
     "LowbitError",
     "LowbitFormatError",

@@ -27,3 +27,23 @@ def test_stub_examples():
             runner.run(test)
     r = runner.summarize(verbose=False)
     assert r.attempted > 0 and r.failed == 0
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+
+
+def test_lowbit_torch_is_reachable_as_an_attribute():
+    import lowbit.torch as lt
+
+    assert lowbit.torch is lt
+    with pytest.raises(AttributeError):
+        lowbit.does_not_exist  # noqa: B018
