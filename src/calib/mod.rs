@@ -1,0 +1,10 @@
+//! Calibration observers: min-max (torch.ao parity), and a mergeable streaming histogram with
+//! MSE / percentile / entropy clip-range search.
+
+pub mod histogram;
+pub mod minmax;
+pub mod search;
+
+pub use histogram::Histogram;
+pub use minmax::{MinMax, PerChannelMinMax};
+pub use search::{Method, SearchResult};
