@@ -20,6 +20,7 @@ from lowbit._lowbit import (
     QuantSpec,
     __version__,
 )
+from lowbit import calib
 from lowbit._quant import (
     dequantize_checkpoint,
     dequantize_per_channel,
@@ -56,6 +57,7 @@ __all__ = [
     "dequantize_checkpoint",
     "dequantize_per_channel",
     "dequantize_per_tensor",
+    "calib",
     "fake_quantize_per_channel_affine",
     "fake_quantize_per_tensor_affine",
     "load_quantized",

@@ -334,7 +334,9 @@ fn entropy_threshold(h: &Histogram, target: usize) -> f64 {
 /// Scale and zero point for the histogram's data with `method`.
 pub fn search(h: &Histogram, r: QRange, symmetric: bool, method: Method) -> Result<SearchResult> {
     ensure!(!h.is_empty(), "the observer has seen no data yet");
+    let amax = (h.min as f64).abs().max((h.max as f64).abs());
     let from_threshold = |t: f64| {
+        let t = t.min(amax); // a bin edge may lie past the largest value
         let (lo, hi) = if symmetric {
             (-t, t)
         } else {

@@ -6,6 +6,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 use std::panic::AssertUnwindSafe;
 
+mod calib;
 mod quant;
 
 pyo3::create_exception!(
@@ -90,6 +91,9 @@ mod _lowbit {
 
     #[pymodule_export]
     use super::LowbitError;
+
+    #[pymodule_export]
+    use super::calib::Observer;
 
     #[pymodule_export]
     use super::quant::{

@@ -13,7 +13,7 @@ use pyo3::types::PyDict;
 use std::path::PathBuf;
 
 /// A float input array; bfloat16 arrives as an int16 view with `bf16=True`.
-enum FloatIn<'py> {
+pub(crate) enum FloatIn<'py> {
     F32(PyReadonlyArrayDyn<'py, f32>),
     F64(PyReadonlyArrayDyn<'py, f64>),
     F16(PyReadonlyArrayDyn<'py, f16>),
@@ -26,7 +26,7 @@ fn dtype_str(x: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| x.get_type().to_string())
 }
 
-fn float_in<'py>(x: &Bound<'py, PyAny>, bf16: bool, what: &str) -> PyResult<FloatIn<'py>> {
+pub(crate) fn float_in<'py>(x: &Bound<'py, PyAny>, bf16: bool, what: &str) -> PyResult<FloatIn<'py>> {
     if bf16 {
         if let Ok(a) = x.cast::<PyArrayDyn<i16>>() {
             return Ok(FloatIn::BF16(a.try_readonly()?));
@@ -45,7 +45,7 @@ fn float_in<'py>(x: &Bound<'py, PyAny>, bf16: bool, what: &str) -> PyResult<Floa
 }
 
 /// Reinterprets int16 bits as bfloat16 in place (same size and alignment).
-fn bf16_view<'a>(a: ArrayViewD<'a, i16>) -> ArrayViewD<'a, bf16> {
+pub(crate) fn bf16_view<'a>(a: ArrayViewD<'a, i16>) -> ArrayViewD<'a, bf16> {
     // SAFETY: bf16 is a transparent u16 with the size and alignment of i16; the view keeps
     // the lifetime, shape and strides of `a`.
     let raw = a.raw_view().cast::<bf16>();

@@ -1,0 +1,196 @@
+"""Calibration observers: they watch data and choose quantization parameters.
+
+* :class:`MinMaxObserver`, :class:`MovingAverageMinMaxObserver` and
+  :class:`PerChannelMinMaxObserver` give the same ``(scale, zero_point)`` as the ``torch.ao``
+  observers of the same names, bit for bit.
+* :class:`HistogramObserver` keeps a streaming histogram and picks the clip range by
+  ``method="mse"`` (the integer affine grid with the least expected squared error), ``"sqnr"``
+  (the same optimum), ``"percentile"`` (of |x|) or ``"entropy"`` (TensorRT's KL calibration).
+
+Asymmetric observers use the unsigned range ``0..2^bits-1``, symmetric ones the signed range
+``-2^(bits-1)..2^(bits-1)-1`` (torch's quint8 / qint8 conventions). Every observer takes NumPy
+arrays and CPU torch tensors without copying, releases the GIL while it works, can ``merge`` the
+state of another (so calibration can be split across data-loader workers or machines), and
+round-trips through ``state_dict()`` / ``load_state_dict()`` and pickle.
+
+>>> import numpy as np
+>>> from lowbit.calib import HistogramObserver
+>>> obs = HistogramObserver(bits=4, method="mse")
+>>> for _ in range(4):
+...     obs.update(np.random.default_rng(0).standard_normal(10_000, dtype=np.float32))
+>>> scale, zero_point = obs.qparams()
+>>> obs.quant_min, obs.quant_max, zero_point
+(0, 15, 8)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from lowbit import _lowbit
+from lowbit._lowbit import LowbitTypeError, LowbitValueError
+
+__all__ = [
+    "HistogramObserver",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "Observer",
+    "PerChannelMinMaxObserver",
+]
+
+
+def _as_input(x: Any) -> tuple[np.ndarray, bool]:
+    """A NumPy view of ``x`` (no copy) and whether it holds bfloat16 bits."""
+    if type(x).__module__.startswith("torch") and hasattr(x, "detach"):
+        from lowbit.torch import _to_numpy
+
+        return _to_numpy(x, "x")
+    if isinstance(x, np.ndarray):
+        return x, False
+    if x is None or isinstance(x, (str, bytes, dict)):
+        raise LowbitTypeError(f"x must be an array, got {type(x).__name__}")
+    return np.asarray(x), False
+
+
+class Observer:
+    """Base class: ``update(x)`` (or call it), ``qparams()``, ``merge``, ``state_dict``."""
+
+    _kind = ""
+
+    def __init__(self, **settings: Any) -> None:
+        self._core = _lowbit.Observer(self._kind, **settings)
+
+    @property
+    def quant_min(self) -> int:
+        return self._core.quant_min
+
+    @property
+    def quant_max(self) -> int:
+        return self._core.quant_max
+
+    def update(self, x: Any) -> None:
+        """Observe a batch (any shape). NaN or Inf refuses the batch with ``LowbitValueError``
+        and leaves the state unchanged; empty batches are ignored."""
+        a, bf16 = _as_input(x)
+        self._core.update(a, bf16)
+
+    def __call__(self, x: Any) -> Any:
+        """Observe ``x`` and return it unchanged, like a ``torch.ao`` observer's forward."""
+        self.update(x)
+        return x
+
+    def qparams(self) -> tuple[Any, Any]:
+        """``(scale, zero_point)``: floats per tensor, float32 / int32 arrays per channel."""
+        return self._core.qparams()
+
+    def merge(self, other: Observer) -> None:
+        """Add ``other``'s observations to this observer (see the class docs for exactness)."""
+        if type(other) is not type(self):
+            raise LowbitTypeError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}")
+        self._core.merge(other._core)
+
+    def state_dict(self) -> dict[str, str]:
+        """Settings and observed state, as plain data (JSON text)."""
+        return {"lowbit_observer": self._core.to_json()}
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        """Restore what ``state_dict`` returned; the observer kind must match."""
+        try:
+            text = state["lowbit_observer"]
+            kind = next(iter(json.loads(text)["state"]))
+        except (KeyError, TypeError, ValueError, StopIteration) as e:
+            raise LowbitValueError(f"not a lowbit observer state: {e}") from None
+        if kind not in self._state_kinds:
+            raise LowbitValueError(f"state of a {kind} observer cannot load into {type(self).__name__}")
+        self._core = _lowbit.Observer.from_json(text)
+
+    _state_kinds: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, str]:
+        return self.state_dict()
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        cfg = json.loads(self._core.to_json())["config"]
+        return f"{type(self).__name__}(bits={cfg['bits']}, symmetric={cfg['symmetric']})"
+
+
+class MinMaxObserver(Observer):
+    """Running min and max; qparams as ``torch.ao.quantization.MinMaxObserver``.
+
+    >>> import numpy as np, lowbit.calib as lc
+    >>> o = lc.MinMaxObserver(bits=8, symmetric=True)
+    >>> o.update(np.array([-1.0, 0.5], dtype=np.float32))
+    >>> o.qparams()
+    (0.007843137718737125, 0)
+    """
+
+    _kind = "minmax"
+    _state_kinds = ("MinMax",)
+
+    def __init__(self, bits: int = 8, symmetric: bool = False) -> None:
+        super().__init__(bits=bits, symmetric=symmetric)
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """Moving average of each batch's min and max (``torch.ao``'s, bit for bit). ``merge`` takes
+    the batch-weighted mean of the two running ranges: an exponential average has no exact merge."""
+
+    _kind = "moving_average"
+    _state_kinds = ("MovingAverage",)
+
+    def __init__(self, averaging_constant: float = 0.01, bits: int = 8, symmetric: bool = False) -> None:
+        super().__init__(bits=bits, symmetric=symmetric, averaging_constant=averaging_constant)
+
+
+class PerChannelMinMaxObserver(Observer):
+    """Running min and max per index of ``axis`` (``torch.ao``'s ``PerChannelMinMaxObserver``,
+    whose ``ch_axis`` this is); ``qparams()`` returns arrays."""
+
+    _kind = "per_channel"
+    _state_kinds = ("PerChannel",)
+
+    def __init__(self, axis: int = 0, bits: int = 8, symmetric: bool = False) -> None:
+        super().__init__(bits=bits, symmetric=symmetric, axis=axis)
+
+
+class HistogramObserver(Observer):
+    """A streaming histogram and a clip-range search.
+
+    The histogram's bins have a power-of-two width on a grid anchored at zero, so growing the
+    range merges pairs of bins without moving a count, and the state depends only on the data:
+    ``merge`` equals one observer over both inputs. ``per_channel=True`` keeps one histogram per
+    index of ``axis``. ``method="mse"`` evaluates every integer affine grid (zero representable,
+    ``2^bits`` levels) over a fine range of steps and all zero points, with the expected error
+    computed exactly from the histogram (uniform within bins), and returns the best.
+    """
+
+    _kind = "histogram"
+    _state_kinds = ("Histogram", "PerChannelHistogram")
+
+    def __init__(
+        self,
+        bits: int = 8,
+        symmetric: bool = False,
+        method: str = "mse",
+        percentile: float = 99.99,
+        bins: int = 2048,
+        per_channel: bool = False,
+        axis: int = 0,
+    ) -> None:
+        self._kind = "per_channel_histogram" if per_channel else "histogram"
+        super().__init__(bits=bits, symmetric=symmetric, method=method, percentile=percentile, bins=bins, axis=axis)
+
+    def clip_range(self) -> tuple[float, float]:
+        """The range ``[(quant_min - zp) * scale, (quant_max - zp) * scale]`` the qparams cover."""
+        return self._core.clip_range()
+
+    def histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(counts, edges)`` like ``np.histogram`` (per-tensor observers)."""
+        counts, left, width, _, _ = self._core.histogram()
+        return counts, left + width * np.arange(len(counts) + 1)

@@ -1,0 +1,152 @@
+"""Observers against torch.ao, SQNR targets, merging and state."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+import lowbit.calib as lc
+
+
+def batches(rng, n=5, shape=(64, 33), scale=1.0):
+    return [(rng.standard_normal(shape) * scale * (i + 1) + 0.1 * i).astype(np.float32) for i in range(n)]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_minmax_family_matches_torch_bit_for_bit(bits, symmetric, rng):
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    dtype = torch.qint8 if symmetric else torch.quint8
+    ao = torch.ao.quantization
+    data = batches(rng)
+    pairs = [
+        (lc.MinMaxObserver(bits, symmetric), ao.MinMaxObserver(dtype=dtype, qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine, quant_min=qmin, quant_max=qmax)),
+        (lc.MovingAverageMinMaxObserver(0.3, bits, symmetric), ao.MovingAverageMinMaxObserver(averaging_constant=0.3, dtype=dtype, qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine, quant_min=qmin, quant_max=qmax)),
+    ]
+    for ours, theirs in pairs:
+        assert (ours.quant_min, ours.quant_max) == (qmin, qmax)
+        for b in data:
+            ours.update(b)
+            theirs(torch.from_numpy(b))
+        s, z = theirs.calculate_qparams()
+        assert ours.qparams() == (s.item(), z.item())
+    for axis in [0, 1]:
+        ours = lc.PerChannelMinMaxObserver(axis, bits, symmetric)
+        theirs = ao.PerChannelMinMaxObserver(ch_axis=axis, dtype=dtype, qscheme=torch.per_channel_symmetric if symmetric else torch.per_channel_affine, quant_min=qmin, quant_max=qmax)
+        for b in data:
+            ours.update(torch.from_numpy(b))
+            theirs(torch.from_numpy(b))
+        s, z = theirs.calculate_qparams()
+        os_, oz = ours.qparams()
+        np.testing.assert_array_equal(os_, s.numpy().astype(np.float32))
+        np.testing.assert_array_equal(oz, z.numpy())
+
+
+def sqnr(x, scale, zp, qmin, qmax):
+    xh = lowbit.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
+    return 10 * np.log10(np.sum(x.astype(np.float64) ** 2) / np.sum((x.astype(np.float64) - xh) ** 2))
+
+
+TARGETS = {"gaussian": {2: 8.26, 3: 13.91, 4: 19.26, 8: 40.57}, "laplacian": {2: 6.84, 3: 11.43, 4: 15.98, 8: 35.21}}
+
+
+@pytest.fixture(scope="module")
+def samples():
+    r = np.random.default_rng(2024)
+    n = 2**22
+    return {"gaussian": r.standard_normal(n).astype(np.float32), "laplacian": r.laplace(0, 1 / np.sqrt(2), n).astype(np.float32)}
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "laplacian"])
+def test_mse_reaches_the_best_integer_grid(dist, samples):
+    x = samples[dist]
+    for bits, target in TARGETS[dist].items():
+        obs = lc.HistogramObserver(bits=bits, method="mse")
+        for part in np.array_split(x, 8):
+            obs.update(part)
+        s, z = obs.qparams()
+        got = sqnr(x, s, z, 0, 2**bits - 1)
+        assert got >= target - 0.1, f"{dist} {bits} bits: {got:.3f} dB, target {target}"
+        # never worse than torch's HistogramObserver on the same data
+        t = torch.ao.quantization.HistogramObserver(dtype=torch.quint8, quant_min=0, quant_max=2**bits - 1)
+        t(torch.from_numpy(x[: 2**20]))
+        ts, tz = t.calculate_qparams()
+        assert got >= sqnr(x, ts.item(), int(tz), 0, 2**bits - 1) - 1e-9
+
+
+def test_other_methods(samples):
+    x = samples["gaussian"][: 2**20]
+    for method in ["sqnr", "percentile", "entropy"]:
+        obs = lc.HistogramObserver(bits=8, symmetric=True, method=method, percentile=99.9)
+        obs.update(x)
+        s, z = obs.qparams()
+        assert z == 0 and s > 0
+        lo, hi = obs.clip_range()
+        if method == "percentile":
+            want = np.percentile(np.abs(x), 99.9)
+            edges = obs.histogram()[1]
+            assert abs(hi - want) < edges[1] - edges[0]  # within one bin of the exact percentile
+        if method == "entropy":
+            assert 2.0 < hi <= np.abs(x).max() + 1e-3
+
+
+def test_merge_equals_one_observer_and_state_round_trips(rng):
+    data = batches(rng, n=6, scale=3.0)
+    for make in [lambda: lc.HistogramObserver(bits=4), lambda: lc.MinMaxObserver(), lambda: lc.PerChannelMinMaxObserver(1), lambda: lc.HistogramObserver(bits=4, per_channel=True, axis=1, bins=64)]:
+        one, a, b = make(), make(), make()
+        for i, d in enumerate(data):
+            one.update(d)
+            (a if i % 2 else b).update(d)
+        a.merge(b)
+        assert a.state_dict() == one.state_dict() or type(one) is lc.MinMaxObserver
+        np.testing.assert_array_equal(np.asarray(a.qparams()[0]), np.asarray(one.qparams()[0]))
+        c = pickle.loads(pickle.dumps(one))
+        assert c.state_dict() == one.state_dict()
+        d = make()
+        d.load_state_dict(one.state_dict())
+        np.testing.assert_array_equal(np.asarray(d.qparams()[1]), np.asarray(one.qparams()[1]))
+
+
+def test_bad_batches_leave_state_intact(rng):
+    for obs in [lc.HistogramObserver(), lc.MinMaxObserver(), lc.PerChannelMinMaxObserver(0), lc.HistogramObserver(per_channel=True)]:
+        obs.update(rng.standard_normal((4, 8)).astype(np.float32))
+        before = obs.state_dict()
+        bad = rng.standard_normal((4, 8)).astype(np.float32)
+        bad[2, 3] = np.nan
+        with pytest.raises(lowbit.LowbitValueError, match="NaN or Inf"):
+            obs.update(bad)
+        bad[2, 3] = np.inf
+        with pytest.raises(lowbit.LowbitValueError):
+            obs.update(bad)
+        obs.update(np.zeros((4, 0), np.float32))
+        assert obs.state_dict() == before
+    with pytest.raises(lowbit.LowbitTypeError):
+        lc.MinMaxObserver().update(np.ones(3, np.int32))
+    with pytest.raises(lowbit.LowbitValueError, match="no data"):
+        lc.HistogramObserver().qparams()
+    with pytest.raises(lowbit.LowbitValueError, match="channels"):
+        o = lc.PerChannelMinMaxObserver(0)
+        o.update(np.ones((3, 2), np.float32))
+        o.update(np.ones((4, 2), np.float32))
+    with pytest.raises(lowbit.LowbitValueError):
+        lc.HistogramObserver(method="kl")
+    with pytest.raises(lowbit.LowbitValueError):
+        lc.HistogramObserver(bins=3)
+    with pytest.raises(lowbit.LowbitTypeError):
+        lc.MinMaxObserver().merge(lc.HistogramObserver())
+    with pytest.raises(lowbit.LowbitValueError):
+        lc.MinMaxObserver().load_state_dict(lc.HistogramObserver().state_dict())
+    with pytest.raises(lowbit.LowbitValueError):
+        lc.HistogramObserver().load_state_dict({"lowbit_observer": '{"config": 1}'})
+
+
+def test_histogram_counts_every_value(rng):
+    obs = lc.HistogramObserver(bins=128)
+    data = [rng.standard_normal(1000).astype(np.float32) * s for s in (0.1, 5, 1)]
+    for d in data:
+        obs.update(d)
+    counts, edges = obs.histogram()
+    want, _ = np.histogram(np.concatenate(data).astype(np.float64), bins=edges)
+    np.testing.assert_array_equal(counts, want)
