@@ -53,6 +53,51 @@ fn grid_index(x: f32, e: i32) -> i64 {
     (x as f64 * pow2(-e)).floor() as i64
 }
 
+/// Adds values to counts on a grid, vectorized: bin indices a block at a time, then the counts.
+struct Binner<'a, E> {
+    xs: &'a [E],
+    exp: i32,
+    start: i64,
+    counts: &'a mut [u64],
+}
+
+impl<E: Elem> crate::quant::simd::Kernel for Binner<'_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        const BLOCK: usize = 256;
+        let mut idx = [0u32; BLOCK];
+        let top = (self.counts.len() - 1) as f32;
+        // With bins no wider than 1, x * 2^-exp is exact in float32 (a power-of-two scaling
+        // that cannot underflow) and so is its floor; wider bins take float64 for the same
+        // exactness on tiny values. `start` has at most 24 significant bits either way.
+        let (inv32, start32) = (2f32.powi(-self.exp.clamp(-127, 127)), self.start as f32);
+        let (inv64, start64) = (pow2(-self.exp), self.start as f64);
+        let narrow = self.exp <= 0 && self.exp > -100;
+        for chunk in self.xs.chunks(BLOCK) {
+            let n = chunk.len();
+            if narrow {
+                for (d, v) in idx[..n].iter_mut().zip(chunk) {
+                    let k = ((v.to_f32() * inv32).floor() - start32).max(0.0).min(top);
+                    // SAFETY: k is an integer in [0, bins - 1].
+                    *d = unsafe { k.to_int_unchecked::<u32>() };
+                }
+            } else {
+                for (d, v) in idx[..n].iter_mut().zip(chunk) {
+                    let k = ((v.to_f32() as f64 * inv64).floor() - start64)
+                        .max(0.0)
+                        .min(top as f64);
+                    // SAFETY: as above.
+                    *d = unsafe { k.to_int_unchecked::<u32>() };
+                }
+            }
+            for &i in &idx[..n] {
+                self.counts[i as usize] += 1;
+            }
+        }
+    }
+}
+
 impl Histogram {
     pub fn new(bins: usize) -> Result<Self> {
         ensure!(
@@ -136,13 +181,14 @@ impl Histogram {
         let (lo, hi) = crate::quant::spec::finite_minmax(x)?;
         let (lo, hi) = (lo.min(self.min), hi.max(self.max));
         self.regrid(lo, hi, i32::MIN);
-        let (inv, start, bins) = (pow2(-self.exp), self.start as f64, self.bins);
+        let bins = self.bins;
         let bin = |h: &mut Vec<u64>, s: &[E]| {
-            for v in s {
-                // exact: a float32 scaled by a power of two in float64, then floor
-                let k = (v.to_f32() as f64 * inv).floor() - start;
-                h[(k as usize).min(bins - 1)] += 1;
-            }
+            crate::quant::simd::dispatch(Binner {
+                xs: s,
+                exp: self.exp,
+                start: self.start,
+                counts: h,
+            })
         };
         let add = |mut a: Vec<u64>, b: Vec<u64>| {
             a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);

@@ -14,10 +14,17 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum State {
     MinMax(MinMax),
-    MovingAverage { mm: MinMax, averaging_constant: f32 },
+    MovingAverage {
+        mm: MinMax,
+        averaging_constant: f32,
+    },
     PerChannel(PerChannelMinMax),
     Histogram(Histogram),
-    PerChannelHistogram { axis: i64, bins: usize, channels: Vec<Histogram> },
+    PerChannelHistogram {
+        axis: i64,
+        bins: usize,
+        channels: Vec<Histogram>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -43,16 +50,32 @@ fn method(c: &Config) -> Result<Method> {
     })
 }
 
-fn update_channels<E: Elem>(x: &ArrayViewD<'_, E>, axis: i64, bins: usize, channels: &mut Vec<Histogram>) -> Result<()> {
+fn update_channels<E: Elem>(
+    x: &ArrayViewD<'_, E>,
+    axis: i64,
+    bins: usize,
+    channels: &mut Vec<Histogram>,
+) -> Result<()> {
     let a = check_axis(axis, x.ndim())?;
     let c = x.len_of(Axis(a));
     if channels.is_empty() {
-        *channels = (0..c).map(|_| Histogram::new(bins)).collect::<Result<_>>()?;
+        *channels = (0..c)
+            .map(|_| Histogram::new(bins))
+            .collect::<Result<_>>()?;
     }
-    ensure!(channels.len() == c, "this observer has {} channels, the batch has {c} along axis {axis}", channels.len());
+    ensure!(
+        channels.len() == c,
+        "this observer has {} channels, the batch has {c} along axis {axis}",
+        channels.len()
+    );
     // Every channel is checked before any changes, so a bad batch leaves all histograms intact.
-    x.axis_iter(Axis(a)).into_par_iter().try_for_each(|v| crate::quant::spec::finite_minmax(&v).map(|_| ()))?;
-    channels.par_iter_mut().zip(x.axis_iter(Axis(a)).into_par_iter()).try_for_each(|(h, v)| h.update(&v))
+    x.axis_iter(Axis(a))
+        .into_par_iter()
+        .try_for_each(|v| crate::quant::spec::finite_minmax(&v).map(|_| ()))?;
+    channels
+        .par_iter_mut()
+        .zip(x.axis_iter(Axis(a)).into_par_iter())
+        .try_for_each(|(h, v)| h.update(&v))
 }
 
 impl Observer {
@@ -63,10 +86,17 @@ impl Observer {
     fn update_view<E: Elem>(&mut self, x: ArrayViewD<'_, E>) -> Result<()> {
         match &mut self.state {
             State::MinMax(m) => m.update(&x),
-            State::MovingAverage { mm, averaging_constant } => mm.update_moving(&x, *averaging_constant),
+            State::MovingAverage {
+                mm,
+                averaging_constant,
+            } => mm.update_moving(&x, *averaging_constant),
             State::PerChannel(m) => m.update(&x),
             State::Histogram(h) => h.update(&x),
-            State::PerChannelHistogram { axis, bins, channels } => update_channels(&x, *axis, *bins, channels),
+            State::PerChannelHistogram {
+                axis,
+                bins,
+                channels,
+            } => update_channels(&x, *axis, *bins, channels),
         }
     }
 }
@@ -76,23 +106,53 @@ impl Observer {
     #[new]
     #[pyo3(signature = (kind, bits=8, symmetric=false, averaging_constant=0.01, axis=0, method="mse", percentile=99.99, bins=2048))]
     #[allow(clippy::too_many_arguments)]
-    fn new(kind: &str, bits: u32, symmetric: bool, averaging_constant: f64, axis: i64, method: &str, percentile: f64, bins: usize) -> PyResult<Self> {
-        let config = Config { bits, symmetric, method: method.to_string(), percentile };
+    fn new(
+        kind: &str,
+        bits: u32,
+        symmetric: bool,
+        averaging_constant: f64,
+        axis: i64,
+        method: &str,
+        percentile: f64,
+        bins: usize,
+    ) -> PyResult<Self> {
+        let config = Config {
+            bits,
+            symmetric,
+            method: method.to_string(),
+            percentile,
+        };
         let check = || -> Result<State> {
-            ensure!((2..=8).contains(&bits), "bits must be between 2 and 8, got {bits}");
+            ensure!(
+                (2..=8).contains(&bits),
+                "bits must be between 2 and 8, got {bits}"
+            );
             self::method(&config)?;
-            ensure!(percentile > 0.0 && percentile <= 100.0, "percentile must be in (0, 100], got {percentile}");
+            ensure!(
+                percentile > 0.0 && percentile <= 100.0,
+                "percentile must be in (0, 100], got {percentile}"
+            );
             Ok(match kind {
                 "minmax" => State::MinMax(MinMax::default()),
                 "moving_average" => {
-                    ensure!(averaging_constant > 0.0 && averaging_constant <= 1.0, "averaging_constant must be in (0, 1], got {averaging_constant}");
-                    State::MovingAverage { mm: MinMax::default(), averaging_constant: averaging_constant as f32 }
+                    ensure!(
+                        averaging_constant > 0.0 && averaging_constant <= 1.0,
+                        "averaging_constant must be in (0, 1], got {averaging_constant}"
+                    );
+                    State::MovingAverage {
+                        mm: MinMax::default(),
+                        averaging_constant: averaging_constant as f32,
+                    }
                 }
                 "per_channel" => State::PerChannel(PerChannelMinMax::new(axis)),
                 "histogram" => State::Histogram(Histogram::new(bins)?),
                 "per_channel_histogram" => {
                     Histogram::new(bins)?;
-                    State::PerChannelHistogram { axis, bins, channels: vec![] }
+                    State::PerChannelHistogram {
+                        axis,
+                        bins,
+                        channels: vec![],
+                    }
                 }
                 _ => return Err(Error::value(format!("unknown observer kind {kind:?}"))),
             })
@@ -140,7 +200,12 @@ impl Observer {
         let m = method(&self.config).map_err(to_pyerr)?;
         let per_tensor = |s: f32, z: i32| Ok((s, z).into_pyobject(py)?.into_any());
         let per_channel = |s: Vec<f32>, z: Vec<i32>| -> PyResult<Bound<'py, PyAny>> {
-            Ok((ndarray::Array1::from(s).into_pyarray(py), ndarray::Array1::from(z).into_pyarray(py)).into_pyobject(py)?.into_any())
+            Ok((
+                ndarray::Array1::from(s).into_pyarray(py),
+                ndarray::Array1::from(z).into_pyarray(py),
+            )
+                .into_pyobject(py)?
+                .into_any())
         };
         match &self.state {
             State::MinMax(mm) | State::MovingAverage { mm, .. } => {
@@ -159,8 +224,16 @@ impl Observer {
                 if channels.is_empty() {
                     return Err(value_error("the observer has seen no data yet"));
                 }
-                let res: Vec<_> = detach(py, || channels.par_iter().map(|h| search::search(h, r, sym, m)).collect::<Result<Vec<_>>>())?;
-                per_channel(res.iter().map(|x| x.scale).collect(), res.iter().map(|x| x.zero_point).collect())
+                let res: Vec<_> = detach(py, || {
+                    channels
+                        .par_iter()
+                        .map(|h| search::search(h, r, sym, m))
+                        .collect::<Result<Vec<_>>>()
+                })?;
+                per_channel(
+                    res.iter().map(|x| x.scale).collect(),
+                    res.iter().map(|x| x.zero_point).collect(),
+                )
             }
         }
     }
@@ -168,16 +241,23 @@ impl Observer {
     /// The clip range `(lo, hi)` the observer's qparams represent (histogram observers).
     fn clip_range(&self, py: Python<'_>) -> PyResult<(f64, f64)> {
         let State::Histogram(h) = &self.state else {
-            return Err(value_error("clip_range is available for per-tensor histogram observers"));
+            return Err(value_error(
+                "clip_range is available for per-tensor histogram observers",
+            ));
         };
-        let (r, sym, m) = (self.range(), self.config.symmetric, method(&self.config).map_err(to_pyerr)?);
+        let (r, sym, m) = (
+            self.range(),
+            self.config.symmetric,
+            method(&self.config).map_err(to_pyerr)?,
+        );
         Ok(detach(py, || search::search(h, r, sym, m))?.clip)
     }
 
     /// Combines `other`'s state into this observer: histograms and min-max exactly (the result
     /// equals one observer over both inputs); moving averages by a batch-weighted mean.
     fn merge(&mut self, other: &Observer) -> PyResult<()> {
-        let same = serde_json::to_string(&self.config).ok() == serde_json::to_string(&other.config).ok();
+        let same =
+            serde_json::to_string(&self.config).ok() == serde_json::to_string(&other.config).ok();
         let r = (|| -> Result<()> {
             ensure!(same, "cannot merge observers with different settings");
             match (&mut self.state, &other.state) {
@@ -194,11 +274,19 @@ impl Observer {
                 }
                 (State::PerChannel(a), State::PerChannel(b)) => a.merge(b)?,
                 (State::Histogram(a), State::Histogram(b)) => a.merge(b)?,
-                (State::PerChannelHistogram { channels: a, .. }, State::PerChannelHistogram { channels: b, .. }) => {
+                (
+                    State::PerChannelHistogram { channels: a, .. },
+                    State::PerChannelHistogram { channels: b, .. },
+                ) => {
                     if a.is_empty() {
                         *a = b.clone();
                     } else if !b.is_empty() {
-                        ensure!(a.len() == b.len(), "cannot merge observers with {} and {} channels", a.len(), b.len());
+                        ensure!(
+                            a.len() == b.len(),
+                            "cannot merge observers with {} and {} channels",
+                            a.len(),
+                            b.len()
+                        );
                         for (x, y) in a.iter_mut().zip(b) {
                             x.merge(y)?;
                         }
@@ -223,15 +311,27 @@ impl Observer {
             config: Config,
             state: State,
         }
-        let saved: Saved = serde_json::from_str(s).map_err(|e| value_error(format!("invalid observer state: {e}")))?;
-        let o = Observer { config: saved.config, state: saved.state };
+        let saved: Saved = serde_json::from_str(s)
+            .map_err(|e| value_error(format!("invalid observer state: {e}")))?;
+        let o = Observer {
+            config: saved.config,
+            state: saved.state,
+        };
         let check = || -> Result<()> {
-            ensure!((2..=8).contains(&o.config.bits), "invalid observer state: bits");
+            ensure!(
+                (2..=8).contains(&o.config.bits),
+                "invalid observer state: bits"
+            );
             method(&o.config)?;
             match &o.state {
                 State::Histogram(h) => h.validate()?,
-                State::PerChannelHistogram { channels, .. } => channels.iter().try_for_each(|h| h.validate())?,
-                State::PerChannel(p) => ensure!(p.min.len() == p.max.len(), "invalid observer state: channels"),
+                State::PerChannelHistogram { channels, .. } => {
+                    channels.iter().try_for_each(|h| h.validate())?
+                }
+                State::PerChannel(p) => ensure!(
+                    p.min.len() == p.max.len(),
+                    "invalid observer state: channels"
+                ),
                 _ => {}
             }
             Ok(())
@@ -243,10 +343,14 @@ impl Observer {
     /// Histogram observers: (counts, left edge, bin width, min, max) for plotting.
     fn histogram<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, f64, f64, f32, f32)> {
         let State::Histogram(h) = &self.state else {
-            return Err(value_error("histogram() is available for per-tensor histogram observers"));
+            return Err(value_error(
+                "histogram() is available for per-tensor histogram observers",
+            ));
         };
         let (left, w) = h.grid();
-        let counts = ndarray::Array1::from(h.counts.clone()).into_pyarray(py).into_any();
+        let counts = ndarray::Array1::from(h.counts.clone())
+            .into_pyarray(py)
+            .into_any();
         Ok((counts, left, w, h.min, h.max))
     }
 }

@@ -26,7 +26,11 @@ fn dtype_str(x: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| x.get_type().to_string())
 }
 
-pub(crate) fn float_in<'py>(x: &Bound<'py, PyAny>, bf16: bool, what: &str) -> PyResult<FloatIn<'py>> {
+pub(crate) fn float_in<'py>(
+    x: &Bound<'py, PyAny>,
+    bf16: bool,
+    what: &str,
+) -> PyResult<FloatIn<'py>> {
     if bf16 {
         if let Ok(a) = x.cast::<PyArrayDyn<i16>>() {
             return Ok(FloatIn::BF16(a.try_readonly()?));

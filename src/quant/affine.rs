@@ -361,9 +361,7 @@ fn run_chunk<I, O, K: RunKernel<I, O>>(
     }
 }
 
-/// `run_chunk` compiled for the best instruction set the CPU has: the kernels are generic
-/// `#[inline(always)]` code, so each copy below is vectorized for its own target (AVX2's
-/// `vroundps` instead of a `rintf` call per element). aarch64 has NEON's `frintn` as baseline.
+/// `run_chunk` compiled for the best instruction set the CPU has (see `simd::dispatch`).
 fn run_chunk_dispatch<I, O, K: RunKernel<I, O>>(
     k: &K,
     lay: &Layout,
@@ -372,39 +370,29 @@ fn run_chunk_dispatch<I, O, K: RunKernel<I, O>>(
     o: &mut [MaybeUninit<O>],
     m: MaskOut<'_>,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<I, O, K: RunKernel<I, O>>(
-            k: &K,
-            lay: &Layout,
-            s: usize,
-            x: &[I],
-            o: &mut [MaybeUninit<O>],
-            m: MaskOut<'_>,
-        ) {
-            run_chunk(k, lay, s, x, o, m)
-        }
-        #[target_feature(enable = "sse4.1")]
-        unsafe fn sse41<I, O, K: RunKernel<I, O>>(
-            k: &K,
-            lay: &Layout,
-            s: usize,
-            x: &[I],
-            o: &mut [MaybeUninit<O>],
-            m: MaskOut<'_>,
-        ) {
-            run_chunk(k, lay, s, x, o, m)
-        }
-        match super::simd_level() {
-            // SAFETY: the CPU has AVX2 and FMA.
-            2 => return unsafe { avx2(k, lay, start, x, o, m) },
-            // SAFETY: the CPU has SSE4.1.
-            1 => return unsafe { sse41(k, lay, start, x, o, m) },
-            _ => {}
+    struct Call<'a, 'b, I, O, K> {
+        k: &'a K,
+        lay: &'a Layout,
+        start: usize,
+        x: &'a [I],
+        o: &'a mut [MaybeUninit<O>],
+        m: MaskOut<'b>,
+    }
+    impl<I, O, K: RunKernel<I, O>> super::simd::Kernel for Call<'_, '_, I, O, K> {
+        type Output = ();
+        #[inline(always)]
+        fn run(self) {
+            run_chunk(self.k, self.lay, self.start, self.x, self.o, self.m)
         }
     }
-    run_chunk(k, lay, start, x, o, m)
+    super::simd::dispatch(Call {
+        k,
+        lay,
+        start,
+        x,
+        o,
+        m,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ pub mod affine;
 pub mod checkpoint;
 pub mod elem;
 pub mod pack;
+pub mod simd;
 pub mod spec;
 
 pub use affine::{
@@ -14,30 +15,7 @@ pub use affine::{
 pub use elem::{Elem, Real};
 pub use spec::{Granularity, QuantSpec, QuantizedTensor};
 
-/// The x86 instruction set the kernels use: 2 = AVX2 + FMA, 1 = SSE4.1, 0 = baseline.
-/// `LOWBIT_SIMD=scalar|sse4.1|avx2` caps it (for tests of every path); read once.
-pub fn simd_level() -> u8 {
-    use std::sync::OnceLock;
-    static LEVEL: OnceLock<u8> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        let hw = if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            2
-        } else if std::is_x86_feature_detected!("sse4.1") {
-            1
-        } else {
-            0
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let hw = 0;
-        let cap = match std::env::var("LOWBIT_SIMD").as_deref() {
-            Ok("scalar") => 0,
-            Ok("sse4.1") => 1,
-            _ => 2,
-        };
-        hw.min(cap)
-    })
-}
+pub use simd::simd_level;
 
 /// Elements per parallel task: large enough to amortise rayon, small enough to balance 2..64 cores.
 pub(crate) const CHUNK: usize = 1 << 15;
