@@ -24,13 +24,16 @@ from lowbit._lowbit import LowbitTypeError, LowbitValueError
 from lowbit._quant import _float, _int, _vector
 
 __all__ = [
+    "Calibration",
     "FakeQuantize",
+    "calibrate",
     "dequantize_per_channel",
     "dequantize_per_tensor",
     "fake_quantize_per_channel_affine",
     "fake_quantize_per_tensor_affine",
     "quantize_per_channel",
     "quantize_per_tensor",
+    "sync_observers",
 ]
 
 _FLOATS = (torch.float32, torch.float16, torch.float64)
@@ -239,3 +242,141 @@ class FakeQuantize(torch.nn.Module):
     def extra_repr(self) -> str:
         where = "per_tensor" if self.axis is None else f"per_channel(axis={self.axis})"
         return f"{where}, quant_min={self.quant_min}, quant_max={self.quant_max}, enabled={self.enabled}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+def _observers_in(obj: Any) -> list:
+    """Every lowbit observer in a (nested) dict / list / tuple, in a stable order."""
+    from lowbit.calib import Observer
+
+    if isinstance(obj, Observer):
+        return [obj]
+    if isinstance(obj, dict):
+        return [o for k in sorted(obj, key=str) for o in _observers_in(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [o for v in obj for o in _observers_in(v)]
+    raise LowbitTypeError(f"expected lowbit observers (or dicts / lists of them), got {type(obj).__name__}")
+
+
+def sync_observers(observers: Any, group: Any = None) -> None:
+    """Make every rank's observers hold the state of all ranks together.
+
+    Each observer's state is gathered from every rank of ``group`` (``torch.distributed``) and
+    merged in rank order, identically on every rank. Histogram and min-max merges are exact, so
+    data-parallel calibration gives the same qparams as one process over all the data. All ranks
+    must pass the same observers in the same structure. A no-op outside ``torch.distributed``.
+    """
+    import torch.distributed as dist
+
+    obs = _observers_in(observers)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    mine = [o.state_dict() for o in obs]
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    if any(len(g) != len(obs) for g in gathered):
+        raise LowbitValueError("ranks passed different numbers of observers to sync_observers")
+    for i, o in enumerate(obs):
+        total = type(o).__new__(type(o))
+        total.load_state_dict(gathered[0][i])
+        for g in gathered[1:]:
+            other = type(o).__new__(type(o))
+            other.load_state_dict(g[i])
+            total.merge(other)
+        o.load_state_dict(total.state_dict())
+
+
+class Calibration(dict):
+    """``{layer name: {"input": FakeQuantize, "weight": FakeQuantize}}`` from :func:`calibrate`;
+    ``.observers`` holds the observers behind them (same keys)."""
+
+    observers: dict
+
+
+def _batches(data: Any, progress: bool) -> Any:
+    if not progress:
+        return data
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return data
+    return tqdm(data, desc="calibrating", unit="batch")
+
+
+def calibrate(
+    model: torch.nn.Module,
+    data: Any,
+    spec: Any = None,
+    method: str = "mse",
+    weight_spec: Any = None,
+    progress: bool = True,
+    sync: bool = False,
+    group: Any = None,
+) -> Calibration:
+    """Observe every Linear / Conv layer's input and weight while ``data`` runs through ``model``.
+
+    ``spec`` (a :class:`lowbit.QuantSpec`, default 8-bit asymmetric) sets the activations' bits
+    and symmetry; their range comes from a :class:`lowbit.calib.HistogramObserver` with
+    ``method``. Weights use min-max per output channel (``weight_spec``, default symmetric,
+    per channel along axis 0, with ``spec``'s bits). ``data`` yields batches: a tensor, a tuple
+    of positional inputs, or a dict of keyword inputs. The model runs in eval mode under
+    ``torch.no_grad()`` (its mode is restored). ``sync=True`` merges the observers across
+    ``torch.distributed`` ranks first (see :func:`sync_observers`).
+
+    >>> import torch, lowbit.torch as lt
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> cal = lt.calibrate(net, [torch.randn(16, 8) for _ in range(4)], progress=False)
+    >>> sorted(cal), sorted(cal["0"])
+    (['0', '2'], ['input', 'weight'])
+    >>> y = cal["0"]["input"](torch.randn(3, 8))  # a FakeQuantize, ready to use
+    """
+    from lowbit import QuantSpec
+    from lowbit.calib import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
+
+    spec = spec if spec is not None else QuantSpec(8, symmetric=False)
+    weight_spec = weight_spec if weight_spec is not None else QuantSpec(spec.bits, symmetric=True, granularity="channel", axis=0)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))}
+    if not layers:
+        raise LowbitValueError("the model has no Linear or Conv layers to calibrate")
+    observers: dict = {}
+    hooks = []
+    for name, mod in layers.items():
+        act = HistogramObserver(bits=spec.bits, symmetric=spec.symmetric, method=method)
+        if weight_spec.granularity == "channel":
+            w = PerChannelMinMaxObserver(axis=weight_spec.axis, bits=weight_spec.bits, symmetric=weight_spec.symmetric)
+        else:
+            w = MinMaxObserver(bits=weight_spec.bits, symmetric=weight_spec.symmetric)
+        w.update(mod.weight.detach().float().cpu())
+        observers[name] = {"input": act, "weight": w}
+        hooks.append(mod.register_forward_pre_hook(lambda m, args, o=act: o.update(args[0].detach().float().cpu())))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in _batches(data, progress):
+                if isinstance(batch, dict):
+                    model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    model(*batch)
+                else:
+                    model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if sync:
+        sync_observers(observers, group)
+    result = Calibration()
+    result.observers = observers
+    for name, obs in observers.items():
+        act, w = obs["input"], obs["weight"]
+        s, z = act.qparams()
+        fq_in = FakeQuantize(act.quant_min, act.quant_max, s, z)
+        ws, wz = w.qparams()
+        axis = weight_spec.axis if weight_spec.granularity == "channel" else None
+        fq_w = FakeQuantize(w.quant_min, w.quant_max, torch.as_tensor(ws), torch.as_tensor(wz), axis)
+        result[name] = {"input": fq_in, "weight": fq_w}
+    return result

@@ -1,0 +1,97 @@
+"""lowbit.torch.calibrate on a real model, and sync_observers across two gloo processes."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import lowbit
+import lowbit.calib as lc
+import lowbit.torch as lt
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10)
+    )
+
+
+def test_calibrate_observes_inputs_and_weights():
+    model = make_model()
+    data = [torch.randn(4, 3, 8, 8) for _ in range(5)]
+    cal = lt.calibrate(model, data, spec=lowbit.QuantSpec(8, symmetric=False), method="mse", progress=False)
+    assert sorted(cal) == ["0", "3"]
+    # the input observer of layer 0 saw exactly the data; its qparams equal a direct observer's
+    direct = lc.HistogramObserver(bits=8, method="mse")
+    for d in data:
+        direct.update(d)
+    assert cal.observers["0"]["input"].state_dict() == direct.state_dict()
+    s, z = direct.qparams()
+    assert cal["0"]["input"].scale.item() == s and cal["0"]["input"].zero_point.item() == z
+    # layer 3's input is the flattened ReLU output
+    with torch.no_grad():
+        acts = [model[2](model[1](model[0](d))) for d in data]
+    direct = lc.HistogramObserver(bits=8, method="mse")
+    for a in acts:
+        direct.update(a)
+    assert cal.observers["3"]["input"].state_dict() == direct.state_dict()
+    # weights: per-channel symmetric min-max, as torch.ao's observer
+    ref = torch.ao.quantization.PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    ref(model[0].weight.detach())
+    rs, rz = ref.calculate_qparams()
+    assert torch.equal(cal["0"]["weight"].scale, rs.float())
+    # the fake quantizers work on the layer's tensors
+    out = cal["0"]["weight"](model[0].weight.detach())
+    assert torch.equal(out, torch.fake_quantize_per_channel_affine(model[0].weight.detach(), rs.float(), rz.int(), 0, -128, 127))
+    assert model.training  # mode restored
+
+
+def _rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    rng = np.random.default_rng(7)
+    data = [rng.standard_normal((32, 16)).astype(np.float32) * (1 + i) for i in range(6)]
+    obs = {"h": lc.HistogramObserver(bits=4), "m": lc.MinMaxObserver(), "c": lc.PerChannelMinMaxObserver(1)}
+    for i, d in enumerate(data):
+        if i % world == rank:
+            for o in obs.values():
+                o.update(d)
+    lt.sync_observers(obs)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        for k in sorted(obs):
+            f.write(obs[k].state_dict()["lowbit_observer"] + "\n")
+    dist.destroy_process_group()
+
+
+def test_sync_observers_across_two_processes(tmp_path):
+    mp.spawn(_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0 = (tmp_path / "rank0.txt").read_text()
+    r1 = (tmp_path / "rank1.txt").read_text()
+    assert r0 == r1
+    rng = np.random.default_rng(7)
+    data = [rng.standard_normal((32, 16)).astype(np.float32) * (1 + i) for i in range(6)]
+    one = {"h": lc.HistogramObserver(bits=4), "m": lc.MinMaxObserver(), "c": lc.PerChannelMinMaxObserver(1)}
+    for d in data:
+        for o in one.values():
+            o.update(d)
+    lines = r0.splitlines()
+    for line, k in zip(lines, sorted(one)):
+        restored = type(one[k])()
+        restored.load_state_dict({"lowbit_observer": line})
+        np.testing.assert_array_equal(np.asarray(restored.qparams()[0]), np.asarray(one[k].qparams()[0]))
+        if k == "h":
+            assert restored.state_dict() == one[k].state_dict()
+
+
+def test_sync_is_a_no_op_without_distributed():
+    o = lc.MinMaxObserver()
+    o.update(np.ones(3, np.float32))
+    before = o.state_dict()
+    lt.sync_observers([o])
+    assert o.state_dict() == before
+    with pytest.raises(lowbit.LowbitTypeError):
+        lt.sync_observers([1])
