@@ -117,10 +117,12 @@ fn cell_error(lo: [f64; 3], hi: [f64; 3], c: f64) -> f64 {
 fn best_window(d: &Density<'_>, s: f64, levels: i64, symmetric: bool) -> (f64, i64) {
     let (min, max) = (d.h.min as f64, d.h.max as f64);
     let tot = d.total();
-    // Cell boundaries b_j = (j + 1/2) s for the lattice indices the data touches.
-    let j0 = (min / s - 0.5).floor() as i64 - 1;
-    let j1 = (max / s + 0.5).ceil() as i64 + 1;
+    // Cell boundaries b_j = (j + 1/2) s for the lattice indices the data touches; windows only
+    // ever look at boundaries in [-levels, levels], so none further out is evaluated.
+    let j0 = ((min / s - 0.5).floor() as i64 - 1).max(-levels - 1);
+    let j1 = ((max / s + 0.5).ceil() as i64 + 1).min(levels + 1);
     let f: Vec<[f64; 3]> = (j0..=j1).map(|j| d.cum((j as f64 + 0.5) * s)).collect();
+    // Only called for j in [-levels, levels - 1]: outside [j0, j1] that means past the data.
     let at = |j: i64| -> [f64; 3] {
         if j < j0 {
             [0.0; 3]
