@@ -150,3 +150,18 @@ def test_histogram_counts_every_value(rng):
     counts, edges = obs.histogram()
     want, _ = np.histogram(np.concatenate(data).astype(np.float64), bins=edges)
     np.testing.assert_array_equal(counts, want)
+
+
+def test_concurrent_updates_lose_no_counts(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = [rng.standard_normal((128, 256)).astype(np.float32) * (1 + i % 5) for i in range(32)]
+    serial, shared = lc.HistogramObserver(), lc.HistogramObserver()
+    for d in data:
+        serial.update(d)
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(shared.update, data))
+    assert shared.state_dict() == serial.state_dict()
+    shared.merge(shared)  # merging into itself doubles the counts rather than deadlocking
+    counts, _ = shared.histogram()
+    assert counts.sum() == 2 * sum(d.size for d in data)

@@ -10,6 +10,7 @@ use numpy::IntoPyArray;
 use pyo3::prelude::*;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum State {
@@ -35,10 +36,9 @@ struct Config {
     percentile: f64,
 }
 
-/// The state and settings of one observer (min-max, moving average, per channel or histogram).
-#[pyclass(module = "lowbit._lowbit")]
-#[derive(Clone)]
-pub struct Observer {
+/// The settings and state of one observer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Inner {
     config: Config,
     state: State,
 }
@@ -78,12 +78,64 @@ fn update_channels<E: Elem>(
         .try_for_each(|(h, v)| h.update(&v))
 }
 
-impl Observer {
+/// Per-tensor or per-channel qparams.
+enum QParams {
+    Tensor(f32, i32),
+    Channel(Vec<f32>, Vec<i32>),
+}
+
+impl Inner {
+    fn new(
+        kind: &str,
+        config: Config,
+        averaging_constant: f64,
+        axis: i64,
+        bins: usize,
+    ) -> Result<Self> {
+        let bits = config.bits;
+        ensure!(
+            (2..=8).contains(&bits),
+            "bits must be between 2 and 8, got {bits}"
+        );
+        method(&config)?;
+        let p = config.percentile;
+        ensure!(
+            p > 0.0 && p <= 100.0,
+            "percentile must be in (0, 100], got {p}"
+        );
+        let state = match kind {
+            "minmax" => State::MinMax(MinMax::default()),
+            "moving_average" => {
+                ensure!(
+                    averaging_constant > 0.0 && averaging_constant <= 1.0,
+                    "averaging_constant must be in (0, 1], got {averaging_constant}"
+                );
+                State::MovingAverage {
+                    mm: MinMax::default(),
+                    averaging_constant: averaging_constant as f32,
+                }
+            }
+            "per_channel" => State::PerChannel(PerChannelMinMax::new(axis)),
+            "histogram" => State::Histogram(Histogram::new(bins)?),
+            "per_channel_histogram" => {
+                Histogram::new(bins)?;
+                State::PerChannelHistogram {
+                    axis,
+                    bins,
+                    channels: vec![],
+                }
+            }
+            _ => return Err(Error::value(format!("unknown observer kind {kind:?}"))),
+        };
+        Ok(Inner { config, state })
+    }
+
     fn range(&self) -> QRange {
         QRange::for_bits(self.config.bits, self.config.symmetric).expect("bits validated in new()")
     }
 
-    fn update_view<E: Elem>(&mut self, x: ArrayViewD<'_, E>) -> Result<()> {
+    fn update<E: Elem>(&mut self, x: ArrayViewD<'_, E>) -> Result<()> {
+        // Each state refuses a bad batch before changing anything.
         match &mut self.state {
             State::MinMax(m) => m.update(&x),
             State::MovingAverage {
@@ -98,6 +150,133 @@ impl Observer {
                 channels,
             } => update_channels(&x, *axis, *bins, channels),
         }
+    }
+
+    fn qparams(&self) -> Result<QParams> {
+        let (r, sym, m) = (self.range(), self.config.symmetric, method(&self.config)?);
+        Ok(match &self.state {
+            State::MinMax(mm) | State::MovingAverage { mm, .. } => {
+                let (s, z) = mm.qparams(r, sym)?;
+                QParams::Tensor(s, z)
+            }
+            State::PerChannel(pc) => {
+                let (s, z) = pc.qparams(r, sym)?;
+                QParams::Channel(s, z)
+            }
+            State::Histogram(h) => {
+                let res = search::search(h, r, sym, m)?;
+                QParams::Tensor(res.scale, res.zero_point)
+            }
+            State::PerChannelHistogram { channels, .. } => {
+                ensure!(!channels.is_empty(), "the observer has seen no data yet");
+                let res = channels
+                    .par_iter()
+                    .map(|h| search::search(h, r, sym, m))
+                    .collect::<Result<Vec<_>>>()?;
+                QParams::Channel(
+                    res.iter().map(|x| x.scale).collect(),
+                    res.iter().map(|x| x.zero_point).collect(),
+                )
+            }
+        })
+    }
+
+    fn histogram(&self) -> Result<&Histogram> {
+        match &self.state {
+            State::Histogram(h) => Ok(h),
+            _ => Err(Error::value(
+                "only per-tensor histogram observers have a histogram and a clip range",
+            )),
+        }
+    }
+
+    fn merge(&mut self, other: &Inner) -> Result<()> {
+        let same =
+            serde_json::to_string(&self.config).ok() == serde_json::to_string(&other.config).ok();
+        ensure!(same, "cannot merge observers with different settings");
+        match (&mut self.state, &other.state) {
+            (State::MinMax(a), State::MinMax(b)) => a.merge(b),
+            (State::MovingAverage { mm: a, .. }, State::MovingAverage { mm: b, .. }) => {
+                if a.batches == 0 {
+                    *a = b.clone();
+                } else if b.batches > 0 {
+                    let (wa, wb) = (a.batches as f32, b.batches as f32);
+                    a.min = (a.min * wa + b.min * wb) / (wa + wb);
+                    a.max = (a.max * wa + b.max * wb) / (wa + wb);
+                    a.batches += b.batches;
+                }
+            }
+            (State::PerChannel(a), State::PerChannel(b)) => a.merge(b)?,
+            (State::Histogram(a), State::Histogram(b)) => a.merge(b)?,
+            (
+                State::PerChannelHistogram { channels: a, .. },
+                State::PerChannelHistogram { channels: b, .. },
+            ) => {
+                if a.is_empty() {
+                    *a = b.clone();
+                } else if !b.is_empty() {
+                    ensure!(
+                        a.len() == b.len(),
+                        "cannot merge observers with {} and {} channels",
+                        a.len(),
+                        b.len()
+                    );
+                    for (x, y) in a.iter_mut().zip(b) {
+                        x.merge(y)?;
+                    }
+                }
+            }
+            _ => return Err(Error::value("cannot merge observers of different kinds")),
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            (2..=8).contains(&self.config.bits),
+            "invalid observer state: bits"
+        );
+        method(&self.config)?;
+        match &self.state {
+            State::Histogram(h) => h.validate(),
+            State::PerChannelHistogram { channels, .. } => {
+                channels.iter().try_for_each(|h| h.validate())
+            }
+            State::PerChannel(p) => {
+                ensure!(
+                    p.min.len() == p.max.len(),
+                    "invalid observer state: channels"
+                );
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The settings and state of one calibration observer (min-max, moving average, per channel
+/// or histogram). Thread-safe: concurrent `update`s from several Python threads are serialised
+/// on a lock taken with the GIL released, so no count is lost and no call fails.
+#[pyclass(module = "lowbit._lowbit", frozen)]
+pub struct Observer {
+    inner: Mutex<Inner>,
+}
+
+impl Observer {
+    /// Runs `f` on the state with the GIL released (the lock is taken without the GIL, so a
+    /// thread waiting for it never blocks one that needs the GIL to finish).
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Inner) -> Result<T> + Send,
+    ) -> PyResult<T> {
+        detach(py, || {
+            f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
+        })
+    }
+
+    fn snapshot(&self, py: Python<'_>) -> PyResult<Inner> {
+        self.with(py, |i| Ok(i.clone()))
     }
 }
 
@@ -122,235 +301,99 @@ impl Observer {
             method: method.to_string(),
             percentile,
         };
-        let check = || -> Result<State> {
-            ensure!(
-                (2..=8).contains(&bits),
-                "bits must be between 2 and 8, got {bits}"
-            );
-            self::method(&config)?;
-            ensure!(
-                percentile > 0.0 && percentile <= 100.0,
-                "percentile must be in (0, 100], got {percentile}"
-            );
-            Ok(match kind {
-                "minmax" => State::MinMax(MinMax::default()),
-                "moving_average" => {
-                    ensure!(
-                        averaging_constant > 0.0 && averaging_constant <= 1.0,
-                        "averaging_constant must be in (0, 1], got {averaging_constant}"
-                    );
-                    State::MovingAverage {
-                        mm: MinMax::default(),
-                        averaging_constant: averaging_constant as f32,
-                    }
-                }
-                "per_channel" => State::PerChannel(PerChannelMinMax::new(axis)),
-                "histogram" => State::Histogram(Histogram::new(bins)?),
-                "per_channel_histogram" => {
-                    Histogram::new(bins)?;
-                    State::PerChannelHistogram {
-                        axis,
-                        bins,
-                        channels: vec![],
-                    }
-                }
-                _ => return Err(Error::value(format!("unknown observer kind {kind:?}"))),
-            })
-        };
-        let state = check().map_err(to_pyerr)?;
-        Ok(Observer { config, state })
+        let inner = Inner::new(kind, config, averaging_constant, axis, bins).map_err(to_pyerr)?;
+        Ok(Observer {
+            inner: Mutex::new(inner),
+        })
     }
 
     #[getter]
-    fn quant_min(&self) -> i32 {
-        self.range().min
+    fn quant_min(&self, py: Python<'_>) -> PyResult<i32> {
+        self.with(py, |i| Ok(i.range().min))
     }
 
     #[getter]
-    fn quant_max(&self) -> i32 {
-        self.range().max
+    fn quant_max(&self, py: Python<'_>) -> PyResult<i32> {
+        self.with(py, |i| Ok(i.range().max))
     }
 
     #[pyo3(signature = (x, bf16=false))]
-    fn update(&mut self, py: Python<'_>, x: &Bound<'_, PyAny>, bf16: bool) -> PyResult<()> {
-        // Each state refuses a bad batch before changing anything.
+    fn update(&self, py: Python<'_>, x: &Bound<'_, PyAny>, bf16: bool) -> PyResult<()> {
         match float_in(x, bf16, "x")? {
             FloatIn::F32(a) => {
                 let v = a.as_array();
-                detach(py, || self.update_view(v))
+                self.with(py, |i| i.update(v))
             }
             FloatIn::F64(a) => {
                 let v = a.as_array();
-                detach(py, || self.update_view(v))
+                self.with(py, |i| i.update(v))
             }
             FloatIn::F16(a) => {
                 let v = a.as_array();
-                detach(py, || self.update_view(v))
+                self.with(py, |i| i.update(v))
             }
             FloatIn::BF16(a) => {
                 let v = super::quant::bf16_view(a.as_array());
-                detach(py, || self.update_view(v))
+                self.with(py, |i| i.update(v))
             }
         }
     }
 
     /// (scale, zero_point): floats for per-tensor observers, float32 / int32 arrays per channel.
     fn qparams<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let (r, sym) = (self.range(), self.config.symmetric);
-        let m = method(&self.config).map_err(to_pyerr)?;
-        let per_tensor = |s: f32, z: i32| Ok((s, z).into_pyobject(py)?.into_any());
-        let per_channel = |s: Vec<f32>, z: Vec<i32>| -> PyResult<Bound<'py, PyAny>> {
-            Ok((
+        Ok(match self.with(py, |i| i.qparams())? {
+            QParams::Tensor(s, z) => (s, z).into_pyobject(py)?.into_any(),
+            QParams::Channel(s, z) => (
                 ndarray::Array1::from(s).into_pyarray(py),
                 ndarray::Array1::from(z).into_pyarray(py),
             )
                 .into_pyobject(py)?
-                .into_any())
-        };
-        match &self.state {
-            State::MinMax(mm) | State::MovingAverage { mm, .. } => {
-                let (s, z) = mm.qparams(r, sym).map_err(to_pyerr)?;
-                per_tensor(s, z)
-            }
-            State::PerChannel(pc) => {
-                let (s, z) = pc.qparams(r, sym).map_err(to_pyerr)?;
-                per_channel(s, z)
-            }
-            State::Histogram(h) => {
-                let res = detach(py, || search::search(h, r, sym, m))?;
-                per_tensor(res.scale, res.zero_point)
-            }
-            State::PerChannelHistogram { channels, .. } => {
-                if channels.is_empty() {
-                    return Err(value_error("the observer has seen no data yet"));
-                }
-                let res: Vec<_> = detach(py, || {
-                    channels
-                        .par_iter()
-                        .map(|h| search::search(h, r, sym, m))
-                        .collect::<Result<Vec<_>>>()
-                })?;
-                per_channel(
-                    res.iter().map(|x| x.scale).collect(),
-                    res.iter().map(|x| x.zero_point).collect(),
-                )
-            }
-        }
+                .into_any(),
+        })
     }
 
-    /// The clip range `(lo, hi)` the observer's qparams represent (histogram observers).
+    /// The clip range `(lo, hi)` the qparams represent (per-tensor histogram observers).
     fn clip_range(&self, py: Python<'_>) -> PyResult<(f64, f64)> {
-        let State::Histogram(h) = &self.state else {
-            return Err(value_error(
-                "clip_range is available for per-tensor histogram observers",
-            ));
-        };
-        let (r, sym, m) = (
-            self.range(),
-            self.config.symmetric,
-            method(&self.config).map_err(to_pyerr)?,
-        );
-        Ok(detach(py, || search::search(h, r, sym, m))?.clip)
+        self.with(py, |i| {
+            let (r, sym, m) = (i.range(), i.config.symmetric, method(&i.config)?);
+            Ok(search::search(i.histogram()?, r, sym, m)?.clip)
+        })
     }
 
-    /// Combines `other`'s state into this observer: histograms and min-max exactly (the result
-    /// equals one observer over both inputs); moving averages by a batch-weighted mean.
-    fn merge(&mut self, other: &Observer) -> PyResult<()> {
-        let same =
-            serde_json::to_string(&self.config).ok() == serde_json::to_string(&other.config).ok();
-        let r = (|| -> Result<()> {
-            ensure!(same, "cannot merge observers with different settings");
-            match (&mut self.state, &other.state) {
-                (State::MinMax(a), State::MinMax(b)) => a.merge(b),
-                (State::MovingAverage { mm: a, .. }, State::MovingAverage { mm: b, .. }) => {
-                    if a.batches == 0 {
-                        *a = b.clone();
-                    } else if b.batches > 0 {
-                        let (wa, wb) = (a.batches as f32, b.batches as f32);
-                        a.min = (a.min * wa + b.min * wb) / (wa + wb);
-                        a.max = (a.max * wa + b.max * wb) / (wa + wb);
-                        a.batches += b.batches;
-                    }
-                }
-                (State::PerChannel(a), State::PerChannel(b)) => a.merge(b)?,
-                (State::Histogram(a), State::Histogram(b)) => a.merge(b)?,
-                (
-                    State::PerChannelHistogram { channels: a, .. },
-                    State::PerChannelHistogram { channels: b, .. },
-                ) => {
-                    if a.is_empty() {
-                        *a = b.clone();
-                    } else if !b.is_empty() {
-                        ensure!(
-                            a.len() == b.len(),
-                            "cannot merge observers with {} and {} channels",
-                            a.len(),
-                            b.len()
-                        );
-                        for (x, y) in a.iter_mut().zip(b) {
-                            x.merge(y)?;
-                        }
-                    }
-                }
-                _ => return Err(Error::value("cannot merge observers of different kinds")),
-            }
-            Ok(())
-        })();
-        r.map_err(to_pyerr)
+    /// Adds `other`'s state: histograms and min-max exactly (the result equals one observer over
+    /// both inputs); moving averages by a batch-weighted mean of the running ranges.
+    fn merge(&self, py: Python<'_>, other: &Observer) -> PyResult<()> {
+        let o = other.snapshot(py)?; // first, so that merging an observer into itself cannot deadlock
+        self.with(py, |i| i.merge(&o))
     }
 
     /// The whole state as JSON (settings and data), for `state_dict` and pickling.
-    fn to_json(&self) -> String {
-        serde_json::json!({"config": self.config, "state": self.state}).to_string()
+    fn to_json(&self, py: Python<'_>) -> PyResult<String> {
+        self.with(py, |i| {
+            serde_json::to_string(&*i).map_err(|e| Error::value(e.to_string()))
+        })
     }
 
     #[staticmethod]
     fn from_json(s: &str) -> PyResult<Observer> {
-        #[derive(Deserialize)]
-        struct Saved {
-            config: Config,
-            state: State,
-        }
-        let saved: Saved = serde_json::from_str(s)
+        let inner: Inner = serde_json::from_str(s)
             .map_err(|e| value_error(format!("invalid observer state: {e}")))?;
-        let o = Observer {
-            config: saved.config,
-            state: saved.state,
-        };
-        let check = || -> Result<()> {
-            ensure!(
-                (2..=8).contains(&o.config.bits),
-                "invalid observer state: bits"
-            );
-            method(&o.config)?;
-            match &o.state {
-                State::Histogram(h) => h.validate()?,
-                State::PerChannelHistogram { channels, .. } => {
-                    channels.iter().try_for_each(|h| h.validate())?
-                }
-                State::PerChannel(p) => ensure!(
-                    p.min.len() == p.max.len(),
-                    "invalid observer state: channels"
-                ),
-                _ => {}
-            }
-            Ok(())
-        };
-        check().map_err(to_pyerr)?;
-        Ok(o)
+        inner.validate().map_err(to_pyerr)?;
+        Ok(Observer {
+            inner: Mutex::new(inner),
+        })
     }
 
-    /// Histogram observers: (counts, left edge, bin width, min, max) for plotting.
+    /// Per-tensor histogram observers: (counts, left edge, bin width, min, max).
     fn histogram<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, f64, f64, f32, f32)> {
-        let State::Histogram(h) = &self.state else {
-            return Err(value_error(
-                "histogram() is available for per-tensor histogram observers",
-            ));
-        };
+        let h = self.with(py, |i| i.histogram().cloned())?;
         let (left, w) = h.grid();
-        let counts = ndarray::Array1::from(h.counts.clone())
-            .into_pyarray(py)
-            .into_any();
-        Ok((counts, left, w, h.min, h.max))
+        Ok((
+            ndarray::Array1::from(h.counts).into_pyarray(py).into_any(),
+            left,
+            w,
+            h.min,
+            h.max,
+        ))
     }
 }
