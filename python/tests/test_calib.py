@@ -165,3 +165,55 @@ def test_concurrent_updates_lose_no_counts(rng):
     shared.merge(shared)  # merging into itself doubles the counts rather than deadlocking
     counts, _ = shared.histogram()
     assert counts.sum() == 2 * sum(d.size for d in data)
+
+
+def _reference_kl_threshold(abs_hist: np.ndarray, width: float, target: int) -> float:
+    """TensorRT's entropy calibration as published (MXNet's `_get_optimal_threshold` on |x|,
+    with its `_smooth_distribution`), written independently in NumPy."""
+
+    def smooth(p, eps=1e-4):
+        zeros = p == 0
+        n_zero, n_nonzero = zeros.sum(), p.size - zeros.sum()
+        if n_nonzero == 0:
+            return None
+        return p + eps * zeros - (eps * n_zero / n_nonzero) * ~zeros
+
+    best, best_i = np.inf, len(abs_hist)
+    for i in range(target, len(abs_hist) + 1):
+        sliced = abs_hist[:i].astype(np.float64)
+        p = sliced.copy()
+        p[i - 1] += abs_hist[i:].sum()
+        merged = i // target
+        q = np.zeros(i)
+        for j in range(target):
+            a, b = j * merged, (i if j == target - 1 else (j + 1) * merged)
+            nz = sliced[a:b] != 0
+            if nz.sum():
+                q[a:b][nz] = sliced[a:b].sum() / nz.sum()
+        ps, qs = smooth(p), smooth(q)
+        if ps is None or qs is None:
+            continue
+        ps, qs = ps / ps.sum(), qs / qs.sum()
+        m = ps > 0
+        kl = float(np.sum(ps[m] * np.log(ps[m] / qs[m])))
+        if kl < best:
+            best, best_i = kl, i
+    return best_i * width
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_entropy_matches_the_published_algorithm(bits, rng):
+    x = rng.laplace(size=200_000).astype(np.float32)
+    obs = lc.HistogramObserver(bits=bits, symmetric=True, method="entropy", bins=512)
+    obs.update(x)
+    counts, edges = obs.histogram()
+    width = edges[1] - edges[0]
+    # fold the signed histogram onto |x| bins [j w, (j+1) w)
+    start = int(round(edges[0] / width))
+    g = start + np.arange(len(counts))
+    j = np.where(g >= 0, g, -g - 1)
+    abs_hist = np.bincount(j, weights=counts).astype(np.float64)
+    abs_hist = np.trim_zeros(abs_hist, "b")
+    want = min(_reference_kl_threshold(abs_hist, width, 2 ** (bits - 1)), float(np.abs(x).max()))
+    lo, hi = obs.clip_range()
+    assert hi == pytest.approx(want, rel=1e-12) and lo == -hi
