@@ -116,8 +116,13 @@ class Observer:
         self.load_state_dict(state)
 
     def __repr__(self) -> str:
-        cfg = json.loads(self._core.to_json())["config"]
-        return f"{type(self).__name__}(bits={cfg['bits']}, symmetric={cfg['symmetric']})"
+        saved = json.loads(self._core.to_json())
+        cfg, (kind, state) = saved["config"], next(iter(saved["state"].items()))
+        extra = ""
+        if kind in ("Histogram", "PerChannelHistogram"):
+            extra = f", method={cfg['method']!r}, bins={state['bins']}"
+            extra += f", percentile={cfg['percentile']}" if cfg["method"] == "percentile" else ""
+        return f"{type(self).__name__}(bits={cfg['bits']}, symmetric={cfg['symmetric']}{extra})"
 
 
 class MinMaxObserver(Observer):
@@ -187,7 +192,9 @@ class HistogramObserver(Observer):
         super().__init__(bits=bits, symmetric=symmetric, method=method, percentile=percentile, bins=bins, axis=axis)
 
     def clip_range(self) -> tuple[float, float]:
-        """The range ``[(quant_min - zp) * scale, (quant_max - zp) * scale]`` the qparams cover."""
+        """The range ``[(quant_min - zp) * scale, (quant_max - zp) * scale]`` the qparams cover,
+        for every method (percentile and entropy choose a threshold t, cover ``[-t, t]``
+        clipped to the data, and round that onto the integer grid)."""
         return self._core.clip_range()
 
     def histogram(self) -> tuple[np.ndarray, np.ndarray]:

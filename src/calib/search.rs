@@ -39,7 +39,7 @@ impl std::str::FromStr for Method {
 pub struct SearchResult {
     pub scale: f32,
     pub zero_point: i32,
-    /// The representable range `[(qmin - zp) s, (qmax - zp) s]`.
+    /// The range the qparams represent, `[(qmin - zp) s, (qmax - zp) s]`, for every method.
     pub clip: (f64, f64),
     /// Expected squared error per value under the histogram model.
     pub expected_mse: f64,
@@ -345,10 +345,15 @@ pub fn search(h: &Histogram, r: QRange, symmetric: bool, method: Method) -> Resu
             ((h.min as f64).max(-t), (h.max as f64).min(t))
         };
         let (scale, zero_point) = qparams_from_minmax(lo as f32, hi as f32, r, symmetric);
+        let sf = scale as f64;
+        let clip = (
+            (r.min - zero_point) as f64 * sf,
+            (r.max - zero_point) as f64 * sf,
+        );
         SearchResult {
             scale,
             zero_point,
-            clip: (lo, hi),
+            clip,
             expected_mse: f64::NAN,
         }
     };
