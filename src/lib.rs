@@ -1,5 +1,6 @@
 //! lowbit: low-bit quantization kernels with a thin Python layer (see `py`).
 
+pub mod bitnet;
 pub mod calib;
 pub mod error;
 pub mod quant;

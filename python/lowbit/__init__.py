@@ -20,7 +20,8 @@ from lowbit._lowbit import (
     QuantSpec,
     __version__,
 )
-from lowbit import calib
+from lowbit import bitnet, calib
+from lowbit.bitnet import activation_quant, binary_quantize, ternary_quantize
 from lowbit._quant import (
     dequantize_checkpoint,
     dequantize_per_channel,
@@ -54,6 +55,9 @@ __all__ = [
     "QuantSpec",
     "QuantizedTensor",
     "__version__",
+    "activation_quant",
+    "binary_quantize",
+    "bitnet",
     "dequantize_checkpoint",
     "dequantize_per_channel",
     "dequantize_per_tensor",
@@ -65,4 +69,5 @@ __all__ = [
     "quantize_checkpoint",
     "quantize_per_channel",
     "quantize_per_tensor",
+    "ternary_quantize",
 ]

@@ -6,6 +6,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 use std::panic::AssertUnwindSafe;
 
+mod bitnet;
 mod calib;
 mod quant;
 
@@ -94,6 +95,12 @@ mod _lowbit {
 
     #[pymodule_export]
     use super::calib::Observer;
+
+    #[pymodule_export]
+    use super::bitnet::{
+        activation_quant, binary_matmul_packed, binary_quantize, bitnet_kernel, ternary_quantize,
+        PackedSigns, TernaryLinear,
+    };
 
     #[pymodule_export]
     use super::quant::{

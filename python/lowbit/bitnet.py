@@ -1,0 +1,224 @@
+"""BitNet layers and kernels: ternary (W1.58 A8) and binary (XNOR-popcount) products with
+exact integer arithmetic, many times faster than a float32 matmul.
+
+* :func:`ternary_quantize`, :func:`binary_quantize`, :func:`activation_quant`: the quantizers of
+  the BitNet b1.58 / BitNet recipes (as in Hugging Face transformers' BitNet integration).
+* :class:`TernaryLinear`: packs ternary weights once at 2 bits per weight; ``forward`` quantizes
+  activations per row to int8, runs an int32-accumulating ternary GEMM/GEMV (AVX2 ``maddubs``
+  where available) and rescales.
+* :class:`BinaryLinear` and :func:`binary_matmul`: signs packed 1 bit per value, dot products as
+  ``K - 2 * popcount(a xor b)``.
+
+``LOWBIT_KERNEL=scalar`` forces the portable kernels (every path gives the same integers).
+
+>>> import numpy as np, lowbit.bitnet as bn
+>>> rng = np.random.default_rng(0)
+>>> w = rng.standard_normal((8, 300)).astype(np.float32)
+>>> layer = bn.TernaryLinear.from_float(w)
+>>> layer.nbytes  # 2 bits per weight, rows padded to 128
+768
+>>> x = rng.standard_normal((2, 300)).astype(np.float32)
+>>> layer(x).shape
+(2, 8)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lowbit import _lowbit
+from lowbit._lowbit import LowbitTypeError, LowbitValueError, PackedSigns
+
+__all__ = [
+    "BinaryLinear",
+    "PackedSigns",
+    "TernaryLinear",
+    "activation_quant",
+    "binary_matmul",
+    "binary_quantize",
+    "kernel",
+    "pack_signs",
+    "ternary_quantize",
+]
+
+
+def _is_tensor(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+def _f32(x: Any, what: str, ndim: int | None = 2) -> np.ndarray:
+    """A float32 NumPy view of an array or CPU tensor (float16/float64 are converted)."""
+    if _is_tensor(x):
+        if x.device.type != "cpu":
+            raise LowbitTypeError(f"{what} is on {x.device}; lowbit's kernels run on CPU tensors (use .cpu())")
+        x = x.detach().float().numpy()
+    a = np.asarray(x)
+    if a.dtype.kind != "f":
+        raise LowbitTypeError(f"{what} must be a float array, got {a.dtype}")
+    if a.dtype != np.float32:
+        a = a.astype(np.float32)
+    if ndim is not None and a.ndim != ndim:
+        raise LowbitValueError(f"{what} must be {ndim}-D, got shape {a.shape}")
+    return a
+
+
+def ternary_quantize(w: Any, per_channel: bool = False) -> tuple[np.ndarray, Any]:
+    """BitNet b1.58 absmean ternary weights: ``s = 1 / max(mean(|w|), 1e-5)``,
+    ``codes = clamp(round_half_even(w * s), -1, 1)`` (int8) and ``scale = 1 / s``, so ``w ≈ codes * scale``.
+    ``per_channel=True`` uses one mean per row (output feature) and returns ``scale`` of shape (rows,).
+
+    >>> import numpy as np, lowbit
+    >>> codes, scale = lowbit.ternary_quantize(np.array([[0.4, -1.2, 0.05, 2.0]], dtype=np.float32))
+    >>> codes, round(scale, 4)
+    (array([[ 0, -1,  0,  1]], dtype=int8), 0.9125)
+    """
+    codes, s = _lowbit.ternary_quantize(_f32(w, "w"), bool(per_channel))
+    return codes, (s if per_channel else float(s[0]))
+
+
+def binary_quantize(w: Any, center: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """BitNet 1-bit / XNOR-Net weights: signs (int8 ±1) of ``w - mean(w)`` (the whole tensor's
+    mean; 0 without ``center``), sign(0) = +1, and per-row scales ``mean(|w|)``."""
+    return _lowbit.binary_quantize(_f32(w, "w"), bool(center))
+
+
+def activation_quant(x: Any, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (per-token) absmax quantization: ``s = Qb / max(max|x|, 1e-5)`` with
+    ``Qb = 2^(bits-1) - 1``, ``q = clamp(round_half_even(x * s), -Qb - 1, Qb)`` as int8; returns
+    ``(q, s)`` with ``s`` of shape (rows,). NaN or Inf raises ``LowbitValueError``."""
+    return _lowbit.activation_quant(_f32(x, "x"), int(bits))
+
+
+def pack_signs(x: Any) -> PackedSigns:
+    """Pack the signs of a float (rows, K) matrix, 1 bit per value (sign(0) = +1)."""
+    return PackedSigns(_f32(x, "x"))
+
+
+def binary_matmul(a: Any, b: Any) -> np.ndarray:
+    """``sign(a) @ sign(b).T`` as int32, by XNOR + popcount: ``a`` is (M, K), ``b`` is (N, K),
+    floats or :func:`pack_signs` results; sign(0) = +1.
+
+    >>> import numpy as np, lowbit.bitnet as bn
+    >>> bn.binary_matmul(np.array([[1.0, -2.0, 0.0]], np.float32), np.array([[3.0, 1.0, -1.0]], np.float32))
+    array([[-1]], dtype=int32)
+    """
+    pa = a if isinstance(a, PackedSigns) else pack_signs(a)
+    pb = b if isinstance(b, PackedSigns) else pack_signs(b)
+    return _lowbit.binary_matmul_packed(pa, pb)
+
+
+def kernel() -> str:
+    """The kernel path in use: ``"avx2"`` or ``"scalar"`` (``LOWBIT_KERNEL`` can force scalar)."""
+    return _lowbit.bitnet_kernel()
+
+
+def _rows(x: Any, k: int) -> tuple[np.ndarray, tuple[int, ...], bool]:
+    torch_in = _is_tensor(x)
+    a = _f32(x, "x", ndim=None)
+    if a.ndim == 0 or a.shape[-1] != k:
+        raise LowbitValueError(f"x must have shape (..., {k}), got {a.shape}")
+    return a.reshape(-1, k), a.shape[:-1], torch_in
+
+
+def _out(y: np.ndarray, lead: tuple[int, ...], torch_in: bool) -> Any:
+    y = y.reshape(*lead, y.shape[-1])
+    if torch_in:
+        import torch
+
+        return torch.from_numpy(y)
+    return y
+
+
+class TernaryLinear:
+    """A BitNet b1.58 linear layer on packed ternary weights.
+
+    ``forward(x)`` for ``x`` of shape (..., in_features) quantizes each row to int8
+    (:func:`activation_quant`), computes the exact int32 product with the ternary codes and
+    returns ``(q_x @ codes.T) * (scale_w / s_x) + bias`` (float64, rounded to float32).
+    NumPy in, NumPy out; CPU tensors in, tensors out.
+    """
+
+    def __init__(self, codes: np.ndarray, scale: Any, bias: Any = None) -> None:
+        codes = np.asarray(codes)
+        if codes.dtype != np.int8 or codes.ndim != 2:
+            raise LowbitTypeError(f"codes must be a 2-D int8 array, got {codes.dtype} with shape {codes.shape}")
+        s = np.atleast_1d(np.asarray(scale, dtype=np.float32))
+        b = None if bias is None else _f32(bias, "bias", ndim=1)
+        self._core = _lowbit.TernaryLinear(codes, s, b)
+        self.scale = s if s.size > 1 else float(s[0])
+        self.bias = b
+
+    @classmethod
+    def from_float(cls, w: Any, bias: Any = None, per_channel: bool = False) -> TernaryLinear:
+        """Quantize float weights (out_features, in_features) with :func:`ternary_quantize` and pack them."""
+        codes, scale = ternary_quantize(w, per_channel)
+        return cls(codes, scale, bias)
+
+    @property
+    def in_features(self) -> int:
+        return self._core.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self._core.out_features
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weights (2 bits per weight, rows padded to 128)."""
+        return self._core.nbytes
+
+    @property
+    def codes(self) -> np.ndarray:
+        return self._core.codes
+
+    def forward(self, x: Any) -> Any:
+        rows, lead, torch_in = _rows(x, self.in_features)
+        return _out(self._core.forward(rows), lead, torch_in)
+
+    __call__ = forward
+
+    def __repr__(self) -> str:
+        return f"TernaryLinear(in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None})"
+
+
+class BinaryLinear:
+    """An XNOR-Net layer: weights are :func:`binary_quantize` signs with per-row scales ``a_w``;
+    each input row is binarized to its signs with scale ``a_x = mean(|x|)``;
+    ``y = (sign(x) @ sign_w.T) * a_x * a_w + bias`` (float64, rounded to float32), the dot
+    products by XNOR + popcount."""
+
+    def __init__(self, signs: np.ndarray, scales: np.ndarray, bias: Any = None) -> None:
+        signs = np.asarray(signs)
+        if signs.dtype != np.int8 or signs.ndim != 2 or not np.all(np.abs(signs) == 1):
+            raise LowbitValueError("signs must be a 2-D int8 array of +1 / -1")
+        self._w = PackedSigns(signs.astype(np.float32))
+        self.scales = _f32(scales, "scales", ndim=1)
+        if self.scales.shape[0] != signs.shape[0]:
+            raise LowbitValueError(f"scales must have {signs.shape[0]} entries")
+        self.bias = None if bias is None else _f32(bias, "bias", ndim=1)
+        self.out_features, self.in_features = signs.shape
+
+    @classmethod
+    def from_float(cls, w: Any, bias: Any = None, center: bool = True) -> BinaryLinear:
+        signs, scales = binary_quantize(w, center)
+        return cls(signs, scales, bias)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weights (1 bit per weight, rows padded to 64)."""
+        return self._w.nbytes
+
+    def forward(self, x: Any) -> Any:
+        rows, lead, torch_in = _rows(x, self.in_features)
+        if not np.isfinite(rows).all():
+            raise LowbitValueError("x contains NaN or Inf")
+        ax = np.abs(rows).mean(axis=1, dtype=np.float64)
+        acc = _lowbit.binary_matmul_packed(pack_signs(rows), self._w)
+        y = acc * ax[:, None] * self.scales.astype(np.float64)[None, :]
+        if self.bias is not None:
+            y += self.bias.astype(np.float64)[None, :]
+        return _out(y.astype(np.float32), lead, torch_in)
+
+    __call__ = forward

@@ -1,0 +1,164 @@
+"""BitNet quantizers and kernels: exact integers against NumPy, parity with the transformers recipe."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lowbit
+import lowbit.bitnet as bn
+
+
+def hf_weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' BitNet `WeightQuant` (absmean), returning codes and s."""
+    s = 1 / w.abs().mean().clamp(min=1e-5)
+    return (w * s).round().clamp(-1, 1), s
+
+
+def hf_activation_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = 127.0 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+    return (x * s).round().clamp(-128, 127), s
+
+
+def test_ternary_quantize_matches_the_transformers_recipe(rng):
+    for shape in [(64, 300), (1, 7), (128, 128)]:
+        w = rng.standard_normal(shape).astype(np.float32) * 0.02
+        codes, scale = lowbit.ternary_quantize(w)
+        tc, ts = hf_weight_quant(torch.from_numpy(w))
+        # torch sums |w| in float32 with its own blocking, lowbit in float64: s agrees to an ulp
+        assert abs(scale - 1 / ts.item()) <= 2 * np.spacing(np.float32(scale))
+        assert np.array_equal(codes, tc.numpy().astype(np.int8))
+        pc, ps = lowbit.ternary_quantize(w, per_channel=True)
+        for i in range(shape[0]):
+            rc, rs = hf_weight_quant(torch.from_numpy(w[i : i + 1]))
+            assert np.array_equal(pc[i], rc.numpy().astype(np.int8)[0])
+    codes, scale = lowbit.ternary_quantize(np.zeros((2, 3), np.float32))
+    assert not codes.any() and scale == pytest.approx(1e-5)
+
+
+def test_activation_quant_matches_the_transformers_recipe(rng):
+    x = rng.standard_normal((33, 257)).astype(np.float32) * 3
+    x[3] = 0.0
+    x[4, :5] = [0.5, -0.5, 1.5, 2.5, -2.5]
+    q, s = lowbit.activation_quant(x)
+    tq, ts = hf_activation_quant(torch.from_numpy(x))
+    assert np.array_equal(q, tq.numpy().astype(np.int8))
+    assert np.array_equal(s, ts.numpy()[:, 0])
+    q4, s4 = lowbit.activation_quant(x, bits=4)
+    assert q4.min() >= -8 and q4.max() <= 7
+    with pytest.raises(lowbit.LowbitValueError, match="NaN or Inf"):
+        lowbit.activation_quant(np.array([[1.0, np.inf]], np.float32))
+
+
+def test_binary_quantize(rng):
+    w = rng.standard_normal((16, 40)).astype(np.float32)
+    w[0, 0] = w.mean()  # exactly on the mean -> +1
+    signs, scales = lowbit.binary_quantize(w)
+    want = np.where(w - np.float32(w.astype(np.float64).mean()) >= 0, 1, -1)
+    assert np.array_equal(signs, want)
+    np.testing.assert_allclose(scales, np.abs(w).mean(axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4096 // 64, 4096 // 64), (1, 7, 1), (3, 5, 127), (4, 9, 129), (17, 33, 1000), (64, 16, 640), (2, 3, 8)])
+def test_ternary_linear_is_exact(m, n, k, rng):
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    layer = bn.TernaryLinear.from_float(w, bias=b)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, 0] = 0.0
+    if m > 2:
+        x[1] = 0.0  # an all-zero row
+    q, sx = lowbit.activation_quant(x)
+    codes, sw = lowbit.ternary_quantize(w)
+    acc = q.astype(np.int64) @ codes.astype(np.int64).T
+    assert np.array_equal(layer._core.int_matmul(q), acc)
+    want = (acc * (np.float64(sw) / sx.astype(np.float64)[:, None]) + b.astype(np.float64)).astype(np.float32)
+    assert np.array_equal(layer(x), want)
+    assert layer.nbytes == n * (-(-k // 128)) * 32
+
+
+def test_ternary_linear_shapes_tensors_and_errors(rng):
+    w = rng.standard_normal((6, 20)).astype(np.float32)
+    layer = bn.TernaryLinear.from_float(torch.from_numpy(w), per_channel=True)
+    x = torch.randn(2, 3, 20)
+    y = layer(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 3, 6)
+    assert torch.equal(y[1, 2], layer(x[1, 2:3])[0])
+    with pytest.raises(lowbit.LowbitValueError, match="shape"):
+        layer(np.ones((2, 21), np.float32))
+    with pytest.raises(lowbit.LowbitValueError, match="NaN"):
+        layer(np.full((1, 20), np.nan, np.float32))
+    with pytest.raises(lowbit.LowbitTypeError):
+        layer(np.ones((1, 20), np.int32))
+    with pytest.raises(lowbit.LowbitValueError):
+        bn.TernaryLinear(np.full((2, 2), 2, np.int8), 1.0)
+    with pytest.raises(lowbit.LowbitValueError):
+        bn.TernaryLinear(np.zeros((2, 2), np.int8), [1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 5, 63), (4, 7, 64), (2, 3, 65), (9, 17, 1000), (1, 33, 4096)])
+def test_binary_matmul_is_exact(m, n, k, rng):
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k)).astype(np.float32)
+    a[0, 0] = 0.0
+    a[0, -1] = -0.0
+    sign = lambda v: np.where(v >= 0, 1, -1).astype(np.int64)  # noqa: E731
+    want = sign(a) @ sign(b).T
+    assert np.array_equal(bn.binary_matmul(a, b), want)
+    pa, pb = bn.pack_signs(a), bn.pack_signs(b)
+    assert np.array_equal(bn.binary_matmul(pa, pb), want)
+    assert pb.nbytes == n * (-(-k // 64)) * 8
+    with pytest.raises(lowbit.LowbitValueError, match="NaN"):
+        bn.pack_signs(np.array([[np.nan]], np.float32))
+    with pytest.raises(lowbit.LowbitValueError, match="inner"):
+        bn.binary_matmul(a, b[:, :-1] if k > 1 else np.ones((1, 2), np.float32))
+
+
+def test_binary_linear(rng):
+    w = rng.standard_normal((8, 100)).astype(np.float32)
+    layer = bn.BinaryLinear.from_float(w)
+    x = rng.standard_normal((5, 100)).astype(np.float32)
+    signs, scales = lowbit.binary_quantize(w)
+    sx = np.where(x >= 0, 1, -1)
+    want = (sx @ signs.astype(np.int64).T) * np.abs(x).mean(axis=1, dtype=np.float64)[:, None] * scales.astype(np.float64)
+    assert np.array_equal(layer(x), want.astype(np.float32))
+    assert layer.nbytes == 8 * 2 * 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 6), n=st.integers(1, 9), k=st.integers(1, 300), seed=st.integers(0, 2**31))
+def test_property_ternary_and_binary_integers(m, n, k, seed):
+    r = np.random.default_rng(seed)
+    codes = r.integers(-1, 2, (n, k)).astype(np.int8)
+    q = r.integers(-128, 128, (m, k)).astype(np.int8)
+    layer = bn.TernaryLinear(codes, 1.0)
+    assert np.array_equal(layer.codes, codes)
+    assert np.array_equal(layer._core.int_matmul(q), q.astype(np.int64) @ codes.astype(np.int64).T)
+    a, b = r.standard_normal((m, k)).astype(np.float32), r.standard_normal((n, k)).astype(np.float32)
+    assert np.array_equal(bn.binary_matmul(a, b), np.where(a >= 0, 1, -1) @ np.where(b >= 0, 1, -1).T)
+
+
+def test_scalar_kernels_give_the_same_integers(tmp_path):
+    """Every kernel path this machine has, in fresh processes."""
+    script = """
+import numpy as np, lowbit.bitnet as bn
+r = np.random.default_rng(3)
+codes = r.integers(-1, 2, (37, 1000)).astype(np.int8)
+q = r.integers(-128, 128, (9, 1000)).astype(np.int8)
+a, b = r.standard_normal((9, 777)).astype(np.float32), r.standard_normal((37, 777)).astype(np.float32)
+t = bn.TernaryLinear(codes, 1.0)._core.int_matmul(q)
+x = bn.binary_matmul(a, b)
+print(bn.kernel(), int(t.astype(np.int64).sum()), int(np.abs(t).sum()), int(x.sum()), int(np.abs(x).sum()))
+"""
+    outs = {}
+    for path in ["scalar", "avx2"]:
+        r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, LOWBIT_KERNEL=path), capture_output=True, text=True, check=True)
+        kind, *sums = r.stdout.split()
+        outs[kind] = sums
+    assert "scalar" in outs
+    assert len(set(map(tuple, outs.values()))) == 1

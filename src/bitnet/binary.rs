@@ -1,0 +1,154 @@
+//! Sign matrices packed one bit per value, and the XNOR-popcount product
+//! `a · b = K - 2 popcount(a xor b)` over ±1 entries.
+use crate::{ensure, Result};
+use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
+
+/// Rows of ±1 signs, packed along the row: bit `i % 64` of word `i / 64` is 1 for +1. Padding
+/// bits are 0 in every row, so they cancel in `xor`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SignMatrix {
+    pub rows: usize,
+    pub k: usize,
+    pub words: usize,
+    pub bits: Vec<u64>,
+}
+
+impl SignMatrix {
+    /// Signs of a float matrix, with sign(0) = +1 (and -0.0 counts as 0). NaN is an error.
+    pub fn from_floats(x: ArrayView2<'_, f32>) -> Result<Self> {
+        ensure!(
+            !x.iter().any(|v| v.is_nan()),
+            "the input contains NaN, which has no sign"
+        );
+        Ok(Self::pack(x.dim(), |r, i| x[[r, i]] >= 0.0))
+    }
+
+    /// Packs int8 signs (+1 / -1).
+    pub fn from_signs(s: ArrayView2<'_, i8>) -> Result<Self> {
+        ensure!(
+            s.iter().all(|&v| v == 1 || v == -1),
+            "signs must be +1 or -1"
+        );
+        Ok(Self::pack(s.dim(), |r, i| s[[r, i]] > 0))
+    }
+
+    fn pack(dim: (usize, usize), positive: impl Fn(usize, usize) -> bool + Sync) -> Self {
+        let (rows, k) = dim;
+        let words = k.div_ceil(64);
+        let mut bits = vec![0u64; rows * words];
+        bits.par_chunks_mut(words.max(1))
+            .enumerate()
+            .take(rows)
+            .for_each(|(r, dst)| {
+                for (w, word) in dst.iter_mut().enumerate() {
+                    let mut v = 0u64;
+                    for b in 0..64.min(k - w * 64) {
+                        v |= (positive(r, w * 64 + b) as u64) << b;
+                    }
+                    *word = v;
+                }
+            });
+        SignMatrix {
+            rows,
+            k,
+            words,
+            bits,
+        }
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.bits.len() * 8
+    }
+
+    fn row(&self, r: usize) -> &[u64] {
+        &self.bits[r * self.words..(r + 1) * self.words]
+    }
+
+    /// `self (m x k) · other.T (n x k)` over ±1 entries, exactly, in int32.
+    pub fn matmul(&self, other: &SignMatrix) -> Result<Array2<i32>> {
+        self.matmul_on(other, super::use_avx2())
+    }
+
+    /// `matmul` on a chosen kernel path (tests compare them).
+    pub fn matmul_on(&self, other: &SignMatrix, popcnt: bool) -> Result<Array2<i32>> {
+        ensure!(
+            self.k == other.k,
+            "inner dimensions differ: {} and {}",
+            self.k,
+            other.k
+        );
+        let (m, n, k) = (self.rows, other.rows, self.k as i32);
+        let mut out = Array2::<i32>::zeros((m, n));
+        out.as_slice_mut()
+            .expect("fresh arrays are contiguous")
+            .par_chunks_mut(n.max(1))
+            .enumerate()
+            .take(m)
+            .for_each(|(i, o)| {
+                let a = self.row(i);
+                row_dots(a, other, o, k, popcnt);
+            });
+        Ok(out)
+    }
+}
+
+fn row_dots(a: &[u64], b: &SignMatrix, o: &mut [i32], k: i32, popcnt: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if popcnt {
+        // SAFETY: use_avx2() checked for popcnt.
+        unsafe { row_dots_popcnt(a, b, o, k) };
+        return;
+    }
+    let _ = popcnt;
+    row_dots_portable(a, b, o, k)
+}
+
+#[inline(always)]
+fn row_dots_portable(a: &[u64], b: &SignMatrix, o: &mut [i32], k: i32) {
+    for (j, v) in o.iter_mut().enumerate() {
+        let d: u32 = a
+            .iter()
+            .zip(b.row(j))
+            .map(|(x, y)| (x ^ y).count_ones())
+            .sum();
+        *v = k - 2 * d as i32;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "popcnt,avx2")]
+unsafe fn row_dots_popcnt(a: &[u64], b: &SignMatrix, o: &mut [i32], k: i32) {
+    row_dots_portable(a, b, o, k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xnor_matmul_equals_integer_matmul_of_signs() {
+        let mut s = 7u64;
+        let mut f = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % 7) as f32 - 3.0
+        };
+        for (m, n, k) in [(1, 1, 1), (3, 5, 63), (4, 7, 64), (2, 3, 65), (5, 9, 1000)] {
+            let a = Array2::from_shape_fn((m, k), |_| f());
+            let b = Array2::from_shape_fn((n, k), |_| f());
+            let sign = |x: &Array2<f32>| x.mapv(|v| if v >= 0.0 { 1i32 } else { -1 });
+            let want = sign(&a).dot(&sign(&b).t());
+            let (pa, pb) = (
+                SignMatrix::from_floats(a.view()).unwrap(),
+                SignMatrix::from_floats(b.view()).unwrap(),
+            );
+            assert_eq!(pa.matmul_on(&pb, false).unwrap(), want);
+            if crate::bitnet::use_avx2() {
+                assert_eq!(pa.matmul_on(&pb, true).unwrap(), want);
+            }
+        }
+        assert!(SignMatrix::from_floats(ndarray::arr2(&[[f32::NAN]]).view()).is_err());
+    }
+}

@@ -1,0 +1,86 @@
+//! The BitNet quantizers (Hugging Face transformers' BitNet recipe, round half to even).
+use crate::{ensure, Result};
+use ndarray::{Array2, ArrayView2, Axis};
+use rayon::prelude::*;
+
+fn check_finite(x: &ArrayView2<'_, f32>, what: &str) -> Result<()> {
+    ensure!(
+        x.iter().all(|v| v.is_finite()),
+        "{what} contains NaN or Inf"
+    );
+    Ok(())
+}
+
+/// mean(|v|) accumulated in f64 and rounded to f32 (torch sums in f32 with pairwise blocks; the
+/// two agree to the last bit or so, see the docs).
+fn mean_abs<'a>(v: impl Iterator<Item = &'a f32>, n: usize) -> f32 {
+    (v.map(|x| x.abs() as f64).sum::<f64>() / n.max(1) as f64) as f32
+}
+
+/// BitNet b1.58 absmean: `s = 1 / max(mean(|w|), 1e-5)`, codes `clamp(round(w * s), -1, 1)`.
+/// Returns int8 codes and `scale = 1 / s` (one, or one per row with `per_channel`).
+pub fn ternary_quantize(
+    w: ArrayView2<'_, f32>,
+    per_channel: bool,
+) -> Result<(Array2<i8>, Vec<f32>)> {
+    check_finite(&w, "w")?;
+    let inv = |m: f32| 1.0f32 / m.max(1e-5);
+    let s: Vec<f32> = if per_channel {
+        w.axis_iter(Axis(0))
+            .map(|r| inv(mean_abs(r.iter(), r.len())))
+            .collect()
+    } else {
+        vec![inv(mean_abs(w.iter(), w.len()))]
+    };
+    let codes = Array2::from_shape_fn(w.raw_dim(), |(i, j)| {
+        let si = s[if per_channel { i } else { 0 }];
+        (w[[i, j]] * si).round_ties_even().clamp(-1.0, 1.0) as i8
+    });
+    Ok((codes, s.iter().map(|&v| 1.0 / v).collect()))
+}
+
+/// Per-row absmax to `bits`-bit integers: `s = Qb / max(max|x|, 1e-5)` (as torch evaluates it,
+/// `(1 / max) * Qb`) with `Qb = 2^(bits-1) - 1`,
+/// `q = clamp(round(x * s), -Qb - 1, Qb)`. Returns the codes and the multipliers `s`.
+pub fn activation_quant(x: ArrayView2<'_, f32>, bits: u32) -> Result<(Array2<i8>, Vec<f32>)> {
+    ensure!(
+        (2..=8).contains(&bits),
+        "bits must be between 2 and 8, got {bits}"
+    );
+    check_finite(&x, "x")?;
+    let qb = ((1i32 << (bits - 1)) - 1) as f32;
+    let (rows, k) = x.dim();
+    let mut q = Array2::<i8>::zeros((rows, k));
+    let scales: Vec<f32> = q
+        .axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(x.axis_iter(Axis(0)).into_par_iter())
+        .map(|(mut qr, xr)| {
+            let amax = xr.iter().fold(0f32, |a, v| a.max(v.abs()));
+            // `127.0 / t` in torch is `t.reciprocal() * 127.0`: two float32 roundings.
+            let s = (1.0 / amax.max(1e-5)) * qb;
+            for (o, v) in qr.iter_mut().zip(xr.iter()) {
+                *o = (v * s).round_ties_even().clamp(-qb - 1.0, qb) as i8;
+            }
+            s
+        })
+        .collect();
+    Ok((q, scales))
+}
+
+/// BitNet 1-bit / XNOR-Net weights: signs of `w - mean(w)` (the mean of the whole tensor, or 0
+/// without `center`), sign(0) = +1, and per-row scales `mean(|w|)`.
+pub fn binary_quantize(w: ArrayView2<'_, f32>, center: bool) -> Result<(Array2<i8>, Vec<f32>)> {
+    check_finite(&w, "w")?;
+    let mu = if center {
+        (w.iter().map(|&v| v as f64).sum::<f64>() / w.len().max(1) as f64) as f32
+    } else {
+        0.0
+    };
+    let signs = w.mapv(|v| if v - mu >= 0.0 { 1i8 } else { -1 });
+    let scales = w
+        .axis_iter(Axis(0))
+        .map(|r| mean_abs(r.iter(), r.len()))
+        .collect();
+    Ok((signs, scales))
+}

@@ -1,0 +1,182 @@
+//! Bindings of `crate::bitnet`. `lowbit.bitnet` checks dtypes and shapes first.
+use super::detach;
+use crate::bitnet::binary::SignMatrix;
+use crate::bitnet::quant;
+use crate::bitnet::ternary::TernaryMatrix;
+use crate::{ensure, Result};
+use ndarray::{Array1, Array2};
+use numpy::{IntoPyArray, PyReadonlyArray1, PyReadonlyArray2};
+use pyo3::prelude::*;
+
+type Arrays<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>);
+
+fn pair<'py>(py: Python<'py>, (a, s): (Array2<i8>, Vec<f32>)) -> Arrays<'py> {
+    (
+        a.into_pyarray(py).into_any(),
+        Array1::from(s).into_pyarray(py).into_any(),
+    )
+}
+
+#[pyfunction]
+pub fn ternary_quantize<'py>(
+    py: Python<'py>,
+    w: PyReadonlyArray2<'py, f32>,
+    per_channel: bool,
+) -> PyResult<Arrays<'py>> {
+    let v = w.as_array();
+    Ok(pair(
+        py,
+        detach(py, || quant::ternary_quantize(v, per_channel))?,
+    ))
+}
+
+#[pyfunction]
+pub fn activation_quant<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, f32>,
+    bits: u32,
+) -> PyResult<Arrays<'py>> {
+    let v = x.as_array();
+    Ok(pair(py, detach(py, || quant::activation_quant(v, bits))?))
+}
+
+#[pyfunction]
+pub fn binary_quantize<'py>(
+    py: Python<'py>,
+    w: PyReadonlyArray2<'py, f32>,
+    center: bool,
+) -> PyResult<Arrays<'py>> {
+    let v = w.as_array();
+    Ok(pair(py, detach(py, || quant::binary_quantize(v, center))?))
+}
+
+/// Signs of a float matrix packed one bit per value (sign(0) = +1).
+#[pyclass(module = "lowbit._lowbit", frozen)]
+pub struct PackedSigns(SignMatrix);
+
+#[pymethods]
+impl PackedSigns {
+    #[new]
+    fn new(py: Python<'_>, x: PyReadonlyArray2<'_, f32>) -> PyResult<Self> {
+        let v = x.as_array();
+        Ok(PackedSigns(detach(py, || SignMatrix::from_floats(v))?))
+    }
+    #[getter]
+    fn shape(&self) -> (usize, usize) {
+        (self.0.rows, self.0.k)
+    }
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.0.nbytes()
+    }
+}
+
+/// `sign(a) @ sign(b).T` in int32 by XNOR + popcount.
+#[pyfunction]
+pub fn binary_matmul_packed<'py>(
+    py: Python<'py>,
+    a: &PackedSigns,
+    b: &PackedSigns,
+) -> PyResult<Bound<'py, PyAny>> {
+    Ok(detach(py, || a.0.matmul(&b.0))?.into_pyarray(py).into_any())
+}
+
+/// A ternary linear layer: packed 2-bit weights, per-row int8 activations, integer GEMM.
+#[pyclass(module = "lowbit._lowbit", frozen)]
+pub struct TernaryLinear {
+    w: TernaryMatrix,
+    /// One weight scale, or one per output feature.
+    scale: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+#[pymethods]
+impl TernaryLinear {
+    #[new]
+    #[pyo3(signature = (codes, scale, bias=None))]
+    fn new(
+        py: Python<'_>,
+        codes: PyReadonlyArray2<'_, i8>,
+        scale: PyReadonlyArray1<'_, f32>,
+        bias: Option<PyReadonlyArray1<'_, f32>>,
+    ) -> PyResult<Self> {
+        let (c, s) = (codes.as_array(), scale.as_array().to_vec());
+        let b = bias.map(|b| b.as_array().to_vec());
+        let n = c.nrows();
+        let build = || -> Result<TernaryLinear> {
+            ensure!(
+                s.len() == 1 || s.len() == n,
+                "scale must have 1 or {n} entries, got {}",
+                s.len()
+            );
+            ensure!(
+                s.iter().all(|v| v.is_finite() && *v > 0.0),
+                "scales must be finite and positive"
+            );
+            if let Some(b) = &b {
+                ensure!(b.len() == n, "bias must have {n} entries, got {}", b.len());
+                ensure!(b.iter().all(|v| v.is_finite()), "bias contains NaN or Inf");
+            }
+            Ok(TernaryLinear {
+                w: TernaryMatrix::from_codes(c)?,
+                scale: s,
+                bias: b,
+            })
+        };
+        detach(py, build)
+    }
+
+    #[getter]
+    fn in_features(&self) -> usize {
+        self.w.k
+    }
+    #[getter]
+    fn out_features(&self) -> usize {
+        self.w.n
+    }
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.w.nbytes()
+    }
+    #[getter]
+    fn codes<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        self.w.codes().into_pyarray(py).into_any()
+    }
+
+    /// Integer product `q @ codes.T` for int8 activations.
+    fn int_matmul<'py>(
+        &self,
+        py: Python<'py>,
+        q: PyReadonlyArray2<'py, i8>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let v = q.as_array();
+        Ok(detach(py, || self.w.matmul(v))?.into_pyarray(py).into_any())
+    }
+
+    /// `(q_x @ codes.T) * (scale_w / s_x) + bias`, computed in float64 and rounded to float32.
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        x: PyReadonlyArray2<'py, f32>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let v = x.as_array();
+        let out = detach(py, || {
+            let (q, sx) = quant::activation_quant(v, 8)?;
+            let acc = self.w.matmul(q.view())?;
+            let n = self.w.n;
+            Ok(Array2::from_shape_fn(acc.dim(), |(i, j)| {
+                let sw = self.scale[if self.scale.len() == 1 { 0 } else { j }] as f64;
+                let b = self.bias.as_ref().map_or(0.0, |b| b[j] as f64);
+                debug_assert!(j < n);
+                (acc[[i, j]] as f64 * (sw / sx[i] as f64) + b) as f32
+            }))
+        })?;
+        Ok(out.into_pyarray(py).into_any())
+    }
+}
+
+/// The kernel path in use ("avx2" or "scalar"), chosen by the CPU and `LOWBIT_KERNEL`.
+#[pyfunction]
+pub fn bitnet_kernel() -> &'static str {
+    crate::bitnet::kernel_name()
+}
