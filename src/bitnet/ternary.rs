@@ -88,13 +88,32 @@ impl TernaryMatrix {
         // out^T (n x m), filled in parallel over weight rows, then transposed.
         let mut out_t = vec![0i32; self.n * m];
         let rows_per_task = (4096 / m.max(1)).clamp(1, 64);
+        let wrow = self.kp / 4;
         out_t
             .par_chunks_mut((rows_per_task * m).max(1))
             .enumerate()
             .for_each(|(t, dst)| {
                 let n0 = t * rows_per_task;
-                for (i, o) in dst.chunks_mut(m.max(1)).enumerate() {
-                    let w = &self.packed[(n0 + i) * self.kp / 4..(n0 + i + 1) * self.kp / 4];
+                let mut rows = dst.chunks_mut(m.max(1)).enumerate();
+                while let Some((i, o)) = rows.next() {
+                    let w = &self.packed[(n0 + i) * wrow..(n0 + i + 1) * wrow];
+                    // Two weight rows at a time share every activation load (AVX2 path).
+                    #[cfg(target_arch = "x86_64")]
+                    if avx2 && m > 1 {
+                        if let Some((_, o2)) = rows.next() {
+                            let w2 = &self.packed[(n0 + i + 1) * wrow..(n0 + i + 2) * wrow];
+                            // SAFETY: use_avx2() checked the CPU.
+                            unsafe { avx2_rows2(w, w2, &qp, self.kp, o, o2) };
+                            for (v, s) in o
+                                .iter_mut()
+                                .chain(o2.iter_mut())
+                                .zip(sums.iter().chain(&sums))
+                            {
+                                *v -= s;
+                            }
+                            continue;
+                        }
+                    }
                     dot_rows(w, &qp, self.kp, &sums, o, avx2);
                 }
             });
@@ -177,6 +196,58 @@ unsafe fn avx2_rows(w: &[u8], q: &[i8], kp: usize, o: &mut [i32]) {
         }
         for i in 0..rows {
             o[r + i] = hsum(acc[i]);
+        }
+        r += rows;
+    }
+}
+
+/// `avx2_rows` for two weight rows at once: each activation block is loaded once for both.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_rows2(wa: &[u8], wb: &[u8], q: &[i8], kp: usize, oa: &mut [i32], ob: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let mask = _mm256_set1_epi8(3);
+    let ones = _mm256_set1_epi16(1);
+    let hsum = |v: __m256i| -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    };
+    let unpack = |p: *const u8| {
+        let v = _mm256_loadu_si256(p as *const __m256i);
+        [
+            _mm256_and_si256(v, mask),
+            _mm256_and_si256(_mm256_srli_epi16(v, 2), mask),
+            _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+            _mm256_and_si256(_mm256_srli_epi16(v, 6), mask),
+        ]
+    };
+    let blocks = kp / BLOCK;
+    let m = oa.len();
+    let mut r = 0;
+    while r < m {
+        let rows = (m - r).min(2);
+        let mut acc = [_mm256_setzero_si256(); 4];
+        for b in 0..blocks {
+            let x = unpack(wa.as_ptr().add(b * 32));
+            let y = unpack(wb.as_ptr().add(b * 32));
+            for i in 0..rows {
+                let p = q.as_ptr().add((r + i) * kp + b * BLOCK);
+                let mut sa = _mm256_setzero_si256();
+                let mut sb = _mm256_setzero_si256();
+                for g in 0..4 {
+                    let a = _mm256_loadu_si256(p.add(32 * g) as *const __m256i);
+                    sa = _mm256_add_epi16(sa, _mm256_maddubs_epi16(x[g], a));
+                    sb = _mm256_add_epi16(sb, _mm256_maddubs_epi16(y[g], a));
+                }
+                acc[2 * i] = _mm256_add_epi32(acc[2 * i], _mm256_madd_epi16(sa, ones));
+                acc[2 * i + 1] = _mm256_add_epi32(acc[2 * i + 1], _mm256_madd_epi16(sb, ones));
+            }
+        }
+        for i in 0..rows {
+            oa[r + i] = hsum(acc[2 * i]);
+            ob[r + i] = hsum(acc[2 * i + 1]);
         }
         r += rows;
     }
