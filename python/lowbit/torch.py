@@ -24,6 +24,7 @@ from lowbit._lowbit import LowbitTypeError, LowbitValueError
 from lowbit._quant import _float, _int, _vector
 
 __all__ = [
+    "BitLinear",
     "Calibration",
     "FakeQuantize",
     "calibrate",
@@ -380,3 +381,66 @@ def calibrate(
         fq_w = FakeQuantize(w.quant_min, w.quant_max, torch.as_tensor(ws), torch.as_tensor(wz), axis)
         result[name] = {"input": fq_in, "weight": fq_w}
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# BitNet
+
+
+def _bitnet_weight_quant(w: torch.Tensor) -> torch.Tensor:
+    s = 1.0 / w.abs().mean().clamp(min=1e-5)
+    return (w * s).round().clamp(-1, 1) / s
+
+
+def _bitnet_activation_quant(x: torch.Tensor) -> torch.Tensor:
+    s = 127.0 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+    return (x * s).round().clamp(-128, 127) / s
+
+
+class BitLinear(torch.nn.Linear):
+    """A BitNet b1.58 linear layer (absmean ternary weights, per-token absmax int8 activations).
+
+    In training (or whenever autograd needs it) the forward is the BitNet recipe with the
+    straight-through estimator, ``F.linear(x + (q(x) - x).detach(), w + (q(w) - w).detach(), b)``.
+    In ``eval()`` on CPU without grad, it runs lowbit's packed ternary kernel on the same
+    integers (weights are packed once and repacked when they change).
+
+    >>> import torch, lowbit.torch as lt
+    >>> layer = lt.BitLinear(64, 16)
+    >>> y = layer(torch.randn(4, 64)); y.sum().backward()          # training: STE
+    >>> with torch.no_grad():
+    ...     y_fast = layer.eval()(torch.randn(4, 64))                # packed ternary kernel
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._packed: Any = None
+        self._packed_key: Any = None
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> BitLinear:
+        """A BitLinear with ``linear``'s weights (copied) and bias."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device, linear.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def _kernel(self) -> Any:
+        from lowbit.bitnet import TernaryLinear
+
+        key = (self.weight.data_ptr(), self.weight._version, None if self.bias is None else self.bias._version)
+        if self._packed_key != key:
+            bias = None if self.bias is None else self.bias.detach().float().cpu().numpy()
+            self._packed = TernaryLinear.from_float(self.weight.detach().float().cpu().numpy(), bias)
+            self._packed_key = key
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if self.training or needs_grad or x.device.type != "cpu" or x.dtype != torch.float32:
+            xq = x + (_bitnet_activation_quant(x) - x).detach()
+            wq = self.weight + (_bitnet_weight_quant(self.weight) - self.weight).detach()
+            return torch.nn.functional.linear(xq, wq, self.bias)
+        return self._kernel()(x)

@@ -162,3 +162,38 @@ print(bn.kernel(), int(t.astype(np.int64).sum()), int(np.abs(t).sum()), int(x.su
         outs[kind] = sums
     assert "scalar" in outs
     assert len(set(map(tuple, outs.values()))) == 1
+
+
+def test_bitlinear_trains_with_the_ste_and_runs_the_kernel_in_eval():
+    import lowbit.torch as lt
+
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(96, 24)
+    layer = lt.BitLinear.from_linear(ref)
+    x = torch.randn(5, 96, requires_grad=True)
+    y = layer(x)
+    # an independent straight-through implementation of the BitNet b1.58 recipe
+    w = ref.weight.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    sw = 1 / w.detach().abs().mean().clamp(min=1e-5)
+    wq = (w.detach() * sw).round().clamp(-1, 1) / sw
+    sx = 127 / x2.detach().abs().amax(-1, keepdim=True).clamp(min=1e-5)
+    xq = (x2.detach() * sx).round().clamp(-128, 127) / sx
+    y2 = torch.nn.functional.linear(x2 + (xq - x2.detach()), w + (wq - w.detach()), ref.bias)
+    assert torch.allclose(y, y2, rtol=0, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    assert torch.equal(x.grad, x2.grad) and torch.equal(layer.weight.grad, w.grad)
+    # eval: the packed kernel on the same integers
+    layer.eval()
+    with torch.no_grad():
+        fast = layer(x.detach())
+        slow = torch.nn.functional.linear(xq, wq, ref.bias)
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-5)
+    kernel = bn.TernaryLinear.from_float(ref.weight.detach().numpy(), ref.bias.detach().numpy())
+    assert torch.equal(fast, torch.from_numpy(kernel(x.detach().numpy())))
+    # weights changed -> repacked
+    with torch.no_grad():
+        layer.weight.mul_(-1)
+        assert torch.equal(layer(x.detach()), torch.from_numpy(bn.TernaryLinear.from_float(-ref.weight.detach().numpy(), ref.bias.detach().numpy())(x.detach().numpy())))
