@@ -21,7 +21,7 @@ from lowbit._lowbit import (
     __version__,
 )
 from lowbit import bitnet, calib
-from lowbit.bitnet import activation_quant, binary_quantize, ternary_quantize
+from lowbit.bitnet import activation_quant, binary_quantize, pack, pack_ternary, ternary_quantize, unpack, unpack_ternary
 from lowbit._quant import (
     dequantize_checkpoint,
     dequantize_per_channel,
@@ -65,9 +65,13 @@ __all__ = [
     "fake_quantize_per_channel_affine",
     "fake_quantize_per_tensor_affine",
     "load_quantized",
+    "pack",
+    "pack_ternary",
     "quantize",
     "quantize_checkpoint",
     "quantize_per_channel",
     "quantize_per_tensor",
     "ternary_quantize",
+    "unpack",
+    "unpack_ternary",
 ]

@@ -39,8 +39,12 @@ __all__ = [
     "binary_matmul",
     "binary_quantize",
     "kernel",
+    "pack",
     "pack_signs",
+    "pack_ternary",
     "ternary_quantize",
+    "unpack",
+    "unpack_ternary",
 ]
 
 
@@ -222,3 +226,95 @@ class BinaryLinear:
         return _out(y.astype(np.float32), lead, torch_in)
 
     __call__ = forward
+
+
+def _codes(x: Any, what: str) -> np.ndarray:
+    a = x.detach().cpu().numpy() if _is_tensor(x) else np.asarray(x)
+    if a.ndim == 0:
+        raise LowbitValueError(f"{what} must have at least one dimension")
+    return a
+
+
+def _rows2d(a: np.ndarray) -> np.ndarray:
+    rows = int(np.prod(a.shape[:-1], dtype=np.int64))  # explicit: reshape(-1, 0) is ambiguous
+    return np.ascontiguousarray(a.reshape(rows, a.shape[-1]))
+
+
+def pack(codes: Any, bits: int) -> np.ndarray:
+    """Pack integer codes along the last axis at ``bits`` (1, 2 or 4; any width 1..8 works).
+
+    Layout: every row (last axis) starts on a byte; code ``i`` of a row occupies bits
+    ``[i*bits, (i+1)*bits)`` counted from the least significant bit of the row's first byte.
+    uint8 codes must be below ``2^bits``; int8 codes in ``[-2^(bits-1), 2^(bits-1))`` are stored
+    offset by ``2^(bits-1)`` (unpack with ``signed=True``). The result has shape
+    ``codes.shape[:-1] + (ceil(K * bits / 8),)``, and its ``nbytes`` is what a file stores.
+
+    >>> import numpy as np, lowbit
+    >>> p = lowbit.pack(np.array([[1, 2, 3, 0, 1]], np.uint8), 2)
+    >>> p, lowbit.unpack(p, 2, (1, 5))
+    (array([[57,  1]], dtype=uint8), array([[1, 2, 3, 0, 1]], dtype=uint8))
+    """
+    a = _codes(codes, "codes")
+    if not 1 <= int(bits) <= 8:
+        raise LowbitValueError(f"bits must be between 1 and 8, got {bits}")
+    if a.dtype == np.int8:
+        half = 1 << (bits - 1)
+        if a.size and (a.min() < -half or a.max() >= half):
+            raise LowbitValueError(f"int8 codes must lie in [{-half}, {half - 1}] for {bits} bits")
+        a = (a.astype(np.int16) + half).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise LowbitTypeError(f"codes must be uint8 or int8, got {a.dtype}")
+    p = _lowbit.pack_rows(_rows2d(a), int(bits))
+    return p.reshape(*a.shape[:-1], p.shape[-1])
+
+
+def unpack(packed: Any, bits: int, shape: tuple[int, ...], signed: bool = False) -> np.ndarray:
+    """Reverse :func:`pack`: ``shape`` is the codes' shape; ``signed=True`` gives int8 codes."""
+    p = _codes(packed, "packed")
+    shape = tuple(int(s) for s in shape)
+    if p.dtype != np.uint8:
+        raise LowbitTypeError(f"packed must be uint8, got {p.dtype}")
+    if not shape or p.shape[:-1] != shape[:-1]:
+        raise LowbitValueError(f"packed has shape {p.shape}, which does not fit codes of shape {shape}")
+    u = _lowbit.unpack_rows(_rows2d(p), int(bits), shape[-1]).reshape(shape)
+    if signed:
+        return (u.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+    return u
+
+
+def pack_ternary(codes: Any, format: str = "i2") -> np.ndarray:
+    """Pack ternary codes (-1, 0, 1) along the last axis.
+
+    * ``"i2"``: 2 bits per weight, ``code + 1`` in :func:`pack`'s layout (4 per byte).
+    * ``"tq1"``: base 3, five per byte (1.6 bits per weight): byte ``i`` of a row is
+      ``Σ_j (code[5i + j] + 1) * 3^j`` for ``j = 0..4``; a short last group is padded with 0.
+
+    >>> import numpy as np, lowbit
+    >>> c = np.array([[1, -1, 0, 0, 1, -1]], np.int8)
+    >>> lowbit.pack_ternary(c, "tq1"), lowbit.pack_ternary(c, "i2").nbytes
+    (array([[177,   0]], dtype=uint8), 2)
+    """
+    a = _codes(codes, "codes")
+    if a.dtype != np.int8:
+        raise LowbitTypeError(f"ternary codes must be int8, got {a.dtype}")
+    if format == "i2":
+        if a.size and (a.min() < -1 or a.max() > 1):
+            raise LowbitValueError("ternary codes must be -1, 0 or 1")
+        return pack((a + 1).astype(np.uint8), 2)
+    if format == "tq1":
+        p = _lowbit.pack_tq1(_rows2d(a))
+        return p.reshape(*a.shape[:-1], p.shape[-1])
+    raise LowbitValueError(f"format must be 'i2' or 'tq1', got {format!r}")
+
+
+def unpack_ternary(packed: Any, shape: tuple[int, ...], format: str = "i2") -> np.ndarray:
+    """Reverse :func:`pack_ternary` to int8 codes of ``shape``."""
+    if format == "i2":
+        return (unpack(packed, 2, shape).astype(np.int8) - 1).astype(np.int8)
+    if format == "tq1":
+        p = _codes(packed, "packed")
+        shape = tuple(int(s) for s in shape)
+        if p.dtype != np.uint8 or not shape or p.shape[:-1] != shape[:-1]:
+            raise LowbitValueError(f"packed has shape {p.shape} and dtype {p.dtype}, not tq1 bytes for codes of shape {shape}")
+        return _lowbit.unpack_tq1(_rows2d(p), shape[-1]).reshape(shape)
+    raise LowbitValueError(f"format must be 'i2' or 'tq1', got {format!r}")

@@ -197,3 +197,50 @@ def test_bitlinear_trains_with_the_ste_and_runs_the_kernel_in_eval():
     with torch.no_grad():
         layer.weight.mul_(-1)
         assert torch.equal(layer(x.detach()), torch.from_numpy(bn.TernaryLinear.from_float(-ref.weight.detach().numpy(), ref.bias.detach().numpy())(x.detach().numpy())))
+
+
+@settings(max_examples=80, deadline=None)
+@given(shape=st.lists(st.integers(0, 7), min_size=1, max_size=3).map(tuple).filter(lambda s: s[-1] > 0 or len(s) == 1), bits=st.sampled_from([1, 2, 3, 4, 8]), seed=st.integers(0, 2**31), signed=st.booleans())
+def test_pack_round_trips_and_sizes(shape, bits, seed, signed):
+    r = np.random.default_rng(seed)
+    if signed:
+        codes = r.integers(-(1 << (bits - 1)), 1 << (bits - 1), shape).astype(np.int8)
+    else:
+        codes = r.integers(0, 1 << bits, shape).astype(np.uint8)
+    p = lowbit.pack(codes, bits)
+    assert p.dtype == np.uint8 and p.shape == shape[:-1] + (-(-shape[-1] * bits // 8),)
+    assert np.array_equal(lowbit.unpack(p, bits, shape, signed=signed), codes)
+    # the layout: LSB-first bit stream per row
+    if not signed and codes.size:
+        row = codes.reshape(-1, shape[-1])[0]
+        bitstream = "".join(format(int(c), f"0{bits}b")[::-1] for c in row)
+        packed_bits = "".join(format(int(b), "08b")[::-1] for b in p.reshape(-1, p.shape[-1])[0])
+        assert packed_bits.startswith(bitstream)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.tuples(st.integers(1, 5), st.integers(1, 40)), seed=st.integers(0, 2**31))
+def test_ternary_formats_round_trip(shape, seed):
+    codes = np.random.default_rng(seed).integers(-1, 2, shape).astype(np.int8)
+    for fmt, per_byte in [("i2", 4), ("tq1", 5)]:
+        p = lowbit.pack_ternary(codes, fmt)
+        assert p.shape == (shape[0], -(-shape[1] // per_byte))
+        assert np.array_equal(lowbit.unpack_ternary(p, shape, fmt), codes)
+    t = lowbit.pack_ternary(codes, "tq1")
+    digits = [(int(t[0, i // 5]) // 3 ** (i % 5)) % 3 - 1 for i in range(shape[1])]
+    assert digits == codes[0].tolist()
+
+
+def test_pack_errors():
+    with pytest.raises(lowbit.LowbitValueError):
+        lowbit.pack(np.array([4], np.uint8), 2)
+    with pytest.raises(lowbit.LowbitValueError):
+        lowbit.pack(np.array([2], np.int8), 2)
+    with pytest.raises(lowbit.LowbitTypeError):
+        lowbit.pack(np.array([1.0]), 2)
+    with pytest.raises(lowbit.LowbitValueError):
+        lowbit.unpack(np.zeros((2, 1), np.uint8), 4, (2, 3))
+    with pytest.raises(lowbit.LowbitValueError):
+        lowbit.pack_ternary(np.array([[2]], np.int8))
+    with pytest.raises(lowbit.LowbitValueError):
+        lowbit.pack_ternary(np.array([[1]], np.int8), "q4")

@@ -180,3 +180,51 @@ impl TernaryLinear {
 pub fn bitnet_kernel() -> &'static str {
     crate::bitnet::kernel_name()
 }
+
+#[pyfunction]
+pub fn pack_rows<'py>(
+    py: Python<'py>,
+    codes: numpy::PyReadonlyArray2<'py, u8>,
+    bits: u32,
+) -> PyResult<Bound<'py, PyAny>> {
+    let v = codes.as_array();
+    Ok(detach(py, || crate::bitnet::pack::pack_rows(v, bits))?
+        .into_pyarray(py)
+        .into_any())
+}
+
+#[pyfunction]
+pub fn unpack_rows<'py>(
+    py: Python<'py>,
+    packed: numpy::PyReadonlyArray2<'py, u8>,
+    bits: u32,
+    k: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let v = packed.as_array();
+    Ok(detach(py, || crate::bitnet::pack::unpack_rows(v, bits, k))?
+        .into_pyarray(py)
+        .into_any())
+}
+
+#[pyfunction]
+pub fn pack_tq1<'py>(
+    py: Python<'py>,
+    codes: numpy::PyReadonlyArray2<'py, i8>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let v = codes.as_array();
+    Ok(detach(py, || crate::bitnet::pack::pack_tq1(v))?
+        .into_pyarray(py)
+        .into_any())
+}
+
+#[pyfunction]
+pub fn unpack_tq1<'py>(
+    py: Python<'py>,
+    packed: numpy::PyReadonlyArray2<'py, u8>,
+    k: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let v = packed.as_array();
+    Ok(detach(py, || crate::bitnet::pack::unpack_tq1(v, k))?
+        .into_pyarray(py)
+        .into_any())
+}

@@ -98,8 +98,8 @@ mod _lowbit {
 
     #[pymodule_export]
     use super::bitnet::{
-        activation_quant, binary_matmul_packed, binary_quantize, bitnet_kernel, ternary_quantize,
-        PackedSigns, TernaryLinear,
+        activation_quant, binary_matmul_packed, binary_quantize, bitnet_kernel, pack_rows,
+        pack_tq1, ternary_quantize, unpack_rows, unpack_tq1, PackedSigns, TernaryLinear,
     };
 
     #[pymodule_export]
