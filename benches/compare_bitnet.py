@@ -28,30 +28,22 @@ Run: ``python benches/compare_bitnet.py [--repeat N] [--threads N]``
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import time
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchutil import best_time as _best_time
+from benchutil import copy_bandwidth
+
+# Each measurement starts after a short pause, so the other library's idle threads give the
+# cores back first.
+best_time = functools.partial(_best_time, pause=0.2)
 
 K = N = 4096
 BITNET_CPP_GMAC_PER_CORE = 92.0
-
-
-def best_time(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> float:
-    """Best wall time of ``fn()`` in seconds over ``repeat`` runs, after a pause and ``warmup`` runs."""
-    time.sleep(0.2)
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 @dataclass
@@ -83,10 +75,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     g = torch.from_numpy(rng.standard_normal((2048, 2048), dtype=np.float32))
     gemm = 2 * 2048**3 / best_time(lambda: torch.matmul(g, g), rep) / 1e9
-    src = rng.standard_normal(64 * 2**20, dtype=np.float32)
-    dst = np.empty_like(src)
-    bw = 2 * src.nbytes / best_time(lambda: np.copyto(dst, src), rep)
-    del src, dst
+    bw = copy_bandwidth(rep)
     print(f"lowbit {lowbit.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
           f"kernel {bn.kernel()}, threads {th} (torch {torch.get_num_threads()}, "
           f"RAYON_NUM_THREADS={os.environ['RAYON_NUM_THREADS']}), best of {rep}")

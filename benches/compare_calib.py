@@ -33,6 +33,8 @@ from torch.ao.quantization import HistogramObserver as TorchHist
 from torch.ao.quantization import MinMaxObserver as TorchMinMax
 from torch.ao.quantization import PerChannelMinMaxObserver as TorchPerChannel
 
+from benchutil import best_time, copy_bandwidth
+
 import lowbit
 import lowbit.calib as lc
 
@@ -40,25 +42,6 @@ METHODS = ("mse", "sqnr", "percentile", "entropy")
 QP_BITS = (2, 4, 8)
 SQNR_BITS = (2, 3, 4, 8)
 TARGETS = {"gaussian": (8.26, 13.91, 19.26, 40.57), "laplacian": (6.84, 11.43, 15.98, 35.21)}
-
-
-def best_time(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> float:
-    """Best wall time of ``fn()`` in seconds over ``repeat`` runs, after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def copy_bandwidth(repeat: int) -> float:
-    """Copy bandwidth in bytes/s: (read + written) / best time of copyto on a 256 MiB array."""
-    src = np.random.default_rng(1).standard_normal(64 * 2**20, dtype=np.float32)
-    dst = np.empty_like(src)
-    return 2 * src.nbytes / best_time(lambda: np.copyto(dst, src), repeat)
 
 
 def feed(obs: Any, batches: list) -> Any:

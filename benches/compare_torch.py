@@ -20,7 +20,6 @@ Run: ``python benches/compare_torch.py [--size N] [--repeat N] [--threads N]``
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -28,31 +27,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from benchutil import best_time, copy_bandwidth
+
 import lowbit
 import lowbit.torch as lt
 
 # torch.quantize_per_tensor / quantize_per_channel warn that quantized tensors are deprecated.
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
-
-
-def best_time(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> float:
-    """Best wall time of ``fn()`` in seconds over ``repeat`` runs, after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def copy_bandwidth(repeat: int) -> float:
-    """Copy bandwidth in bytes/s: (read + written) / best time of copyto on a 256 MiB array."""
-    src = np.random.default_rng(1).standard_normal(64 * 2**20, dtype=np.float32)
-    dst = np.empty_like(src)
-    t = best_time(lambda: np.copyto(dst, src), repeat)
-    return 2 * src.nbytes / t
 
 
 def to_np(r: Any) -> np.ndarray:

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 import lowbit
 from lowbit.cli import main

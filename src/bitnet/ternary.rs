@@ -154,6 +154,18 @@ fn dot_rows(w: &[u8], q: &[i8], kp: usize, sums: &[i32], o: &mut [i32], avx2: bo
     }
 }
 
+/// The sum of the eight i32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn hsum_epi32(v: std::arch::x86_64::__m256i) -> i32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
 /// `o[r] = Σ u q[r]` (the caller subtracts the row sums), four activation rows per pass so each
 /// unpacked weight block is reused.
 #[cfg(target_arch = "x86_64")]
@@ -162,12 +174,6 @@ unsafe fn avx2_rows(w: &[u8], q: &[i8], kp: usize, o: &mut [i32]) {
     use std::arch::x86_64::*;
     let mask = _mm256_set1_epi8(3);
     let ones = _mm256_set1_epi16(1);
-    let hsum = |v: __m256i| -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
-    };
     let blocks = kp / BLOCK;
     let m = o.len();
     let mut r = 0;
@@ -195,7 +201,7 @@ unsafe fn avx2_rows(w: &[u8], q: &[i8], kp: usize, o: &mut [i32]) {
             }
         }
         for i in 0..rows {
-            o[r + i] = hsum(acc[i]);
+            o[r + i] = hsum_epi32(acc[i]);
         }
         r += rows;
     }
@@ -208,12 +214,6 @@ unsafe fn avx2_rows2(wa: &[u8], wb: &[u8], q: &[i8], kp: usize, oa: &mut [i32], 
     use std::arch::x86_64::*;
     let mask = _mm256_set1_epi8(3);
     let ones = _mm256_set1_epi16(1);
-    let hsum = |v: __m256i| -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
-    };
     let unpack = |p: *const u8| {
         let v = _mm256_loadu_si256(p as *const __m256i);
         [
@@ -246,8 +246,8 @@ unsafe fn avx2_rows2(wa: &[u8], wb: &[u8], q: &[i8], kp: usize, oa: &mut [i32], 
             }
         }
         for i in 0..rows {
-            oa[r + i] = hsum(acc[2 * i]);
-            ob[r + i] = hsum(acc[2 * i + 1]);
+            oa[r + i] = hsum_epi32(acc[2 * i]);
+            ob[r + i] = hsum_epi32(acc[2 * i + 1]);
         }
         r += rows;
     }

@@ -373,7 +373,6 @@ pub fn search(h: &Histogram, r: QRange, symmetric: bool, method: Method) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::ArrayD;
 
     /// Gaussian samples by Box-Muller from a fixed LCG.
     fn gaussian(n: usize) -> Vec<f32> {
@@ -387,6 +386,12 @@ mod tests {
         (0..n)
             .map(|_| ((-2.0 * u().ln()).sqrt() * (2.0 * std::f64::consts::PI * u()).cos()) as f32)
             .collect()
+    }
+
+    fn histogram_of(x: &[f32]) -> Histogram {
+        let mut h = Histogram::new(2048).unwrap();
+        h.update(&ndarray::aview1(x).into_dyn()).unwrap();
+        h
     }
 
     fn sqnr(x: &[f32], s: f32, zp: i32, r: QRange) -> f64 {
@@ -404,13 +409,7 @@ mod tests {
     #[test]
     fn mse_search_reaches_the_best_grid_on_a_gaussian() {
         let x = gaussian(1 << 20);
-        let mut h = Histogram::new(2048).unwrap();
-        h.update(
-            &ArrayD::from_shape_vec(ndarray::IxDyn(&[x.len()]), x.clone())
-                .unwrap()
-                .view(),
-        )
-        .unwrap();
+        let h = histogram_of(&x);
         for (bits, want) in [(2u32, 8.26), (3, 13.91), (4, 19.26), (8, 40.57)] {
             let r = QRange::for_bits(bits, false).unwrap();
             let res = search(&h, r, false, Method::Mse).unwrap();
@@ -427,13 +426,7 @@ mod tests {
     #[test]
     fn percentile_and_entropy_thresholds_are_sane() {
         let x = gaussian(1 << 18);
-        let mut h = Histogram::new(2048).unwrap();
-        h.update(
-            &ArrayD::from_shape_vec(ndarray::IxDyn(&[x.len()]), x.clone())
-                .unwrap()
-                .view(),
-        )
-        .unwrap();
+        let h = histogram_of(&x);
         let t = percentile_threshold(&h, 99.0);
         assert!((t - 2.5758).abs() < 0.03, "{t}"); // two-sided 99% of |N(0,1)|
         let te = entropy_threshold(&h, 128);
