@@ -56,16 +56,41 @@ pub fn activation_quant(x: ArrayView2<'_, f32>, bits: u32) -> Result<(Array2<i8>
         .into_par_iter()
         .zip(x.axis_iter(Axis(0)).into_par_iter())
         .map(|(mut qr, xr)| {
-            let amax = xr.iter().fold(0f32, |a, v| a.max(v.abs()));
-            // `127.0 / t` in torch is `t.reciprocal() * 127.0`: two float32 roundings.
-            let s = (1.0 / amax.max(1e-5)) * qb;
-            for (o, v) in qr.iter_mut().zip(xr.iter()) {
-                *o = (v * s).round_ties_even().clamp(-qb - 1.0, qb) as i8;
-            }
-            s
+            let owned;
+            let xs = match xr.as_slice() {
+                Some(s) => s,
+                None => {
+                    owned = xr.to_vec();
+                    &owned
+                }
+            };
+            let qs = qr.as_slice_mut().expect("fresh arrays are contiguous");
+            crate::quant::simd::dispatch(RowQuant { x: xs, q: qs, qb })
         })
         .collect();
     Ok((q, scales))
+}
+
+/// One row of `activation_quant`, compiled per instruction set (`vroundps` for the rounding).
+struct RowQuant<'a> {
+    x: &'a [f32],
+    q: &'a mut [i8],
+    qb: f32,
+}
+
+impl crate::quant::simd::Kernel for RowQuant<'_> {
+    type Output = f32;
+    #[inline(always)]
+    fn run(self) -> f32 {
+        let amax = self.x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        // `127.0 / t` in torch is `t.reciprocal() * 127.0`: two float32 roundings.
+        let s = (1.0 / amax.max(1e-5)) * self.qb;
+        let lo = -self.qb - 1.0;
+        for (o, v) in self.q.iter_mut().zip(self.x) {
+            *o = (v * s).round_ties_even().max(lo).min(self.qb) as i8;
+        }
+        s
+    }
 }
 
 /// BitNet 1-bit / XNOR-Net weights: signs of `w - mean(w)` (the mean of the whole tensor, or 0

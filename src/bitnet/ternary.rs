@@ -88,33 +88,40 @@ impl TernaryMatrix {
         // out^T (n x m), filled in parallel over weight rows, then transposed.
         let mut out_t = vec![0i32; self.n * m];
         let rows_per_task = (4096 / m.max(1)).clamp(1, 64);
-        let wrow = self.kp / 4;
+        let (wrow, kp) = (self.kp / 4, self.kp);
+        // Activation rows in tiles that stay in L1 while every weight row of the task passes.
+        let tile = (32 * 1024 / kp.max(1)).clamp(2, m.max(2));
         out_t
             .par_chunks_mut((rows_per_task * m).max(1))
             .enumerate()
             .for_each(|(t, dst)| {
                 let n0 = t * rows_per_task;
-                let mut rows = dst.chunks_mut(m.max(1)).enumerate();
-                while let Some((i, o)) = rows.next() {
-                    let w = &self.packed[(n0 + i) * wrow..(n0 + i + 1) * wrow];
-                    // Two weight rows at a time share every activation load (AVX2 path).
-                    #[cfg(target_arch = "x86_64")]
-                    if avx2 && m > 1 {
-                        if let Some((_, o2)) = rows.next() {
+                let nrows = dst.len() / m.max(1);
+                for r0 in (0..m).step_by(tile) {
+                    let r1 = (r0 + tile).min(m);
+                    let (q_t, s_t) = (&qp[r0 * kp..r1 * kp], &sums[r0..r1]);
+                    let mut i = 0;
+                    while i < nrows {
+                        let w = &self.packed[(n0 + i) * wrow..(n0 + i + 1) * wrow];
+                        // Two weight rows at a time share every activation load (AVX2 path).
+                        #[cfg(target_arch = "x86_64")]
+                        if avx2 && i + 1 < nrows && r1 - r0 > 1 {
                             let w2 = &self.packed[(n0 + i + 1) * wrow..(n0 + i + 2) * wrow];
+                            let (a, b) = dst[i * m..(i + 2) * m].split_at_mut(m);
+                            let (o, o2) = (&mut a[r0..r1], &mut b[r0..r1]);
                             // SAFETY: use_avx2() checked the CPU.
-                            unsafe { avx2_rows2(w, w2, &qp, self.kp, o, o2) };
-                            for (v, s) in o
-                                .iter_mut()
-                                .chain(o2.iter_mut())
-                                .zip(sums.iter().chain(&sums))
+                            unsafe { avx2_rows2(w, w2, q_t, kp, o, o2) };
+                            for (v, s) in
+                                o.iter_mut().chain(o2.iter_mut()).zip(s_t.iter().chain(s_t))
                             {
                                 *v -= s;
                             }
+                            i += 2;
                             continue;
                         }
+                        dot_rows(w, q_t, kp, s_t, &mut dst[i * m + r0..i * m + r1], avx2);
+                        i += 1;
                     }
-                    dot_rows(w, &qp, self.kp, &sums, o, avx2);
                 }
             });
         let mut out = Array2::<i32>::zeros((m, self.n));
