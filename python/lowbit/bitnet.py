@@ -30,6 +30,7 @@ import numpy as np
 
 from lowbit import _lowbit
 from lowbit._lowbit import LowbitTypeError, LowbitValueError, PackedSigns
+from lowbit._quant import _is_tensor, _to_np
 
 __all__ = [
     "BinaryLinear",
@@ -46,10 +47,6 @@ __all__ = [
     "unpack",
     "unpack_ternary",
 ]
-
-
-def _is_tensor(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
 
 
 def _f32(x: Any, what: str, ndim: int | None = 2) -> np.ndarray:
@@ -229,7 +226,7 @@ class BinaryLinear:
 
 
 def _codes(x: Any, what: str) -> np.ndarray:
-    a = x.detach().cpu().numpy() if _is_tensor(x) else np.asarray(x)
+    a = _to_np(x)
     if a.ndim == 0:
         raise LowbitValueError(f"{what} must have at least one dimension")
     return a

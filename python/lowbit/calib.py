@@ -32,6 +32,7 @@ import numpy as np
 
 from lowbit import _lowbit
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
+from lowbit._quant import _is_tensor
 
 __all__ = [
     "HistogramObserver",
@@ -44,7 +45,7 @@ __all__ = [
 
 def _as_input(x: Any) -> tuple[np.ndarray, bool]:
     """A NumPy view of ``x`` (no copy) and whether it holds bfloat16 bits."""
-    if type(x).__module__.startswith("torch") and hasattr(x, "detach"):
+    if _is_tensor(x):
         from lowbit.torch import _to_numpy
 
         return _to_numpy(x, "x")

@@ -13,7 +13,6 @@ pub trait Real:
     fn from_i32(v: i32) -> Self;
     /// Round half to even (`std::nearbyint` in the default rounding mode).
     fn rne(self) -> Self;
-    fn to_f64(self) -> f64;
     fn to_f32(self) -> f32;
 }
 
@@ -31,10 +30,6 @@ impl Real for f32 {
     #[inline(always)]
     fn rne(self) -> f32 {
         self.round_ties_even()
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self as f64
     }
     #[inline(always)]
     fn to_f32(self) -> f32 {
@@ -58,10 +53,6 @@ impl Real for f64 {
         self.round_ties_even()
     }
     #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
     fn to_f32(self) -> f32 {
         self as f32
     }
@@ -70,7 +61,6 @@ impl Real for f64 {
 /// A floating element type of an input array.
 pub trait Elem: Copy + Send + Sync + 'static {
     type C: Real;
-    const NAME: &'static str;
     fn load(self) -> Self::C;
     fn store(c: Self::C) -> Self;
     fn to_f32(self) -> f32;
@@ -78,7 +68,6 @@ pub trait Elem: Copy + Send + Sync + 'static {
 
 impl Elem for f32 {
     type C = f32;
-    const NAME: &'static str = "float32";
     #[inline(always)]
     fn load(self) -> f32 {
         self
@@ -95,7 +84,6 @@ impl Elem for f32 {
 
 impl Elem for f64 {
     type C = f64;
-    const NAME: &'static str = "float64";
     #[inline(always)]
     fn load(self) -> f64 {
         self
@@ -112,7 +100,6 @@ impl Elem for f64 {
 
 impl Elem for f16 {
     type C = f32;
-    const NAME: &'static str = "float16";
     #[inline(always)]
     fn load(self) -> f32 {
         self.to_f32()
@@ -129,7 +116,6 @@ impl Elem for f16 {
 
 impl Elem for bf16 {
     type C = f32;
-    const NAME: &'static str = "bfloat16";
     #[inline(always)]
     fn load(self) -> f32 {
         self.to_f32()
