@@ -3,6 +3,7 @@
 pub mod bitnet;
 pub mod calib;
 pub mod error;
+pub mod nas;
 pub mod quant;
 
 #[cfg(feature = "python")]

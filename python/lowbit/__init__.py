@@ -20,7 +20,7 @@ from lowbit._lowbit import (
     QuantSpec,
     __version__,
 )
-from lowbit import bitnet, calib
+from lowbit import bitnet, calib, nas
 from lowbit.bitnet import activation_quant, binary_quantize, pack, pack_ternary, ternary_quantize, unpack, unpack_ternary
 from lowbit._quant import (
     dequantize_checkpoint,
@@ -65,6 +65,7 @@ __all__ = [
     "fake_quantize_per_channel_affine",
     "fake_quantize_per_tensor_affine",
     "load_quantized",
+    "nas",
     "pack",
     "pack_ternary",
     "quantize",

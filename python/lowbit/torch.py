@@ -30,6 +30,7 @@ __all__ = [
     "calibrate",
     "dequantize_per_channel",
     "dequantize_per_tensor",
+    "expected_latency",
     "fake_quantize_per_channel_affine",
     "fake_quantize_per_tensor_affine",
     "quantize_per_channel",
@@ -444,3 +445,63 @@ class BitLinear(torch.nn.Linear):
             wq = self.weight + (_bitnet_weight_quant(self.weight) - self.weight).detach()
             return torch.nn.functional.linear(xq, wq, self.bias)
         return self._kernel()(x)
+
+
+class _Expected(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, probs: torch.Tensor, space: Any, metric: str) -> torch.Tensor:  # noqa: ANN401
+        p = probs.detach().to("cpu", torch.float64)
+        value, grad = space.expected(p.numpy() if p.ndim == 3 else p[None].numpy(), metric)
+        ctx.save_for_backward(torch.from_numpy(grad).to(probs.device, probs.dtype).reshape(probs.shape))
+        out = torch.from_numpy(np.asarray(value)).to(probs.device, probs.dtype)
+        return out if probs.ndim == 3 else out[0]
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # noqa: ANN401
+        (grad,) = ctx.saved_tensors
+        return g.reshape(g.shape + (1, 1)) * grad, None, None
+
+
+def expected_latency(
+    logits: torch.Tensor,
+    space: Any,
+    tau: float = 1.0,
+    gumbel: bool = False,
+    hard: bool = False,
+    metric: str = "latency_ms",
+) -> torch.Tensor:
+    """Expected cost of a :class:`lowbit.nas.SearchSpace` under architecture logits, as a
+    differentiable loss term for DNAS (ProxylessNAS / FBNet).
+
+    ``logits`` is (blocks, max_choices) or (batch, blocks, max_choices); entries past a
+    block's number of choices are ignored. Probabilities are ``softmax(logits / tau)`` or, with
+    ``gumbel=True``, a Gumbel-softmax sample (``hard=True``: straight-through one-hot). The
+    expectation and its gradient come from lowbit's precomputed costs; autograd carries the
+    gradient through the softmax to the logits.
+
+    >>> import torch, lowbit.nas as nas, lowbit.torch as lt
+    >>> space = nas.SearchSpace([[{"latency_ms": 1.0}, {"latency_ms": 3.0}]] * 2)
+    >>> logits = torch.zeros(2, 2, requires_grad=True)
+    >>> loss = lt.expected_latency(logits, space)
+    >>> loss.backward()
+    >>> loss.item(), logits.grad[0].tolist()
+    (4.0, [-0.5, 0.5])
+    """
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise LowbitTypeError(f"logits must be a floating-point tensor, got {type(logits).__name__}")
+    if logits.ndim not in (2, 3) or logits.shape[-2:] != (space.n_blocks, max(space.n_choices)):
+        raise LowbitValueError(
+            f"logits must be ({space.n_blocks}, {max(space.n_choices)}) or (batch, {space.n_blocks}, "
+            f"{max(space.n_choices)}), got {tuple(logits.shape)}"
+        )
+    if not (isinstance(tau, (int, float)) and tau > 0):
+        raise LowbitValueError(f"tau must be a positive number, got {tau!r}")
+    mask = torch.zeros(logits.shape[-2:], dtype=torch.bool, device=logits.device)
+    for b, n in enumerate(space.n_choices):
+        mask[b, n:] = True
+    masked = logits.masked_fill(mask, float("-inf"))
+    if gumbel:
+        probs = torch.nn.functional.gumbel_softmax(masked, tau=tau, hard=hard, dim=-1)
+    else:
+        probs = torch.softmax(masked / tau, dim=-1)
+    return _Expected.apply(probs.masked_fill(mask, 0.0), space, metric)

@@ -8,6 +8,7 @@ use std::panic::AssertUnwindSafe;
 
 mod bitnet;
 mod calib;
+mod nas;
 mod quant;
 
 pyo3::create_exception!(
@@ -101,6 +102,9 @@ mod _lowbit {
         activation_quant, binary_matmul_packed, binary_quantize, bitnet_kernel, pack_rows,
         pack_tq1, ternary_quantize, unpack_rows, unpack_tq1, PackedSigns, TernaryLinear,
     };
+
+    #[pymodule_export]
+    use super::nas::{builtin_devices, estimate_json, fit_device, DeviceProfile, Graph, SpaceCore};
 
     #[pymodule_export]
     use super::quant::{
