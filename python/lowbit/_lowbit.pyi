@@ -2,7 +2,7 @@
 accept lists and torch tensors and document each function with examples."""
 
 import os
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -145,3 +145,116 @@ class Observer:
     @staticmethod
     def from_json(s: str) -> Observer: ...
     def histogram(self) -> tuple[npt.NDArray[np.uint64], float, float, float, float]: ...
+
+# ---- lowbit.nas ---------------------------------------------------------------------------
+
+class Graph:
+    """Ops in execution order over buffers (inputs, weights, constants, activations), with exact
+    FLOP counts (the formulas of ``torch.utils.flop_counter``: FLOPs = 2 x MACs).
+
+    Build one with :func:`lowbit.nas.from_torch`, from layer descriptions, or from JSON.
+
+    >>> from lowbit.nas import Graph
+    >>> g = Graph.sequential((1, 64), [{"op": "linear", "out_features": 32}, {"op": "relu"}])
+    >>> g.flops, g.params, len(g)
+    (4096, 2080, 2)
+    """
+
+    @staticmethod
+    def from_json(text: str) -> Graph:
+        """Parse and validate a graph (references, execution order, shapes of arithmetic ops)."""
+    @staticmethod
+    def from_layers(inputs: dict[str, Sequence[int]], layers: Sequence[Mapping[str, Any]]) -> Graph:
+        """A graph from layer descriptions with shape inference.
+
+        Each layer is a dict with ``"op"``, an optional ``"name"`` (default: op + index; the
+        layer's output tensor takes this name), optional ``"inputs"`` (tensor names; default: the
+        previous layer's output, or the last input for the first layer) and the op's attributes:
+        ``conv2d`` (out_channels, kernel, stride=1, padding=kernel//2, groups=1, bias=True),
+        ``linear`` (out_features, in_features optional check, bias=True), ``matmul`` (2 inputs),
+        ``attention`` (inputs q, k, v shaped (batch, heads, seq, dim)), ``layernorm``,
+        ``batchnorm``, ``groupnorm``, ``rmsnorm``, ``relu``/``relu6``/``gelu``/``silu``/
+        ``sigmoid``/``tanh``/``hardswish``/``hardsigmoid``, ``softmax``, ``add``/``mul``/``sub``/
+        ``div`` (2 inputs, broadcasting), ``maxpool``/``avgpool`` (kernel, stride=kernel,
+        padding=0), ``global_avgpool``, ``flatten``, ``reshape`` (shape), ``embedding``
+        (num_embeddings, dim), ``concat`` (axis=1). Unknown ops, shape mismatches and reads of
+        tensors not defined yet raise ``LowbitValueError``.
+        """
+    @staticmethod
+    def sequential(input_shape: Sequence[int], layers: Sequence[Mapping[str, Any]]) -> Graph:
+        """``from_layers({"x": input_shape}, layers)``: a chain of layers."""
+    def to_json(self) -> str: ...
+    @property
+    def flops(self) -> int: ...
+    @property
+    def macs(self) -> int: ...
+    @property
+    def params(self) -> int:
+        """Parameters: weight buffers plus parameters of the model that no op read."""
+    def __len__(self) -> int: ...
+
+class DeviceProfile:
+    """Peak compute by precision (G ops/s, 1 MAC = 2 ops; keys ``f32``, ``f16``, ``int8``,
+    ``int4``; a missing precision runs at the next wider one), sustained bandwidth (GB/s),
+    per-op-kind efficiency (keys: the op kinds and ``conv_dw``; default 1), per-op and per-view
+    overheads (µs), energy (``energy_scale`` times the Horowitz 45 nm figures; DRAM pJ/byte),
+    and the source of each figure.
+
+    >>> from lowbit.nas import DeviceProfile
+    >>> d = DeviceProfile("my-phone", {"f32": 100.0, "int8": 400.0}, 15.0, efficiency={"conv": 0.5})
+    >>> DeviceProfile.from_json(d.to_json()) == d, d.peak(8, 8)
+    (True, 400.0)
+    """
+
+    def __init__(
+        self,
+        name: str,
+        peak_gops: Mapping[str, float],
+        bandwidth_gbs: float,
+        *,
+        efficiency: Mapping[str, float] | None = None,
+        overhead_us: float = 0.0,
+        view_overhead_us: float = 0.0,
+        energy_scale: float = 1.0,
+        dram_pj_per_byte: float = 243.75,
+        description: str = "",
+        sources: Mapping[str, str] | None = None,
+    ) -> None: ...
+    @staticmethod
+    def from_json(text: str) -> DeviceProfile: ...
+    def to_json(self) -> str: ...
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the JSON atomically (temporary file in the same folder, then rename)."""
+    @staticmethod
+    def load(path: str | os.PathLike[str]) -> DeviceProfile: ...
+    def peak(self, weight_bits: int, act_bits: int) -> float:
+        """Peak G ops/s at the precision these bit widths compute in."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def peak_gops(self) -> dict[str, float]: ...
+    @property
+    def bandwidth_gbs(self) -> float: ...
+    @property
+    def efficiency(self) -> dict[str, float]: ...
+    @property
+    def overhead_us(self) -> float: ...
+    @property
+    def view_overhead_us(self) -> float: ...
+    @property
+    def energy_scale(self) -> float: ...
+    @property
+    def dram_pj_per_byte(self) -> float: ...
+    @property
+    def sources(self) -> dict[str, str]: ...
+
+class SpaceCore:
+    def __init__(self, costs: npt.NDArray[np.float64], choices: list[int], base: list[float]) -> None: ...
+    def evaluate(self, choices: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]: ...
+    def expected(self, probs: npt.NDArray[np.float64], metric: str) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+
+def builtin_devices() -> list[DeviceProfile]: ...
+def estimate_json(graph: Graph, device: DeviceProfile, weight_bits: int, act_bits: int) -> str: ...
+def fit_device(graphs: list[Graph], measured_ms: list[float], base: DeviceProfile, weight_bits: int, act_bits: int) -> DeviceProfile: ...

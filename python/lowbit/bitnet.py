@@ -284,12 +284,13 @@ def pack_ternary(codes: Any, format: str = "i2") -> np.ndarray:
 
     * ``"i2"``: 2 bits per weight, ``code + 1`` in :func:`pack`'s layout (4 per byte).
     * ``"tq1"``: base 3, five per byte (1.6 bits per weight): byte ``i`` of a row is
-      ``Σ_j (code[5i + j] + 1) * 3^j`` for ``j = 0..4``; a short last group is padded with 0.
+      ``Σ_j (code[5i + j] + 1) * 3^j`` for ``j = 0..4``; a short last group is padded with code 0
+      (digit 1).
 
     >>> import numpy as np, lowbit
     >>> c = np.array([[1, -1, 0, 0, 1, -1]], np.int8)
     >>> lowbit.pack_ternary(c, "tq1"), lowbit.pack_ternary(c, "i2").nbytes
-    (array([[177,   0]], dtype=uint8), 2)
+    (array([[200, 120]], dtype=uint8), 2)
     """
     a = _codes(codes, "codes")
     if a.dtype != np.int8:

@@ -6,11 +6,13 @@ import pytest
 
 import lowbit
 import lowbit._quant
+import lowbit.bitnet
 import lowbit.calib
+import lowbit.nas
 import lowbit.torch
 
 
-@pytest.mark.parametrize("module", [lowbit, lowbit._quant, lowbit.calib, lowbit.torch])
+@pytest.mark.parametrize("module", [lowbit, lowbit._quant, lowbit.bitnet, lowbit.calib, lowbit.nas, lowbit.torch])
 def test_docstring_examples(module):
     r = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert r.attempted > 0 and r.failed == 0
