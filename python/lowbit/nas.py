@@ -58,19 +58,29 @@ _HOST: DeviceProfile | None = None
 
 
 def _measure_host() -> DeviceProfile:
-    """This machine: float32 GEMM rate of NumPy's BLAS and copy bandwidth, measured once."""
+    """This machine: float32 GEMM rate (PyTorch's when it is installed, since that is what
+    ``measure`` times, else NumPy's BLAS) and copy bandwidth, best of 10, measured once."""
     n = 1024
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    matmul: Callable[[], Any] = lambda: a @ a  # noqa: E731
+    engine = "NumPy"
+    try:
+        import torch
+
+        at = torch.from_numpy(a)
+        matmul, engine = (lambda: at @ at), f"PyTorch ({torch.get_num_threads()} threads)"
+    except ImportError:
+        pass
     best = math.inf
-    for _ in range(5):
+    for _ in range(10):
         t = time.perf_counter()
-        a @ a
+        matmul()
         best = min(best, time.perf_counter() - t)
     gemm = 2 * n**3 / best / 1e9
     src = np.ones(64 * 2**20 // 4, dtype=np.float32)
     dst = np.empty_like(src)
     best = math.inf
-    for _ in range(5):
+    for _ in range(10):
         t = time.perf_counter()
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t)
@@ -81,8 +91,8 @@ def _measure_host() -> DeviceProfile:
         round(bw, 1),
         description="this machine, measured at first use (float32 only: int8/int4 fall back to it)",
         sources={
-            "peak_gops": f"NumPy float32 matmul {n}x{n}, best of 5",
-            "bandwidth_gbs": "np.copyto of 64 MiB, bytes read + written, best of 5",
+            "peak_gops": f"{engine} float32 matmul {n}x{n}, best of 10",
+            "bandwidth_gbs": "np.copyto of 64 MiB, bytes read + written, best of 10",
             "efficiency": "1 until fitted: use CostModel.fit with lowbit.nas.measure",
         },
     )
@@ -203,14 +213,16 @@ _KINDS: dict[str, tuple[str, ...]] = {
                "linalg_vector_norm", "prod", "cumsum", "logsumexp"),
     "embedding": ("embedding", "index_select", "gather"),
     "copy": ("cat", "stack", "clone", "_to_copy", "copy_", "contiguous", "repeat", "constant_pad_nd",
-             "index", "slice_scatter", "select_scatter", "fill_", "zero_", "zeros", "ones", "full", "empty",
-             "arange", "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_empty",
+             "index", "slice_scatter", "select_scatter", "fill_", "zero_", "zeros", "ones", "full",
+             "arange", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones",
              "scalar_tensor", "native_dropout", "dropout", "bernoulli_", "roll", "flip", "tril", "triu",
              "upsample_nearest2d", "upsample_bilinear2d", "lift_fresh", "_unsafe_view", "pixel_shuffle"),
     "view": ("view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze",
              "select", "slice", "split", "split_with_sizes", "chunk", "unbind", "flatten", "alias", "as_strided",
              "detach", "unflatten", "narrow", "diagonal", "view_as", "expand_as", "movedim", "_unsafe_view_",
-             "unfold", "numpy_T", "mT", "lift_fresh_copy"),
+             "unfold", "numpy_T", "mT", "lift_fresh_copy",
+             # Allocations without writes move no data either.
+             "empty", "empty_like", "new_empty", "empty_strided", "resize_"),
 }
 _KIND_OF = {name: kind for kind, names in _KINDS.items() for name in names}
 _CONV = ("convolution", "_convolution", "convolution_overrideable", "cudnn_convolution", "mkldnn_convolution")
@@ -606,7 +618,9 @@ class CostModel:
         return self.estimate(graph).latency_ms
 
     def __repr__(self) -> str:
-        return f"CostModel(device={self.device.name!r}, efficiency={self.device.efficiency}, overhead_us={self.device.overhead_us:.2f})"
+        eff = {k: round(v, 3) if v < 1e6 else "free" for k, v in self.device.efficiency.items()}
+        d = self.device
+        return f"CostModel(device={d.name!r}, efficiency={eff}, overhead_us={d.overhead_us:.2f}, view_overhead_us={d.view_overhead_us:.2f})"
 
 
 # ------------------------------------------------------------------------------------------

@@ -162,6 +162,8 @@ def test_names_peak_memory_and_views():
     c = nas.estimate(g, "cortex-a76")
     names = [row["name"] for row in c.layers if row["kind"] != "view"]
     assert names == ["0", "1", "2"]
+    # Each Linear's parameters sit on its addmm row, not on the transpose that feeds it.
+    assert [r["params"] for r in c.layers if r["target"] == "aten.addmm"] == [100 * 200 + 200, 200 * 50 + 50]
     # Live sets by op: {x, h} -> {h, relu(h)} -> {relu(h), out}; the largest is 2 x (4x200).
     assert c.peak_activation_bytes == 4 * 4 * (200 + 200)
     assert nas.estimate(g, "cortex-a76", 32, 8).peak_activation_bytes == 4 * (200 + 200)

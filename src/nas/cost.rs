@@ -189,7 +189,8 @@ pub fn estimate(g: &Graph, d: &DeviceProfile, weight_bits: u32, act_bits: u32) -
     for op in &g.ops {
         let terms = op_terms(g, op, d, wb, ab);
         let (mut params, mut weight_bytes) = (0, 0);
-        for t in &op.inputs {
+        // A weight belongs to the first op that computes with it, not to a view (a transpose).
+        for t in op.inputs.iter().filter(|_| op.kind != Kind::View) {
             let b = &g.buffers[t.buffer];
             if b.role == Role::Weight && !std::mem::replace(&mut seen[t.buffer], true) {
                 params += b.numel();

@@ -17,7 +17,19 @@ impl Graph {
         Ok(Graph(detach(py, || graph::Graph::from_json(text))?))
     }
 
-    /// Builds a graph from layer descriptions; `inputs` maps names to shapes.
+    /// A graph from layer descriptions with shape inference; `inputs` maps names to shapes.
+    ///
+    /// Each layer is a dict with "op", an optional "name" (default: op + index; the layer's
+    /// output tensor takes this name), optional "inputs" (tensor names; default: the previous
+    /// layer's output, or the last input for the first layer) and the op's attributes:
+    /// conv2d (out_channels, kernel, stride=1, padding=kernel//2, groups=1, bias=True),
+    /// linear (out_features, in_features optional check, bias=True), matmul (2 inputs),
+    /// attention (inputs q, k, v shaped (batch, heads, seq, dim)), layernorm, batchnorm,
+    /// groupnorm, rmsnorm, relu / relu6 / gelu / silu / sigmoid / tanh / hardswish /
+    /// hardsigmoid, softmax, add / mul / sub / div (2 inputs, broadcasting), maxpool / avgpool
+    /// (kernel, stride=kernel, padding=0), global_avgpool, flatten, reshape (shape), embedding
+    /// (num_embeddings, dim), concat (axis=1). Unknown ops, shape mismatches and reads of
+    /// tensors not defined yet raise LowbitValueError.
     #[staticmethod]
     fn from_layers(
         py: Python<'_>,
