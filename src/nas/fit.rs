@@ -247,11 +247,7 @@ mod tests {
             .map(|i| if i % 3 == 0 { 0.0 } else { r() })
             .collect();
         let a: Vec<Vec<f64>> = (0..30)
-            .map(|_| {
-                (0..11)
-                    .map(|j| r() * 10f64.powi(j as i32 % 7 - 3))
-                    .collect()
-            })
+            .map(|_| (0..11i32).map(|j| r() * 10f64.powi(j % 7 - 3)).collect())
             .collect();
         let b: Vec<f64> = a
             .iter()
