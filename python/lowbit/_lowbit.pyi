@@ -196,8 +196,8 @@ class Graph:
 class DeviceProfile:
     """Peak compute by precision (G ops/s, 1 MAC = 2 ops; keys ``f32``, ``f16``, ``int8``,
     ``int4``; a missing precision runs at the next wider one), sustained bandwidth (GB/s),
-    per-op-kind efficiency (keys: the op kinds and ``conv_dw``; default 1), per-op and per-view
-    overheads (µs), energy (``energy_scale`` times the Horowitz 45 nm figures; DRAM pJ/byte),
+    per-op-kind efficiency (keys: the op kinds and ``conv_dw``; default 1), per-op overheads (µs:
+    ``overhead_us``, overridden per kind by ``kind_overhead_us``; ``view_overhead_us`` for views), energy (``energy_scale`` times the Horowitz 45 nm figures; DRAM pJ/byte),
     and the source of each figure.
 
     >>> from lowbit.nas import DeviceProfile
@@ -214,6 +214,7 @@ class DeviceProfile:
         *,
         efficiency: Mapping[str, float] | None = None,
         overhead_us: float = 0.0,
+        kind_overhead_us: Mapping[str, float] | None = None,
         view_overhead_us: float = 0.0,
         energy_scale: float = 1.0,
         dram_pj_per_byte: float = 243.75,
@@ -241,6 +242,8 @@ class DeviceProfile:
     def efficiency(self) -> dict[str, float]: ...
     @property
     def overhead_us(self) -> float: ...
+    @property
+    def kind_overhead_us(self) -> dict[str, float]: ...
     @property
     def view_overhead_us(self) -> float: ...
     @property

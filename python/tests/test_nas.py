@@ -207,7 +207,7 @@ def reference_latency(g: nas.Graph, d: nas.DeviceProfile, wb: int, ab: int) -> f
             key = "conv_dw"
         mem = sum(nbytes(r) for r in op["inputs"] + op["outputs"])
         t = max(flops / (peak * 1e9), mem / (d.bandwidth_gbs * 1e9)) / d.efficiency.get(key, 1.0)
-        total += (t + d.overhead_us * 1e-6) * 1e3
+        total += (t + d.kind_overhead_us.get(key, d.overhead_us) * 1e-6) * 1e3
     return total
 
 
@@ -336,7 +336,8 @@ def test_fit_recovers_a_known_device():
         "truth", {"f32": 50.0}, 10.0,
         efficiency={"conv": 0.4, "conv_dw": 0.05, "matmul": 0.7, "attention": 0.3, "norm": 0.5,
                     "activation": 0.6, "elementwise": 0.8},
-        overhead_us=7.0, view_overhead_us=1.5,
+        overhead_us=7.0, view_overhead_us=1.5, kind_overhead_us={"conv": 20.0, "conv_dw": 20.0, "matmul": 9.0,
+                                                                   "attention": 9.0},
     )
     graphs = []
     for i in range(40):
@@ -355,7 +356,8 @@ def test_fit_recovers_a_known_device():
             {"op": "layernorm", "inputs": ["e"]},
             {"op": "gelu", "inputs": ["x"]},
             {"op": "add", "inputs": ["y", "y"]},
-        ] + [{"op": "flatten", "inputs": ["a"]}] * (i % 5)
+        ] + [{"op": "gelu", "inputs": ["x"]}] * (i % 4) + [{"op": "linear", "inputs": ["m"], "out_features": 8}] * (
+            i // 4 % 3) + [{"op": "conv2d", "inputs": ["a"], "out_channels": 4, "kernel": 1}] * (i // 12) + [{"op": "flatten", "inputs": ["a"]}] * (i % 5)
         graphs.append(nas.Graph.from_layers(inputs, layers))
     measured = [nas.estimate(g, truth).latency_ms for g in graphs]
     model = nas.CostModel.fit(graphs, measured, device=nas.DeviceProfile("base", {"f32": 50.0}, 10.0))
@@ -363,6 +365,8 @@ def test_fit_recovers_a_known_device():
         assert model.device.efficiency[k] == pytest.approx(v, rel=1e-6), k
     assert model.device.overhead_us == pytest.approx(7.0, rel=1e-6)
     assert model.device.view_overhead_us == pytest.approx(1.5, rel=1e-6)
+    for k, v in truth.kind_overhead_us.items():
+        assert model.device.kind_overhead_us[k] == pytest.approx(v, rel=1e-6), k
     assert [model.predict(g) for g in graphs] == pytest.approx(measured, rel=1e-9)
     with pytest.raises(lowbit.LowbitValueError, match="measurements"):
         nas.CostModel.fit(graphs, measured[:-1])

@@ -197,17 +197,18 @@ pub fn estimate(g: &Graph, d: &DeviceProfile, weight_bits: u32, act_bits: u32) -
                 weight_bytes += bytes(b.numel(), bits_of(g, t.buffer, wb, ab));
             }
         }
+        let key = kind_key(op);
         let (latency_s, bound) = if op.kind == Kind::View {
-            (d.view_overhead_us * 1e-6, "none")
+            (d.overhead(key) * 1e-6, "none")
         } else {
-            let eff = d.efficiency(kind_key(op));
+            let eff = d.efficiency(key);
             let bound = if terms.compute_s > terms.memory_s {
                 "compute"
             } else {
                 "memory"
             };
             (
-                terms.compute_s.max(terms.memory_s) / eff + d.overhead_us * 1e-6,
+                terms.compute_s.max(terms.memory_s) / eff + d.overhead(key) * 1e-6,
                 bound,
             )
         };

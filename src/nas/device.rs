@@ -42,6 +42,10 @@ pub struct DeviceProfile {
     /// Fixed cost per op (dispatch / kernel launch), microseconds.
     #[serde(default)]
     pub overhead_us: f64,
+    /// Per-op overhead of particular op kinds (keys as in `efficiency`), overriding
+    /// `overhead_us` (a convolution's dispatch costs more than an add's in most runtimes).
+    #[serde(default)]
+    pub kind_overhead_us: BTreeMap<String, f64>,
     /// Fixed cost per view / reshape (0 for compiled runtimes, a few µs in eager PyTorch).
     #[serde(default)]
     pub view_overhead_us: f64,
@@ -105,6 +109,18 @@ impl DeviceProfile {
                 self.name
             );
         }
+        for (k, &v) in &self.kind_overhead_us {
+            ensure!(
+                EFFICIENCY_KEYS.contains(&k.as_str()),
+                "device '{}': unknown op kind '{k}' in kind_overhead_us; known: {EFFICIENCY_KEYS:?}",
+                self.name
+            );
+            ensure!(
+                v.is_finite() && v >= 0.0,
+                "device '{}': kind_overhead_us['{k}'] must be finite and >= 0, got {v}",
+                self.name
+            );
+        }
         for (what, v) in [
             ("overhead_us", self.overhead_us),
             ("view_overhead_us", self.view_overhead_us),
@@ -144,6 +160,17 @@ impl DeviceProfile {
 
     pub fn efficiency(&self, key: &str) -> f64 {
         self.efficiency.get(key).copied().unwrap_or(1.0)
+    }
+
+    /// Fixed cost of one op of a kind, microseconds.
+    pub fn overhead(&self, key: &str) -> f64 {
+        if key == "view" {
+            return self.view_overhead_us;
+        }
+        self.kind_overhead_us
+            .get(key)
+            .copied()
+            .unwrap_or(self.overhead_us)
     }
 }
 
@@ -197,6 +224,7 @@ pub fn builtin() -> Vec<DeviceProfile> {
                 ("attention", 0.35),
             ]),
             overhead_us: 4.0,
+            kind_overhead_us: BTreeMap::new(),
             view_overhead_us: 0.0,
             energy_scale: 0.16,
             dram_pj_per_byte: 40.0,
@@ -236,6 +264,7 @@ pub fn builtin() -> Vec<DeviceProfile> {
                 ("attention", 0.25),
             ]),
             overhead_us: 25.0,
+            kind_overhead_us: BTreeMap::new(),
             view_overhead_us: 0.0,
             energy_scale: 0.16,
             dram_pj_per_byte: 40.0,
@@ -273,6 +302,7 @@ pub fn builtin() -> Vec<DeviceProfile> {
                 ("attention", 0.2),
             ]),
             overhead_us: 10.0,
+            kind_overhead_us: BTreeMap::new(),
             view_overhead_us: 0.0,
             energy_scale: 0.1,
             dram_pj_per_byte: 30.0,

@@ -1,7 +1,7 @@
 //! Fitting a device profile's per-op-kind efficiencies and per-op overheads to measured
 //! latencies. The estimate of a graph is linear in `1 / efficiency` and in the overheads:
-//! `latency = Σ_kind (1/eff_kind) Σ_ops max(compute, memory) + overhead · n_ops + view_overhead
-//! · n_views`, so a non-negative least-squares fit in relative error recovers them exactly when
+//! `latency = Σ_kind (1/eff_kind) Σ_ops max(compute, memory) + Σ_kind overhead_kind · n_kind`,
+//! so a non-negative least-squares fit in relative error recovers them exactly when
 //! the model holds.
 use super::cost::{kind_key, op_terms};
 use super::device::DeviceProfile;
@@ -20,14 +20,17 @@ pub const GROUPS: [&[&str]; 9] = [
     &["pool", "softmax", "reduce"],
     &["embedding", "copy", "other"],
 ];
-const N: usize = GROUPS.len() + 2;
+/// Kinds whose per-op overhead is fitted on its own (the rest share `overhead_us`).
+pub const OVERHEAD_GROUPS: [&[&str]; 2] = [&["conv", "conv_dw"], &["matmul", "attention"]];
+const G: usize = GROUPS.len();
+const N: usize = G + OVERHEAD_GROUPS.len() + 2;
 
 fn group(key: &str) -> Option<usize> {
     GROUPS.iter().position(|g| g.contains(&key))
 }
 
-/// One graph's features: the roofline time at efficiency 1 summed per group, the number of
-/// ops that do work and the number of views.
+/// One graph's features: the roofline time at efficiency 1 summed per group, then op counts:
+/// per overhead group, the other ops, and views.
 pub fn features(g: &Graph, d: &DeviceProfile, wb: u32, ab: u32) -> [f64; N] {
     let mut f = [0.0; N];
     for op in &g.ops {
@@ -35,11 +38,15 @@ pub fn features(g: &Graph, d: &DeviceProfile, wb: u32, ab: u32) -> [f64; N] {
             f[N - 1] += 1.0;
             continue;
         }
+        let key = kind_key(op);
         let t = op_terms(g, op, d, wb, ab);
-        if let Some(i) = group(kind_key(op)) {
+        if let Some(i) = group(key) {
             f[i] += t.compute_s.max(t.memory_s) * 1e3;
         }
-        f[N - 2] += 1.0;
+        match OVERHEAD_GROUPS.iter().position(|o| o.contains(&key)) {
+            Some(i) => f[G + i] += 1.0,
+            None => f[N - 2] += 1.0,
+        }
     }
     f
 }
@@ -201,6 +208,11 @@ pub fn fit(
         match j {
             j if j == N - 2 => d.overhead_us = t * 1e3,
             j if j == N - 1 => d.view_overhead_us = t * 1e3,
+            j if j >= G => {
+                for k in OVERHEAD_GROUPS[j - G] {
+                    d.kind_overhead_us.insert(k.to_string(), t * 1e3);
+                }
+            }
             j => {
                 // A zero coefficient means the group costs nothing measurable: cap efficiency.
                 let eff = if t > 0.0 { (1.0 / t).min(1e6) } else { 1e6 };

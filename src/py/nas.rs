@@ -109,7 +109,7 @@ pub struct DeviceProfile(pub(crate) device::DeviceProfile);
 impl DeviceProfile {
     #[new]
     #[pyo3(signature = (name, peak_gops, bandwidth_gbs, *, efficiency=None, overhead_us=0.0,
-        view_overhead_us=0.0, energy_scale=1.0, dram_pj_per_byte=243.75, description=String::new(),
+        kind_overhead_us=None, view_overhead_us=0.0, energy_scale=1.0, dram_pj_per_byte=243.75, description=String::new(),
         sources=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -118,6 +118,7 @@ impl DeviceProfile {
         bandwidth_gbs: f64,
         efficiency: Option<BTreeMap<String, f64>>,
         overhead_us: f64,
+        kind_overhead_us: Option<BTreeMap<String, f64>>,
         view_overhead_us: f64,
         energy_scale: f64,
         dram_pj_per_byte: f64,
@@ -131,6 +132,7 @@ impl DeviceProfile {
             bandwidth_gbs,
             efficiency: efficiency.unwrap_or_default(),
             overhead_us,
+            kind_overhead_us: kind_overhead_us.unwrap_or_default(),
             view_overhead_us,
             energy_scale,
             dram_pj_per_byte,
@@ -192,6 +194,10 @@ impl DeviceProfile {
     #[getter]
     fn overhead_us(&self) -> f64 {
         self.0.overhead_us
+    }
+    #[getter]
+    fn kind_overhead_us(&self) -> BTreeMap<String, f64> {
+        self.0.kind_overhead_us.clone()
     }
     #[getter]
     fn view_overhead_us(&self) -> f64 {
