@@ -5,6 +5,7 @@ pub mod calib;
 pub mod error;
 pub mod nas;
 pub mod quant;
+pub mod runtime;
 
 #[cfg(feature = "python")]
 mod py;

@@ -2,6 +2,7 @@
 //! integer results, and the quantizers that feed them.
 
 pub mod binary;
+pub mod linear;
 pub mod pack;
 pub mod quant;
 pub mod ternary;

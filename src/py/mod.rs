@@ -10,6 +10,7 @@ mod bitnet;
 mod calib;
 mod nas;
 mod quant;
+mod runtime;
 
 pyo3::create_exception!(
     lowbit,
@@ -102,6 +103,9 @@ mod _lowbit {
         activation_quant, binary_matmul_packed, binary_quantize, bitnet_kernel, pack_rows,
         pack_tq1, ternary_quantize, unpack_rows, unpack_tq1, PackedSigns, TernaryLinear,
     };
+
+    #[pymodule_export]
+    use super::runtime::BertCore;
 
     #[pymodule_export]
     use super::nas::{builtin_devices, estimate_json, fit_device, DeviceProfile, Graph, SpaceCore};

@@ -1,0 +1,113 @@
+//! Bindings of `crate::runtime`. `lowbit.runtime` converts inputs and documents the API.
+use super::detach;
+use crate::runtime::bert;
+use crate::runtime::layers::WeightMode;
+use crate::runtime::{ce, Record};
+use candle_core::Tensor;
+use ndarray::Array3;
+use numpy::{IntoPyArray, PyReadonlyArray2};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::path::PathBuf;
+
+fn to_array3(t: &Tensor) -> crate::Result<Array3<f32>> {
+    let (b, l, h) = t.dims3().map_err(ce)?;
+    let v = t
+        .flatten_all()
+        .and_then(|x| x.to_vec1::<f32>())
+        .map_err(ce)?;
+    Ok(Array3::from_shape_vec((b, l, h), v).expect("dims match"))
+}
+
+fn record_dict<'py>(py: Python<'py>, rec: Record) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (name, t) in rec {
+        let arr = match t.rank() {
+            3 => to_array3(&t).map(|a| a.into_pyarray(py).into_any()),
+            _ => {
+                let shape = t.dims().to_vec();
+                t.flatten_all()
+                    .and_then(|x| x.to_vec1::<f32>())
+                    .map_err(ce)
+                    .map(|v| {
+                        ndarray::ArrayD::from_shape_vec(shape, v)
+                            .expect("dims match")
+                            .into_pyarray(py)
+                            .into_any()
+                    })
+            }
+        }
+        .map_err(super::to_pyerr)?;
+        d.set_item(name, arr)?;
+    }
+    Ok(d)
+}
+
+/// The BERT encoder of the Rust runtime (see `lowbit.runtime.BertEncoder`).
+#[pyclass(module = "lowbit.runtime", frozen)]
+pub struct BertCore(bert::BertEncoder);
+
+#[pymethods]
+impl BertCore {
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf, weights: &str) -> PyResult<Self> {
+        let mode: WeightMode = weights.parse().map_err(super::to_pyerr)?;
+        detach(py, || bert::BertEncoder::load(&path, mode)).map(BertCore)
+    }
+
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = &self.0.config;
+        let d = PyDict::new(py);
+        d.set_item("vocab_size", c.vocab_size)?;
+        d.set_item("hidden_size", c.hidden_size)?;
+        d.set_item("num_hidden_layers", c.num_hidden_layers)?;
+        d.set_item("num_attention_heads", c.num_attention_heads)?;
+        d.set_item("intermediate_size", c.intermediate_size)?;
+        d.set_item("hidden_act", &c.hidden_act)?;
+        d.set_item("max_position_embeddings", c.max_position_embeddings)?;
+        d.set_item("type_vocab_size", c.type_vocab_size)?;
+        d.set_item("layer_norm_eps", c.layer_norm_eps)?;
+        Ok(d)
+    }
+
+    #[pyo3(signature = (input_ids, attention_mask, token_type_ids=None, record=false))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArray2<'py, i64>,
+        attention_mask: PyReadonlyArray2<'py, i64>,
+        token_type_ids: Option<PyReadonlyArray2<'py, i64>>,
+        record: bool,
+    ) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyDict>>)> {
+        let (ids, mask) = (input_ids.as_array(), attention_mask.as_array());
+        let types = token_type_ids.as_ref().map(|t| t.as_array());
+        let (out, rec) = detach(py, || {
+            let mut rec = Record::new();
+            let h = self
+                .0
+                .forward(ids, mask, types, record.then_some(&mut rec))?;
+            Ok((to_array3(&h)?, rec))
+        })?;
+        let rec = if record {
+            Some(record_dict(py, rec)?)
+        } else {
+            None
+        };
+        Ok((out.into_pyarray(py).into_any(), rec))
+    }
+
+    #[pyo3(signature = (input_ids, attention_mask, token_type_ids=None))]
+    fn embed<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: PyReadonlyArray2<'py, i64>,
+        attention_mask: PyReadonlyArray2<'py, i64>,
+        token_type_ids: Option<PyReadonlyArray2<'py, i64>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (ids, mask) = (input_ids.as_array(), attention_mask.as_array());
+        let types = token_type_ids.as_ref().map(|t| t.as_array());
+        let e = detach(py, || self.0.embed(ids, mask, types))?;
+        Ok(e.into_pyarray(py).into_any())
+    }
+}

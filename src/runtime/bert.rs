@@ -1,0 +1,394 @@
+//! A BERT text encoder (post-LayerNorm, absolute positions, token types) that loads Hugging Face
+//! `BertModel` checkpoints and matches `transformers` to float32 rounding.
+use super::layers::{
+    attention, merge_heads, split_heads, Activation, LayerNorm, Linear, WeightMode,
+};
+use super::weights::Weights;
+use super::{ce, Record};
+use crate::{ensure, Error, Result};
+use candle_core::{DType, Device, Tensor, D};
+use ndarray::{Array2, ArrayView2};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "gelu")]
+    pub hidden_act: String,
+    #[serde(default = "max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "two")]
+    pub type_vocab_size: usize,
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "absolute")]
+    pub position_embedding_type: String,
+}
+
+fn gelu() -> String {
+    "gelu".into()
+}
+fn max_pos() -> usize {
+    512
+}
+fn two() -> usize {
+    2
+}
+fn eps() -> f64 {
+    1e-12
+}
+fn absolute() -> String {
+    "absolute".into()
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    attn_out: Linear,
+    attn_ln: LayerNorm,
+    inter: Linear,
+    out: Linear,
+    out_ln: LayerNorm,
+}
+
+pub struct BertEncoder {
+    pub config: BertConfig,
+    word: Tensor,
+    pos: Tensor,
+    tok: Tensor,
+    emb_ln: LayerNorm,
+    layers: Vec<Layer>,
+    act: Activation,
+    pooler: Option<Linear>,
+}
+
+/// The folder and the weights file of a checkpoint given as either.
+fn locate(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    if path.is_dir() {
+        let st = path.join("model.safetensors");
+        ensure!(
+            st.is_file(),
+            "{} has no model.safetensors (save with safe_serialization=True)",
+            path.display()
+        );
+        Ok((path.to_path_buf(), st))
+    } else if path.is_file() {
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Ok((dir, path.to_path_buf()))
+    } else {
+        Err(Error::io(
+            format!("cannot open {}", path.display()),
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ))
+    }
+}
+
+impl BertConfig {
+    pub fn from_json(text: &str) -> Result<Self> {
+        let c: BertConfig = serde_json::from_str(text)
+            .map_err(|e| Error::value(format!("bad BERT config.json: {e}")))?;
+        ensure!(
+            c.position_embedding_type == "absolute",
+            "only absolute position embeddings are supported, got {:?}",
+            c.position_embedding_type
+        );
+        ensure!(
+            c.num_attention_heads > 0 && c.hidden_size % c.num_attention_heads == 0,
+            "hidden_size {} is not a multiple of num_attention_heads {}",
+            c.hidden_size,
+            c.num_attention_heads
+        );
+        ensure!(
+            c.vocab_size > 0 && c.type_vocab_size > 0 && c.max_position_embeddings > 0,
+            "vocab_size, type_vocab_size and max_position_embeddings must be positive"
+        );
+        Activation::parse(&c.hidden_act)?;
+        Ok(c)
+    }
+
+    /// Every tensor a `BertModel` checkpoint holds (without the pooler), with its shape.
+    pub fn expected(&self, prefix: &str) -> Vec<(String, Vec<usize>)> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let mut v = vec![
+            (
+                "embeddings.word_embeddings.weight".to_string(),
+                vec![self.vocab_size, h],
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![self.max_position_embeddings, h],
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                vec![self.type_vocab_size, h],
+            ),
+            ("embeddings.LayerNorm.weight".into(), vec![h]),
+            ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ];
+        for l in 0..self.num_hidden_layers {
+            let p = format!("encoder.layer.{l}.");
+            for (name, out, inp) in [
+                ("attention.self.query", h, h),
+                ("attention.self.key", h, h),
+                ("attention.self.value", h, h),
+                ("attention.output.dense", h, h),
+                ("intermediate.dense", i, h),
+                ("output.dense", h, i),
+            ] {
+                v.push((format!("{p}{name}.weight"), vec![out, inp]));
+                v.push((format!("{p}{name}.bias"), vec![out]));
+            }
+            for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                v.push((format!("{p}{ln}.weight"), vec![h]));
+                v.push((format!("{p}{ln}.bias"), vec![h]));
+            }
+        }
+        v.into_iter()
+            .map(|(n, s)| (format!("{prefix}{n}"), s))
+            .collect()
+    }
+}
+
+impl BertEncoder {
+    /// Loads `config.json` and `model.safetensors` from a folder (or a .safetensors file with
+    /// config.json beside it). Names may carry the `bert.` prefix of the task models; tensors
+    /// outside it (task heads) are ignored.
+    pub fn load(path: &Path, mode: WeightMode) -> Result<Self> {
+        let (dir, file) = locate(path)?;
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| Error::io(format!("cannot read {}", cfg_path.display()), e))?;
+        let config = BertConfig::from_json(&text)?;
+        Self::from_weights(config, &Weights::load(&file)?, mode)
+    }
+
+    pub fn from_weights(config: BertConfig, w: &Weights, mode: WeightMode) -> Result<Self> {
+        let prefix = if w.names().any(|n| n.starts_with("bert.")) {
+            "bert."
+        } else {
+            ""
+        };
+        let pooler = [
+            format!("{prefix}pooler.dense.weight"),
+            format!("{prefix}pooler.dense.bias"),
+        ];
+        let has_pooler = w.get_opt(&pooler[0]).is_some();
+        let mut expected = config.expected(prefix);
+        if has_pooler {
+            let h = config.hidden_size;
+            expected.push((pooler[0].clone(), vec![h, h]));
+            expected.push((pooler[1].clone(), vec![h]));
+        }
+        w.check(&expected, |n| {
+            !n.starts_with(prefix) || n.ends_with("position_ids")
+        })?;
+        let get = |n: &str| w.get(&format!("{prefix}{n}"));
+        let ln = |n: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: get(&format!("{n}.weight"))?,
+                bias: get(&format!("{n}.bias"))?,
+                eps: config.layer_norm_eps,
+            })
+        };
+        let lin = |n: &str| -> Result<Linear> {
+            Linear::new(
+                get(&format!("{n}.weight"))?,
+                Some(get(&format!("{n}.bias"))?),
+                mode,
+            )
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| {
+                let p = format!("encoder.layer.{l}.");
+                Ok(Layer {
+                    q: lin(&format!("{p}attention.self.query"))?,
+                    k: lin(&format!("{p}attention.self.key"))?,
+                    v: lin(&format!("{p}attention.self.value"))?,
+                    attn_out: lin(&format!("{p}attention.output.dense"))?,
+                    attn_ln: ln(&format!("{p}attention.output.LayerNorm"))?,
+                    inter: lin(&format!("{p}intermediate.dense"))?,
+                    out: lin(&format!("{p}output.dense"))?,
+                    out_ln: ln(&format!("{p}output.LayerNorm"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BertEncoder {
+            act: Activation::parse(&config.hidden_act)?,
+            word: get("embeddings.word_embeddings.weight")?,
+            pos: get("embeddings.position_embeddings.weight")?,
+            tok: get("embeddings.token_type_embeddings.weight")?,
+            emb_ln: ln("embeddings.LayerNorm")?,
+            pooler: if has_pooler {
+                // The pooler stays float: it is one small layer on one token.
+                Some(Linear::new(
+                    w.get(&pooler[0])?,
+                    Some(w.get(&pooler[1])?),
+                    WeightMode::F32,
+                )?)
+            } else {
+                None
+            },
+            layers,
+            config,
+        })
+    }
+
+    fn check_inputs(
+        &self,
+        ids: &ArrayView2<'_, i64>,
+        mask: &ArrayView2<'_, i64>,
+        types: Option<&ArrayView2<'_, i64>>,
+    ) -> Result<()> {
+        let (b, l) = ids.dim();
+        ensure!(b > 0 && l > 0, "input_ids is empty: shape ({b}, {l})");
+        ensure!(
+            l <= self.config.max_position_embeddings,
+            "sequences of {l} tokens exceed max_position_embeddings = {}",
+            self.config.max_position_embeddings
+        );
+        ensure!(
+            mask.dim() == (b, l),
+            "attention_mask has shape {:?}, input_ids ({b}, {l})",
+            mask.dim()
+        );
+        let v = self.config.vocab_size as i64;
+        if let Some(bad) = ids.iter().find(|&&i| i < 0 || i >= v) {
+            return Err(Error::value(format!(
+                "input_ids contains {bad}, outside the vocabulary 0..{v}"
+            )));
+        }
+        ensure!(
+            mask.iter().all(|&m| m == 0 || m == 1),
+            "attention_mask must contain only 0 and 1"
+        );
+        if let Some(t) = types {
+            ensure!(
+                t.dim() == (b, l),
+                "token_type_ids has shape {:?}, input_ids ({b}, {l})",
+                t.dim()
+            );
+            let tv = self.config.type_vocab_size as i64;
+            ensure!(
+                t.iter().all(|&x| (0..tv).contains(&x)),
+                "token_type_ids must lie in 0..{tv}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The last hidden state (batch, len, hidden); with `record`, every layer's output by the
+    /// name of the matching `transformers` module.
+    pub fn forward(
+        &self,
+        ids: ArrayView2<'_, i64>,
+        mask: ArrayView2<'_, i64>,
+        types: Option<ArrayView2<'_, i64>>,
+        mut record: Option<&mut Record>,
+    ) -> Result<Tensor> {
+        self.check_inputs(&ids, &mask, types.as_ref())?;
+        let (b, l) = ids.dim();
+        let dev = Device::Cpu;
+        let idx = |a: Vec<i64>| -> Result<Tensor> {
+            Tensor::from_vec(
+                a.into_iter().map(|v| v as u32).collect::<Vec<u32>>(),
+                b * l,
+                &dev,
+            )
+            .map_err(ce)
+        };
+        let h = self.config.hidden_size;
+        let emb = |table: &Tensor, ids: Tensor| -> Result<Tensor> {
+            table
+                .index_select(&ids, 0)
+                .and_then(|t| t.reshape((b, l, h)))
+                .map_err(ce)
+        };
+        let words = emb(&self.word, idx(ids.iter().copied().collect())?)?;
+        let tt = match &types {
+            Some(t) => t.iter().copied().collect(),
+            None => vec![0; b * l],
+        };
+        let toks = emb(&self.tok, idx(tt)?)?;
+        let pos = self.pos.narrow(0, 0, l).map_err(ce)?;
+        let x = (words + toks)
+            .and_then(|s| s.broadcast_add(&pos))
+            .map_err(ce)?;
+        let mut x = self.emb_ln.forward(&x)?;
+        let recording = record.is_some();
+        let mut rec = |name: String, t: &Tensor| {
+            if let Some(r) = record.as_deref_mut() {
+                r.push((name, t.clone()));
+            }
+        };
+        rec("embeddings".into(), &x);
+        // Padding keys get the most negative float added to their scores, as transformers does.
+        let m: Vec<f32> = mask
+            .iter()
+            .map(|&v| if v == 1 { 0.0 } else { f32::MIN })
+            .collect();
+        let bias = Tensor::from_vec(m, (b, 1, 1, l), &dev).map_err(ce)?;
+        let heads = self.config.num_attention_heads;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let q = split_heads(&layer.q.forward(&x)?, heads)?;
+            let k = split_heads(&layer.k.forward(&x)?, heads)?;
+            let v = split_heads(&layer.v.forward(&x)?, heads)?;
+            let ctx = merge_heads(&attention(&q, &k, &v, Some(&bias))?)?;
+            rec(format!("encoder.layer.{i}.attention.self"), &ctx);
+            let a = layer.attn_out.forward(&ctx)?;
+            let a = layer.attn_ln.forward(&(a + &x).map_err(ce)?)?;
+            rec(format!("encoder.layer.{i}.attention"), &a);
+            let f = self.act.forward(&layer.inter.forward(&a)?)?;
+            rec(format!("encoder.layer.{i}.intermediate"), &f);
+            let o = layer.out.forward(&f)?;
+            x = layer.out_ln.forward(&(o + &a).map_err(ce)?)?;
+            rec(format!("encoder.layer.{i}"), &x);
+        }
+        if let Some(p) = &self.pooler {
+            if recording {
+                let first = x.narrow(1, 0, 1).and_then(|t| t.squeeze(1)).map_err(ce)?;
+                let pooled = p.forward(&first)?.tanh().map_err(ce)?;
+                rec("pooler".into(), &pooled);
+            }
+        }
+        Ok(x)
+    }
+
+    /// Mean of the hidden states over unmasked tokens, L2-normalised (sentence-transformers).
+    pub fn embed(
+        &self,
+        ids: ArrayView2<'_, i64>,
+        mask: ArrayView2<'_, i64>,
+        types: Option<ArrayView2<'_, i64>>,
+    ) -> Result<Array2<f32>> {
+        let hs = self.forward(ids, mask, types, None)?;
+        let (b, l) = ids.dim();
+        let m: Vec<f32> = mask.iter().map(|&v| v as f32).collect();
+        let mt = Tensor::from_vec(m, (b, l, 1), &Device::Cpu).map_err(ce)?;
+        let sum = hs.broadcast_mul(&mt).and_then(|t| t.sum(1)).map_err(ce)?;
+        let count = mt
+            .sum(1)
+            .and_then(|c| c.clamp(1e-9f32, f32::MAX))
+            .map_err(ce)?;
+        let mean = sum.broadcast_div(&count).map_err(ce)?;
+        let norm = mean
+            .sqr()
+            .and_then(|t| t.sum_keepdim(D::Minus1))
+            .and_then(|t| t.sqrt())
+            .and_then(|t| t.clamp(1e-12f32, f32::MAX))
+            .map_err(ce)?;
+        let e = mean.broadcast_div(&norm).map_err(ce)?;
+        let h = self.config.hidden_size;
+        let v = e
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(ce)?;
+        Ok(Array2::from_shape_vec((b, h), v).expect("b x hidden"))
+    }
+}
