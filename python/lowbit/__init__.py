@@ -20,7 +20,7 @@ from lowbit._lowbit import (
     QuantSpec,
     __version__,
 )
-from lowbit import bitnet, calib, nas
+from lowbit import bitnet, calib, nas, runtime
 from lowbit.bitnet import activation_quant, binary_quantize, pack, pack_ternary, ternary_quantize, unpack, unpack_ternary
 from lowbit._quant import (
     dequantize_checkpoint,
@@ -72,6 +72,7 @@ __all__ = [
     "quantize_checkpoint",
     "quantize_per_channel",
     "quantize_per_tensor",
+    "runtime",
     "ternary_quantize",
     "unpack",
     "unpack_ternary",

@@ -261,3 +261,26 @@ class SpaceCore:
 def builtin_devices() -> list[DeviceProfile]: ...
 def estimate_json(graph: Graph, device: DeviceProfile, weight_bits: int, act_bits: int) -> str: ...
 def fit_device(graphs: list[Graph], measured_ms: list[float], base: DeviceProfile, weight_bits: int, act_bits: int) -> DeviceProfile: ...
+
+# ---- lowbit.runtime -----------------------------------------------------------------------
+
+class BertCore:
+    """The Rust BERT encoder; ``lowbit.runtime.BertEncoder`` wraps it."""
+
+    @staticmethod
+    def load(path: str, weights: str) -> BertCore: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+    def forward(
+        self,
+        input_ids: npt.NDArray[np.int64],
+        attention_mask: npt.NDArray[np.int64],
+        token_type_ids: npt.NDArray[np.int64] | None = None,
+        record: bool = False,
+    ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]] | None]: ...
+    def embed(
+        self,
+        input_ids: npt.NDArray[np.int64],
+        attention_mask: npt.NDArray[np.int64],
+        token_type_ids: npt.NDArray[np.int64] | None = None,
+    ) -> npt.NDArray[np.float32]: ...

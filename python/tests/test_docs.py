@@ -9,10 +9,11 @@ import lowbit._quant
 import lowbit.bitnet
 import lowbit.calib
 import lowbit.nas
+import lowbit.runtime
 import lowbit.torch
 
 
-@pytest.mark.parametrize("module", [lowbit, lowbit._quant, lowbit.bitnet, lowbit.calib, lowbit.nas, lowbit.torch])
+@pytest.mark.parametrize("module", [lowbit, lowbit._quant, lowbit.bitnet, lowbit.calib, lowbit.nas, lowbit.runtime, lowbit.torch])
 def test_docstring_examples(module):
     r = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert r.attempted > 0 and r.failed == 0

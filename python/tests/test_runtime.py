@@ -1,0 +1,223 @@
+"""The Rust runtime's BERT encoder against transformers.BertModel on random configs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import BertConfig, BertForMaskedLM, BertModel
+
+import lowbit
+from lowbit.runtime import BertEncoder
+
+
+def make(tmp_path, seed=0, pooler=True, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=257, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+               max_position_embeddings=40, type_vocab_size=3)
+    cfg.update(overrides)
+    model = BertModel(BertConfig(**cfg), add_pooling_layer=pooler).eval()
+    path = tmp_path / f"bert{seed}"
+    model.save_pretrained(path)
+    return model, path
+
+
+def inputs(batch, length, vocab=257, types=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(1, batch):
+        mask[b, max(1, length - 3 * b):] = 0  # right padding of varied lengths
+    return ids, mask, torch.randint(0, types, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize(
+    "seed, overrides",
+    [
+        (0, {}),
+        (1, dict(hidden_act="gelu_new", num_hidden_layers=3)),
+        (2, dict(hidden_act="relu", hidden_size=30, num_attention_heads=5, intermediate_size=64)),
+        (3, dict(hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-5, num_attention_heads=1)),
+    ],
+)
+def test_matches_transformers(tmp_path, seed, overrides):
+    model, path = make(tmp_path, seed, **overrides)
+    enc = BertEncoder.load(path)
+    for batch, length in [(1, 1), (1, 7), (4, 19), (3, 40)]:
+        ids, mask, tt = inputs(batch, length, seed=seed + length)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+            ref0 = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = enc(ids, mask, tt)
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+        torch.testing.assert_close(enc(ids.numpy(), mask.numpy()), ref0.numpy(), rtol=0, atol=1e-4)
+
+
+def test_records_every_layer_like_torch_hooks(tmp_path):
+    model, path = make(tmp_path)
+    enc = BertEncoder.load(path)
+    ids, mask, tt = inputs(3, 12)
+    seen = {}
+    names = ["embeddings", "pooler"] + [f"encoder.layer.{i}{s}" for i in range(2)
+                                         for s in ("", ".attention", ".attention.self", ".intermediate")]
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, out, n=n: seen.__setitem__(n, out[0] if isinstance(out, tuple) else out)) for n in names]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    for h in hooks:
+        h.remove()
+    _, rec = enc.forward(ids, mask, tt, record=True)
+    assert set(rec) == set(names)
+    for n in names:
+        torch.testing.assert_close(rec[n], seen[n], rtol=0, atol=1e-4, msg=n)
+
+
+def test_embed_is_mean_pooled_and_normalised(tmp_path):
+    model, path = make(tmp_path)
+    ids, mask, _ = inputs(4, 16)
+    with torch.no_grad():
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask[..., None].float()
+    ref = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+    got = BertEncoder.load(path).embed(ids, mask)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert np.allclose(np.linalg.norm(got.numpy(), axis=1), 1, atol=1e-6)
+
+
+def test_loads_task_checkpoints_and_single_files(tmp_path):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=16)
+    mlm = BertForMaskedLM(cfg).eval()
+    mlm.save_pretrained(tmp_path / "mlm")  # names carry "bert.", plus the "cls." head
+    enc = BertEncoder.load(tmp_path / "mlm" / "model.safetensors")
+    ids, mask, _ = inputs(2, 9, vocab=100, types=2)
+    with torch.no_grad():
+        ref = mlm.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(enc(ids, mask), ref, rtol=0, atol=1e-4)
+    # f16 and bf16 checkpoints load too (converted to float32).
+    model, path = make(tmp_path, pooler=False)
+    for dt in (torch.float16, torch.bfloat16):
+        d = tmp_path / str(dt)
+        d.mkdir()
+        save_file({k: v.to(dt).contiguous() for k, v in model.state_dict().items()}, d / "model.safetensors")
+        (d / "config.json").write_text((path / "config.json").read_text())
+        half = BertModel(model.config, add_pooling_layer=False).eval()
+        half.load_state_dict({k: v.to(dt).float() for k, v in model.state_dict().items()})
+        with torch.no_grad():
+            ref = half(input_ids=ids % 257, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(BertEncoder.load(d)(ids % 257, mask), ref, rtol=0, atol=1e-4)
+
+
+def test_bad_checkpoints_name_what_is_wrong(tmp_path):
+    model, path = make(tmp_path, pooler=False)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    cfg = (path / "config.json").read_text()
+
+    def write(tensors, name):
+        d = tmp_path / name
+        d.mkdir()
+        save_file(tensors, d / "model.safetensors")
+        (d / "config.json").write_text(cfg)
+        return d
+
+    missing = dict(sd)
+    del missing["encoder.layer.1.output.dense.bias"]
+    missing["encoder.layer.7.extra"] = torch.zeros(3)
+    with pytest.raises(lowbit.LowbitValueError, match=r'missing \["encoder.layer.1.output.dense.bias"\]; unexpected \["encoder.layer.7.extra"\]'):
+        BertEncoder.load(write(missing, "missing"))
+    wrong = dict(sd)
+    wrong["embeddings.LayerNorm.weight"] = torch.zeros(5)
+    with pytest.raises(lowbit.LowbitValueError, match="wrong shapes"):
+        BertEncoder.load(write(wrong, "wrong"))
+    with pytest.raises(lowbit.LowbitIOError):
+        BertEncoder.load(tmp_path / "nowhere")
+    bad = write(sd, "badcfg")
+    (bad / "config.json").write_text(json.dumps(json.loads(cfg) | {"hidden_act": "swiglu9"}))
+    with pytest.raises(lowbit.LowbitValueError, match="unsupported activation"):
+        BertEncoder.load(bad)
+    (bad / "config.json").write_text(json.dumps(json.loads(cfg) | {"position_embedding_type": "relative_key"}))
+    with pytest.raises(lowbit.LowbitValueError, match="absolute"):
+        BertEncoder.load(bad)
+    trunc = write(sd, "trunc")
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(lowbit.LowbitFormatError):
+        BertEncoder.load(trunc)
+    with pytest.raises(lowbit.LowbitValueError, match="weights must be"):
+        BertEncoder.load(path, weights="int3")
+
+
+def test_bad_inputs(tmp_path):
+    _, path = make(tmp_path)
+    enc = BertEncoder.load(path)
+    ids = np.zeros((2, 5), np.int64)
+    for args, kind, message in [
+        ((np.full((1, 5), 257),), lowbit.LowbitValueError, "outside the vocabulary"),
+        ((np.full((1, 5), -1),), lowbit.LowbitValueError, "outside the vocabulary"),
+        ((np.zeros((1, 41), np.int64),), lowbit.LowbitValueError, "max_position_embeddings"),
+        ((ids, np.ones((2, 4), np.int64)), lowbit.LowbitValueError, "attention_mask has shape"),
+        ((ids, np.full((2, 5), 2)), lowbit.LowbitValueError, "only 0 and 1"),
+        ((ids, None, np.full((2, 5), 3)), lowbit.LowbitValueError, "token_type_ids must lie"),
+        ((np.zeros((2, 5)),), lowbit.LowbitTypeError, "integers"),
+        ((np.zeros((2, 0), np.int64),), lowbit.LowbitValueError, "empty"),
+        ((np.zeros((2, 2, 2), np.int64),), lowbit.LowbitValueError, r"\(batch, length\)"),
+    ]:
+        with pytest.raises(kind, match=message):
+            enc(*args)
+    # Non-contiguous and boolean masks are accepted.
+    big = np.zeros((4, 10), np.int64)
+    out = enc(big[::2, ::2], np.ones((4, 10), bool)[::2, ::2])
+    assert out.shape == (2, 5, 48)
+
+
+@pytest.mark.parametrize("mode, spec", [
+    ("int8", dict(bits=8, symmetric=True, granularity="channel", axis=0)),
+    ("int4", dict(bits=4, symmetric=True, granularity="group", group_size=32)),
+])
+def test_integer_weights_match_torch_with_the_same_quantization(tmp_path, mode, spec):
+    """int8 / int4 runtime layers equal a torch model whose linear weights went through
+    lowbit.quantize with the same QuantSpec (fake-quant simulation = deployed model)."""
+    model, path = make(tmp_path, hidden_size=64, intermediate_size=128)
+    spec = lowbit.QuantSpec(**spec)
+    sim = BertModel(model.config, add_pooling_layer=True).eval()
+    sim.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, mod in sim.named_modules():
+            if isinstance(mod, torch.nn.Linear) and not name.startswith("pooler"):
+                w = mod.weight.numpy()
+                mod.weight.copy_(torch.from_numpy(lowbit.quantize(w, spec).dequantize()))
+    ids, mask, tt = inputs(3, 14)
+    with torch.no_grad():
+        ref = sim(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        full = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    got = BertEncoder.load(path, weights=mode)(ids, mask, tt)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    assert (got - full).abs().max() > 1e-4  # the quantization is really applied
+
+
+def test_ternary_weights_match_the_bitnet_reference(tmp_path):
+    """Ternary layers: absmean codes, per-token int8 activations, exact integer products."""
+    model, path = make(tmp_path)
+    layers = {}
+
+    def ternary(mod, x):
+        w = mod.weight
+        s = 1 / w.abs().mean().clamp(min=1e-5)
+        codes = (w * s).round().clamp(-1, 1)
+        sx = 127 / x.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+        q = (x * sx).round().clamp(-128, 127)
+        return ((q.double() @ codes.double().T) * (1 / s.double()) / sx.double() + mod.bias.double()).float()
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not name.startswith("pooler"):
+            layers[name] = mod
+            mod.forward = lambda x, mod=mod: ternary(mod, x)
+    ids, mask, tt = inputs(2, 11)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    got = BertEncoder.load(path, weights="ternary")(ids, mask, tt)
+    assert layers
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
