@@ -164,6 +164,33 @@ print(bn.kernel(), int(t.astype(np.int64).sum()), int(np.abs(t).sum()), int(x.su
     assert len(set(map(tuple, outs.values()))) == 1
 
 
+def test_ternary_extremes_are_exact_on_every_kernel_path():
+    """The AVX2 kernel sums products in 16-bit lanes for 2048 weights at a time: activations all
+    -128 against weights all +1 reach the bound exactly; every row/column remainder of the register
+    blocks (m = 1..9, odd n) and long rows (k = 65543) must still give NumPy's int64 integers."""
+    script = """
+import numpy as np, lowbit.bitnet as bn
+r = np.random.default_rng(5)
+bad = []
+for k in (2048, 4096, 65536 + 7):
+    for n in (1, 3, 5):
+        for codes in (np.ones((n, k), np.int8), -np.ones((n, k), np.int8), r.integers(-1, 2, (n, k)).astype(np.int8)):
+            t = bn.TernaryLinear(codes, 1.0)._core
+            for m in range(1, 10):
+                for q in (np.full((m, k), -128, np.int8), np.full((m, k), 127, np.int8), r.integers(-128, 128, (m, k)).astype(np.int8)):
+                    if not np.array_equal(t.int_matmul(q), q.astype(np.int64) @ codes.astype(np.int64).T):
+                        bad.append((k, n, m))
+print(bn.kernel(), len(bad), bad[:3])
+"""
+    kinds = set()
+    for path in ["scalar", "avx2"]:
+        r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, LOWBIT_KERNEL=path), capture_output=True, text=True, check=True)
+        kind, nbad, *rest = r.stdout.split(maxsplit=2)
+        assert nbad == "0", r.stdout
+        kinds.add(kind)
+    assert "scalar" in kinds
+
+
 def test_bitlinear_trains_with_the_ste_and_runs_the_kernel_in_eval():
     import lowbit.torch as lt
 

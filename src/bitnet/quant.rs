@@ -1,6 +1,6 @@
 //! The BitNet quantizers (Hugging Face transformers' BitNet recipe, round half to even).
 use crate::{ensure, Result};
-use ndarray::{Array2, ArrayView2, Axis};
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, Axis};
 use rayon::prelude::*;
 
 fn check_finite(x: &ArrayView2<'_, f32>, what: &str) -> Result<()> {
@@ -51,23 +51,32 @@ pub fn activation_quant(x: ArrayView2<'_, f32>, bits: u32) -> Result<(Array2<i8>
     let qb = ((1i32 << (bits - 1)) - 1) as f32;
     let (rows, k) = x.dim();
     let mut q = Array2::<i8>::zeros((rows, k));
-    let scales: Vec<f32> = q
-        .axis_iter_mut(Axis(0))
-        .into_par_iter()
-        .zip(x.axis_iter(Axis(0)).into_par_iter())
-        .map(|(mut qr, xr)| {
-            let owned;
-            let xs = match xr.as_slice() {
-                Some(s) => s,
-                None => {
-                    owned = xr.to_vec();
-                    &owned
-                }
-            };
-            let qs = qr.as_slice_mut().expect("fresh arrays are contiguous");
-            crate::quant::simd::dispatch(RowQuant { x: xs, q: qs, qb })
-        })
-        .collect();
+    let row = |(mut qr, xr): (ArrayViewMut1<'_, i8>, ArrayView1<'_, f32>)| {
+        let owned;
+        let xs = match xr.as_slice() {
+            Some(s) => s,
+            None => {
+                owned = xr.to_vec();
+                &owned
+            }
+        };
+        let qs = qr.as_slice_mut().expect("fresh arrays are contiguous");
+        crate::quant::simd::dispatch(RowQuant { x: xs, q: qs, qb })
+    };
+    // Small inputs (a decode step's single row) stay on this thread: waking the pool would
+    // cost more than the work.
+    let scales: Vec<f32> = if rows * k < 1 << 16 {
+        q.axis_iter_mut(Axis(0))
+            .zip(x.axis_iter(Axis(0)))
+            .map(row)
+            .collect()
+    } else {
+        q.axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .zip(x.axis_iter(Axis(0)).into_par_iter())
+            .map(row)
+            .collect()
+    };
     Ok((q, scales))
 }
 

@@ -6,7 +6,7 @@
 //! vectors of 32 consecutive weights, ready for `maddubs` against 32 int8 activations.
 //! Since `Σ u q = Σ code q + Σ q`, the activation row sum is subtracted at the end.
 use crate::{ensure, Result};
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 pub const BLOCK: usize = 128;
@@ -74,92 +74,152 @@ impl TernaryMatrix {
             "activations have {k} features, the weights {}",
             self.k
         );
-        // Activations padded to kp (zeros contribute nothing) and their row sums.
-        let mut qp = vec![0i8; m * self.kp];
-        for (dst, row) in qp.chunks_mut(self.kp.max(1)).zip(q.outer_iter()) {
+        let (n, kp) = (self.n, self.kp);
+        let mut out = Array2::<i32>::zeros((m, n));
+        if m == 0 || n == 0 {
+            return Ok(out);
+        }
+        // Activations padded with zeros (which contribute nothing) to rows of `qs` bytes, and
+        // their row sums. The extra cache line per row keeps the rows of a tile out of one
+        // another's L1 sets (with k = 4096 a plain stride of 4 KiB maps them all to one set).
+        let qs = kp + 64;
+        let mut qp = vec![0i8; m * qs];
+        for (dst, row) in qp.chunks_mut(qs).zip(q.outer_iter()) {
             for (d, s) in dst.iter_mut().zip(row.iter()) {
                 *d = *s;
             }
         }
-        let sums: Vec<i32> = q
-            .outer_iter()
+        let sums: Vec<i32> = qp
+            .chunks(qs)
             .map(|r| r.iter().map(|&v| v as i32).sum())
             .collect();
-        // out^T (n x m), filled in parallel over weight rows, then transposed.
-        let mut out_t = vec![0i32; self.n * m];
-        let rows_per_task = (4096 / m.max(1)).clamp(1, 64);
-        let (wrow, kp) = (self.kp / 4, self.kp);
-        // Activation rows in tiles that stay in L1 while every weight row of the task passes.
-        let tile = (32 * 1024 / kp.max(1)).clamp(2, m.max(2));
-        out_t
-            .par_chunks_mut((rows_per_task * m).max(1))
+        // Tasks own a range of weight rows (output columns), written straight into `out`.
+        // A GEMV gets a few large tasks per thread (it is over in microseconds, and each task
+        // costs a steal); a GEMM gets more, smaller ones so both cores finish together.
+        let per_thread = if m <= 2 { 4 } else { 8 };
+        let tasks = rayon::current_num_threads().max(1) * per_thread;
+        let rows_per_task = n.div_ceil(tasks).next_multiple_of(4);
+        let ctx = Ctx {
+            w: self,
+            qp: &qp,
+            qs,
+            sums: &sums,
+            avx2,
+        };
+        out.axis_chunks_iter_mut(Axis(1), rows_per_task)
+            .into_par_iter()
             .enumerate()
-            .for_each(|(t, dst)| {
-                let n0 = t * rows_per_task;
-                let nrows = dst.len() / m.max(1);
-                for r0 in (0..m).step_by(tile) {
-                    let r1 = (r0 + tile).min(m);
-                    let (q_t, s_t) = (&qp[r0 * kp..r1 * kp], &sums[r0..r1]);
-                    let mut i = 0;
-                    while i < nrows {
-                        let w = &self.packed[(n0 + i) * wrow..(n0 + i + 1) * wrow];
-                        // Two weight rows at a time share every activation load (AVX2 path).
-                        #[cfg(target_arch = "x86_64")]
-                        if avx2 && i + 1 < nrows && r1 - r0 > 1 {
-                            let w2 = &self.packed[(n0 + i + 1) * wrow..(n0 + i + 2) * wrow];
-                            let (a, b) = dst[i * m..(i + 2) * m].split_at_mut(m);
-                            let (o, o2) = (&mut a[r0..r1], &mut b[r0..r1]);
-                            // SAFETY: use_avx2() checked the CPU.
-                            unsafe { avx2_rows2(w, w2, q_t, kp, o, o2) };
-                            for (v, s) in
-                                o.iter_mut().chain(o2.iter_mut()).zip(s_t.iter().chain(s_t))
-                            {
-                                *v -= s;
-                            }
-                            i += 2;
-                            continue;
-                        }
-                        dot_rows(w, q_t, kp, s_t, &mut dst[i * m + r0..i * m + r1], avx2);
-                        i += 1;
-                    }
-                }
-            });
-        let mut out = Array2::<i32>::zeros((m, self.n));
-        for (j, col) in out_t.chunks(m.max(1)).enumerate().take(self.n) {
-            for (i, &v) in col.iter().enumerate() {
-                out[[i, j]] = v;
-            }
-        }
+            .for_each(|(t, mut dst)| ctx.task(t * rows_per_task, &mut dst));
         Ok(out)
     }
 }
 
-/// One packed weight row against every activation row: `o[r] = Σ code q[r]`.
-fn dot_rows(w: &[u8], q: &[i8], kp: usize, sums: &[i32], o: &mut [i32], avx2: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: use_avx2() checked the CPU.
-        unsafe { avx2_rows(w, q, kp, o) };
-        for (v, s) in o.iter_mut().zip(sums) {
-            *v -= s;
-        }
-        return;
-    }
-    let _ = (avx2, sums);
-    for (r, v) in o.iter_mut().enumerate() {
-        let qr = &q[r * kp..(r + 1) * kp];
-        let mut acc = 0i32;
-        for (b, blk) in w.chunks(BLOCK / 4).enumerate() {
-            for (j, &byte) in blk.iter().enumerate() {
-                for g in 0..4 {
-                    let code = ((byte >> (2 * g)) & 3) as i32 - 1;
-                    acc += code * qr[b * BLOCK + g * 32 + j] as i32;
+/// What every task of one `matmul_on` call reads.
+struct Ctx<'a> {
+    w: &'a TernaryMatrix,
+    /// Activations, `m` rows of `qs` bytes (zero-padded beyond `k`).
+    qp: &'a [i8],
+    qs: usize,
+    sums: &'a [i32],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    avx2: bool,
+}
+
+impl Ctx<'_> {
+    /// Output columns `n0 .. n0 + dst.ncols()` for every activation row.
+    fn task(&self, n0: usize, dst: &mut ArrayViewMut2<'_, i32>) {
+        let (m, nrows) = dst.dim();
+        let (kp, wrow) = (self.w.kp, self.w.kp / 4);
+        let rows = &self.w.packed[n0 * wrow..(n0 + nrows) * wrow];
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // Activation rows four at a time (4 kp bytes, in L1 while the task's weight rows
+            // stream past) against two weight rows: each unpacked weight vector feeds four
+            // `maddubs` and each activation load two. (Eight rows against one weight row is a
+            // little faster on one core but not on two: 8 kp bytes no longer fit in L1 beside
+            // the weights.) Leftover rows go two at a time, then one at a time against four
+            // weight rows, so that every activation load still feeds several.
+            let mut r0 = 0;
+            while r0 < m {
+                let rs = [1, 2, 4][(m - r0).min(4).ilog2() as usize];
+                let step = if rs == 1 { 4 } else { 2 };
+                let mut i = 0;
+                while i < nrows {
+                    let ws = (nrows - i).min(step);
+                    let t = Tile {
+                        ctx: self,
+                        w: &rows[i * wrow..(i + ws) * wrow],
+                        r0,
+                        i,
+                    };
+                    match (rs, ws) {
+                        (4, 2) => t.run::<4, 2>(dst),
+                        (4, _) => t.run::<4, 1>(dst),
+                        (2, 2) => t.run::<2, 2>(dst),
+                        (2, _) => t.run::<2, 1>(dst),
+                        (_, 4) => t.run::<1, 4>(dst),
+                        (_, 3) => t.run::<1, 3>(dst),
+                        (_, 2) => t.run::<1, 2>(dst),
+                        _ => t.run::<1, 1>(dst),
+                    }
+                    i += ws;
                 }
+                r0 += rs;
+            }
+            return;
+        }
+        for (i, w) in rows.chunks(wrow).enumerate() {
+            for r in 0..m {
+                dst[[r, i]] = dot_scalar(w, &self.qp[r * self.qs..r * self.qs + kp]);
             }
         }
-        *v = acc;
     }
 }
+
+/// `R` activation rows from `r0` against `W` consecutive weight rows (task column `i`).
+#[cfg(target_arch = "x86_64")]
+struct Tile<'a> {
+    ctx: &'a Ctx<'a>,
+    w: &'a [u8],
+    r0: usize,
+    i: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tile<'_> {
+    fn run<const R: usize, const W: usize>(&self, dst: &mut ArrayViewMut2<'_, i32>) {
+        let (wrow, qs) = (self.ctx.w.kp / 4, self.ctx.qs);
+        let q = &self.ctx.qp[self.r0 * qs..(self.r0 + R) * qs];
+        // SAFETY: matmul_on takes this path only when use_avx2() found AVX2 on the CPU.
+        let acc = unsafe { avx2_tile::<R, W>(self.w, wrow, q, qs) };
+        for (j, a) in acc.iter().enumerate() {
+            for (r, v) in a.iter().enumerate() {
+                dst[[self.r0 + r, self.i + j]] = v - self.ctx.sums[self.r0 + r];
+            }
+        }
+    }
+}
+
+/// `Σ code q` for one packed weight row and one padded activation row (the portable path).
+fn dot_scalar(w: &[u8], q: &[i8]) -> i32 {
+    let mut acc = 0i32;
+    for (b, blk) in w.chunks(BLOCK / 4).enumerate() {
+        for (j, &byte) in blk.iter().enumerate() {
+            for g in 0..4 {
+                let code = ((byte >> (2 * g)) & 3) as i32 - 1;
+                acc += code * q[b * BLOCK + g * 32 + j] as i32;
+            }
+        }
+    }
+    acc
+}
+
+/// Blocks whose `maddubs` products are summed in 16-bit lanes before being widened to 32 bits.
+/// A lane of `maddubs(u, q)` is `u0 q0 + u1 q1` with u in 0..=2 and q in -128..=127, so it lies in
+/// [-512, 508]; each block adds four of them to a lane (one per 32-weight group), so 16 blocks
+/// add at most 64 terms, in [-32768, 32512]: still exact in i16 (the minimum is reached when
+/// every weight is +1 and every activation -128, which the tests check).
+const SPAN: usize = 16;
 
 /// The sum of the eight i32 lanes.
 #[cfg(target_arch = "x86_64")]
@@ -173,91 +233,66 @@ unsafe fn hsum_epi32(v: std::arch::x86_64::__m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-/// `o[r] = Σ u q[r]` (the caller subtracts the row sums), four activation rows per pass so each
-/// unpacked weight block is reused.
+/// `acc[j][r] = Σ u_j q_r` for `W` packed weight rows (consecutive in `w`, `kp / 4` bytes each)
+/// and `R` padded activation rows (`qs` bytes apart in `q`); the caller subtracts
+/// the activation row sums. Every unpacked weight vector serves `R` activation rows and every
+/// activation load `W` weight rows; products are summed in i16 for `SPAN` blocks at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn avx2_rows(w: &[u8], q: &[i8], kp: usize, o: &mut [i32]) {
+#[allow(clippy::needless_range_loop)] // `acc[j][r]` reads best as the register block it is
+unsafe fn avx2_tile<const R: usize, const W: usize>(
+    w: &[u8],
+    wrow: usize,
+    q: &[i8],
+    qs: usize,
+) -> [[i32; R]; W] {
     use std::arch::x86_64::*;
+    // Every load below stays inside `w` and `q`.
+    let blocks = wrow * 4 / BLOCK;
+    assert!(R > 0 && w.len() >= W * wrow && q.len() >= (R - 1) * qs + blocks * BLOCK);
+    let (wp, qp) = (w.as_ptr(), q.as_ptr());
     let mask = _mm256_set1_epi8(3);
     let ones = _mm256_set1_epi16(1);
-    let blocks = kp / BLOCK;
-    let m = o.len();
-    let mut r = 0;
-    while r < m {
-        let rows = (m - r).min(4);
-        let mut acc = [_mm256_setzero_si256(); 4];
-        for b in 0..blocks {
-            let wv = _mm256_loadu_si256(w.as_ptr().add(b * 32) as *const __m256i);
-            let w0 = _mm256_and_si256(wv, mask);
-            let w1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), mask);
-            let w2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
-            let w3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), mask);
-            for (i, a) in acc.iter_mut().enumerate().take(rows) {
-                let p = q.as_ptr().add((r + i) * kp + b * BLOCK);
-                let a0 = _mm256_loadu_si256(p as *const __m256i);
-                let a1 = _mm256_loadu_si256(p.add(32) as *const __m256i);
-                let a2 = _mm256_loadu_si256(p.add(64) as *const __m256i);
-                let a3 = _mm256_loadu_si256(p.add(96) as *const __m256i);
-                // u in 0..=2 times q in -128..=127: pairs sum to at most 512, four blocks to 2048.
-                let s = _mm256_add_epi16(
-                    _mm256_add_epi16(_mm256_maddubs_epi16(w0, a0), _mm256_maddubs_epi16(w1, a1)),
-                    _mm256_add_epi16(_mm256_maddubs_epi16(w2, a2), _mm256_maddubs_epi16(w3, a3)),
-                );
-                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(s, ones));
+    let mut acc32 = [[_mm256_setzero_si256(); R]; W];
+    let mut b0 = 0;
+    while b0 < blocks {
+        let b1 = (b0 + SPAN).min(blocks);
+        let mut acc = [[_mm256_setzero_si256(); R]; W];
+        for b in b0..b1 {
+            let mut wv = [_mm256_setzero_si256(); W];
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = _mm256_loadu_si256(wp.add(j * wrow + b * 32) as *const __m256i);
             }
-        }
-        for i in 0..rows {
-            o[r + i] = hsum_epi32(acc[i]);
-        }
-        r += rows;
-    }
-}
-
-/// `avx2_rows` for two weight rows at once: each activation block is loaded once for both.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn avx2_rows2(wa: &[u8], wb: &[u8], q: &[i8], kp: usize, oa: &mut [i32], ob: &mut [i32]) {
-    use std::arch::x86_64::*;
-    let mask = _mm256_set1_epi8(3);
-    let ones = _mm256_set1_epi16(1);
-    let unpack = |p: *const u8| {
-        let v = _mm256_loadu_si256(p as *const __m256i);
-        [
-            _mm256_and_si256(v, mask),
-            _mm256_and_si256(_mm256_srli_epi16(v, 2), mask),
-            _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
-            _mm256_and_si256(_mm256_srli_epi16(v, 6), mask),
-        ]
-    };
-    let blocks = kp / BLOCK;
-    let m = oa.len();
-    let mut r = 0;
-    while r < m {
-        let rows = (m - r).min(2);
-        let mut acc = [_mm256_setzero_si256(); 4];
-        for b in 0..blocks {
-            let x = unpack(wa.as_ptr().add(b * 32));
-            let y = unpack(wb.as_ptr().add(b * 32));
-            for i in 0..rows {
-                let p = q.as_ptr().add((r + i) * kp + b * BLOCK);
-                let mut sa = _mm256_setzero_si256();
-                let mut sb = _mm256_setzero_si256();
-                for g in 0..4 {
-                    let a = _mm256_loadu_si256(p.add(32 * g) as *const __m256i);
-                    sa = _mm256_add_epi16(sa, _mm256_maddubs_epi16(x[g], a));
-                    sb = _mm256_add_epi16(sb, _mm256_maddubs_epi16(y[g], a));
+            for g in 0..4 {
+                // Group g: weights 32 g .. 32 g + 32 of the block, u in bits 2g..2g+2.
+                let mut wg = [_mm256_setzero_si256(); W];
+                for j in 0..W {
+                    wg[j] = _mm256_and_si256(wv[j], mask);
+                    wv[j] = _mm256_srli_epi16::<2>(wv[j]);
                 }
-                acc[2 * i] = _mm256_add_epi32(acc[2 * i], _mm256_madd_epi16(sa, ones));
-                acc[2 * i + 1] = _mm256_add_epi32(acc[2 * i + 1], _mm256_madd_epi16(sb, ones));
+                for r in 0..R {
+                    let a =
+                        _mm256_loadu_si256(qp.add(r * qs + b * BLOCK + 32 * g) as *const __m256i);
+                    for j in 0..W {
+                        acc[j][r] = _mm256_add_epi16(acc[j][r], _mm256_maddubs_epi16(wg[j], a));
+                    }
+                }
             }
         }
-        for i in 0..rows {
-            oa[r + i] = hsum_epi32(acc[2 * i]);
-            ob[r + i] = hsum_epi32(acc[2 * i + 1]);
+        for j in 0..W {
+            for r in 0..R {
+                acc32[j][r] = _mm256_add_epi32(acc32[j][r], _mm256_madd_epi16(acc[j][r], ones));
+            }
         }
-        r += rows;
+        b0 = b1;
     }
+    let mut out = [[0i32; R]; W];
+    for j in 0..W {
+        for r in 0..R {
+            out[j][r] = hsum_epi32(acc32[j][r]);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -296,5 +331,61 @@ mod tests {
             }
         }
         assert!(TernaryMatrix::from_codes(ndarray::arr2(&[[2i8]]).view()).is_err());
+    }
+
+    /// Every kernel path against an i64 reference.
+    fn check_all_paths(w: &Array2<i8>, q: &Array2<i8>) {
+        let t = TernaryMatrix::from_codes(w.view()).unwrap();
+        let want = q.mapv(|v| v as i64).dot(&w.t().mapv(|v| v as i64));
+        let mut paths = vec![false];
+        if crate::bitnet::use_avx2() {
+            paths.push(true);
+        }
+        for avx2 in paths {
+            let got = t.matmul_on(q.view(), avx2).unwrap().mapv(|v| v as i64);
+            assert_eq!(
+                got,
+                want,
+                "avx2={avx2} m={} n={} k={}",
+                q.nrows(),
+                w.nrows(),
+                w.ncols()
+            );
+        }
+    }
+
+    /// The extremes of the 16-bit accumulation: every activation -128 (and 127) against weights
+    /// all +1, all -1 or alternating, over k spanning many blocks and every register-block
+    /// remainder of m (1..=9) and of the weight rows (odd n).
+    #[test]
+    fn extreme_values_stay_exact() {
+        for k in [2047, 2048, 2049, 4096, 65536 + 7] {
+            let n = 5;
+            let weights = [
+                Array2::<i8>::from_elem((n, k), 1),
+                Array2::<i8>::from_elem((n, k), -1),
+                Array2::from_shape_fn((n, k), |(r, i)| if (r + i) % 2 == 0 { 1 } else { -1 }),
+            ];
+            for w in &weights {
+                for m in [1, 3, 8, 9] {
+                    check_all_paths(w, &Array2::from_elem((m, k), -128));
+                }
+                check_all_paths(w, &Array2::from_elem((2, k), 127));
+            }
+        }
+        let k = 4096;
+        for m in 1..=9 {
+            for n in [1, 2, 3, 4, 5, 7, 9, 13] {
+                let w = codes(n, k, m as u64);
+                // Random values with a run of -128s and a run of 127s in every row.
+                let mut q = codes(m, k, 7 + n as u64).mapv(|v| (v as i32 * 100) as i8);
+                for mut row in q.outer_iter_mut() {
+                    row.slice_mut(ndarray::s![..2100]).fill(-128);
+                    row.slice_mut(ndarray::s![3000..3100]).fill(127);
+                }
+                check_all_paths(&w, &q);
+                check_all_paths(&w.mapv(|_| 1), &q.mapv(|_| -128));
+            }
+        }
     }
 }

@@ -163,13 +163,23 @@ impl TernaryLinear {
         let out = detach(py, || {
             let (q, sx) = quant::activation_quant(v, 8)?;
             let acc = self.w.matmul(q.view())?;
-            let n = self.w.n;
-            Ok(Array2::from_shape_fn(acc.dim(), |(i, j)| {
-                let sw = self.scale[if self.scale.len() == 1 { 0 } else { j }] as f64;
-                let b = self.bias.as_ref().map_or(0.0, |b| b[j] as f64);
-                debug_assert!(j < n);
-                (acc[[i, j]] as f64 * (sw / sx[i] as f64) + b) as f32
-            }))
+            let mut out = Array2::<f32>::zeros(acc.dim());
+            for ((mut o, a), &s) in out.outer_iter_mut().zip(acc.outer_iter()).zip(&sx) {
+                let sx = s as f64;
+                let bias = |j: usize| self.bias.as_ref().map_or(0.0, |b| b[j] as f64);
+                if let [sw] = self.scale[..] {
+                    // One weight scale: the same ratio for the whole row.
+                    let ratio = sw as f64 / sx;
+                    for (j, (o, &a)) in o.iter_mut().zip(a.iter()).enumerate() {
+                        *o = (a as f64 * ratio + bias(j)) as f32;
+                    }
+                } else {
+                    for (j, (o, &a)) in o.iter_mut().zip(a.iter()).enumerate() {
+                        *o = (a as f64 * (self.scale[j] as f64 / sx) + bias(j)) as f32;
+                    }
+                }
+            }
+            Ok(out)
         })?;
         Ok(out.into_pyarray(py).into_any())
     }
