@@ -22,11 +22,12 @@ impl TernaryLinear {
             scale.len()
         );
         ensure!(
-            scale.iter().all(|s| s.is_finite() && *s > 0.0),
-            "scales must be positive and finite"
+            scale.iter().all(|v| v.is_finite() && *v > 0.0),
+            "scales must be finite and positive"
         );
         if let Some(b) = &bias {
             ensure!(b.len() == n, "bias must have {n} entries, got {}", b.len());
+            ensure!(b.iter().all(|v| v.is_finite()), "bias contains NaN or Inf");
         }
         Ok(TernaryLinear {
             w: TernaryMatrix::from_codes(codes)?,
@@ -42,14 +43,26 @@ impl TernaryLinear {
     }
 
     /// `(q_x @ codes.T) * (scale_w / s_x) + bias` for x (rows, in_features), evaluated in f64
-    /// from the exact int32 products.
+    /// from the exact int32 products and rounded to f32.
     pub fn forward(&self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         let (q, sx) = quant::activation_quant(x, 8)?;
         let acc = self.w.matmul(q.view())?;
-        Ok(Array2::from_shape_fn(acc.dim(), |(i, j)| {
-            let sw = self.scale[if self.scale.len() == 1 { 0 } else { j }] as f64;
-            let b = self.bias.as_ref().map_or(0.0, |b| b[j] as f64);
-            (acc[[i, j]] as f64 * (sw / sx[i] as f64) + b) as f32
-        }))
+        let mut out = Array2::<f32>::zeros(acc.dim());
+        let bias = |j: usize| self.bias.as_ref().map_or(0.0, |b| b[j] as f64);
+        for ((mut o, a), &s) in out.outer_iter_mut().zip(acc.outer_iter()).zip(&sx) {
+            let sx = s as f64;
+            if let [sw] = self.scale[..] {
+                // One weight scale: the same ratio for the whole row.
+                let ratio = sw as f64 / sx;
+                for (j, (o, &a)) in o.iter_mut().zip(a.iter()).enumerate() {
+                    *o = (a as f64 * ratio + bias(j)) as f32;
+                }
+            } else {
+                for (j, (o, &a)) in o.iter_mut().zip(a.iter()).enumerate() {
+                    *o = (a as f64 * (self.scale[j] as f64 / sx) + bias(j)) as f32;
+                }
+            }
+        }
+        Ok(out)
     }
 }

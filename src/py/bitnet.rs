@@ -1,9 +1,7 @@
 //! Bindings of `crate::bitnet`. `lowbit.bitnet` checks dtypes and shapes first.
 use super::detach;
 use crate::bitnet::binary::SignMatrix;
-use crate::bitnet::quant;
-use crate::bitnet::ternary::TernaryMatrix;
-use crate::{ensure, Result};
+use crate::bitnet::{linear, quant};
 use ndarray::{Array1, Array2};
 use numpy::{IntoPyArray, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
@@ -83,12 +81,7 @@ pub fn binary_matmul_packed<'py>(
 
 /// A ternary linear layer: packed 2-bit weights, per-row int8 activations, integer GEMM.
 #[pyclass(module = "lowbit._lowbit", frozen)]
-pub struct TernaryLinear {
-    w: TernaryMatrix,
-    /// One weight scale, or one per output feature.
-    scale: Vec<f32>,
-    bias: Option<Vec<f32>>,
-}
+pub struct TernaryLinear(linear::TernaryLinear);
 
 #[pymethods]
 impl TernaryLinear {
@@ -102,45 +95,24 @@ impl TernaryLinear {
     ) -> PyResult<Self> {
         let (c, s) = (codes.as_array(), scale.as_array().to_vec());
         let b = bias.map(|b| b.as_array().to_vec());
-        let n = c.nrows();
-        let build = || -> Result<TernaryLinear> {
-            ensure!(
-                s.len() == 1 || s.len() == n,
-                "scale must have 1 or {n} entries, got {}",
-                s.len()
-            );
-            ensure!(
-                s.iter().all(|v| v.is_finite() && *v > 0.0),
-                "scales must be finite and positive"
-            );
-            if let Some(b) = &b {
-                ensure!(b.len() == n, "bias must have {n} entries, got {}", b.len());
-                ensure!(b.iter().all(|v| v.is_finite()), "bias contains NaN or Inf");
-            }
-            Ok(TernaryLinear {
-                w: TernaryMatrix::from_codes(c)?,
-                scale: s,
-                bias: b,
-            })
-        };
-        detach(py, build)
+        detach(py, || linear::TernaryLinear::new(c, s, b)).map(TernaryLinear)
     }
 
     #[getter]
     fn in_features(&self) -> usize {
-        self.w.k
+        self.0.w.k
     }
     #[getter]
     fn out_features(&self) -> usize {
-        self.w.n
+        self.0.w.n
     }
     #[getter]
     fn nbytes(&self) -> usize {
-        self.w.nbytes()
+        self.0.w.nbytes()
     }
     #[getter]
     fn codes<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
-        self.w.codes().into_pyarray(py).into_any()
+        self.0.w.codes().into_pyarray(py).into_any()
     }
 
     /// Integer product `q @ codes.T` for int8 activations.
@@ -150,7 +122,9 @@ impl TernaryLinear {
         q: PyReadonlyArray2<'py, i8>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let v = q.as_array();
-        Ok(detach(py, || self.w.matmul(v))?.into_pyarray(py).into_any())
+        Ok(detach(py, || self.0.w.matmul(v))?
+            .into_pyarray(py)
+            .into_any())
     }
 
     /// `(q_x @ codes.T) * (scale_w / s_x) + bias`, computed in float64 and rounded to float32.
@@ -160,28 +134,9 @@ impl TernaryLinear {
         x: PyReadonlyArray2<'py, f32>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let v = x.as_array();
-        let out = detach(py, || {
-            let (q, sx) = quant::activation_quant(v, 8)?;
-            let acc = self.w.matmul(q.view())?;
-            let mut out = Array2::<f32>::zeros(acc.dim());
-            for ((mut o, a), &s) in out.outer_iter_mut().zip(acc.outer_iter()).zip(&sx) {
-                let sx = s as f64;
-                let bias = |j: usize| self.bias.as_ref().map_or(0.0, |b| b[j] as f64);
-                if let [sw] = self.scale[..] {
-                    // One weight scale: the same ratio for the whole row.
-                    let ratio = sw as f64 / sx;
-                    for (j, (o, &a)) in o.iter_mut().zip(a.iter()).enumerate() {
-                        *o = (a as f64 * ratio + bias(j)) as f32;
-                    }
-                } else {
-                    for (j, (o, &a)) in o.iter_mut().zip(a.iter()).enumerate() {
-                        *o = (a as f64 * (self.scale[j] as f64 / sx) + bias(j)) as f32;
-                    }
-                }
-            }
-            Ok(out)
-        })?;
-        Ok(out.into_pyarray(py).into_any())
+        Ok(detach(py, || self.0.forward(v))?
+            .into_pyarray(py)
+            .into_any())
     }
 }
 
