@@ -20,7 +20,7 @@ from lowbit._lowbit import (
     QuantSpec,
     __version__,
 )
-from lowbit import bitnet, calib, nas, runtime
+from lowbit import bitnet, calib, crossval, nas, runtime
 from lowbit.bitnet import activation_quant, binary_quantize, pack, pack_ternary, ternary_quantize, unpack, unpack_ternary
 from lowbit._quant import (
     dequantize_checkpoint,
@@ -62,6 +62,7 @@ __all__ = [
     "dequantize_per_channel",
     "dequantize_per_tensor",
     "calib",
+    "crossval",
     "fake_quantize_per_channel_affine",
     "fake_quantize_per_tensor_affine",
     "load_quantized",

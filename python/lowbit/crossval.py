@@ -1,0 +1,244 @@
+"""Cross-validation of the Rust runtime against PyTorch, layer by layer.
+
+Both sides run the same inputs; the torch side's module outputs are caught with forward hooks,
+the runtime's with ``record=True``, and layers are matched by name. For each layer the report
+gives the max absolute error, the relative L2 error, the cosine similarity and the SQNR, and
+whether it is within tolerance; the first layer over tolerance is where to look.
+
+A layer passes when ``max|runtime - torch| <= tol * max(1, max|torch|)``: an absolute
+tolerance for activations of order one, relative for larger ones.
+
+>>> Tolerances().inference, Tolerances(inference=1e-3, layers={"pooler": 1e-2}).tolerance("pooler", "inference")
+(0.0001, 0.01)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from lowbit._lowbit import LowbitValueError
+
+__all__ = ["LayerReport", "Report", "Tolerances", "assert_close", "compare", "simulate"]
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Tolerances by mode (defaults from the BitNet-rs cross-validation plan): ``inference``
+    for float runtimes against float PyTorch, ``quantization`` for a quantized runtime against
+    PyTorch simulating the same quantization (fake-quant), ``perplexity`` for language-model
+    perplexity (relative). ``layers`` overrides the tolerance of named layers."""
+
+    inference: float = 1e-4
+    quantization: float = 1e-5
+    perplexity: float = 1e-3
+    layers: Mapping[str, float] = field(default_factory=dict)
+
+    def tolerance(self, layer: str, mode: str) -> float:
+        if mode not in ("inference", "quantization", "perplexity"):
+            raise LowbitValueError(f"mode must be 'inference', 'quantization' or 'perplexity', got {mode!r}")
+        return float(self.layers.get(layer, getattr(self, mode)))
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    sqnr_db: float
+    tolerance: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Report:
+    """Per-layer agreement in execution order. ``first_failure`` names the first layer over
+    tolerance (None when all pass)."""
+
+    mode: str
+    layers: list[LayerReport]
+
+    @property
+    def passed(self) -> bool:
+        return all(layer.passed for layer in self.layers)
+
+    @property
+    def first_failure(self) -> LayerReport | None:
+        return next((layer for layer in self.layers if not layer.passed), None)
+
+    def __str__(self) -> str:
+        w = max([len(r.name) for r in self.layers] + [5])
+        lines = [f"{'layer':<{w}}  {'max abs':>10}  {'rel L2':>10}  {'cosine':>10}  {'SQNR dB':>8}  {'tol':>8}  ok"]
+        for r in self.layers:
+            lines.append(f"{r.name:<{w}}  {r.max_abs:>10.3e}  {r.rel_l2:>10.3e}  {r.cosine:>10.7f}  "
+                         f"{r.sqnr_db:>8.1f}  {r.tolerance:>8.1e}  {'yes' if r.passed else 'NO'}")
+        f = self.first_failure
+        lines.append(f"{'PASS' if f is None else 'FAIL'} ({self.mode}): "
+                     + ("all layers within tolerance" if f is None else f"first layer over tolerance: {f.name}"))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def to_json(self) -> str:
+        return json.dumps({"mode": self.mode, "passed": self.passed,
+                           "first_failure": None if self.first_failure is None else self.first_failure.name,
+                           "layers": [asdict(r) for r in self.layers]})
+
+    def to_pandas(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame([asdict(r) for r in self.layers])
+
+    def plot(self, ax: Any = None) -> Any:
+        """Max abs error and relative L2 error by layer depth (log scale), with the tolerance."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(8, 3.5))
+        x = np.arange(len(self.layers))
+        ax.semilogy(x, [max(r.max_abs, 1e-12) for r in self.layers], "o-", label="max abs error")
+        ax.semilogy(x, [max(r.rel_l2, 1e-12) for r in self.layers], "s-", label="relative L2 error")
+        ax.semilogy(x, [r.tolerance for r in self.layers], "k--", label="tolerance")
+        bad = [i for i, r in enumerate(self.layers) if not r.passed]
+        if bad:
+            ax.axvline(bad[0], color="r", alpha=0.4, label=f"first failure: {self.layers[bad[0]].name}")
+        ax.set_xticks(x, [r.name for r in self.layers], rotation=70, fontsize=7)
+        ax.set_ylabel("error")
+        ax.set_title(f"runtime vs PyTorch by layer ({self.mode})")
+        ax.legend(fontsize=7)
+        return ax
+
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        return (x.float() if x.is_floating_point() else x).numpy()
+    return np.asarray(x)
+
+
+def _first(out: Any) -> Any:
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return out
+
+
+def _layer(name: str, got: Any, ref: Any, tol: float) -> LayerReport:
+    a, b = _np(got).astype(np.float64), _np(ref).astype(np.float64)
+    if a.shape != b.shape:
+        raise LowbitValueError(f"layer {name!r}: runtime output {a.shape} but torch output {b.shape}")
+    diff = a - b
+    max_abs = float(np.abs(diff).max()) if diff.size else 0.0
+    nb, nd = float(np.linalg.norm(b)), float(np.linalg.norm(diff))
+    rel = nd / nb if nb else (0.0 if nd == 0 else math.inf)
+    na = float(np.linalg.norm(a))
+    cos = float(np.dot(a.ravel(), b.ravel()) / (na * nb)) if na and nb else float(na == nb)
+    sqnr = math.inf if nd == 0 else 20 * math.log10(nb / nd) if nb else -math.inf
+    scale = max(1.0, float(np.abs(b).max()) if b.size else 0.0)
+    ok = bool(np.isfinite(a).all()) and max_abs <= tol * scale
+    return LayerReport(name, tuple(a.shape), max_abs, rel, cos, sqnr, tol, ok)
+
+
+def compare(
+    torch_module: Any,
+    runtime_model: Any,
+    inputs: Mapping[str, Any],
+    tolerances: Tolerances | None = None,
+    mode: str = "inference",
+) -> Report:
+    """Run ``torch_module(**inputs)`` and ``runtime_model.forward(**inputs, record=True)`` and
+    compare every layer the runtime records that is also a submodule of ``torch_module`` (by
+    name), in the runtime's order, then the final output (``"output"``).
+
+    ``mode="quantization"`` is for a quantized runtime against a torch model that simulates the
+    same quantization (see :func:`simulate`).
+    """
+    import torch
+
+    tol = tolerances or Tolerances()
+    if not isinstance(inputs, Mapping):
+        raise LowbitValueError("inputs must be a dict of keyword arguments for both models")
+    caught: dict[str, Any] = {}
+    modules = dict(torch_module.named_modules())
+    out, rec = runtime_model.forward(**inputs, record=True)
+    hooks = []
+    for name in rec:
+        if name in modules:
+            hooks.append(modules[name].register_forward_hook(
+                lambda m, a, o, name=name: caught.__setitem__(name, _first(o))))
+    try:
+        with torch.no_grad():
+            ref_out = _first(torch_module(**inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = [_layer(n, rec[n], caught[n], tol.tolerance(n, mode)) for n in rec if n in caught]
+    if not layers and not rec:
+        raise LowbitValueError("the runtime recorded no layers")
+    layers.append(_layer("output", out, ref_out, tol.tolerance("output", mode)))
+    return Report(mode, layers)
+
+
+def assert_close(
+    torch_module: Any,
+    runtime_model: Any,
+    inputs: Mapping[str, Any],
+    tolerances: Tolerances | None = None,
+    mode: str = "inference",
+) -> Report:
+    """:func:`compare`, raising ``AssertionError`` that names the first layer over tolerance
+    and its numbers (for pytest)."""
+    r = compare(torch_module, runtime_model, inputs, tolerances, mode)
+    f = r.first_failure
+    if f is not None:
+        raise AssertionError(
+            f"runtime departs from PyTorch first at layer {f.name!r}: max abs error {f.max_abs:.3e} > "
+            f"{f.tolerance:.1e} (x max(1, max|torch|)), relative L2 {f.rel_l2:.3e}, cosine {f.cosine:.7f}, "
+            f"SQNR {f.sqnr_db:.1f} dB\n{r}"
+        )
+    return r
+
+
+def simulate(torch_module: Any, weights: str, exclude: Sequence[str] = ("pooler",)) -> Any:
+    """A copy of ``torch_module`` whose ``nn.Linear`` layers simulate what the runtime's
+    ``weights`` mode deploys: ``"int8"`` weights through :class:`lowbit.torch.FakeQuantize` per
+    output channel (symmetric), ``"int4"`` per group of 32 inputs (symmetric, FakeQuantize per
+    channel over (out * in/32, 32) rows), ``"ternary"`` as :class:`lowbit.torch.BitLinear` in its
+    training (fake-quant, STE) form. Layers whose name starts with an ``exclude`` entry stay float,
+    as they do in the runtime.
+    """
+    import torch
+
+    from lowbit.torch import BitLinear, FakeQuantize
+
+    if weights not in ("f32", "int8", "int4", "ternary"):
+        raise LowbitValueError(f"weights must be 'f32', 'int8', 'int4' or 'ternary', got {weights!r}")
+    sim = copy.deepcopy(torch_module).eval()
+    if weights == "f32":
+        return sim
+    targets = [(n, m) for n, m in sim.named_modules()
+               if isinstance(m, torch.nn.Linear) and not any(n.startswith(e) for e in exclude)]
+    for name, lin in targets:
+        if weights == "ternary":
+            parent, _, leaf = name.rpartition(".")
+            bit = BitLinear.from_linear(lin).train()  # the fake-quant (STE) forward
+            setattr(sim.get_submodule(parent) if parent else sim, leaf, bit)
+            continue
+        with torch.no_grad():
+            w = lin.weight
+            if weights == "int8":
+                lin.weight.copy_(FakeQuantize.from_tensor(w, bits=8, symmetric=True, axis=0)(w))
+            else:
+                if w.shape[1] % 32:
+                    raise LowbitValueError(f"layer {name!r}: int4 groups of 32 need in_features divisible by 32")
+                rows = w.reshape(-1, 32)
+                lin.weight.copy_(FakeQuantize.from_tensor(rows, bits=4, symmetric=True, axis=0)(rows).reshape(w.shape))
+    return sim
