@@ -222,7 +222,7 @@ pub fn estimate(g: &Graph, d: &DeviceProfile, weight_bits: u32, act_bits: u32) -
             + terms.bytes as f64 * d.dram_pj_per_byte;
         layers.push(LayerCost {
             name: op.name.clone(),
-            kind: kind_key(op).to_string(),
+            kind: key.to_string(),
             target: op.target.clone(),
             flops: terms.flops,
             macs: terms.flops / 2,

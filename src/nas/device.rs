@@ -85,42 +85,31 @@ impl DeviceProfile {
             "device '{}': peak_gops needs at least one of {PRECISIONS:?}",
             self.name
         );
-        for (k, &v) in &self.peak_gops {
-            ensure!(
-                PRECISIONS.contains(&k.as_str()),
-                "device '{}': unknown precision '{k}' in peak_gops; known: {PRECISIONS:?}",
-                self.name
-            );
-            ensure!(
-                pos(v),
-                "device '{}': peak_gops['{k}'] must be positive, got {v}",
-                self.name
-            );
-        }
-        for (k, &v) in &self.efficiency {
-            ensure!(
-                EFFICIENCY_KEYS.contains(&k.as_str()),
-                "device '{}': unknown op kind '{k}' in efficiency; known: {EFFICIENCY_KEYS:?}",
-                self.name
-            );
-            ensure!(
-                pos(v),
-                "device '{}': efficiency['{k}'] must be positive, got {v}",
-                self.name
-            );
-        }
-        for (k, &v) in &self.kind_overhead_us {
-            ensure!(
-                EFFICIENCY_KEYS.contains(&k.as_str()),
-                "device '{}': unknown op kind '{k}' in kind_overhead_us; known: {EFFICIENCY_KEYS:?}",
-                self.name
-            );
-            ensure!(
-                v.is_finite() && v >= 0.0,
-                "device '{}': kind_overhead_us['{k}'] must be finite and >= 0, got {v}",
-                self.name
-            );
-        }
+        let nonneg = |v: f64| v.is_finite() && v >= 0.0;
+        self.check_map(
+            "peak_gops",
+            &self.peak_gops,
+            "precision",
+            &PRECISIONS,
+            pos,
+            "positive",
+        )?;
+        self.check_map(
+            "efficiency",
+            &self.efficiency,
+            "op kind",
+            &EFFICIENCY_KEYS,
+            pos,
+            "positive",
+        )?;
+        self.check_map(
+            "kind_overhead_us",
+            &self.kind_overhead_us,
+            "op kind",
+            &EFFICIENCY_KEYS,
+            nonneg,
+            "finite and >= 0",
+        )?;
         for (what, v) in [
             ("overhead_us", self.overhead_us),
             ("view_overhead_us", self.view_overhead_us),
@@ -128,8 +117,33 @@ impl DeviceProfile {
             ("dram_pj_per_byte", self.dram_pj_per_byte),
         ] {
             ensure!(
-                v.is_finite() && v >= 0.0,
+                nonneg(v),
                 "device '{}': {what} must be finite and >= 0, got {v}",
+                self.name
+            );
+        }
+        Ok(())
+    }
+
+    /// Every key of `map` is one of `known` and every value passes `ok`.
+    fn check_map(
+        &self,
+        field: &str,
+        map: &BTreeMap<String, f64>,
+        noun: &str,
+        known: &[&str],
+        ok: impl Fn(f64) -> bool,
+        need: &str,
+    ) -> Result<()> {
+        for (k, &v) in map {
+            ensure!(
+                known.contains(&k.as_str()),
+                "device '{}': unknown {noun} '{k}' in {field}; known: {known:?}",
+                self.name
+            );
+            ensure!(
+                ok(v),
+                "device '{}': {field}['{k}'] must be {need}, got {v}",
                 self.name
             );
         }

@@ -4,41 +4,26 @@ use crate::runtime::bert;
 use crate::runtime::layers::WeightMode;
 use crate::runtime::{ce, Record};
 use candle_core::Tensor;
-use ndarray::Array3;
+use ndarray::ArrayD;
 use numpy::{IntoPyArray, PyReadonlyArray2};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::path::PathBuf;
 
-fn to_array3(t: &Tensor) -> crate::Result<Array3<f32>> {
-    let (b, l, h) = t.dims3().map_err(ce)?;
+/// A float32 candle tensor as an ndarray of the same shape (one copy).
+fn to_array(t: &Tensor) -> crate::Result<ArrayD<f32>> {
     let v = t
         .flatten_all()
         .and_then(|x| x.to_vec1::<f32>())
         .map_err(ce)?;
-    Ok(Array3::from_shape_vec((b, l, h), v).expect("dims match"))
+    Ok(ArrayD::from_shape_vec(t.dims().to_vec(), v).expect("dims match"))
 }
 
 fn record_dict<'py>(py: Python<'py>, rec: Record) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     for (name, t) in rec {
-        let arr = match t.rank() {
-            3 => to_array3(&t).map(|a| a.into_pyarray(py).into_any()),
-            _ => {
-                let shape = t.dims().to_vec();
-                t.flatten_all()
-                    .and_then(|x| x.to_vec1::<f32>())
-                    .map_err(ce)
-                    .map(|v| {
-                        ndarray::ArrayD::from_shape_vec(shape, v)
-                            .expect("dims match")
-                            .into_pyarray(py)
-                            .into_any()
-                    })
-            }
-        }
-        .map_err(super::to_pyerr)?;
-        d.set_item(name, arr)?;
+        let arr = to_array(&t).map_err(super::to_pyerr)?;
+        d.set_item(name, arr.into_pyarray(py))?;
     }
     Ok(d)
 }
@@ -87,7 +72,7 @@ impl BertCore {
             let h = self
                 .0
                 .forward(ids, mask, types, record.then_some(&mut rec))?;
-            Ok((to_array3(&h)?, rec))
+            Ok((to_array(&h)?, rec))
         })?;
         let rec = if record {
             Some(record_dict(py, rec)?)

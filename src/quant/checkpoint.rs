@@ -58,7 +58,7 @@ pub struct Report {
 }
 
 /// Float data of a safetensors tensor, borrowed when aligned, copied otherwise.
-enum FloatData<'a> {
+pub(crate) enum FloatData<'a> {
     F32(Cow<'a, [f32]>),
     F64(Cow<'a, [f64]>),
     F16(Cow<'a, [f16]>),
@@ -72,7 +72,7 @@ fn cast<'a, T: bytemuck::Pod>(b: &'a [u8]) -> Cow<'a, [T]> {
     }
 }
 
-fn float_data<'a>(t: &TensorView<'a>) -> Option<FloatData<'a>> {
+pub(crate) fn float_data<'a>(t: &TensorView<'a>) -> Option<FloatData<'a>> {
     Some(match t.dtype() {
         Dtype::F32 => FloatData::F32(cast(t.data())),
         Dtype::F64 => FloatData::F64(cast(t.data())),
@@ -136,7 +136,7 @@ fn parse_dtype(s: &str) -> Result<Dtype> {
 }
 
 /// Maps a file read-only. The map is only read, and files are replaced by rename, never rewritten.
-fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     let f = std::fs::File::open(path)
         .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
     // SAFETY: read-only map; lowbit never writes to a file in place.
@@ -144,7 +144,10 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap> {
         .map_err(|e| Error::io(format!("cannot map {}", path.display()), e))
 }
 
-fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
+pub(crate) fn parse<'a>(
+    bytes: &'a [u8],
+    path: &Path,
+) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
         Error::format(format!(
             "{} is not a valid safetensors file: {e}",

@@ -1,9 +1,9 @@
 //! Tensors of a safetensors file, memory-mapped and converted to float32 candle tensors, with
 //! names checked against what a model expects.
 use super::ce;
+use crate::quant::checkpoint::{float_data, map_file, parse, FloatData};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
-use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -11,68 +11,21 @@ pub struct Weights {
     tensors: BTreeMap<String, Tensor>,
 }
 
-fn to_f32(dtype: Dtype, bytes: &[u8], name: &str) -> Result<Vec<f32>> {
-    let cast = |n: usize| -> Result<()> {
-        if bytes.len() % n == 0 {
-            Ok(())
-        } else {
-            Err(Error::format(format!(
-                "tensor '{name}' has a truncated payload"
-            )))
-        }
-    };
-    Ok(match dtype {
-        Dtype::F32 => {
-            cast(4)?;
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect()
-        }
-        Dtype::F16 => {
-            cast(2)?;
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32())
-                .collect()
-        }
-        Dtype::BF16 => {
-            cast(2)?;
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f32())
-                .collect()
-        }
-        other => {
-            return Err(Error::format(format!(
-                "tensor '{name}' is {other:?}; the runtime loads F32, F16 and BF16 weights"
-            )))
-        }
-    })
-}
-
 impl Weights {
-    /// Loads every float tensor of a safetensors file (memory-mapped; each tensor is converted
-    /// to float32 once).
+    /// Loads every F32, F16 and BF16 tensor of a safetensors file (memory-mapped; each tensor
+    /// is converted to float32 once).
     pub fn load(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path)
-            .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-        // Safety: the map is read-only and dropped before this function returns; a file changed
-        // underneath would give wrong numbers, not memory unsafety in safe code that reads bytes.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| Error::io(format!("cannot map {}", path.display()), e))?;
-        let st = SafeTensors::deserialize(&map).map_err(|e| {
-            Error::format(format!(
-                "{} is not a valid safetensors file: {e}",
-                path.display()
-            ))
-        })?;
+        let map = map_file(path)?;
+        let (st, _) = parse(&map, path)?;
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
-            if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
-                continue; // integer buffers (position ids) are not weights
-            }
-            let data = to_f32(view.dtype(), view.data(), &name)?;
+            let data: Vec<f32> = match float_data(&view) {
+                Some(FloatData::F32(v)) => v.into_owned(),
+                Some(FloatData::F16(v)) => v.iter().map(|x| x.to_f32()).collect(),
+                Some(FloatData::BF16(v)) => v.iter().map(|x| x.to_f32()).collect(),
+                // Integer buffers (position ids) are not weights; f64 is not a weight dtype here.
+                Some(FloatData::F64(_)) | None => continue,
+            };
             let t = Tensor::from_vec(data, view.shape(), &Device::Cpu).map_err(ce)?;
             tensors.insert(name, t);
         }
