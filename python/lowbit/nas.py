@@ -57,6 +57,16 @@ METRICS = ("latency_ms", "energy_mj", "flops", "params", "weight_bytes", "peak_a
 _HOST: DeviceProfile | None = None
 
 
+def _best_of(n: int, fn: Callable[[], Any]) -> float:
+    """Shortest wall time of ``n`` calls, seconds."""
+    best = math.inf
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def _measure_host() -> DeviceProfile:
     """This machine: float32 GEMM rate (PyTorch's when it is installed, since that is what
     ``measure`` times, else NumPy's BLAS) and copy bandwidth, best of 10, measured once."""
@@ -71,20 +81,10 @@ def _measure_host() -> DeviceProfile:
         matmul, engine = (lambda: at @ at), f"PyTorch ({torch.get_num_threads()} threads)"
     except ImportError:
         pass
-    best = math.inf
-    for _ in range(10):
-        t = time.perf_counter()
-        matmul()
-        best = min(best, time.perf_counter() - t)
-    gemm = 2 * n**3 / best / 1e9
+    gemm = 2 * n**3 / _best_of(10, matmul) / 1e9
     src = np.ones(64 * 2**20 // 4, dtype=np.float32)
     dst = np.empty_like(src)
-    best = math.inf
-    for _ in range(10):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    bw = 2 * src.nbytes / best / 1e9
+    bw = 2 * src.nbytes / _best_of(10, lambda: np.copyto(dst, src)) / 1e9
     return DeviceProfile(
         "host",
         {"f32": round(gemm, 1)},
