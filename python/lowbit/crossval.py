@@ -207,38 +207,74 @@ def assert_close(
     return r
 
 
-def simulate(torch_module: Any, weights: str, exclude: Sequence[str] = ("pooler",)) -> Any:
+def _xnor_linear(lin: Any) -> Any:
+    """What the runtime's ``weights="binary"`` layer computes, in float64 (exact sign products):
+    ``(sign(x) @ sign(w - mean(w)).T) * mean|x| * mean|w_row| + b``, sign(0) = +1."""
+    import torch
+
+    class XnorLinear(torch.nn.Module):
+        def __init__(self, lin: torch.nn.Linear) -> None:
+            super().__init__()
+            w = lin.weight.detach().float()
+            # As the runtime rounds them: the mean and the row scales to float32.
+            mu = w.double().mean().float()
+            self.register_buffer("signs", torch.where(w - mu >= 0, 1.0, -1.0).double())
+            self.register_buffer("scales", w.double().abs().mean(dim=1).float().double())
+            self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().double())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            xd = x.double()
+            signs = torch.where(xd >= 0, 1.0, -1.0).double()
+            y = (signs @ self.signs.T) * (xd.abs().mean(-1, keepdim=True) * self.scales)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.to(x.dtype)
+
+    return XnorLinear(lin)
+
+
+def simulate(torch_module: Any, weights: str, exclude: Sequence[str] = ("pooler",), act_bits: int | None = None) -> Any:
     """A copy of ``torch_module`` whose ``nn.Linear`` layers simulate what the runtime's
     ``weights`` mode deploys: ``"int8"`` weights through :class:`lowbit.torch.FakeQuantize` per
     output channel (symmetric), ``"int4"`` per group of 32 inputs (symmetric, FakeQuantize per
     channel over (out * in/32, 32) rows), ``"ternary"`` as :class:`lowbit.torch.BitLinear` in its
-    training (fake-quant, STE) form. Layers whose name starts with an ``exclude`` entry stay float,
-    as they do in the runtime.
+    training (fake-quant, STE) form, ``"binary"`` as the XNOR-Net product in float64.
+    ``act_bits`` quantizes each float layer's input per token (absmax), as the runtime's
+    ``act_bits`` does. Layers whose name starts with an ``exclude`` entry stay float, as they do
+    in the runtime.
     """
     import torch
 
-    from lowbit.torch import BitLinear, FakeQuantize
+    from lowbit.torch import BitLinear, FakeQuantize, _bitnet_activation_codes
 
-    if weights not in ("f32", "int8", "int4", "ternary"):
-        raise LowbitValueError(f"weights must be 'f32', 'int8', 'int4' or 'ternary', got {weights!r}")
+    if weights not in ("f32", "int8", "int4", "ternary", "binary"):
+        raise LowbitValueError(f"weights must be 'f32', 'int8', 'int4', 'ternary' or 'binary', got {weights!r}")
+    if act_bits is not None and weights in ("ternary", "binary"):
+        raise LowbitValueError(f"act_bits does not apply to {weights!r} layers, which quantize their own inputs")
+    if act_bits is not None and not (isinstance(act_bits, int) and 2 <= act_bits <= 8):
+        raise LowbitValueError(f"act_bits must be an int between 2 and 8, got {act_bits!r}")
     sim = copy.deepcopy(torch_module).eval()
-    if weights == "f32":
-        return sim
     targets = [(n, m) for n, m in sim.named_modules()
                if isinstance(m, torch.nn.Linear) and not any(n.startswith(e) for e in exclude)]
     for name, lin in targets:
-        if weights == "ternary":
-            parent, _, leaf = name.rpartition(".")
-            bit = BitLinear.from_linear(lin).train()  # the fake-quant (STE) forward
-            setattr(sim.get_submodule(parent) if parent else sim, leaf, bit)
+        parent, _, leaf = name.rpartition(".")
+        if weights in ("ternary", "binary"):
+            new = BitLinear.from_linear(lin).train() if weights == "ternary" else _xnor_linear(lin)
+            setattr(sim.get_submodule(parent) if parent else sim, leaf, new)
             continue
         with torch.no_grad():
             w = lin.weight
             if weights == "int8":
                 lin.weight.copy_(FakeQuantize.from_tensor(w, bits=8, symmetric=True, axis=0)(w))
-            else:
+            elif weights == "int4":
                 if w.shape[1] % 32:
                     raise LowbitValueError(f"layer {name!r}: int4 groups of 32 need in_features divisible by 32")
                 rows = w.reshape(-1, 32)
                 lin.weight.copy_(FakeQuantize.from_tensor(rows, bits=4, symmetric=True, axis=0)(rows).reshape(w.shape))
+        if act_bits is not None:
+            def quantize_input(m: Any, args: tuple, bits: int = act_bits) -> tuple:
+                q, s = _bitnet_activation_codes(args[0], bits)
+                return (q / s,) + tuple(args[1:])
+
+            lin.register_forward_pre_hook(quantize_input)
     return sim

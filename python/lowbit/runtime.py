@@ -4,7 +4,7 @@ quantized linear layers chosen at load time and every layer's output recordable 
 >>> import numpy as np
 >>> from lowbit.runtime import BertEncoder
 >>> BertEncoder.WEIGHTS
-('f32', 'int8', 'int4', 'ternary')
+('f32', 'int8', 'int4', 'ternary', 'binary')
 """
 
 from __future__ import annotations
@@ -45,24 +45,33 @@ class BertEncoder:
     ``weights`` picks the linear layers: ``"f32"``; ``"int8"`` (symmetric, per output channel)
     and ``"int4"`` (symmetric, groups of 32 inputs), quantized with lowbit's ``QuantSpec`` at load
     and dequantized once; ``"ternary"`` (BitNet b1.58 absmean weights at 2 bits, int8 activations
-    per token, the packed integer kernel). Embeddings, norms and the pooler stay float32.
+    per token, the packed integer kernel); ``"binary"`` (XNOR-Net: signs of the centred weights
+    with per-row scales, activations binarized per token, the XNOR-popcount kernel).
+    ``act_bits=8`` (2..8) quantizes the input of every float linear layer per token (absmax,
+    BitNet's recipe). Embeddings, norms and the pooler stay float32.
+
+    A quantized checkpoint written by ``lowbit quantize`` loads directly: its tensors are used as
+    stored (dequantized once from the codes, never re-quantized); ``weights`` then applies only to
+    linear weights the file keeps in float.
     """
 
-    WEIGHTS = ("f32", "int8", "int4", "ternary")
+    WEIGHTS = ("f32", "int8", "int4", "ternary", "binary")
 
     def __init__(self, core: Any, path: str) -> None:
         self._core = core
         self.path = path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], weights: str = "f32") -> BertEncoder:
+    def load(cls, path: str | os.PathLike[str], weights: str = "f32", act_bits: int | None = None) -> BertEncoder:
         """Load ``config.json`` + ``model.safetensors`` from a folder (what
         ``BertModel.save_pretrained`` writes), or a ``.safetensors`` file with ``config.json``
         beside it. Names with the ``bert.`` prefix of the task models load too (their heads are
         ignored); missing, unexpected or misshapen tensors are listed in one error."""
         if not isinstance(weights, str):
             raise LowbitTypeError(f"weights must be a string, got {type(weights).__name__}")
-        return cls(_lowbit.BertCore.load(os.fspath(path), weights), os.fspath(path))
+        if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)):
+            raise LowbitTypeError(f"act_bits must be an int or None, got {type(act_bits).__name__}")
+        return cls(_lowbit.BertCore.load(os.fspath(path), weights, act_bits), os.fspath(path))
 
     @property
     def config(self) -> dict[str, Any]:

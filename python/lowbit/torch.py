@@ -388,21 +388,25 @@ def calibrate(
 # BitNet
 
 
-def _bitnet_weight_quant(w: torch.Tensor) -> torch.Tensor:
+def _bitnet_weight_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternary codes and their multiplier ``s`` (weights ~ codes / s)."""
     s = 1.0 / w.abs().mean().clamp(min=1e-5)
-    return (w * s).round().clamp(-1, 1) / s
+    return (w * s).round().clamp(-1, 1), s
 
 
-def _bitnet_activation_quant(x: torch.Tensor) -> torch.Tensor:
-    s = 127.0 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
-    return (x * s).round().clamp(-128, 127) / s
+def _bitnet_activation_codes(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax ``bits``-bit codes and their multipliers ``s`` (x ~ codes / s)."""
+    qb = float(2 ** (bits - 1) - 1)
+    s = qb / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    return (x * s).round().clamp(-qb - 1, qb), s
 
 
 class BitLinear(torch.nn.Linear):
     """A BitNet b1.58 linear layer (absmean ternary weights, per-token absmax int8 activations).
 
     In training (or whenever autograd needs it) the forward is the BitNet recipe with the
-    straight-through estimator, ``F.linear(x + (q(x) - x).detach(), w + (q(w) - w).detach(), b)``.
+    straight-through estimator, ``F.linear(x + (q(x) - x).detach(), w + (q(w) - w).detach(), b)``,
+    its value taken from the exact integer product as the kernel computes it.
     In ``eval()`` on CPU without grad, it runs lowbit's packed ternary kernel on the same
     integers (weights are packed once and repacked when they change).
 
@@ -441,10 +445,37 @@ class BitLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if self.training or needs_grad or x.device.type != "cpu" or x.dtype != torch.float32:
-            xq = x + (_bitnet_activation_quant(x) - x).detach()
-            wq = self.weight + (_bitnet_weight_quant(self.weight) - self.weight).detach()
-            return torch.nn.functional.linear(xq, wq, self.bias)
+            return _BitLinearSTE.apply(x, self.weight, self.bias)
         return self._kernel()(x)
+
+
+class _BitLinearSTE(torch.autograd.Function):
+    """BitNet's fake-quant linear whose forward value is what the integer kernel computes:
+    ``(q_x @ codes.T) * (scale_w / s_x) + bias`` with the integer product taken in float32, which
+    is exact while ``in_features * 128 < 2**24``; a plain ``F.linear(q_x / s_x, codes * scale_w)``
+    rounds every product and drifts from the deployed layer as ``in_features`` grows. The
+    backward is the straight-through estimator of ``F.linear(xq, wq, b)``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: Any) -> torch.Tensor:  # noqa: ANN401
+        qx, sx = _bitnet_activation_codes(x)
+        codes, sw = _bitnet_weight_codes(w)
+        acc = torch.nn.functional.linear(qx, codes)
+        # The kernel's epilogue, operation for operation: acc * ((1 / s_x) * scale_w) + b in f64.
+        y = acc.double() * ((1.0 / sx.double()) * (1.0 / sw).double())
+        if b is not None:
+            y = y + b.double()
+        ctx.save_for_backward(qx / sx, codes / sw)
+        ctx.has_bias = b is not None
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # noqa: ANN401
+        xq, wq = ctx.saved_tensors
+        gx = g @ wq
+        gw = g.reshape(-1, g.shape[-1]).T @ xq.reshape(-1, xq.shape[-1])
+        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias else None
+        return gx, gw, gb
 
 
 class _Expected(torch.autograd.Function):

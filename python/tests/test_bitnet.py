@@ -226,6 +226,25 @@ def test_bitlinear_trains_with_the_ste_and_runs_the_kernel_in_eval():
         assert torch.equal(layer(x.detach()), torch.from_numpy(bn.TernaryLinear.from_float(-ref.weight.detach().numpy(), ref.bias.detach().numpy())(x.detach().numpy())))
 
 
+@pytest.mark.parametrize("k", [64, 384, 1536, 4099])
+def test_bitlinear_training_forward_equals_the_kernel_bit_for_bit(k):
+    """The STE forward's value is the integer product as the kernel computes it, so a QAT
+    model predicts the deployed one exactly, whatever in_features is (a float fake-quant GEMM
+    drifts with k); adversarial rows: all equal, one spike, exact halves, zeros."""
+    import lowbit.torch as lt
+
+    torch.manual_seed(k)
+    layer = lt.BitLinear(k, 37).train()
+    x = torch.randn(9, k) * torch.logspace(-3, 3, 9)[:, None]
+    x[1] = 0.5
+    x[2] = 0.0
+    x[3, 0] = 1e4
+    x[4] = torch.arange(k) % 3 - 1.0
+    y = layer(x)
+    kernel = bn.TernaryLinear.from_float(layer.weight.detach().numpy(), layer.bias.detach().numpy())
+    assert torch.equal(y.detach(), torch.from_numpy(kernel(x.numpy())))
+
+
 @settings(max_examples=80, deadline=None)
 @given(shape=st.lists(st.integers(0, 7), min_size=1, max_size=3).map(tuple).filter(lambda s: s[-1] > 0 or len(s) == 1), bits=st.sampled_from([1, 2, 3, 4, 8]), seed=st.integers(0, 2**31), signed=st.booleans())
 def test_pack_round_trips_and_sizes(shape, bits, seed, signed):

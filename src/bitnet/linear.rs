@@ -1,9 +1,11 @@
 //! A ternary linear layer: weights packed at 2 bits, activations quantized per row to int8, an
 //! exact integer GEMM and a float rescale.
+use super::binary::SignMatrix;
 use super::quant;
 use super::ternary::TernaryMatrix;
 use crate::{ensure, Result};
 use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
 pub struct TernaryLinear {
@@ -47,22 +49,94 @@ impl TernaryLinear {
     pub fn forward(&self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         let (q, sx) = quant::activation_quant(x, 8)?;
         let acc = self.w.matmul(q.view())?;
-        let mut out = Array2::<f32>::zeros(acc.dim());
-        let bias = |j: usize| self.bias.as_ref().map_or(0.0, |b| b[j] as f64);
-        for ((mut o, a), &s) in out.outer_iter_mut().zip(acc.outer_iter()).zip(&sx) {
-            let sx = s as f64;
-            if let [sw] = self.scale[..] {
-                // One weight scale: the same ratio for the whole row.
-                let ratio = sw as f64 / sx;
-                for (j, (o, &a)) in o.iter_mut().zip(a.iter()).enumerate() {
-                    *o = (a as f64 * ratio + bias(j)) as f32;
-                }
-            } else {
-                for (j, (o, &a)) in o.iter_mut().zip(a.iter()).enumerate() {
-                    *o = (a as f64 * (self.scale[j] as f64 / sx) + bias(j)) as f32;
-                }
+        let row: Vec<f64> = sx.iter().map(|&s| 1.0 / s as f64).collect();
+        Ok(rescale(acc, &row, &self.scale, self.bias.as_deref()))
+    }
+}
+
+/// `acc[i, j] * row[i] * col[j] + bias[j]` in f64, rounded to f32; `col` has one entry or one
+/// per column. Rows are split over rayon's threads.
+fn rescale(acc: Array2<i32>, row: &[f64], col: &[f32], bias: Option<&[f32]>) -> Array2<f32> {
+    let (m, n) = acc.dim();
+    let col: Vec<f64> = if col.len() == 1 {
+        vec![col[0] as f64; n]
+    } else {
+        col.iter().map(|&v| v as f64).collect()
+    };
+    let bias: Vec<f64> = match bias {
+        Some(b) => b.iter().map(|&v| v as f64).collect(),
+        None => vec![0.0; n],
+    };
+    // The f32 results overwrite the i32 products in place (same size): a second buffer of
+    // this size would cost a page fault per 4 KiB on every call.
+    let mut buf: Vec<i32> = if acc.is_standard_layout() {
+        acc.into_raw_vec_and_offset().0
+    } else {
+        acc.iter().copied().collect()
+    };
+    buf.par_chunks_mut(n.max(1))
+        .zip(row.par_iter())
+        .for_each(|(a, &r)| {
+            for ((a, &c), &b) in a.iter_mut().zip(&col).zip(&bias) {
+                *a = ((*a as f64 * (r * c) + b) as f32).to_bits() as i32;
             }
+        });
+    let out: Vec<f32> = bytemuck::cast_vec(buf);
+    Array2::from_shape_vec((m, n), out).expect("m x n")
+}
+
+/// An XNOR-Net linear layer: weights are signs with per-row scales `a_w`; each input row is
+/// binarized to its signs with scale `a_x = mean(|x|)`;
+/// `y = (sign(x) @ sign_w.T) * a_x * a_w + bias` (f64, rounded to f32).
+#[derive(Clone, Debug)]
+pub struct BinaryLinear {
+    pub w: SignMatrix,
+    pub scale: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl BinaryLinear {
+    pub fn new(signs: ArrayView2<'_, i8>, scale: Vec<f32>, bias: Option<Vec<f32>>) -> Result<Self> {
+        let n = signs.nrows();
+        ensure!(
+            scale.len() == n,
+            "scales must have {n} entries, got {}",
+            scale.len()
+        );
+        ensure!(
+            scale.iter().all(|v| v.is_finite() && *v >= 0.0),
+            "scales must be finite and non-negative"
+        );
+        if let Some(b) = &bias {
+            ensure!(b.len() == n, "bias must have {n} entries, got {}", b.len());
+            ensure!(b.iter().all(|v| v.is_finite()), "bias contains NaN or Inf");
         }
-        Ok(out)
+        Ok(BinaryLinear {
+            w: SignMatrix::from_signs(signs)?,
+            scale,
+            bias,
+        })
+    }
+
+    /// Signs of `w - mean(w)` (with `center`) and per-row `mean(|w|)`.
+    pub fn from_float(
+        w: ArrayView2<'_, f32>,
+        bias: Option<Vec<f32>>,
+        center: bool,
+    ) -> Result<Self> {
+        let (signs, scale) = quant::binary_quantize(w, center)?;
+        Self::new(signs.view(), scale, bias)
+    }
+
+    pub fn forward(&self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
+        ensure!(x.iter().all(|v| v.is_finite()), "x contains NaN or Inf");
+        let k = x.ncols().max(1) as f64;
+        let ax: Vec<f64> = x
+            .rows()
+            .into_iter()
+            .map(|r| r.iter().map(|v| v.abs() as f64).sum::<f64>() / k)
+            .collect();
+        let acc = SignMatrix::from_floats(x)?.matmul(&self.w)?;
+        Ok(rescale(acc, &ax, &self.scale, self.bias.as_deref()))
     }
 }

@@ -84,15 +84,22 @@ impl TernaryMatrix {
         // another's L1 sets (with k = 4096 a plain stride of 4 KiB maps them all to one set).
         let qs = kp + 64;
         let mut qp = vec![0i8; m * qs];
-        for (dst, row) in qp.chunks_mut(qs).zip(q.outer_iter()) {
+        let copy = |(dst, row): (&mut [i8], ndarray::ArrayView1<'_, i8>)| -> i32 {
+            let mut sum = 0i32;
             for (d, s) in dst.iter_mut().zip(row.iter()) {
                 *d = *s;
+                sum += *s as i32;
             }
-        }
-        let sums: Vec<i32> = qp
-            .chunks(qs)
-            .map(|r| r.iter().map(|&v| v as i32).sum())
-            .collect();
+            sum
+        };
+        let sums: Vec<i32> = if m * k < 1 << 16 {
+            qp.chunks_mut(qs).zip(q.outer_iter()).map(copy).collect()
+        } else {
+            qp.par_chunks_mut(qs)
+                .zip(q.outer_iter().into_par_iter())
+                .map(copy)
+                .collect()
+        };
         // Tasks own a range of weight rows (output columns), written straight into `out`.
         // A GEMV gets a few large tasks per thread (it is over in microseconds, and each task
         // costs a steal); a GEMM gets more, smaller ones so both cores finish together.

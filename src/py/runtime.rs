@@ -35,9 +35,10 @@ pub struct BertCore(bert::BertEncoder);
 #[pymethods]
 impl BertCore {
     #[staticmethod]
-    fn load(py: Python<'_>, path: PathBuf, weights: &str) -> PyResult<Self> {
+    #[pyo3(signature = (path, weights, act_bits=None))]
+    fn load(py: Python<'_>, path: PathBuf, weights: &str, act_bits: Option<u32>) -> PyResult<Self> {
         let mode: WeightMode = weights.parse().map_err(super::to_pyerr)?;
-        detach(py, || bert::BertEncoder::load(&path, mode)).map(BertCore)
+        detach(py, || bert::BertEncoder::load(&path, mode, act_bits)).map(BertCore)
     }
 
     #[getter]

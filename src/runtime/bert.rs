@@ -1,12 +1,13 @@
 //! A BERT text encoder (post-LayerNorm, absolute positions, token types) that loads Hugging Face
 //! `BertModel` checkpoints and matches `transformers` to float32 rounding.
 use super::layers::{
-    attention, merge_heads, split_heads, Activation, LayerNorm, Linear, WeightMode,
+    l2_normalize, mask_bias, mean_pool, to_vec, Activation, Embedding, LayerNorm, Linear,
+    MultiHeadAttention, WeightMode,
 };
 use super::weights::Weights;
 use super::{ce, Record};
 use crate::{ensure, Error, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::Tensor;
 use ndarray::{Array2, ArrayView2};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -47,9 +48,7 @@ fn absolute() -> String {
 }
 
 struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    attn: MultiHeadAttention,
     attn_out: Linear,
     attn_ln: LayerNorm,
     inter: Linear,
@@ -59,9 +58,9 @@ struct Layer {
 
 pub struct BertEncoder {
     pub config: BertConfig,
-    word: Tensor,
-    pos: Tensor,
-    tok: Tensor,
+    word: Embedding,
+    pos: Embedding,
+    tok: Embedding,
     emb_ln: LayerNorm,
     layers: Vec<Layer>,
     act: Activation,
@@ -159,16 +158,23 @@ impl BertEncoder {
     /// Loads `config.json` and `model.safetensors` from a folder (or a .safetensors file with
     /// config.json beside it). Names may carry the `bert.` prefix of the task models; tensors
     /// outside it (task heads) are ignored.
-    pub fn load(path: &Path, mode: WeightMode) -> Result<Self> {
+    pub fn load(path: &Path, mode: WeightMode, act_bits: Option<u32>) -> Result<Self> {
         let (dir, file) = locate(path)?;
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path)
             .map_err(|e| Error::io(format!("cannot read {}", cfg_path.display()), e))?;
         let config = BertConfig::from_json(&text)?;
-        Self::from_weights(config, &Weights::load(&file)?, mode)
+        Self::from_weights(config, &Weights::load(&file)?, mode, act_bits)
     }
 
-    pub fn from_weights(config: BertConfig, w: &Weights, mode: WeightMode) -> Result<Self> {
+    /// Builds the encoder; tensors the file stores quantized (`lowbit quantize`) are used as
+    /// stored, `mode` quantizes the float linear weights.
+    pub fn from_weights(
+        config: BertConfig,
+        w: &Weights,
+        mode: WeightMode,
+        act_bits: Option<u32>,
+    ) -> Result<Self> {
         let prefix = if w.names().any(|n| n.starts_with("bert.")) {
             "bert."
         } else {
@@ -190,26 +196,31 @@ impl BertEncoder {
         })?;
         let get = |n: &str| w.get(&format!("{prefix}{n}"));
         let ln = |n: &str| -> Result<LayerNorm> {
-            Ok(LayerNorm {
-                weight: get(&format!("{n}.weight"))?,
-                bias: get(&format!("{n}.bias"))?,
-                eps: config.layer_norm_eps,
-            })
+            LayerNorm::new(
+                &get(&format!("{n}.weight"))?,
+                &get(&format!("{n}.bias"))?,
+                config.layer_norm_eps,
+            )
         };
         let lin = |n: &str| -> Result<Linear> {
-            Linear::new(
-                get(&format!("{n}.weight"))?,
-                Some(get(&format!("{n}.bias"))?),
-                mode,
-            )
+            let name = format!("{prefix}{n}.weight");
+            let m = if w.is_quantized(&name) {
+                WeightMode::F32
+            } else {
+                mode
+            };
+            Linear::new(w.get(&name)?, Some(get(&format!("{n}.bias"))?), m)?.with_act_bits(act_bits)
         };
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
                 let p = format!("encoder.layer.{l}.");
                 Ok(Layer {
-                    q: lin(&format!("{p}attention.self.query"))?,
-                    k: lin(&format!("{p}attention.self.key"))?,
-                    v: lin(&format!("{p}attention.self.value"))?,
+                    attn: MultiHeadAttention::new(
+                        lin(&format!("{p}attention.self.query"))?,
+                        lin(&format!("{p}attention.self.key"))?,
+                        lin(&format!("{p}attention.self.value"))?,
+                        config.num_attention_heads,
+                    )?,
                     attn_out: lin(&format!("{p}attention.output.dense"))?,
                     attn_ln: ln(&format!("{p}attention.output.LayerNorm"))?,
                     inter: lin(&format!("{p}intermediate.dense"))?,
@@ -220,9 +231,9 @@ impl BertEncoder {
             .collect::<Result<Vec<_>>>()?;
         Ok(BertEncoder {
             act: Activation::parse(&config.hidden_act)?,
-            word: get("embeddings.word_embeddings.weight")?,
-            pos: get("embeddings.position_embeddings.weight")?,
-            tok: get("embeddings.token_type_embeddings.weight")?,
+            word: Embedding::new(get("embeddings.word_embeddings.weight")?)?,
+            pos: Embedding::new(get("embeddings.position_embeddings.weight")?)?,
+            tok: Embedding::new(get("embeddings.token_type_embeddings.weight")?)?,
             emb_ln: ln("embeddings.LayerNorm")?,
             pooler: if has_pooler {
                 // The pooler stays float: it is one small layer on one token.
@@ -293,29 +304,14 @@ impl BertEncoder {
     ) -> Result<Tensor> {
         self.check_inputs(&ids, &mask, types.as_ref())?;
         let (b, l) = ids.dim();
-        let dev = Device::Cpu;
-        let idx = |a: Vec<i64>| -> Result<Tensor> {
-            Tensor::from_vec(
-                a.into_iter().map(|v| v as u32).collect::<Vec<u32>>(),
-                b * l,
-                &dev,
-            )
-            .map_err(ce)
-        };
-        let h = self.config.hidden_size;
-        let emb = |table: &Tensor, ids: Tensor| -> Result<Tensor> {
-            table
-                .index_select(&ids, 0)
-                .and_then(|t| t.reshape((b, l, h)))
-                .map_err(ce)
-        };
-        let words = emb(&self.word, idx(ids.iter().copied().collect())?)?;
-        let tt = match &types {
+        let ids_v: Vec<i64> = ids.iter().copied().collect();
+        let types_v: Vec<i64> = match &types {
             Some(t) => t.iter().copied().collect(),
             None => vec![0; b * l],
         };
-        let toks = emb(&self.tok, idx(tt)?)?;
-        let pos = self.pos.narrow(0, 0, l).map_err(ce)?;
+        let words = self.word.forward(&ids_v, &[b, l])?;
+        let toks = self.tok.forward(&types_v, &[b, l])?;
+        let pos = self.pos.first(l)?;
         let x = (words + toks)
             .and_then(|s| s.broadcast_add(&pos))
             .map_err(ce)?;
@@ -328,25 +324,18 @@ impl BertEncoder {
         };
         rec("embeddings".into(), &x);
         // Padding keys get the most negative float added to their scores, as transformers does.
-        let m: Vec<f32> = mask
-            .iter()
-            .map(|&v| if v == 1 { 0.0 } else { f32::MIN })
-            .collect();
-        let bias = Tensor::from_vec(m, (b, 1, 1, l), &dev).map_err(ce)?;
-        let heads = self.config.num_attention_heads;
+        let mask_v: Vec<i64> = mask.iter().copied().collect();
+        let bias = mask_bias(&mask_v);
         for (i, layer) in self.layers.iter().enumerate() {
-            let q = split_heads(&layer.q.forward(&x)?, heads)?;
-            let k = split_heads(&layer.k.forward(&x)?, heads)?;
-            let v = split_heads(&layer.v.forward(&x)?, heads)?;
-            let ctx = merge_heads(&attention(&q, &k, &v, Some(&bias))?)?;
+            let ctx = layer.attn.forward(&x, None, Some(&bias), false)?;
             rec(format!("encoder.layer.{i}.attention.self"), &ctx);
             let a = layer.attn_out.forward(&ctx)?;
-            let a = layer.attn_ln.forward(&(a + &x).map_err(ce)?)?;
+            let a = layer.attn_ln.forward_residual(&a, Some(&x))?;
             rec(format!("encoder.layer.{i}.attention"), &a);
-            let f = self.act.forward(&layer.inter.forward(&a)?)?;
+            let f = layer.inter.forward_act(&a, Some(self.act))?;
             rec(format!("encoder.layer.{i}.intermediate"), &f);
             let o = layer.out.forward(&f)?;
-            x = layer.out_ln.forward(&(o + &a).map_err(ce)?)?;
+            x = layer.out_ln.forward_residual(&o, Some(&a))?;
             rec(format!("encoder.layer.{i}"), &x);
         }
         if let Some(p) = &self.pooler {
@@ -367,28 +356,10 @@ impl BertEncoder {
         types: Option<ArrayView2<'_, i64>>,
     ) -> Result<Array2<f32>> {
         let hs = self.forward(ids, mask, types, None)?;
-        let (b, l) = ids.dim();
-        let m: Vec<f32> = mask.iter().map(|&v| v as f32).collect();
-        let mt = Tensor::from_vec(m, (b, l, 1), &Device::Cpu).map_err(ce)?;
-        let sum = hs.broadcast_mul(&mt).and_then(|t| t.sum(1)).map_err(ce)?;
-        let count = mt
-            .sum(1)
-            .and_then(|c| c.clamp(1e-9f32, f32::MAX))
-            .map_err(ce)?;
-        let mean = sum.broadcast_div(&count).map_err(ce)?;
-        let norm = mean
-            .sqr()
-            .and_then(|t| t.sum_keepdim(D::Minus1))
-            .and_then(|t| t.sqrt())
-            .and_then(|t| t.clamp(1e-12f32, f32::MAX))
-            .map_err(ce)?;
-        let e = mean.broadcast_div(&norm).map_err(ce)?;
+        let (b, _) = ids.dim();
+        let mask_v: Vec<i64> = mask.iter().copied().collect();
+        let e = l2_normalize(&mean_pool(&hs, Some(&mask_v))?)?;
         let h = self.config.hidden_size;
-        let v = e
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(ce)?;
-        Ok(Array2::from_shape_vec((b, h), v).expect("b x hidden"))
+        Ok(Array2::from_shape_vec((b, h), to_vec(&e)?).expect("b x hidden"))
     }
 }

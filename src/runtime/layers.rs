@@ -1,11 +1,16 @@
-//! Building blocks on candle tensors: linear layers (float or quantized at load time), layer
-//! norm, activations, softmax and multi-head attention.
+//! Building blocks on candle tensors: linear layers (float or quantized at load time, with
+//! optional int8 activations), embeddings, patch-embedding convolution, layer norm,
+//! multi-head attention (self and cross, with masks) and pooling.
 use super::ce;
-use crate::bitnet::linear::TernaryLinear;
+pub use super::ops::Activation;
+use super::ops::{self, tensor, with_f32, AttnShape};
+use crate::bitnet::linear::{BinaryLinear, TernaryLinear};
+use crate::bitnet::quant::activation_quant;
 use crate::quant::spec::{self, Granularity, QuantSpec};
-use crate::{Error, Result};
-use candle_core::{Device, Tensor, D};
-use ndarray::{Array2, ArrayViewD};
+use crate::{ensure, Error, Result};
+use candle_core::Tensor;
+use ndarray::{ArrayView2, ArrayViewD};
+use rayon::prelude::*;
 
 /// How linear weights are stored and multiplied, chosen at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +22,8 @@ pub enum WeightMode {
     Int4,
     /// BitNet b1.58 ternary weights at 2 bits, int8 activations, the packed integer kernel.
     Ternary,
+    /// XNOR-Net signs with per-row scales, binarized activations, the XNOR-popcount kernel.
+    Binary,
 }
 
 impl std::str::FromStr for WeightMode {
@@ -27,9 +34,10 @@ impl std::str::FromStr for WeightMode {
             "int8" => WeightMode::Int8,
             "int4" => WeightMode::Int4,
             "ternary" => WeightMode::Ternary,
+            "binary" => WeightMode::Binary,
             _ => {
                 return Err(Error::value(format!(
-                    "weights must be 'f32', 'int8', 'int4' or 'ternary', got {s:?}"
+                    "weights must be 'f32', 'int8', 'int4', 'ternary' or 'binary', got {s:?}"
                 )))
             }
         })
@@ -51,182 +59,602 @@ impl WeightMode {
     }
 }
 
-fn to_array2(t: &Tensor) -> Result<Array2<f32>> {
-    let (r, c) = t.dims2().map_err(ce)?;
-    let v = t.flatten_all().map_err(ce)?.to_vec1::<f32>().map_err(ce)?;
-    Ok(Array2::from_shape_vec((r, c), v).expect("dims match"))
-}
-
-fn from_array2(a: Array2<f32>) -> Result<Tensor> {
-    let (r, c) = a.dim();
-    let v = if a.is_standard_layout() {
-        a.into_raw_vec_and_offset().0
-    } else {
-        a.iter().copied().collect()
-    };
-    Tensor::from_vec(v, (r, c), &Device::Cpu).map_err(ce)
+/// The float32 elements of a tensor, copied.
+pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    with_f32(t, <[f32]>::to_vec)
 }
 
 enum Kernel {
-    /// (in, out): the transposed weight, contiguous for the GEMM.
+    /// (out, in) as PyTorch stores it (dequantized once for the integer modes).
     Float(Tensor),
     Ternary(TernaryLinear),
+    Binary(BinaryLinear),
 }
 
+/// `y = x @ w.T + b` over the last axis, with the weights in one of the `WeightMode`s.
 pub struct Linear {
     kernel: Kernel,
-    bias: Option<Tensor>,
+    bias: Option<Vec<f32>>,
+    /// Per-token absmax activation quantization before a float kernel (BitNet's recipe).
+    act_bits: Option<u32>,
+    pub in_features: usize,
+    pub out_features: usize,
 }
 
 impl Linear {
     /// `w` is (out, in) as PyTorch stores it.
     pub fn new(w: Tensor, bias: Option<Tensor>, mode: WeightMode) -> Result<Self> {
-        let kernel = match mode {
-            WeightMode::F32 => Kernel::Float(w.t().map_err(ce)?.contiguous().map_err(ce)?),
-            WeightMode::Int8 | WeightMode::Int4 => {
-                let a = to_array2(&w)?;
-                let q = spec::quantize(
-                    ArrayViewD::from(a.view().into_dyn()),
-                    mode.spec().unwrap(),
-                    None,
-                )?;
-                let deq = q.dequantize()?.into_dimensionality().expect("2-D weights");
-                Kernel::Float(
-                    from_array2(deq)?
-                        .t()
-                        .map_err(ce)?
-                        .contiguous()
-                        .map_err(ce)?,
-                )
-            }
-            WeightMode::Ternary => {
-                let b = match &bias {
-                    Some(b) => Some(b.to_vec1::<f32>().map_err(ce)?),
-                    None => None,
-                };
-                return Ok(Linear {
-                    kernel: Kernel::Ternary(TernaryLinear::from_float(to_array2(&w)?.view(), b)?),
-                    bias: None,
-                });
-            }
+        let (out_features, in_features) = w.dims2().map_err(ce)?;
+        let bias = bias.as_ref().map(to_vec).transpose()?;
+        if let Some(b) = &bias {
+            ensure!(
+                b.len() == out_features,
+                "bias has {} entries for {out_features} outputs",
+                b.len()
+            );
+        }
+        let kernel = with_f32(&w, |ws| -> Result<Kernel> {
+            let wv = ArrayView2::from_shape((out_features, in_features), ws).expect("2-D");
+            Ok(match mode {
+                WeightMode::F32 => Kernel::Float(w.clone()),
+                WeightMode::Int8 | WeightMode::Int4 => {
+                    let q = spec::quantize(
+                        ArrayViewD::from(wv.into_dyn()),
+                        mode.spec().unwrap(),
+                        None,
+                    )?;
+                    let deq = q.dequantize()?;
+                    Kernel::Float(tensor(
+                        deq.into_raw_vec_and_offset().0,
+                        (out_features, in_features),
+                    )?)
+                }
+                WeightMode::Ternary => {
+                    Kernel::Ternary(TernaryLinear::from_float(wv, bias.clone())?)
+                }
+                WeightMode::Binary => {
+                    Kernel::Binary(BinaryLinear::from_float(wv, bias.clone(), true)?)
+                }
+            })
+        })??;
+        let bias = match kernel {
+            // The integer kernels add the bias in their f64 epilogue.
+            Kernel::Ternary(_) | Kernel::Binary(_) => None,
+            Kernel::Float(_) => bias,
         };
-        Ok(Linear { kernel, bias })
+        Ok(Linear {
+            kernel,
+            bias,
+            act_bits: None,
+            in_features,
+            out_features,
+        })
     }
 
-    /// `x @ w.T + b` over the last axis of `x`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = *dims
-            .last()
-            .ok_or_else(|| Error::value("linear input is a scalar"))?;
-        let rows = x.elem_count() / k.max(1);
-        let x2 = x.reshape((rows, k)).map_err(ce)?;
-        let y = match &self.kernel {
-            Kernel::Float(wt) => x2.matmul(wt).map_err(ce)?,
-            Kernel::Ternary(t) => from_array2(t.forward(to_array2(&x2)?.view())?)?,
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b).map_err(ce)?,
-            None => y,
-        };
-        let mut out = dims;
-        *out.last_mut().unwrap() = y.dim(1).map_err(ce)?;
-        y.reshape(out).map_err(ce)
+    /// Quantizes the input rows to `bits`-bit integers per token (absmax, as BitNet does)
+    /// before the float kernel. Ternary layers always use 8 bits; binary ones use signs.
+    pub fn with_act_bits(mut self, bits: Option<u32>) -> Result<Self> {
+        if let Some(b) = bits {
+            ensure!(
+                (2..=8).contains(&b),
+                "act_bits must be between 2 and 8, got {b}"
+            );
+            match self.kernel {
+                Kernel::Ternary(_) => ensure!(
+                    b == 8,
+                    "ternary layers quantize activations to 8 bits; act_bits={b} is not supported"
+                ),
+                Kernel::Binary(_) => {
+                    return Err(Error::value(
+                        "binary layers binarize their activations; act_bits does not apply",
+                    ))
+                }
+                Kernel::Float(_) => self.act_bits = Some(b),
+            }
+        }
+        Ok(self)
     }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, None)
+    }
+
+    /// `act(x @ w.T + b)`, the activation fused into the same pass over the output.
+    pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let k = self.in_features;
+        ensure!(
+            dims.last() == Some(&k),
+            "linear layer expects {k} input features, got shape {dims:?}"
+        );
+        let rows = x.elem_count() / k.max(1);
+        let n = self.out_features;
+        let mut y = with_f32(x, |xs| -> Result<Vec<f32>> {
+            let xv = ArrayView2::from_shape((rows, k), xs).expect("rows x k");
+            Ok(match &self.kernel {
+                Kernel::Float(w) => {
+                    let quantized;
+                    let xs = match self.act_bits {
+                        Some(bits) => {
+                            let (q, s) = activation_quant(xv, bits)?;
+                            quantized = fake_quant_rows(q.view(), &s);
+                            &quantized[..]
+                        }
+                        None => xs,
+                    };
+                    with_f32(w, |ws| ops::linear(xs, k, ws, n, self.bias.as_deref()))?
+                }
+                Kernel::Ternary(t) => t.forward(xv)?.into_raw_vec_and_offset().0,
+                Kernel::Binary(b) => b.forward(xv)?.into_raw_vec_and_offset().0,
+            })
+        })??;
+        if let Some(a) = act {
+            a.apply(&mut y);
+        }
+        *dims.last_mut().unwrap() = n;
+        tensor(y, dims)
+    }
+}
+
+/// `q / s` row by row: the float values an activation quantizer hands to a float kernel.
+fn fake_quant_rows(q: ArrayView2<'_, i8>, s: &[f32]) -> Vec<f32> {
+    let k = q.ncols();
+    let q = q.as_slice().expect("fresh arrays are contiguous");
+    let mut out = vec![0f32; q.len()];
+    out.par_chunks_mut(k.max(1))
+        .zip(q.par_chunks(k.max(1)))
+        .zip(s.par_iter())
+        .for_each(|((o, q), &s)| o.iter_mut().zip(q).for_each(|(o, &q)| *o = q as f32 / s));
+    out
 }
 
 pub struct LayerNorm {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    pub eps: f64,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    eps: f32,
 }
 
 impl LayerNorm {
+    pub fn new(weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Self> {
+        let (weight, bias) = (to_vec(weight)?, to_vec(bias)?);
+        ensure!(
+            weight.len() == bias.len() && !weight.is_empty(),
+            "layer norm weight and bias differ in size"
+        );
+        Ok(LayerNorm {
+            weight,
+            bias,
+            eps: eps as f32,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1).map_err(ce)?;
-        let xc = x.broadcast_sub(&mean).map_err(ce)?;
-        let var = xc.sqr().map_err(ce)?.mean_keepdim(D::Minus1).map_err(ce)?;
-        let inv = (var + self.eps).map_err(ce)?.sqrt().map_err(ce)?;
-        xc.broadcast_div(&inv)
-            .and_then(|y| y.broadcast_mul(&self.weight))
-            .and_then(|y| y.broadcast_add(&self.bias))
+        self.forward_residual(x, None)
+    }
+
+    /// `LayerNorm(x + residual)` in one pass (post-norm transformer blocks).
+    pub fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.weight.len();
+        ensure!(
+            x.dims().last() == Some(&h),
+            "layer norm over {h} features got shape {:?}",
+            x.dims()
+        );
+        let y = with_f32(x, |xs| match residual {
+            Some(r) => {
+                ensure!(
+                    r.dims() == x.dims(),
+                    "residual shape {:?} differs from {:?}",
+                    r.dims(),
+                    x.dims()
+                );
+                with_f32(r, |rs| {
+                    ops::layer_norm(xs, Some(rs), &self.weight, &self.bias, self.eps)
+                })
+            }
+            None => Ok(ops::layer_norm(
+                xs,
+                None,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )),
+        })??;
+        tensor(y, x.dims())
+    }
+}
+
+/// A lookup table of rows (token, position or type embeddings).
+pub struct Embedding {
+    table: Tensor,
+    pub rows: usize,
+    pub dim: usize,
+}
+
+impl Embedding {
+    pub fn new(table: Tensor) -> Result<Self> {
+        let (rows, dim) = table.dims2().map_err(ce)?;
+        Ok(Embedding { table, rows, dim })
+    }
+
+    /// Rows `ids` of the table, shaped `shape + [dim]`; an id outside the table is an error.
+    pub fn forward(&self, ids: &[i64], shape: &[usize]) -> Result<Tensor> {
+        ensure!(
+            shape.iter().product::<usize>() == ids.len(),
+            "ids have {} entries for shape {shape:?}",
+            ids.len()
+        );
+        if let Some(bad) = ids.iter().find(|&&i| i < 0 || i as usize >= self.rows) {
+            return Err(Error::value(format!(
+                "id {bad} is outside the embedding table of {} rows",
+                self.rows
+            )));
+        }
+        let d = self.dim;
+        let mut out = vec![0f32; ids.len() * d];
+        with_f32(&self.table, |t| {
+            out.par_chunks_mut(d.max(1))
+                .zip(ids.par_iter())
+                .for_each(|(o, &i)| o.copy_from_slice(&t[i as usize * d..(i as usize + 1) * d]))
+        })?;
+        let mut dims = shape.to_vec();
+        dims.push(d);
+        tensor(out, dims)
+    }
+
+    /// The first `n` rows (positions 0..n).
+    pub fn first(&self, n: usize) -> Result<Tensor> {
+        ensure!(
+            n <= self.rows,
+            "{n} positions exceed the table's {}",
+            self.rows
+        );
+        self.table.narrow(0, 0, n).map_err(ce)
+    }
+}
+
+/// A 2-D convolution by im2col and the (possibly quantized) linear kernel: weights
+/// (out, in, kh, kw), no dilation, no groups. Patch embeddings are its stride = kernel case.
+pub struct Conv2d {
+    proj: Linear,
+    pub channels: usize,
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+}
+
+impl Conv2d {
+    pub fn new(
+        w: Tensor,
+        bias: Option<Tensor>,
+        stride: (usize, usize),
+        padding: (usize, usize),
+        mode: WeightMode,
+    ) -> Result<Self> {
+        let (out, channels, kh, kw) = w.dims4().map_err(ce)?;
+        ensure!(stride.0 > 0 && stride.1 > 0, "stride must be positive");
+        let flat = w.reshape((out, channels * kh * kw)).map_err(ce)?;
+        Ok(Conv2d {
+            proj: Linear::new(flat, bias, mode)?,
+            channels,
+            kernel: (kh, kw),
+            stride,
+            padding,
+        })
+    }
+
+    /// Output height and width for an input of `h` x `w`.
+    pub fn out_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let (ph, pw) = (h + 2 * self.padding.0, w + 2 * self.padding.1);
+        ensure!(
+            ph >= self.kernel.0 && pw >= self.kernel.1,
+            "input {h}x{w} is smaller than the kernel {:?}",
+            self.kernel
+        );
+        Ok((
+            (ph - self.kernel.0) / self.stride.0 + 1,
+            (pw - self.kernel.1) / self.stride.1 + 1,
+        ))
+    }
+
+    /// Images (batch, channels, h, w) to tokens (batch, oh * ow, out), row-major over the
+    /// output grid: what ViT's `proj(x).flatten(2).transpose(1, 2)` gives.
+    pub fn forward_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4().map_err(ce)?;
+        ensure!(
+            c == self.channels,
+            "convolution expects {} channels, got {c}",
+            self.channels
+        );
+        let (oh, ow) = self.out_size(h, w)?;
+        let (kh, kw) = self.kernel;
+        let cols = c * kh * kw;
+        let mut patches = vec![0f32; b * oh * ow * cols];
+        with_f32(x, |xs| {
+            patches
+                .par_chunks_mut(cols)
+                .enumerate()
+                .for_each(|(r, row)| {
+                    let (bi, oy, ox) = (r / (oh * ow), (r / ow) % oh, r % ow);
+                    for ci in 0..c {
+                        for ky in 0..kh {
+                            let y = (oy * self.stride.0 + ky) as isize - self.padding.0 as isize;
+                            for kx in 0..kw {
+                                let xx =
+                                    (ox * self.stride.1 + kx) as isize - self.padding.1 as isize;
+                                let inside =
+                                    y >= 0 && xx >= 0 && (y as usize) < h && (xx as usize) < w;
+                                row[(ci * kh + ky) * kw + kx] = if inside {
+                                    xs[((bi * c + ci) * h + y as usize) * w + xx as usize]
+                                } else {
+                                    0.0
+                                };
+                            }
+                        }
+                    }
+                })
+        })?;
+        self.proj.forward(&tensor(patches, (b, oh * ow, cols))?)
+    }
+
+    /// (batch, out, oh, ow), as `nn.Conv2d` returns.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4().map_err(ce)?;
+        let (oh, ow) = self.out_size(h, w)?;
+        let t = self.forward_tokens(x)?;
+        let (b, _, o) = t.dims3().map_err(ce)?;
+        t.transpose(1, 2)
+            .and_then(|t| t.contiguous())
+            .and_then(|t| t.reshape((b, o, oh, ow)))
             .map_err(ce)
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// erf form (PyTorch `nn.GELU()`, transformers "gelu").
-    Gelu,
-    /// tanh approximation (transformers "gelu_new" / "gelu_pytorch_tanh").
-    GeluTanh,
-    Relu,
-    Silu,
+/// Additive attention bias from a (batch, len) 0/1 key mask: 0 where 1, the most negative
+/// float where 0 (what transformers adds).
+pub fn mask_bias(mask: &[i64]) -> Vec<f32> {
+    mask.iter()
+        .map(|&v| if v != 0 { 0.0 } else { f32::MIN })
+        .collect()
 }
 
-impl Activation {
-    pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "gelu" => Activation::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
-            "relu" => Activation::Relu,
-            "silu" | "swish" => Activation::Silu,
-            _ => {
-                return Err(Error::value(format!(
-                    "unsupported activation {s:?}; supported: gelu, gelu_new, gelu_pytorch_tanh, relu, silu"
-                )))
-            }
-        })
+/// Multi-head attention with its query, key and value projections; self-attention when no
+/// context is given, cross-attention over the context (image tokens, say) otherwise. The
+/// output projection is the caller's, so the context vectors can be recorded before it.
+pub struct MultiHeadAttention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub heads: usize,
+}
+
+impl MultiHeadAttention {
+    pub fn new(q: Linear, k: Linear, v: Linear, heads: usize) -> Result<Self> {
+        let h = q.out_features;
+        ensure!(
+            heads > 0 && h % heads == 0,
+            "width {h} is not a multiple of {heads} heads"
+        );
+        ensure!(
+            k.out_features == h && v.out_features == h && k.in_features == v.in_features,
+            "query, key and value projections disagree in size"
+        );
+        Ok(MultiHeadAttention { q, k, v, heads })
     }
 
-    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Activation::Gelu => x.gelu_erf(),
-            Activation::GeluTanh => x.gelu(),
-            Activation::Relu => x.relu(),
-            Activation::Silu => x.silu(),
+    /// `x` (batch, lq, width) attends to `context` (batch, lk, width_ctx), or to itself.
+    /// `key_bias` (batch * lk) is added to the scores (see `mask_bias`); `causal` hides later
+    /// keys. Returns the merged heads (batch, lq, width).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        key_bias: Option<&[f32]>,
+        causal: bool,
+    ) -> Result<Tensor> {
+        let ctx = context.unwrap_or(x);
+        let (b, lq, _) = x.dims3().map_err(ce)?;
+        let (bk, lk, _) = ctx.dims3().map_err(ce)?;
+        ensure!(b == bk, "queries have batch {b}, context {bk}");
+        if let Some(m) = key_bias {
+            ensure!(
+                m.len() == b * lk,
+                "key mask has {} entries for ({b}, {lk})",
+                m.len()
+            );
         }
-        .map_err(ce)
+        let (q, k, v) = (
+            self.q.forward(x)?,
+            self.k.forward(ctx)?,
+            self.v.forward(ctx)?,
+        );
+        let h = self.q.out_features;
+        let shape = AttnShape {
+            batch: b,
+            lq,
+            lk,
+            heads: self.heads,
+            dim: h / self.heads,
+        };
+        let out = with_f32(&q, |q| {
+            with_f32(&k, |k| {
+                with_f32(&v, |v| ops::attention(q, k, v, shape, key_bias, causal))
+            })
+        })???;
+        tensor(out, (b, lq, h))
     }
 }
 
-/// Softmax over the last axis, max-subtracted.
-pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    let m = x.max_keepdim(D::Minus1).map_err(ce)?;
-    let e = x.broadcast_sub(&m).map_err(ce)?.exp().map_err(ce)?;
-    let s = e.sum_keepdim(D::Minus1).map_err(ce)?;
-    e.broadcast_div(&s).map_err(ce)
+/// Mean over the unmasked tokens of (batch, len, dim) (all tokens without a mask).
+pub fn mean_pool(x: &Tensor, mask: Option<&[i64]>) -> Result<Tensor> {
+    let (b, l, d) = x.dims3().map_err(ce)?;
+    if let Some(m) = mask {
+        ensure!(
+            m.len() == b * l,
+            "mask has {} entries for ({b}, {l})",
+            m.len()
+        );
+    }
+    let out = with_f32(x, |xs| {
+        let mut out = vec![0f32; b * d];
+        for (bi, o) in out.chunks_exact_mut(d).enumerate() {
+            let mut count = 0f32;
+            for t in 0..l {
+                let w = mask.map_or(1.0, |m| m[bi * l + t] as f32);
+                if w != 0.0 {
+                    let row = &xs[(bi * l + t) * d..(bi * l + t + 1) * d];
+                    o.iter_mut().zip(row).for_each(|(o, v)| *o += v * w);
+                    count += w;
+                }
+            }
+            let c = count.max(1e-9);
+            o.iter_mut().for_each(|v| *v /= c);
+        }
+        out
+    })?;
+    tensor(out, (b, d))
 }
 
-/// Scaled dot-product attention of (batch, heads, len, dim) tensors; `bias` is added to the
-/// scores (a mask as 0 / large negative), broadcast to (batch, heads, len_q, len_k).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let d = q.dim(D::Minus1).map_err(ce)? as f64;
-    let kt = k.transpose(2, 3).map_err(ce)?.contiguous().map_err(ce)?;
-    let s =
-        (q.contiguous().map_err(ce)?.matmul(&kt).map_err(ce)? * (1.0 / d.sqrt())).map_err(ce)?;
-    let s = match bias {
-        Some(b) => s.broadcast_add(b).map_err(ce)?,
-        None => s,
-    };
-    softmax(&s)?
-        .matmul(&v.contiguous().map_err(ce)?)
-        .map_err(ce)
+/// Each row of (rows, dim) divided by its L2 norm (at least 1e-12), as `F.normalize`.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let d = *x
+        .dims()
+        .last()
+        .ok_or_else(|| Error::value("cannot normalize a scalar"))?;
+    let out = with_f32(x, |xs| {
+        let mut out = xs.to_vec();
+        for row in out.chunks_exact_mut(d.max(1)) {
+            let n = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            row.iter_mut().for_each(|v| *v /= n);
+        }
+        out
+    })?;
+    tensor(out, x.dims())
 }
 
-/// (batch, len, heads * dim) to (batch, heads, len, dim).
-pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, l, h) = x.dims3().map_err(ce)?;
-    x.reshape((b, l, heads, h / heads))
-        .and_then(|t| t.transpose(1, 2))
-        .map_err(ce)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
 
-/// (batch, heads, len, dim) back to (batch, len, heads * dim).
-pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, nh, l, d) = x.dims4().map_err(ce)?;
-    x.transpose(1, 2)
-        .and_then(|t| t.contiguous())
-        .and_then(|t| t.reshape((b, l, nh * d)))
-        .map_err(ce)
+    fn det(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 1013) as f32 / 506.5) - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn conv2d_matches_a_direct_convolution() {
+        let (b, c, h, w, o, kh, kw) = (2, 3, 9, 7, 5, 3, 2);
+        let x = det(b * c * h * w, 1);
+        let wt = det(o * c * kh * kw, 2);
+        let bias = det(o, 3);
+        for (stride, pad) in [((1, 1), (0, 0)), ((2, 3), (1, 1)), ((3, 2), (2, 0))] {
+            let conv = Conv2d::new(
+                tensor(wt.clone(), (o, c, kh, kw)).unwrap(),
+                Some(tensor(bias.clone(), o).unwrap()),
+                stride,
+                pad,
+                WeightMode::F32,
+            )
+            .unwrap();
+            let y = conv
+                .forward(&tensor(x.clone(), (b, c, h, w)).unwrap())
+                .unwrap();
+            let (oh, ow) = conv.out_size(h, w).unwrap();
+            assert_eq!(y.dims(), &[b, o, oh, ow]);
+            let y = to_vec(&y).unwrap();
+            for bi in 0..b {
+                for oc in 0..o {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let mut want = bias[oc] as f64;
+                            for ci in 0..c {
+                                for ky in 0..kh {
+                                    for kx in 0..kw {
+                                        let iy = (oy * stride.0 + ky) as isize - pad.0 as isize;
+                                        let ix = (ox * stride.1 + kx) as isize - pad.1 as isize;
+                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize
+                                        {
+                                            continue;
+                                        }
+                                        want += x
+                                            [((bi * c + ci) * h + iy as usize) * w + ix as usize]
+                                            as f64
+                                            * wt[((oc * c + ci) * kh + ky) * kw + kx] as f64;
+                                    }
+                                }
+                            }
+                            let got = y[((bi * o + oc) * oh + oy) * ow + ox] as f64;
+                            assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+        let conv = Conv2d::new(
+            tensor(wt, (o, c, kh, kw)).unwrap(),
+            None,
+            (1, 1),
+            (0, 0),
+            WeightMode::F32,
+        )
+        .unwrap();
+        let small = Tensor::zeros((1, c, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(conv
+            .forward(&small)
+            .unwrap_err()
+            .to_string()
+            .contains("smaller than the kernel"));
+        let wrong = Tensor::zeros((1, c + 1, 5, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(conv
+            .forward(&wrong)
+            .unwrap_err()
+            .to_string()
+            .contains("channels"));
+    }
+
+    #[test]
+    fn cross_attention_and_embeddings() {
+        let (b, lq, lk, width, heads) = (2, 3, 5, 8, 2);
+        let eye = |n: usize| {
+            let mut v = vec![0f32; n * n];
+            (0..n).for_each(|i| v[i * n + i] = 1.0);
+            tensor(v, (n, n)).unwrap()
+        };
+        let lin = || Linear::new(eye(width), None, WeightMode::F32).unwrap();
+        let mha = MultiHeadAttention::new(lin(), lin(), lin(), heads).unwrap();
+        let x = tensor(det(b * lq * width, 4), (b, lq, width)).unwrap();
+        let ctx = tensor(det(b * lk * width, 5), (b, lk, width)).unwrap();
+        let mut bias = vec![0f32; b * lk];
+        bias[lk + 4] = f32::MIN;
+        let y = mha.forward(&x, Some(&ctx), Some(&bias), false).unwrap();
+        let want = ops::attention(
+            &to_vec(&x).unwrap(),
+            &to_vec(&ctx).unwrap(),
+            &to_vec(&ctx).unwrap(),
+            AttnShape {
+                batch: b,
+                lq,
+                lk,
+                heads,
+                dim: width / heads,
+            },
+            Some(&bias),
+            false,
+        );
+        assert_eq!(to_vec(&y).unwrap(), want);
+        assert!(mha
+            .forward(&x, Some(&ctx), Some(&bias[1..]), false)
+            .is_err());
+        let emb = Embedding::new(tensor(det(10 * 4, 6), (10, 4)).unwrap()).unwrap();
+        let e = emb.forward(&[3, 0, 9], &[3]).unwrap();
+        assert_eq!(to_vec(&e).unwrap()[4..8], det(40, 6)[0..4]);
+        assert!(emb
+            .forward(&[10], &[1])
+            .unwrap_err()
+            .to_string()
+            .contains("outside"));
+        assert!(emb.forward(&[-1], &[1]).is_err());
+    }
 }

@@ -1,14 +1,33 @@
 //! Tensors of a safetensors file, memory-mapped and converted to float32 candle tensors, with
-//! names checked against what a model expects.
+//! names checked against what a model expects. Quantized checkpoints written by
+//! `lowbit quantize` load too: their tensors are dequantized once from the stored codes.
 use super::ce;
-use crate::quant::checkpoint::{float_data, map_file, parse, FloatData};
+use crate::quant::checkpoint::{self, float_data, map_file, parse, Entry, FloatData, FORMAT_KEY};
+use crate::quant::spec::QuantSpec;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
+use safetensors::tensor::TensorView;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 pub struct Weights {
     tensors: BTreeMap<String, Tensor>,
+    /// Tensors stored quantized in the file, with their spec.
+    quantized: BTreeMap<String, QuantSpec>,
+}
+
+/// A float tensor of the file as float32 (None for integer buffers and f64, which no layer
+/// of the runtime takes as a weight).
+fn to_tensor(view: &TensorView<'_>) -> Result<Option<Tensor>> {
+    let data: Vec<f32> = match float_data(view) {
+        Some(FloatData::F32(v)) => v.into_owned(),
+        Some(FloatData::F16(v)) => v.iter().map(|x| x.to_f32()).collect(),
+        Some(FloatData::BF16(v)) => v.iter().map(|x| x.to_f32()).collect(),
+        Some(FloatData::F64(_)) | None => return Ok(None),
+    };
+    Tensor::from_vec(data, view.shape(), &Device::Cpu)
+        .map(Some)
+        .map_err(ce)
 }
 
 impl Weights {
@@ -16,24 +35,65 @@ impl Weights {
     /// is converted to float32 once).
     pub fn load(path: &Path) -> Result<Self> {
         let map = map_file(path)?;
-        let (st, _) = parse(&map, path)?;
+        let (st, meta) = parse(&map, path)?;
+        if meta.contains_key(FORMAT_KEY) {
+            return Self::load_quantized(path);
+        }
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
-            let data: Vec<f32> = match float_data(&view) {
-                Some(FloatData::F32(v)) => v.into_owned(),
-                Some(FloatData::F16(v)) => v.iter().map(|x| x.to_f32()).collect(),
-                Some(FloatData::BF16(v)) => v.iter().map(|x| x.to_f32()).collect(),
-                // Integer buffers (position ids) are not weights; f64 is not a weight dtype here.
-                Some(FloatData::F64(_)) | None => continue,
-            };
-            let t = Tensor::from_vec(data, view.shape(), &Device::Cpu).map_err(ce)?;
-            tensors.insert(name, t);
+            if let Some(t) = to_tensor(&view)? {
+                tensors.insert(name, t);
+            }
         }
-        Ok(Weights { tensors })
+        Ok(Weights {
+            tensors,
+            quantized: BTreeMap::new(),
+        })
+    }
+
+    fn load_quantized(path: &Path) -> Result<Self> {
+        let mut w = Weights {
+            tensors: BTreeMap::new(),
+            quantized: BTreeMap::new(),
+        };
+        for (name, entry) in checkpoint::load(path)? {
+            let t = match entry {
+                Entry::Quantized { tensor, .. } => {
+                    let d = tensor.dequantize()?;
+                    w.quantized.insert(name.clone(), tensor.spec);
+                    Some(
+                        Tensor::from_vec(d.into_raw_vec_and_offset().0, tensor.shape, &Device::Cpu)
+                            .map_err(ce)?,
+                    )
+                }
+                Entry::Raw { dtype, shape, data } => {
+                    let view = TensorView::new(dtype, shape, &data)
+                        .map_err(|e| Error::format(format!("tensor {name}: {e}")))?;
+                    to_tensor(&view)?
+                }
+            };
+            if let Some(t) = t {
+                w.tensors.insert(name, t);
+            }
+        }
+        Ok(w)
+    }
+
+    /// Whether the file stored `name` quantized (its codes are then used as stored).
+    pub fn is_quantized(&self, name: &str) -> bool {
+        self.quantized.contains_key(name)
+    }
+
+    /// The spec of each tensor the file stored quantized.
+    pub fn quantized(&self) -> &BTreeMap<String, QuantSpec> {
+        &self.quantized
     }
 
     pub fn from_map(tensors: BTreeMap<String, Tensor>) -> Self {
-        Weights { tensors }
+        Weights {
+            tensors,
+            quantized: BTreeMap::new(),
+        }
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
