@@ -2,7 +2,7 @@
 
 Method
 ------
-* A randomly initialised BERT (``--hidden``, ``--layers``, heads = hidden / 64, intermediate =
+* A randomly initialised BERT (``--hidden``, ``--layers``, ``--heads``, intermediate =
   4 x hidden) saved with ``save_pretrained`` and loaded by both; inputs of ``--batch`` x
   ``--length`` tokens, all unmasked.
 * Each row: best of ``--repeat`` forward passes after 2 warm-ups and a 0.2 s pause, in the same
@@ -16,7 +16,7 @@ Method
 * Load: best of ``--repeat`` ``BertEncoder.load`` calls of the saved checkpoint (its size is
   printed; the default model's file is about 90 MB), memory-mapped from the page cache.
 
-Run: ``python benches/compare_runtime.py [--hidden 384] [--layers 6] [--batch 8] [--length 128]``
+Run: ``python benches/compare_runtime.py [--hidden 384] [--layers 6] [--heads 12] [--batch 8] [--length 128]``
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=5)
@@ -53,7 +54,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     h = args.hidden
-    cfg = BertConfig(vocab_size=30522, hidden_size=h, num_hidden_layers=args.layers, num_attention_heads=max(h // 64, 1),
+    cfg = BertConfig(vocab_size=30522, hidden_size=h, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                      intermediate_size=4 * h, max_position_embeddings=512)
     model = BertModel(cfg, add_pooling_layer=False).eval()
     path = tempfile.mkdtemp()
@@ -64,7 +65,7 @@ def main() -> None:
     gemm = 2 * 2048**3 / best_time(lambda: g @ g, args.repeat) / 1e9
     flops = nas.from_torch(model, (ids, inputs["attention_mask"])).flops
     print(f"lowbit {lowbit.__version__}, torch {torch.__version__}, threads {args.threads}; BERT hidden {h}, "
-          f"{args.layers} layers, batch {args.batch} x {args.length} tokens, {flops / 1e9:.2f} GFLOP per pass")
+          f"{args.layers} layers, {args.heads} heads, batch {args.batch} x {args.length} tokens, {flops / 1e9:.2f} GFLOP per pass")
     print(f"ceiling: torch float32 GEMM 2048^3 {gemm:.1f} GFLOP/s\n")
     with torch.no_grad():
         t_torch = best_time(lambda: model(**inputs), args.repeat)
