@@ -349,15 +349,28 @@ fn tv(d: Dtype, shape: Vec<usize>, data: &[u8]) -> Result<TensorView<'_>> {
 /// Reads a quantized checkpoint, validating every quantized tensor against its metadata.
 /// Anything inconsistent in the file is a `Format` error.
 pub fn load(path: &Path) -> Result<Vec<(String, Entry)>> {
-    load_entries(path).map_err(|e| match e {
+    let map = map_file(path)?;
+    let (st, meta) = parse(&map, path)?;
+    entries(&st, &meta, path)
+}
+
+/// `load` of a file already mapped and parsed (`path` names it in errors).
+pub(crate) fn entries(
+    st: &SafeTensors<'_>,
+    meta: &HashMap<String, String>,
+    path: &Path,
+) -> Result<Vec<(String, Entry)>> {
+    read_entries(st, meta, path).map_err(|e| match e {
         Error::Value(m) => Error::Format(m),
         e => e,
     })
 }
 
-fn load_entries(path: &Path) -> Result<Vec<(String, Entry)>> {
-    let map = map_file(path)?;
-    let (st, meta) = parse(&map, path)?;
+fn read_entries(
+    st: &SafeTensors<'_>,
+    meta: &HashMap<String, String>,
+    path: &Path,
+) -> Result<Vec<(String, Entry)>> {
     ensure!(
         meta.get(FORMAT_KEY).map(String::as_str) == Some(FORMAT),
         "{} is not a lowbit quantized checkpoint (metadata {FORMAT_KEY:?} is missing or unknown)",

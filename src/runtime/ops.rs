@@ -384,8 +384,7 @@ pub fn softmax_row(row: &mut [f32]) {
 }
 
 /// Shapes of a multi-head attention: queries (batch, lq, heads * dim) and keys / values
-/// (batch, lk, heads * dim), each row `*_stride` floats apart (so Q, K and V may be column
-/// blocks of one fused projection).
+/// (batch, lk, heads * dim), all row-major and contiguous.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
     pub batch: usize,

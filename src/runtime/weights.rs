@@ -37,7 +37,7 @@ impl Weights {
         let map = map_file(path)?;
         let (st, meta) = parse(&map, path)?;
         if meta.contains_key(FORMAT_KEY) {
-            return Self::load_quantized(path);
+            return Self::from_entries(checkpoint::entries(&st, &meta, path)?);
         }
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
@@ -51,12 +51,13 @@ impl Weights {
         })
     }
 
-    fn load_quantized(path: &Path) -> Result<Self> {
+    /// The tensors of a quantized checkpoint: quantized ones dequantized once, float ones as is.
+    fn from_entries(entries: Vec<(String, Entry)>) -> Result<Self> {
         let mut w = Weights {
             tensors: BTreeMap::new(),
             quantized: BTreeMap::new(),
         };
-        for (name, entry) in checkpoint::load(path)? {
+        for (name, entry) in entries {
             let t = match entry {
                 Entry::Quantized { tensor, .. } => {
                     let d = tensor.dequantize()?;
