@@ -2,7 +2,7 @@
 //! exact integer GEMM and a float rescale.
 use super::binary::SignMatrix;
 use super::quant;
-use super::ternary::TernaryMatrix;
+use super::ternary::{Rescale, TernaryMatrix};
 use crate::{ensure, Result};
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
@@ -48,16 +48,20 @@ impl TernaryLinear {
     /// from the exact int32 products and rounded to f32.
     pub fn forward(&self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         let (q, sx) = quant::activation_quant(x, 8)?;
-        let acc = self.w.matmul(q.view())?;
         let row: Vec<f64> = sx.iter().map(|&s| 1.0 / s as f64).collect();
-        Ok(rescale(acc, &row, &self.scale, self.bias.as_deref()))
+        let (col, bias) = epilogue_vectors(self.w.n, &self.scale, self.bias.as_deref());
+        let epi = Rescale {
+            row: &row,
+            col: &col,
+            bias: &bias,
+        };
+        self.w.matmul_with(q.view(), &epi, super::use_avx2())
     }
 }
 
-/// `acc[i, j] * row[i] * col[j] + bias[j]` in f64, rounded to f32; `col` has one entry or one
-/// per column. Rows are split over rayon's threads.
-fn rescale(acc: Array2<i32>, row: &[f64], col: &[f32], bias: Option<&[f32]>) -> Array2<f32> {
-    let (m, n) = acc.dim();
+/// The per-column scale (one entry, or one per column) and bias (zeros without one) of `n`
+/// columns in f64, for the rescale epilogues.
+fn epilogue_vectors(n: usize, col: &[f32], bias: Option<&[f32]>) -> (Vec<f64>, Vec<f64>) {
     let col: Vec<f64> = if col.len() == 1 {
         vec![col[0] as f64; n]
     } else {
@@ -67,6 +71,14 @@ fn rescale(acc: Array2<i32>, row: &[f64], col: &[f32], bias: Option<&[f32]>) -> 
         Some(b) => b.iter().map(|&v| v as f64).collect(),
         None => vec![0.0; n],
     };
+    (col, bias)
+}
+
+/// `acc[i, j] * (row[i] * col[j]) + bias[j]` in f64, rounded to f32 (as `Rescale`); `col` has
+/// one entry or one per column. Rows are split over rayon's threads.
+fn rescale(acc: Array2<i32>, row: &[f64], col: &[f32], bias: Option<&[f32]>) -> Array2<f32> {
+    let (m, n) = acc.dim();
+    let (col, bias) = epilogue_vectors(n, col, bias);
     // The f32 results overwrite the i32 products in place (same size): a second buffer of
     // this size would cost a page fault per 4 KiB on every call.
     let mut buf: Vec<i32> = if acc.is_standard_layout() {

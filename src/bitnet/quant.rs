@@ -47,7 +47,6 @@ pub fn activation_quant(x: ArrayView2<'_, f32>, bits: u32) -> Result<(Array2<i8>
         (2..=8).contains(&bits),
         "bits must be between 2 and 8, got {bits}"
     );
-    check_finite(&x, "x")?;
     let qb = ((1i32 << (bits - 1)) - 1) as f32;
     let (rows, k) = x.dim();
     let mut q = Array2::<i8>::zeros((rows, k));
@@ -65,6 +64,7 @@ pub fn activation_quant(x: ArrayView2<'_, f32>, bits: u32) -> Result<(Array2<i8>
     };
     // Small inputs (a decode step's single row) stay on this thread: waking the pool would
     // cost more than the work.
+    // NaN / Inf are found by the row kernel (a non-finite max) in the same pass.
     let scales: Vec<f32> = if rows * k < 1 << 16 {
         q.axis_iter_mut(Axis(0))
             .zip(x.axis_iter(Axis(0)))
@@ -77,7 +77,18 @@ pub fn activation_quant(x: ArrayView2<'_, f32>, bits: u32) -> Result<(Array2<i8>
             .map(row)
             .collect()
     };
+    ensure!(scales.iter().all(|s| !s.is_nan()), "x contains NaN or Inf");
     Ok((q, scales))
+}
+
+/// `max(m, a)` that keeps a NaN from either side (branch-free, vectorizes).
+#[inline(always)]
+fn nan_max(m: f32, a: f32) -> f32 {
+    if a > m || a.is_nan() {
+        a
+    } else {
+        m
+    }
 }
 
 /// One row of `activation_quant`, compiled per instruction set (`vroundps` for the rounding).
@@ -91,12 +102,35 @@ impl crate::quant::simd::Kernel for RowQuant<'_> {
     type Output = f32;
     #[inline(always)]
     fn run(self) -> f32 {
-        let amax = self.x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        // max |x| in eight lanes (vectorizes); a NaN wins, so a non-finite row ends with a
+        // non-finite max and the multiplier returned is NaN.
+        let mut lanes = [0f32; 8];
+        let chunks = self.x.chunks_exact(8);
+        let mut amax = 0f32;
+        for v in chunks.remainder() {
+            let a = v.abs();
+            amax = nan_max(amax, a);
+        }
+        for c in chunks {
+            for i in 0..8 {
+                let a = c[i].abs();
+                lanes[i] = nan_max(lanes[i], a);
+            }
+        }
+        for l in lanes {
+            amax = nan_max(amax, l);
+        }
+        if !amax.is_finite() {
+            return f32::NAN;
+        }
         // `127.0 / t` in torch is `t.reciprocal() * 127.0`: two float32 roundings.
         let s = (1.0 / amax.max(1e-5)) * self.qb;
         let lo = -self.qb - 1.0;
         for (o, v) in self.q.iter_mut().zip(self.x) {
-            *o = (v * s).round_ties_even().max(lo).min(self.qb) as i8;
+            let c = (v * s).round_ties_even().max(lo).min(self.qb);
+            // SAFETY: the row is finite (checked above), so `c` is an integer in [lo, qb]. The
+            // saturating `as` casts compile to scalar code; this one vectorizes.
+            *o = unsafe { c.to_int_unchecked::<i32>() } as i8;
         }
         s
     }

@@ -228,18 +228,33 @@ impl Activation {
         })
     }
 
+    /// Plain `for` loops, not `for_each`: a closure-taking iterator method is a separate
+    /// generic function that LLVM may leave un-inlined, compiled for the baseline target
+    /// instead of the caller's AVX2 (GELU ran 4 lanes wide, 4x slower, that way).
     #[inline(always)]
     fn apply_slice(self, v: &mut [f32]) {
         match self {
-            Activation::Gelu => v
-                .iter_mut()
-                .for_each(|x| *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2))),
-            Activation::GeluTanh => v.iter_mut().for_each(|x| {
-                let u = 0.797_884_6 * (*x + 0.044_715 * *x * *x * *x);
-                *x = 0.5 * *x * (1.0 + tanh(u))
-            }),
-            Activation::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
-            Activation::Silu => v.iter_mut().for_each(|x| *x = *x / (1.0 + exp(-*x))),
+            Activation::Gelu => {
+                for x in v {
+                    *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
+                }
+            }
+            Activation::GeluTanh => {
+                for x in v {
+                    let u = 0.797_884_6 * (*x + 0.044_715 * *x * *x * *x);
+                    *x = 0.5 * *x * (1.0 + tanh(u));
+                }
+            }
+            Activation::Relu => {
+                for x in v {
+                    *x = x.max(0.0);
+                }
+            }
+            Activation::Silu => {
+                for x in v {
+                    *x = *x / (1.0 + exp(-*x));
+                }
+            }
         }
     }
 
@@ -278,12 +293,13 @@ impl Kernel for SoftmaxRows<'_> {
     fn run(self) {
         for (i, row) in self.scores.chunks_exact_mut(self.lk).enumerate() {
             if let Some(m) = self.bias {
-                row.iter_mut().zip(m).for_each(|(x, b)| *x += b);
+                for (x, b) in row.iter_mut().zip(m) {
+                    *x += b;
+                }
             }
             if let Some(off) = self.causal {
-                row.iter_mut()
-                    .skip(i + off + 1)
-                    .for_each(|x| *x = f32::NEG_INFINITY);
+                let from = (i + off + 1).min(self.lk);
+                row[from..].fill(f32::NEG_INFINITY);
             }
             softmax_row(row);
         }
@@ -364,7 +380,9 @@ impl Kernel for NormRows<'_> {
         let h = self.weight.len();
         for row in self.block.chunks_exact_mut(h) {
             let mean = sum(row) / h as f32;
-            row.iter_mut().for_each(|v| *v -= mean);
+            for v in row.iter_mut() {
+                *v -= mean;
+            }
             let var = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
             let inv = 1.0 / (var + self.eps).sqrt();
             for ((v, w), b) in row.iter_mut().zip(self.weight).zip(self.bias) {
@@ -378,9 +396,13 @@ impl Kernel for NormRows<'_> {
 #[inline(always)]
 pub fn softmax_row(row: &mut [f32]) {
     let m = max(row);
-    row.iter_mut().for_each(|v| *v = exp(*v - m));
+    for v in row.iter_mut() {
+        *v = exp(*v - m);
+    }
     let inv = 1.0 / sum(row);
-    row.iter_mut().for_each(|v| *v *= inv);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
 }
 
 /// Shapes of a multi-head attention: queries (batch, lq, heads * dim) and keys / values
