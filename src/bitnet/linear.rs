@@ -2,7 +2,7 @@
 //! exact integer GEMM and a float rescale.
 use super::binary::SignMatrix;
 use super::quant;
-use super::ternary::{Rescale, TernaryMatrix};
+use super::ternary::{Epilogue, Rescale, TernaryMatrix};
 use crate::{ensure, Result};
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
@@ -27,10 +27,7 @@ impl TernaryLinear {
             scale.iter().all(|v| v.is_finite() && *v > 0.0),
             "scales must be finite and positive"
         );
-        if let Some(b) = &bias {
-            ensure!(b.len() == n, "bias must have {n} entries, got {}", b.len());
-            ensure!(b.iter().all(|v| v.is_finite()), "bias contains NaN or Inf");
-        }
+        check_bias(n, bias.as_deref())?;
         Ok(TernaryLinear {
             w: TernaryMatrix::from_codes(codes)?,
             scale,
@@ -59,6 +56,15 @@ impl TernaryLinear {
     }
 }
 
+/// An optional bias of `n` finite entries.
+fn check_bias(n: usize, bias: Option<&[f32]>) -> Result<()> {
+    if let Some(b) = bias {
+        ensure!(b.len() == n, "bias must have {n} entries, got {}", b.len());
+        ensure!(b.iter().all(|v| v.is_finite()), "bias contains NaN or Inf");
+    }
+    Ok(())
+}
+
 /// The per-column scale (one entry, or one per column) and bias (zeros without one) of `n`
 /// columns in f64, for the rescale epilogues.
 fn epilogue_vectors(n: usize, col: &[f32], bias: Option<&[f32]>) -> (Vec<f64>, Vec<f64>) {
@@ -74,8 +80,8 @@ fn epilogue_vectors(n: usize, col: &[f32], bias: Option<&[f32]>) -> (Vec<f64>, V
     (col, bias)
 }
 
-/// `acc[i, j] * (row[i] * col[j]) + bias[j]` in f64, rounded to f32 (as `Rescale`); `col` has
-/// one entry or one per column. Rows are split over rayon's threads.
+/// `acc` through the `Rescale` epilogue, after the fact (for kernels without a fused one);
+/// `col` has one entry or one per column. Rows are split over rayon's threads.
 fn rescale(acc: Array2<i32>, row: &[f64], col: &[f32], bias: Option<&[f32]>) -> Array2<f32> {
     let (m, n) = acc.dim();
     let (col, bias) = epilogue_vectors(n, col, bias);
@@ -86,13 +92,16 @@ fn rescale(acc: Array2<i32>, row: &[f64], col: &[f32], bias: Option<&[f32]>) -> 
     } else {
         acc.iter().copied().collect()
     };
-    buf.par_chunks_mut(n.max(1))
-        .zip(row.par_iter())
-        .for_each(|(a, &r)| {
-            for ((a, &c), &b) in a.iter_mut().zip(&col).zip(&bias) {
-                *a = ((*a as f64 * (r * c) + b) as f32).to_bits() as i32;
-            }
-        });
+    let epi = Rescale {
+        row,
+        col: &col,
+        bias: &bias,
+    };
+    buf.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, a)| {
+        for (j, a) in a.iter_mut().enumerate() {
+            *a = epi.out(i, j, *a).to_bits() as i32;
+        }
+    });
     let out: Vec<f32> = bytemuck::cast_vec(buf);
     Array2::from_shape_vec((m, n), out).expect("m x n")
 }
@@ -119,10 +128,7 @@ impl BinaryLinear {
             scale.iter().all(|v| v.is_finite() && *v >= 0.0),
             "scales must be finite and non-negative"
         );
-        if let Some(b) = &bias {
-            ensure!(b.len() == n, "bias must have {n} entries, got {}", b.len());
-            ensure!(b.iter().all(|v| v.is_finite()), "bias contains NaN or Inf");
-        }
+        check_bias(n, bias.as_deref())?;
         Ok(BinaryLinear {
             w: SignMatrix::from_signs(signs)?,
             scale,

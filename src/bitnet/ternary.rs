@@ -263,7 +263,7 @@ impl<E: Epilogue> Ctx<'_, E> {
                 r0 += 4;
             }
             while r0 < m {
-                let rs = [1, 2, 4][(m - r0).min(4).ilog2() as usize];
+                let rs = if m - r0 >= 2 { 2 } else { 1 };
                 let step = 4 / rs;
                 let mut i = 0;
                 while i < nrows {

@@ -176,7 +176,7 @@ class SyntheticScenes:
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -self.n <= i < self.n:
             raise IndexError(f"scene {i} out of range for {self.n} scenes")
-        i %= max(self.n, 1)
+        i %= self.n
         rng = np.random.default_rng([self.seed, i])
         shapes = self._layout(rng)
         text = "".join(rng.choice(list(CHARSET), int(rng.integers(self.text_len[0], self.text_len[1] + 1))))
