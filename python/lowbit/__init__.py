@@ -23,6 +23,7 @@ from lowbit._lowbit import (
 from lowbit import bitnet, calib, crossval, nas, runtime
 from lowbit.bitnet import activation_quant, binary_quantize, pack, pack_ternary, ternary_quantize, unpack, unpack_ternary
 from lowbit._quant import (
+    checkpoint_metadata,
     dequantize_checkpoint,
     dequantize_per_channel,
     dequantize_per_tensor,
@@ -33,16 +34,17 @@ from lowbit._quant import (
     quantize_checkpoint,
     quantize_per_channel,
     quantize_per_tensor,
+    save_checkpoint,
 )
 
 
 
 def __getattr__(name: str):  # noqa: ANN202
-    # `lowbit.torch` on first use, so `import lowbit` works without PyTorch installed.
-    if name == "torch":
+    # The PyTorch parts on first use, so `import lowbit` works without PyTorch installed.
+    if name in ("torch", "models", "demo"):
         import importlib
 
-        return importlib.import_module("lowbit.torch")
+        return importlib.import_module(f"lowbit.{name}")
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
 
 
@@ -62,6 +64,7 @@ __all__ = [
     "dequantize_per_channel",
     "dequantize_per_tensor",
     "calib",
+    "checkpoint_metadata",
     "crossval",
     "fake_quantize_per_channel_affine",
     "fake_quantize_per_tensor_affine",
@@ -74,6 +77,7 @@ __all__ = [
     "quantize_per_channel",
     "quantize_per_tensor",
     "runtime",
+    "save_checkpoint",
     "ternary_quantize",
     "unpack",
     "unpack_ternary",

@@ -290,7 +290,58 @@ def load_quantized(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """Write ``{name: QuantizedTensor | array}`` as a lowbit checkpoint (safetensors), atomically.
+
+    Arrays (NumPy or torch, any safetensors dtype; torch bfloat16 stays bfloat16) are stored as
+    they are, quantized tensors as codes + scales + zero points (read back by
+    :func:`load_quantized`). ``metadata`` (str to str) goes into the header beside lowbit's keys.
+
+    >>> import numpy as np, lowbit, os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+    >>> w = np.linspace(-1, 1, 64, dtype=np.float32).reshape(4, 16)
+    >>> lowbit.save_checkpoint(path, {"w": lowbit.quantize(w, lowbit.QuantSpec(4)), "b": np.ones(4, np.float32)},
+    ...                        {"note": "demo"})
+    >>> sorted(lowbit.load_quantized(path)), lowbit.checkpoint_metadata(path)["note"]
+    (['b', 'w'], 'demo')
+    """
+    if not isinstance(tensors, dict):
+        raise LowbitTypeError(f"tensors must be a dict, got {type(tensors).__name__}")
+    out: dict[str, Any] = {}
+    for name, v in tensors.items():
+        if not isinstance(name, str):
+            raise LowbitTypeError(f"tensor names must be strings, got {name!r}")
+        if isinstance(v, QuantizedTensor):
+            out[name] = v
+            continue
+        if _is_tensor(v):
+            v = v.detach().cpu()
+            if str(v.dtype) == "torch.bfloat16":
+                a = v.contiguous().view(_torch().int16).numpy()
+                out[name] = ("BF16", list(a.shape), a.tobytes())
+                continue
+            v = v.numpy()
+        a = np.asarray(v)
+        le = a.dtype.newbyteorder("<")
+        dt = _DTYPE_NAMES.get(le.str)
+        if dt is None:
+            raise LowbitTypeError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
+        out[name] = (dt, list(a.shape), np.ascontiguousarray(a, dtype=le).tobytes())
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise LowbitTypeError("metadata must be a dict of str to str")
+    _lowbit.save_checkpoint(os.fspath(path), out, metadata)
+
+
+def checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (only the header is read)."""
+    return dict(_lowbit.checkpoint_metadata(os.fspath(path)))
+
+
 _NP = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BF16": "<u2"}
+
+
+_DTYPE_NAMES = {np.dtype(v).str: k for k, v in _NP.items() if k != "BF16"}
 
 
 def _raw_to_numpy(dtype: str, shape: list[int], data: bytes) -> np.ndarray:

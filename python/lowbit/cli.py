@@ -1,7 +1,8 @@
-"""The ``lowbit`` command: quantize and dequantize safetensors checkpoints.
+"""The ``lowbit`` command: quantize and dequantize safetensors checkpoints, and the demo.
 
     lowbit quantize [IN.safetensors] [OUT.safetensors] --bits 4 --granularity group --group-size 128
     lowbit dequantize IN.safetensors OUT.safetensors
+    lowbit demo [--out DIR] [--steps N] [--qat-steps N] [--retrain]
 
 With no IN, ``quantize`` runs on lowbit's built-in demo checkpoint (a small MLP trained on
 scikit-learn's digits), so it works on a fresh machine with nothing else.
@@ -66,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dequantize", help="restore a quantized checkpoint to float tensors")
     d.add_argument("input")
     d.add_argument("output")
+    m = sub.add_parser("demo", help="train the multi-task VLM on synthetic scenes, quantize it to f32 / int8 / int4 / "
+                       "int2 / ternary, run it in the Rust runtime, cross-validate and evaluate every task")
+    m.add_argument("--out", default="lowbit-demo", help="folder for the models, results.json/.txt/.png (default lowbit-demo)")
+    m.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    m.add_argument("--qat-steps", type=int, default=200, help="ternary QAT fine-tuning steps (default 200)")
+    m.add_argument("--train-scenes", type=int, default=3000, help="training scenes (default 3000)")
+    m.add_argument("--eval-scenes", type=int, default=200, help="held-out scenes (default 200)")
+    m.add_argument("--retrain", action="store_true", help="train even if a cached model exists")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -88,6 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows = lowbit.quantize_checkpoint(src, dst, spec)
             print(format_table(rows))
             print(f"wrote {dst} ({spec})")
+        elif args.command == "demo":
+            try:
+                from lowbit import demo
+            except ImportError as e:
+                print(f"lowbit: error: the demo needs PyTorch and transformers ({e}); "
+                      "pip install 'lowbit[torch]'", file=sys.stderr)
+                return 2
+            demo.run(args.out, steps=args.steps, qat_steps=args.qat_steps, n_train=args.train_scenes,
+                     n_eval=args.eval_scenes, retrain=args.retrain, progress=not args.no_progress)
         else:
             rows = lowbit.dequantize_checkpoint(args.input, args.output)
             print(format_table(rows, "from bits"))

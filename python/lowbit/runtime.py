@@ -1,5 +1,7 @@
 """The Rust runtime: models run on candle-core tensors from safetensors checkpoints, with
-quantized linear layers chosen at load time and every layer's output recordable by name.
+quantized linear layers chosen at load time and every layer's output recordable by name:
+:class:`BertEncoder` (Hugging Face BERT checkpoints) and :class:`MultiTaskModel` (the twin of
+:class:`lowbit.models.MultiTaskVLM`).
 
 >>> import numpy as np
 >>> from lowbit.runtime import BertEncoder
@@ -18,7 +20,7 @@ from lowbit import _lowbit
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
 from lowbit._quant import _is_tensor
 
-__all__ = ["BertEncoder"]
+__all__ = ["BertEncoder", "MultiTaskModel"]
 
 
 def _ids(x: Any, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -115,3 +117,187 @@ class BertEncoder:
         c = self.config
         return (f"BertEncoder(layers={c['num_hidden_layers']}, hidden={c['hidden_size']}, "
                 f"heads={c['num_attention_heads']}, vocab={c['vocab_size']})")
+
+
+def _torch_out(x: np.ndarray, torch_in: bool) -> Any:
+    if torch_in:
+        import torch
+
+        return torch.from_numpy(x)
+    return x
+
+
+class MultiTaskModel:
+    """The Rust twin of :class:`lowbit.models.MultiTaskVLM`, loaded from the file
+    :func:`lowbit.models.save` writes: the same ``forward(images, task, ids, mask)`` and the
+    same user-facing tasks (``caption``, ``ocr``, ``vqa``, ``embed_images``, ``embed_texts``,
+    ``retrieve``), each running only its own head.
+
+    ``weights`` picks every ``nn.Linear`` of the model (heads, projections and the BERT text
+    tower's included), as :class:`BertEncoder` does; the patch convolution, embeddings, norms
+    and ``pos_embed`` stay float32 (what :func:`lowbit.crossval.simulate` quantizes too).
+    Tensors the file stores quantized are used as stored, those it lists as ternary on the
+    packed ternary kernel.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch
+    >>> from lowbit import models
+    >>> from lowbit.runtime import MultiTaskModel
+    >>> cfg = models.MultiTaskConfig(width=32, depth=1, heads=2, decoder_depth=1, vqa_depth=1, embed_dim=16,
+    ...                              text={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+    ...                                    "intermediate_size": 64})
+    >>> torch_model = models.MultiTaskVLM(cfg).eval()
+    >>> path = os.path.join(tempfile.mkdtemp(), "vlm.safetensors")
+    >>> _ = models.save(torch_model, path)
+    >>> model = MultiTaskModel.load(path)
+    >>> images = torch.rand(2, 3, 64, 64)
+    >>> model(images, task="ocr").shape          # (batch, 8 columns x 2 steps, 36 characters + blank)
+    torch.Size([2, 16, 37])
+    >>> model.caption(images, max_len=5, beam=3) == torch_model.caption(images, max_len=5, beam=3)
+    True
+    >>> model.retrieve(images, ["a red circle", "two blue squares"], k=2).shape
+    torch.Size([2, 2])
+    >>> out, layers = model(images, task="image", record=True)
+    >>> sorted(n for n in layers if not n.startswith("vision."))
+    ['retrieval.image_proj', 'vision']
+    >>> _ = models.save(torch_model, path, weights="ternary")   # linear layers on the ternary kernel
+    >>> MultiTaskModel.load(path).vqa(images, ["what color is the circle ?"] * 2)[0] in cfg.answers
+    True
+    """
+
+    WEIGHTS = ("f32", "int8", "int4", "ternary", "binary")
+    TASKS = ("caption", "ocr", "vqa", "image", "text")
+
+    def __init__(self, core: Any, path: str) -> None:
+        import json
+
+        from lowbit.data import Tokenizer
+
+        self._core = core
+        self.path = path
+        self._cfg = json.loads(core.config_json)
+        self.tokenizer = Tokenizer()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], weights: str = "f32", act_bits: int | None = None) -> MultiTaskModel:
+        """Load a model file; its config comes from the ``lowbit.multitask`` metadata. Missing,
+        unexpected or misshapen tensors are listed in one error."""
+        if not isinstance(weights, str):
+            raise LowbitTypeError(f"weights must be a string, got {type(weights).__name__}")
+        if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)):
+            raise LowbitTypeError(f"act_bits must be an int or None, got {type(act_bits).__name__}")
+        return cls(_lowbit.MultiTaskCore.load(os.fspath(path), weights, act_bits), os.fspath(path))
+
+    @property
+    def config(self) -> Any:
+        """The :class:`lowbit.models.MultiTaskConfig` of the file (imports PyTorch)."""
+        from lowbit.models import MultiTaskConfig
+
+        return MultiTaskConfig.from_json(self._core.config_json)
+
+    @property
+    def logit_scale(self) -> float:
+        return self._core.logit_scale
+
+    def _images(self, images: Any) -> np.ndarray:
+        if _is_tensor(images):
+            images = images.detach().cpu().float().numpy()
+        x = np.asarray(images)
+        c = self._cfg
+        want = (c["channels"], c["image_size"], c["image_size"])
+        if x.ndim != 4 or x.shape[1:] != want:
+            raise LowbitValueError(f"images must be (batch, {want[0]}, {want[1]}, {want[2]}), got {x.shape}")
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == bool):
+            raise LowbitTypeError(f"images must hold numbers, got {x.dtype}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def forward(self, images: Any = None, task: str = "caption", ids: Any = None, mask: Any = None,
+                record: bool = False) -> Any:
+        """As :meth:`lowbit.models.MultiTaskVLM.forward`: ``"caption"`` next-token logits
+        (batch, len, vocab) for ``ids``; ``"ocr"`` CTC logits (batch, frames, classes);
+        ``"vqa"`` answer logits (batch, answers) for question ``ids`` / ``mask`` (default
+        ``ids != pad``); ``"image"`` / ``"text"`` L2-normalised embeddings (``"text"`` takes
+        ``ids`` / ``mask`` and no images). A torch tensor in gives torch tensors out.
+
+        With ``record=True`` returns ``(out, layers)``: the output of every layer that ran, by
+        the name of the matching torch module (``"vision.blocks.0.attn"``, ``"caption_head.head"``,
+        ``"retrieval.text.encoder.layer.0"``, ...).
+        """
+        if task not in self.TASKS:
+            raise LowbitValueError(f"task must be one of {self.TASKS}, got {task!r}")
+        torch_in = _is_tensor(ids) or (task != "text" and _is_tensor(images))
+        needs_ids = task in ("caption", "vqa", "text")
+        if needs_ids and ids is None:
+            raise LowbitValueError("this task needs ids")
+        a_ids = _ids(ids, "ids") if needs_ids else None
+        a_mask = _ids(mask, "mask", a_ids.shape) if mask is not None and task in ("vqa", "text") else None
+        a_img = None if task == "text" else self._images(images)
+        out, rec = self._core.forward(task, a_img, a_ids, a_mask, bool(record))
+        out = _torch_out(out, torch_in)
+        if record:
+            return out, {k: _torch_out(v, torch_in) for k, v in rec.items()}
+        return out
+
+    __call__ = forward
+
+    def caption(self, images: Any, max_len: int | None = None, beam: int = 1) -> list[str]:
+        """Captions by greedy (``beam=1``) or beam search decoding, with the rules of
+        :meth:`lowbit.models.MultiTaskVLM.caption` (``max_len`` new tokens at most, default
+        ``max_caption_len``)."""
+        max_len = self._cfg["max_caption_len"] if max_len is None else max_len
+        for name, v in (("beam", beam), ("max_len", max_len)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise LowbitValueError(f"{name} must be a positive int, got {v!r}")
+        ids = self._core.caption(self._images(images), int(max_len), int(beam))
+        return [self.tokenizer.decode(s) for s in ids]
+
+    def ocr(self, images: Any) -> list[str]:
+        """Greedy CTC decoding: best class per frame, repeats merged, blanks dropped."""
+        charset = self._cfg["charset"]
+        return ["".join(charset[i - 1] for i in row) for row in self._core.ocr(self._images(images))]
+
+    def vqa(self, images: Any, questions: Any) -> list[str]:
+        """One answer (from ``config.answers``) per image and question."""
+        ids, mask = self.encode_questions(questions)
+        best = np.asarray(self.forward(self._images(images), "vqa", ids, mask)).argmax(-1)
+        return [self._cfg["answers"][i] for i in best.tolist()]
+
+    def embed_images(self, images: Any) -> Any:
+        return self.forward(images, "image")
+
+    def embed_texts(self, ids: Any, mask: Any = None) -> Any:
+        """Text embeddings of token ids (and mask), or of a list of strings (tokenized as
+        :meth:`encode_texts`)."""
+        if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], str):
+            ids, mask = self.encode_texts(ids)
+        return self.forward(None, "text", ids, mask)
+
+    def retrieve(self, images: Any, texts: Any, k: int = 1) -> Any:
+        """Indices (batch, k) of the ``k`` texts most similar to each image, best first."""
+        texts = list(texts)
+        if not texts:
+            raise LowbitValueError("retrieve needs at least one text")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise LowbitValueError(f"k must be a positive int, got {k!r}")
+        sim = np.asarray(self.embed_images(self._images(images))) @ np.asarray(self.embed_texts(texts)).T
+        top = np.argsort(-sim, axis=-1, kind="stable")[:, : min(int(k), len(texts))]
+        return _torch_out(np.ascontiguousarray(top), _is_tensor(images))
+
+    def _encode(self, texts: Any, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise LowbitTypeError("expected a list of strings")
+        return self.tokenizer.batch(list(texts), max_len, cls=True)
+
+    def encode_questions(self, questions: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) int64 (len(questions), max_question_len), ``[CLS]`` first."""
+        return self._encode(questions, self._cfg["max_question_len"])
+
+    def encode_texts(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) int64 (len(texts), max_text_len), ``[CLS]`` first."""
+        return self._encode(texts, self._cfg["max_text_len"])
+
+    def __repr__(self) -> str:
+        c = self._cfg
+        return (f"MultiTaskModel(image_size={c['image_size']}, patch_size={c['patch_size']}, width={c['width']}, "
+                f"depth={c['depth']}, heads={c['heads']})")

@@ -10,12 +10,14 @@ import lowbit.bitnet
 import lowbit.calib
 import lowbit.crossval
 import lowbit.data
+import lowbit.demo
+import lowbit.models
 import lowbit.nas
 import lowbit.runtime
 import lowbit.torch
 
 
-@pytest.mark.parametrize("module", [lowbit, lowbit._quant, lowbit.bitnet, lowbit.calib, lowbit.crossval, lowbit.data, lowbit.nas, lowbit.runtime, lowbit.torch])
+@pytest.mark.parametrize("module", [lowbit, lowbit._quant, lowbit.bitnet, lowbit.calib, lowbit.crossval, lowbit.data, lowbit.demo, lowbit.models, lowbit.nas, lowbit.runtime, lowbit.torch])
 def test_docstring_examples(module):
     r = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert r.attempted > 0 and r.failed == 0

@@ -105,17 +105,17 @@ mod _lowbit {
     };
 
     #[pymodule_export]
-    use super::runtime::BertCore;
+    use super::runtime::{BertCore, MultiTaskCore};
 
     #[pymodule_export]
     use super::nas::{builtin_devices, estimate_json, fit_device, DeviceProfile, Graph, SpaceCore};
 
     #[pymodule_export]
     use super::quant::{
-        dequantize_checkpoint, dequantize_per_channel, dequantize_per_tensor,
+        checkpoint_metadata, dequantize_checkpoint, dequantize_per_channel, dequantize_per_tensor,
         fake_quantize_per_channel_affine, fake_quantize_per_tensor_affine, load_quantized,
         pack_bits, quantize, quantize_checkpoint, quantize_per_channel, quantize_per_tensor,
-        unpack_bits, QuantSpec, QuantizedTensor,
+        save_checkpoint, unpack_bits, QuantSpec, QuantizedTensor,
     };
 
     #[pymodule_init]

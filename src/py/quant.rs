@@ -550,7 +550,7 @@ impl QuantizedTensor {
                 dtype: safetensors::Dtype::F32,
             },
         )];
-        detach(py, || checkpoint::save(&path, &e))
+        detach(py, || checkpoint::save(&path, &e, &Default::default()))
     }
     fn __repr__(&self) -> String {
         format!(
@@ -642,4 +642,52 @@ pub fn load_quantized<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py
         }
     }
     Ok(d)
+}
+
+/// Writes `{name: QuantizedTensor | (dtype, shape, bytes)}` as a lowbit checkpoint with
+/// `metadata`, atomically (the core of `lowbit.save_checkpoint`).
+#[pyfunction]
+#[pyo3(signature = (path, tensors, metadata=None))]
+pub fn save_checkpoint(
+    py: Python<'_>,
+    path: PathBuf,
+    tensors: &Bound<'_, PyDict>,
+    metadata: Option<std::collections::BTreeMap<String, String>>,
+) -> PyResult<()> {
+    let mut entries = Vec::with_capacity(tensors.len());
+    for (k, v) in tensors.iter() {
+        let name: String = k.extract()?;
+        let entry = if let Ok(q) = v.cast::<QuantizedTensor>() {
+            Entry::Quantized {
+                tensor: q.borrow().0.clone(),
+                dtype: safetensors::Dtype::F32,
+            }
+        } else {
+            let (dtype, shape, data): (String, Vec<usize>, Vec<u8>) =
+                v.extract().map_err(|_| {
+                    type_error(format!(
+                        "tensor {name:?} must be a QuantizedTensor or (dtype, shape, bytes)"
+                    ))
+                })?;
+            Entry::Raw {
+                dtype: checkpoint::dtype_from_name(&dtype).ok_or_else(|| {
+                    value_error(format!("tensor {name:?}: unknown dtype {dtype:?}"))
+                })?,
+                shape,
+                data,
+            }
+        };
+        entries.push((name, entry));
+    }
+    let meta = metadata.unwrap_or_default();
+    detach(py, || checkpoint::save(&path, &entries, &meta))
+}
+
+/// The string metadata of a safetensors file's header.
+#[pyfunction]
+pub fn checkpoint_metadata(
+    py: Python<'_>,
+    path: PathBuf,
+) -> PyResult<std::collections::BTreeMap<String, String>> {
+    detach(py, || checkpoint::metadata(&path))
 }

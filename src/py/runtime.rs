@@ -1,11 +1,11 @@
 //! Bindings of `crate::runtime`. `lowbit.runtime` converts inputs and documents the API.
 use super::detach;
-use crate::runtime::bert;
 use crate::runtime::layers::WeightMode;
+use crate::runtime::{bert, multitask};
 use crate::runtime::{ce, Record};
 use candle_core::Tensor;
 use ndarray::ArrayD;
-use numpy::{IntoPyArray, PyReadonlyArray2};
+use numpy::{IntoPyArray, PyReadonlyArray2, PyReadonlyArray4};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::path::PathBuf;
@@ -95,5 +95,91 @@ impl BertCore {
         let types = token_type_ids.as_ref().map(|t| t.as_array());
         let e = detach(py, || self.0.embed(ids, mask, types))?;
         Ok(e.into_pyarray(py).into_any())
+    }
+}
+
+/// The multi-task model of the Rust runtime (see `lowbit.runtime.MultiTaskModel`).
+#[pyclass(module = "lowbit.runtime", frozen)]
+pub struct MultiTaskCore(multitask::MultiTaskModel);
+
+type Images<'py> = Option<PyReadonlyArray4<'py, f32>>;
+type Ids<'py> = Option<PyReadonlyArray2<'py, i64>>;
+
+#[pymethods]
+impl MultiTaskCore {
+    #[staticmethod]
+    #[pyo3(signature = (path, weights, act_bits=None))]
+    fn load(py: Python<'_>, path: PathBuf, weights: &str, act_bits: Option<u32>) -> PyResult<Self> {
+        let mode: WeightMode = weights.parse().map_err(super::to_pyerr)?;
+        detach(py, || {
+            multitask::MultiTaskModel::load(&path, mode, act_bits)
+        })
+        .map(MultiTaskCore)
+    }
+
+    /// `MultiTaskConfig.to_json()` as the file stores it.
+    #[getter]
+    fn config_json(&self) -> &str {
+        &self.0.config_json
+    }
+
+    #[getter]
+    fn logit_scale(&self) -> f32 {
+        self.0.logit_scale
+    }
+
+    #[pyo3(signature = (task, images=None, ids=None, mask=None, record=false))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        task: &str,
+        images: Images<'py>,
+        ids: Ids<'py>,
+        mask: Ids<'py>,
+        record: bool,
+    ) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyDict>>)> {
+        let task: multitask::Task = task.parse().map_err(super::to_pyerr)?;
+        let images = images.as_ref().map(|a| a.as_array());
+        let (ids, mask) = (
+            ids.as_ref().map(|a| a.as_array()),
+            mask.as_ref().map(|a| a.as_array()),
+        );
+        let (out, rec) = detach(py, || {
+            let mut rec = Record::new();
+            let y = self
+                .0
+                .forward(task, images, ids, mask, record.then_some(&mut rec))?;
+            Ok((to_array(&y)?, rec))
+        })?;
+        let rec = if record {
+            Some(record_dict(py, rec)?)
+        } else {
+            None
+        };
+        Ok((out.into_pyarray(py).into_any(), rec))
+    }
+
+    /// Caption token ids per image (without `[BOS]`).
+    fn caption(
+        &self,
+        py: Python<'_>,
+        images: PyReadonlyArray4<'_, f32>,
+        max_len: usize,
+        beam: usize,
+    ) -> PyResult<Vec<Vec<i64>>> {
+        let images = images.as_array();
+        detach(py, || {
+            let tokens = self.0.image_tokens(images, None)?;
+            self.0.caption(&tokens, max_len, beam)
+        })
+    }
+
+    /// Greedy CTC class indices per image (blanks dropped, repeats merged).
+    fn ocr(&self, py: Python<'_>, images: PyReadonlyArray4<'_, f32>) -> PyResult<Vec<Vec<usize>>> {
+        let images = images.as_array();
+        detach(py, || {
+            let tokens = self.0.image_tokens(images, None)?;
+            multitask::ctc_greedy(&self.0.ocr_logits(&tokens, None)?)
+        })
     }
 }

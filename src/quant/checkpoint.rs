@@ -4,6 +4,7 @@
 //! `name.scales` (F32) and `name.zero_points` (I8 for symmetric specs, U8 otherwise), plus an
 //! entry in the JSON metadata key `lowbit.quantized` with its shape, original dtype and spec.
 //! Every other tensor is copied unchanged. Files are written atomically (temp file + rename).
+use super::affine::Codes;
 use super::elem::Elem;
 use super::spec::{quantize, Granularity, QuantSpec, QuantizedTensor};
 use crate::{ensure, Error, Result};
@@ -19,6 +20,18 @@ use std::path::Path;
 pub const FORMAT_KEY: &str = "lowbit.format";
 pub const FORMAT: &str = "quantized-v1";
 pub const QUANTIZED_KEY: &str = "lowbit.quantized";
+/// Names of weights stored as BitNet ternary codes (2-bit symmetric per-tensor codes in
+/// {-1, 0, 1}, the scale their absmean) that the runtime runs on the packed ternary kernel.
+pub const TERNARY_KEY: &str = "lowbit.ternary";
+
+/// The metadata of `meta` that describes models rather than lowbit's storage of tensors
+/// (configs, a `format` tag), which a converted file carries over.
+fn user_metadata(meta: &HashMap<String, String>) -> BTreeMap<String, String> {
+    meta.iter()
+        .filter(|(k, _)| ![FORMAT_KEY, QUANTIZED_KEY, TERNARY_KEY].contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
 
 /// What the metadata records for each quantized tensor.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -135,6 +148,33 @@ fn parse_dtype(s: &str) -> Result<Dtype> {
     })
 }
 
+/// A safetensors dtype from its name (`"F32"`, `"I64"`, ...), as `{:?}` prints it.
+pub fn dtype_from_name(s: &str) -> Option<Dtype> {
+    use Dtype::*;
+    [
+        BOOL, U8, I8, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64,
+    ]
+    .into_iter()
+    .find(|d| dtype_name(*d) == s)
+}
+
+/// The string metadata of a safetensors file's header (nothing else is read).
+pub fn metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    let map = map_file(path)?;
+    let (_, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
+        Error::format(format!(
+            "{} is not a valid safetensors file: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect())
+}
+
 /// Maps a file read-only. The map is only read, and files are replaced by rename, never rewritten.
 pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     let f = std::fs::File::open(path)
@@ -240,12 +280,26 @@ pub fn quantize_file(input: &Path, output: &Path, spec: QuantSpec) -> Result<Vec
         entries.push((name, entry));
         reports.push(report);
     }
-    save(output, &entries)?;
+    save(output, &entries, &user_metadata(&meta))?;
     Ok(reports)
 }
 
-/// Writes entries in the quantized format, atomically.
-pub fn save(path: &Path, entries: &[(String, Entry)]) -> Result<()> {
+/// Writes entries in the quantized format, atomically, with `extra` metadata beside lowbit's
+/// own keys (`lowbit.format` and `lowbit.quantized` are lowbit's; `lowbit.ternary` is checked).
+pub fn save(
+    path: &Path,
+    entries: &[(String, Entry)],
+    extra: &BTreeMap<String, String>,
+) -> Result<()> {
+    for k in [FORMAT_KEY, QUANTIZED_KEY] {
+        ensure!(
+            !extra.contains_key(k),
+            "metadata key {k:?} is lowbit's own and cannot be given"
+        );
+    }
+    if let Some(list) = extra.get(TERNARY_KEY) {
+        check_ternary(list, entries)?;
+    }
     let mut info = BTreeMap::new();
     let mut tensors: Vec<(String, TensorView<'_>)> = Vec::new();
     let mut zps: Vec<(String, Vec<u8>, Dtype, Vec<usize>)> = Vec::new();
@@ -306,13 +360,12 @@ pub fn save(path: &Path, entries: &[(String, Entry)]) -> Result<()> {
             "two tensors would be stored under the name {n:?}"
         );
     }
-    let meta = HashMap::from([
-        (FORMAT_KEY.to_string(), FORMAT.to_string()),
-        (
-            QUANTIZED_KEY.to_string(),
-            serde_json::to_string(&info).expect("plain data serializes"),
-        ),
-    ]);
+    let mut meta: HashMap<String, String> = extra.clone().into_iter().collect();
+    meta.insert(FORMAT_KEY.to_string(), FORMAT.to_string());
+    meta.insert(
+        QUANTIZED_KEY.to_string(),
+        serde_json::to_string(&info).expect("plain data serializes"),
+    );
     let bytes = safetensors::serialize(tensors, Some(meta))
         .map_err(|e| Error::value(format!("cannot serialize: {e}")))?;
     write_atomic(path, &bytes)
@@ -339,6 +392,51 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|e| Error::io(ctx("sync"), e))?;
     tmp.persist(path)
         .map_err(|e| Error::io(ctx("replace"), e.error))?;
+    Ok(())
+}
+
+/// The tensors `TERNARY_KEY` lists (a JSON list of names): each must be stored quantized as
+/// ternary codes, 2-bit symmetric with one scale and every code in {-1, 0, 1}.
+pub fn ternary_names(list: &str) -> Result<Vec<String>> {
+    serde_json::from_str(list).map_err(|e| {
+        Error::format(format!(
+            "bad {TERNARY_KEY} metadata (a JSON list of names): {e}"
+        ))
+    })
+}
+
+/// Whether `t` holds ternary codes as `TERNARY_KEY` promises; the error names what is not.
+pub fn check_ternary_tensor(name: &str, t: &QuantizedTensor) -> Result<()> {
+    let s = t.spec;
+    ensure!(
+        s.bits == 2 && s.symmetric && s.granularity == Granularity::Tensor,
+        "{name} is listed in {TERNARY_KEY} but stored as {} bits, {} granularity{}",
+        s.bits,
+        s.granularity.as_str(),
+        if s.symmetric { "" } else { ", asymmetric" }
+    );
+    let ternary = match t.int_codes()? {
+        Codes::I8(c) => c.iter().all(|&v| (-1..=1).contains(&v)),
+        Codes::U8(_) => false,
+    };
+    ensure!(
+        ternary,
+        "{name} is listed in {TERNARY_KEY} but has codes outside {{-1, 0, 1}}"
+    );
+    Ok(())
+}
+
+fn check_ternary(list: &str, entries: &[(String, Entry)]) -> Result<()> {
+    for name in ternary_names(list)? {
+        match entries.iter().find(|(n, _)| *n == name) {
+            Some((_, Entry::Quantized { tensor, .. })) => check_ternary_tensor(&name, tensor)?,
+            _ => {
+                return Err(Error::value(format!(
+                    "{name} is listed in {TERNARY_KEY} but not stored quantized"
+                )))
+            }
+        }
+    }
     Ok(())
 }
 
@@ -529,7 +627,8 @@ pub fn dequantize_file(input: &Path, output: &Path) -> Result<Vec<Report>> {
                 .map_err(|e| Error::value(format!("tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, None)
+    let meta = user_metadata(&parse(&map_file(input)?, input)?.1);
+    let bytes = safetensors::serialize(views, Some(meta.into_iter().collect()))
         .map_err(|e| Error::value(format!("cannot serialize: {e}")))?;
     write_atomic(output, &bytes)?;
     Ok(reports)

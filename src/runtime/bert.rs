@@ -92,6 +92,13 @@ impl BertConfig {
     pub fn from_json(text: &str) -> Result<Self> {
         let c: BertConfig = serde_json::from_str(text)
             .map_err(|e| Error::value(format!("bad BERT config.json: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks what the encoder supports and that the sizes fit together.
+    pub fn validate(&self) -> Result<()> {
+        let c = self;
         ensure!(
             c.position_embedding_type == "absolute",
             "only absolute position embeddings are supported, got {:?}",
@@ -108,7 +115,7 @@ impl BertConfig {
             "vocab_size, type_vocab_size and max_position_embeddings must be positive"
         );
         Activation::parse(&c.hidden_act)?;
-        Ok(c)
+        Ok(())
     }
 
     /// Every tensor a `BertModel` checkpoint holds (without the pooler), with its shape.
@@ -164,22 +171,24 @@ impl BertEncoder {
         let text = std::fs::read_to_string(&cfg_path)
             .map_err(|e| Error::io(format!("cannot read {}", cfg_path.display()), e))?;
         let config = BertConfig::from_json(&text)?;
-        Self::from_weights(config, &Weights::load(&file)?, mode, act_bits)
-    }
-
-    /// Builds the encoder; tensors the file stores quantized (`lowbit quantize`) are used as
-    /// stored, `mode` quantizes the float linear weights.
-    pub fn from_weights(
-        config: BertConfig,
-        w: &Weights,
-        mode: WeightMode,
-        act_bits: Option<u32>,
-    ) -> Result<Self> {
+        let w = Weights::load(&file)?;
         let prefix = if w.names().any(|n| n.starts_with("bert.")) {
             "bert."
         } else {
             ""
         };
+        Self::from_weights(config, &w, prefix, mode, act_bits)
+    }
+
+    /// Builds the encoder from the tensors named `prefix` + the `BertModel` names (tensors
+    /// outside the prefix are ignored); see `Weights::linear` for how each linear layer is built.
+    pub fn from_weights(
+        config: BertConfig,
+        w: &Weights,
+        prefix: &str,
+        mode: WeightMode,
+        act_bits: Option<u32>,
+    ) -> Result<Self> {
         let pooler = [
             format!("{prefix}pooler.dense.weight"),
             format!("{prefix}pooler.dense.bias"),
@@ -203,13 +212,12 @@ impl BertEncoder {
             )
         };
         let lin = |n: &str| -> Result<Linear> {
-            let name = format!("{prefix}{n}.weight");
-            let m = if w.is_quantized(&name) {
-                WeightMode::F32
-            } else {
-                mode
-            };
-            Linear::new(w.get(&name)?, Some(get(&format!("{n}.bias"))?), m)?.with_act_bits(act_bits)
+            w.linear(
+                &format!("{prefix}{n}.weight"),
+                Some(&format!("{prefix}{n}.bias")),
+                mode,
+                act_bits,
+            )
         };
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
@@ -237,11 +245,7 @@ impl BertEncoder {
             emb_ln: ln("embeddings.LayerNorm")?,
             pooler: if has_pooler {
                 // The pooler stays float: it is one small layer on one token.
-                Some(Linear::new(
-                    w.get(&pooler[0])?,
-                    Some(w.get(&pooler[1])?),
-                    WeightMode::F32,
-                )?)
+                Some(w.linear(&pooler[0], Some(&pooler[1]), WeightMode::F32, None)?)
             } else {
                 None
             },

@@ -131,6 +131,17 @@ impl Linear {
         })
     }
 
+    /// A layer on stored ternary codes (the packed kernel, no re-quantization).
+    pub fn from_ternary(t: TernaryLinear) -> Self {
+        Linear {
+            in_features: t.w.k,
+            out_features: t.w.n,
+            kernel: Kernel::Ternary(t),
+            bias: None,
+            act_bits: None,
+        }
+    }
+
     /// Quantizes the input rows to `bits`-bit integers per token (absmax, as BitNet does)
     /// before the float kernel. Ternary layers always use 8 bits; binary ones use signs.
     pub fn with_act_bits(mut self, bits: Option<u32>) -> Result<Self> {
@@ -332,12 +343,38 @@ impl Conv2d {
         mode: WeightMode,
     ) -> Result<Self> {
         let (out, channels, kh, kw) = w.dims4().map_err(ce)?;
-        ensure!(stride.0 > 0 && stride.1 > 0, "stride must be positive");
         let flat = w.reshape((out, channels * kh * kw)).map_err(ce)?;
-        Ok(Conv2d {
-            proj: Linear::new(flat, bias, mode)?,
+        Self::from_linear(
+            Linear::new(flat, bias, mode)?,
             channels,
-            kernel: (kh, kw),
+            (kh, kw),
+            stride,
+            padding,
+        )
+    }
+
+    /// A convolution over an already built linear layer of the flattened weights
+    /// (out, channels * kh * kw), e.g. one on stored ternary codes.
+    pub fn from_linear(
+        proj: Linear,
+        channels: usize,
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+    ) -> Result<Self> {
+        ensure!(stride.0 > 0 && stride.1 > 0, "stride must be positive");
+        ensure!(
+            proj.in_features == channels * kernel.0 * kernel.1,
+            "a {}x{} kernel over {channels} channels needs {} inputs, the layer has {}",
+            kernel.0,
+            kernel.1,
+            channels * kernel.0 * kernel.1,
+            proj.in_features
+        );
+        Ok(Conv2d {
+            proj,
+            channels,
+            kernel,
             stride,
             padding,
         })

@@ -2,6 +2,7 @@
 //! linear layers chosen at load time and a record of every layer's output for cross-validation.
 pub mod bert;
 pub mod layers;
+pub mod multitask;
 pub mod ops;
 pub mod weights;
 

@@ -1,19 +1,30 @@
 //! Tensors of a safetensors file, memory-mapped and converted to float32 candle tensors, with
 //! names checked against what a model expects. Quantized checkpoints written by
-//! `lowbit quantize` load too: their tensors are dequantized once from the stored codes.
+//! `lowbit quantize` load too: their tensors are dequantized once from the stored codes, and
+//! those `checkpoint::TERNARY_KEY` lists keep their ternary codes for the packed kernel.
 use super::ce;
-use crate::quant::checkpoint::{self, float_data, map_file, parse, Entry, FloatData, FORMAT_KEY};
-use crate::quant::spec::QuantSpec;
-use crate::{Error, Result};
+use super::layers::{Linear, WeightMode};
+use crate::bitnet::linear::TernaryLinear;
+use crate::quant::affine::Codes;
+use crate::quant::checkpoint::{
+    self, check_ternary_tensor, float_data, map_file, parse, ternary_names, Entry, FloatData,
+    FORMAT_KEY, TERNARY_KEY,
+};
+use crate::quant::spec::{QuantSpec, QuantizedTensor};
+use crate::{ensure, Error, Result};
 use candle_core::{Device, Tensor};
+use ndarray::Array2;
 use safetensors::tensor::TensorView;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 pub struct Weights {
     tensors: BTreeMap<String, Tensor>,
     /// Tensors stored quantized in the file, with their spec.
     quantized: BTreeMap<String, QuantSpec>,
+    /// The tensors `lowbit.ternary` lists: codes as (rows, everything else) and the scale.
+    ternary: BTreeMap<String, (Array2<i8>, f32)>,
+    metadata: HashMap<String, String>,
 }
 
 /// A float tensor of the file as float32 (None for integer buffers and f64, which no layer
@@ -30,36 +41,62 @@ fn to_tensor(view: &TensorView<'_>) -> Result<Option<Tensor>> {
         .map_err(ce)
 }
 
+/// The codes (rows, everything else) and scale of a tensor `TERNARY_KEY` lists, checked.
+fn ternary_codes(name: &str, t: &QuantizedTensor) -> Result<(Array2<i8>, f32)> {
+    check_ternary_tensor(name, t)?;
+    ensure!(
+        t.shape.len() >= 2 && t.zero_points.iter().all(|&z| z == 0),
+        "{name} is listed in {TERNARY_KEY} but is not a matrix with zero point 0 (shape {:?})",
+        t.shape
+    );
+    let (Codes::I8(codes), Some(&scale)) = (t.int_codes()?, t.scales.iter().next()) else {
+        return Err(Error::value(format!("{name}: no signed codes or no scale")));
+    };
+    let cols = t.shape[1..].iter().product();
+    let codes = Array2::from_shape_vec((t.shape[0], cols), codes.into_raw_vec_and_offset().0)
+        .map_err(|e| Error::value(format!("{name}: {e}")))?;
+    Ok((codes, scale))
+}
+
 impl Weights {
     /// Loads every F32, F16 and BF16 tensor of a safetensors file (memory-mapped; each tensor
-    /// is converted to float32 once).
+    /// is converted to float32 once), and the file's metadata.
     pub fn load(path: &Path) -> Result<Self> {
         let map = map_file(path)?;
         let (st, meta) = parse(&map, path)?;
-        if meta.contains_key(FORMAT_KEY) {
-            return Self::from_entries(checkpoint::entries(&st, &meta, path)?);
-        }
-        let mut tensors = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            if let Some(t) = to_tensor(&view)? {
-                tensors.insert(name, t);
+        let mut w = if meta.contains_key(FORMAT_KEY) {
+            Self::from_entries(checkpoint::entries(&st, &meta, path)?, &meta, path)?
+        } else {
+            ensure_no_ternary(&meta, path)?;
+            let mut tensors = BTreeMap::new();
+            for (name, view) in st.tensors() {
+                if let Some(t) = to_tensor(&view)? {
+                    tensors.insert(name, t);
+                }
             }
-        }
-        Ok(Weights {
-            tensors,
-            quantized: BTreeMap::new(),
-        })
+            Weights::from_map(tensors)
+        };
+        w.metadata = meta;
+        Ok(w)
     }
 
-    /// The tensors of a quantized checkpoint: quantized ones dequantized once, float ones as is.
-    fn from_entries(entries: Vec<(String, Entry)>) -> Result<Self> {
-        let mut w = Weights {
-            tensors: BTreeMap::new(),
-            quantized: BTreeMap::new(),
-        };
+    /// The tensors of a quantized checkpoint: quantized ones dequantized once, float ones as is,
+    /// the codes of those `lowbit.ternary` lists kept.
+    fn from_entries(
+        entries: Vec<(String, Entry)>,
+        meta: &HashMap<String, String>,
+        path: &Path,
+    ) -> Result<Self> {
+        let mut want = ternary_set(meta, path)?;
+        let mut w = Weights::from_map(BTreeMap::new());
         for (name, entry) in entries {
             let t = match entry {
                 Entry::Quantized { tensor, .. } => {
+                    if want.remove(&name) {
+                        let tc = ternary_codes(&name, &tensor)
+                            .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+                        w.ternary.insert(name.clone(), tc);
+                    }
                     let d = tensor.dequantize()?;
                     w.quantized.insert(name.clone(), tensor.spec);
                     Some(
@@ -77,7 +114,23 @@ impl Weights {
                 w.tensors.insert(name, t);
             }
         }
+        if let Some(name) = want.iter().next() {
+            return Err(Error::format(format!(
+                "{}: {name} is listed in {TERNARY_KEY} but not stored quantized",
+                path.display()
+            )));
+        }
         Ok(w)
+    }
+
+    /// The file's metadata (the safetensors header's `__metadata__`).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// The codes (rows, rest) and scale of a tensor stored as ternary.
+    pub fn ternary(&self, name: &str) -> Option<(&Array2<i8>, f32)> {
+        self.ternary.get(name).map(|(c, s)| (c, *s))
     }
 
     /// Whether the file stored `name` quantized (its codes are then used as stored).
@@ -94,7 +147,47 @@ impl Weights {
         Weights {
             tensors,
             quantized: BTreeMap::new(),
+            ternary: BTreeMap::new(),
+            metadata: HashMap::new(),
         }
+    }
+
+    /// The linear layer of weight `name` ((out, in), or (out, ...) flattened as a convolution's)
+    /// and bias `bias`: on the packed ternary kernel when the file stores it as ternary, on the
+    /// stored values (dequantized once, never re-quantized) when it stores it quantized
+    /// otherwise, else quantized with `mode`; then `act_bits`.
+    pub fn linear(
+        &self,
+        name: &str,
+        bias: Option<&str>,
+        mode: WeightMode,
+        act_bits: Option<u32>,
+    ) -> Result<Linear> {
+        let bias = bias.map(|b| self.get(b)).transpose()?;
+        let lin = if let Some((codes, scale)) = self.ternary(name) {
+            let b = bias.as_ref().map(super::layers::to_vec).transpose()?;
+            Linear::from_ternary(TernaryLinear::new(codes.view(), vec![scale], b)?)
+        } else {
+            let w = self.get(name)?;
+            let w = match w.dims() {
+                [_, _] => w,
+                [out, rest @ ..] if !rest.is_empty() => w
+                    .reshape((*out, rest.iter().product::<usize>()))
+                    .map_err(ce)?,
+                d => {
+                    return Err(Error::value(format!(
+                        "weight '{name}' has shape {d:?}, not a matrix"
+                    )))
+                }
+            };
+            let mode = if self.is_quantized(name) {
+                WeightMode::F32
+            } else {
+                mode
+            };
+            Linear::new(w, bias, mode)?
+        };
+        lin.with_act_bits(act_bits)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
@@ -154,4 +247,25 @@ impl Weights {
     pub fn get_opt(&self, name: &str) -> Option<Tensor> {
         self.tensors.get(name).cloned()
     }
+}
+
+/// The names `TERNARY_KEY` lists (none without the key).
+fn ternary_set(meta: &HashMap<String, String>, path: &Path) -> Result<BTreeSet<String>> {
+    meta.get(TERNARY_KEY).map_or(Ok(BTreeSet::new()), |list| {
+        ternary_names(list)
+            .map(|v| v.into_iter().collect())
+            .map_err(|e| Error::format(format!("{}: {e}", path.display())))
+    })
+}
+
+/// A plain (not quantized) file cannot store ternary codes.
+fn ensure_no_ternary(meta: &HashMap<String, String>, path: &Path) -> Result<()> {
+    if let Some(name) = ternary_set(meta, path)?.into_iter().next() {
+        return Err(Error::format(format!(
+            "{}: {name} is listed in {TERNARY_KEY} but the file is not a lowbit quantized \
+             checkpoint ({FORMAT_KEY} is missing)",
+            path.display()
+        )));
+    }
+    Ok(())
 }

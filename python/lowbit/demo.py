@@ -1,0 +1,239 @@
+"""``lowbit demo``: the whole workflow on the multi-task model, end to end.
+
+Train a small :class:`lowbit.models.MultiTaskVLM` on synthetic scenes (or reuse the one cached
+by an earlier run), fine-tune a ternary copy with quantization-aware training, then for every
+weight format: quantize and save, load in the Rust runtime, cross-validate against PyTorch,
+evaluate every task on held-out scenes, time each task in the runtime and in PyTorch, and
+estimate latency and energy on the phone profiles of :mod:`lowbit.nas`.
+
+>>> from lowbit.demo import cache_dir
+>>> cache_dir().name
+'lowbit'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+#: Formats the demo deploys, with the bits the NAS estimate uses (weights, activations).
+FORMATS: dict[str, tuple[int, int]] = {"f32": (32, 32), "int8": (8, 32), "int4": (4, 32), "int2": (2, 32), "ternary": (2, 8)}
+#: Phone profiles of the NAS estimate.
+PHONES = ("cortex-a76", "adreno-640", "hexagon-npu")
+TASKS = ("caption", "ocr", "vqa", "retrieval")
+
+
+def cache_dir() -> Path:
+    """Where trained demo models are kept: ``$LOWBIT_CACHE``, else ``$XDG_CACHE_HOME/lowbit``,
+    else ``~/.cache/lowbit``."""
+    if os.environ.get("LOWBIT_CACHE"):
+        return Path(os.environ["LOWBIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowbit"
+
+
+def _best_ms(fn: Callable[[], Any], repeat: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return 1e3 * best
+
+
+def _task_calls(model: Any, images: np.ndarray, questions: list[str], texts: list[str]) -> dict[str, Callable[[], Any]]:
+    return {
+        "caption": lambda: model.caption(images),
+        "ocr": lambda: model.ocr(images),
+        "vqa": lambda: model.vqa(images, questions),
+        "retrieval": lambda: model.retrieve(images, texts, 1),
+    }
+
+
+def _trained(steps: int, qat_steps: int, n_train: int, seed: int, retrain: bool, progress: bool,
+             log: Callable[[str], None]) -> tuple[Any, Any]:
+    """The float model and its ternary QAT fine-tune, from the cache when they are there."""
+    import lowbit
+    from lowbit import models
+    from lowbit.data import SyntheticScenes
+
+    cfg = models.MultiTaskConfig()
+    key = hashlib.sha256(json.dumps([cfg.to_json(), steps, qat_steps, n_train, seed, lowbit.__version__]).encode())
+    tag = key.hexdigest()[:12]
+    folder = cache_dir()
+    f32_path, qat_path = folder / f"multitask-{tag}.safetensors", folder / f"multitask-{tag}-ternary-qat.safetensors"
+    if not retrain and f32_path.is_file() and qat_path.is_file():
+        log(f"reusing the trained models in {folder} (--retrain to train again)")
+        return models.load(f32_path), models.load(qat_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = list(SyntheticScenes(seed=seed, n=n_train, image_size=cfg.image_size))
+    t = time.perf_counter()
+    model = models.train(cfg, data, steps=steps, seed=seed, progress=progress)
+    models.save(model, f32_path)
+    log(f"trained {steps} steps on {n_train} scenes in {time.perf_counter() - t:.0f} s -> {f32_path}")
+    t = time.perf_counter()
+    qat = models.train(init=models.load(f32_path).train(), data=data, steps=qat_steps, lr=5e-4, qat="ternary",
+                       seed=seed + 1, progress=progress)
+    models.save(qat, qat_path)
+    log(f"ternary QAT: {qat_steps} steps in {time.perf_counter() - t:.0f} s -> {qat_path}")
+    return model, qat
+
+
+def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = 600, qat_steps: int = 200, n_train: int = 3000,
+        n_eval: int = 200, batch: int = 16, repeat: int = 5, retrain: bool = False, progress: bool = True,
+        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run the demo; returns one row per format (also written to ``out/results.json``, with the
+    table in ``out/results.txt`` and a plot in ``out/results.png`` when matplotlib is installed)."""
+    import torch
+
+    import lowbit.nas as nas
+    from lowbit import crossval, models
+    from lowbit.data import SyntheticScenes
+    from lowbit.runtime import MultiTaskModel
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    f32_model, qat_model = _trained(steps, qat_steps, n_train, 0, retrain, progress, log)
+    held_out = list(SyntheticScenes(seed=12345, n=n_eval, image_size=f32_model.config.image_size))
+    images = np.stack([s["image"] for s in held_out[:batch]])
+    questions = [s["qa"][0][0] for s in held_out[:batch]]
+    texts = sorted({s["caption"] for s in held_out})
+    torch_ms = {k: _best_ms(f, repeat) for k, f in _task_calls(f32_model, images, questions, texts).items()}
+    graph = nas.from_torch(_AllTasks(f32_model), (torch.from_numpy(images[:1]),))
+    inputs = _crossval_inputs(f32_model, images[:4], questions[:4])
+    rows = []
+    for fmt, (wb, ab) in FORMATS.items():
+        src = qat_model if fmt == "ternary" else f32_model
+        path = out / f"multitask-{fmt}.safetensors"
+        size = models.save(src, path, weights=fmt)["bytes"]
+        rt = MultiTaskModel.load(path)
+        # Cross-validation: the float runtime against PyTorch (1e-4), and the runtime quantizing
+        # at load time against PyTorch simulating the same quantization (fake-quant).
+        if fmt == "f32":
+            reports = {t: crossval.compare(src, rt, inp) for t, inp in inputs.items()}
+        elif fmt in ("int8", "int4", "ternary"):
+            latent = out / f"multitask-{fmt}-float.safetensors"
+            models.save(src, latent)
+            sim_rt = MultiTaskModel.load(latent, weights=fmt)
+            sim = crossval.simulate(src, fmt, exclude=())
+            reports = {t: crossval.compare(sim, sim_rt, inp, mode="quantization") for t, inp in inputs.items()}
+            latent.unlink()
+        else:  # the runtime has no load-time int2 mode to compare with
+            reports = {}
+        metrics = models.evaluate(rt, held_out)
+        rt_ms = {k: _best_ms(f, repeat) for k, f in _task_calls(rt, images, questions, texts).items()}
+        row: dict[str, Any] = {"format": fmt, "bits": wb, "size_mb": size / 1e6, **metrics}
+        row["crossval"] = ("n/a" if not reports else "pass" if all(r.passed for r in reports.values())
+                           else "FAIL " + ",".join(t for t, r in reports.items() if not r.passed))
+        row["crossval_max_abs"] = max((r.layers[-1].max_abs for r in reports.values()), default=None)
+        for t in TASKS:
+            row[f"runtime_ms_{t}"] = rt_ms[t]
+            row[f"torch_ms_{t}"] = torch_ms[t]
+        for phone in PHONES:
+            c = nas.estimate(graph, phone, weight_bits=wb, act_bits=ab)
+            row[f"{phone}_ms"], row[f"{phone}_mj"] = c.latency_ms, c.energy_mj
+        rows.append(row)
+        log(f"{fmt}: done ({size / 1e6:.2f} MB, crossval {row['crossval']})")
+    table = format_table(rows, batch)
+    log(table)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "results.txt").write_text(table + "\n")
+    try:
+        plot(rows, out / "results.png")
+        log(f"wrote {out / 'results.json'}, {out / 'results.txt'} and {out / 'results.png'}")
+    except ImportError:
+        log(f"wrote {out / 'results.json'} and {out / 'results.txt'} (install matplotlib for the plot)")
+    return rows
+
+
+class _AllTasks:
+    """One image through the encoder and every head, for the NAS graph."""
+
+    def __new__(cls, model: Any) -> Any:
+        import torch
+
+        class AllTasks(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = model
+                q, qm = model.encode_questions(["what color is the circle ?"])
+                t, tm = model.encode_texts(["a red circle left of a blue square"])
+                self.register_buffer("q", q)
+                self.register_buffer("qm", qm)
+                self.register_buffer("t", t)
+                self.register_buffer("tm", tm)
+                self.register_buffer("cap", torch.full((1, model.config.max_caption_len), model.config.bos_id))
+
+            def forward(self, images: torch.Tensor) -> tuple:
+                tokens = self.m.vision(images)
+                return (self.m.caption_head(tokens, self.cap), self.m.ocr_head(tokens),
+                        self.m.vqa_head(tokens, self.q, self.qm), self.m.retrieval.embed_image(tokens),
+                        self.m.retrieval.embed_text(self.t, self.tm))
+
+        return AllTasks().eval()
+
+
+def _crossval_inputs(model: Any, images: np.ndarray, questions: list[str]) -> dict[str, dict[str, Any]]:
+    import torch
+
+    x = torch.from_numpy(images)
+    cap = torch.from_numpy(model.tokenizer.batch(["a red circle left of a blue square"] * len(images),
+                                                 model.config.max_caption_len, bos=True)[0])
+    q, qm = model.encode_questions(questions)
+    t, tm = model.encode_texts(["a red circle", "a blue square left of a green triangle"] * (len(images) // 2))
+    return {
+        "caption": {"images": x, "task": "caption", "ids": cap},
+        "ocr": {"images": x, "task": "ocr"},
+        "vqa": {"images": x, "task": "vqa", "ids": q, "mask": qm},
+        "image": {"images": x, "task": "image"},
+        "text": {"task": "text", "ids": t, "mask": tm},
+    }
+
+
+def format_table(rows: list[dict[str, Any]], batch: int) -> str:
+    head = ["format", "MB", "caption EM", "OCR char", "VQA", "R@1", "crossval",
+            *(f"{t} ms rt/torch" for t in TASKS), *(f"{p} ms/mJ" for p in PHONES)]
+    body = []
+    for r in rows:
+        body.append([
+            r["format"], f"{r['size_mb']:.2f}", f"{r['caption_exact']:.1f}", f"{r['ocr_char_acc']:.1f}",
+            f"{r['vqa_acc']:.1f}", f"{r['retrieval_r1']:.1f}", r["crossval"],
+            *(f"{r[f'runtime_ms_{t}']:.1f}/{r[f'torch_ms_{t}']:.1f}" for t in TASKS),
+            *(f"{r[f'{p}_ms']:.2f}/{r[f'{p}_mj']:.2f}" for p in PHONES),
+        ])
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([
+        f"task metrics in % on held-out scenes; latency: batch of {batch} images, best of runs, "
+        "Rust runtime / PyTorch f32 eager; NAS: one image, all heads, estimated latency / energy",
+        line(head), "  ".join("-" * w for w in widths), *map(line, body)])
+
+
+def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+    """Task metrics and file size by format."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = np.arange(len(rows))
+    for i, (k, name) in enumerate([("caption_exact", "caption EM"), ("ocr_char_acc", "OCR char acc"),
+                                   ("vqa_acc", "VQA acc"), ("retrieval_r1", "retrieval R@1")]):
+        a.bar(x + (i - 1.5) * 0.2, [r[k] for r in rows], 0.2, label=name)
+    a.set_xticks(x, [r["format"] for r in rows])
+    a.set_ylabel("% on held-out scenes")
+    a.legend(fontsize=7)
+    b.bar(x, [r["size_mb"] for r in rows], color="grey")
+    b.set_xticks(x, [r["format"] for r in rows])
+    b.set_ylabel("file size (MB)")
+    fig.suptitle("lowbit multi-task VLM by weight format")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
