@@ -64,28 +64,33 @@ def _trained(steps: int, qat_steps: int, n_train: int, seed: int, retrain: bool,
     from lowbit.data import SyntheticScenes
 
     cfg = models.MultiTaskConfig()
-    key = hashlib.sha256(json.dumps([cfg.to_json(), steps, qat_steps, n_train, seed, lowbit.__version__]).encode())
-    tag = key.hexdigest()[:12]
+    tag = hashlib.sha256(json.dumps([cfg.to_json(), steps, n_train, seed, lowbit.__version__]).encode()).hexdigest()[:12]
     folder = cache_dir()
-    f32_path, qat_path = folder / f"multitask-{tag}.safetensors", folder / f"multitask-{tag}-ternary-qat.safetensors"
-    if not retrain and f32_path.is_file() and qat_path.is_file():
-        log(f"reusing the trained models in {folder} (--retrain to train again)")
-        return models.load(f32_path), models.load(qat_path)
+    f32_path = folder / f"multitask-{tag}.safetensors"
+    qat_path = folder / f"multitask-{tag}-ternary-qat{qat_steps}.safetensors"
     folder.mkdir(parents=True, exist_ok=True)
-    data = list(SyntheticScenes(seed=seed, n=n_train, image_size=cfg.image_size))
-    t = time.perf_counter()
-    model = models.train(cfg, data, steps=steps, seed=seed, progress=progress)
-    models.save(model, f32_path)
-    log(f"trained {steps} steps on {n_train} scenes in {time.perf_counter() - t:.0f} s -> {f32_path}")
-    t = time.perf_counter()
-    qat = models.train(init=models.load(f32_path).train(), data=data, steps=qat_steps, lr=5e-4, qat="ternary",
-                       seed=seed + 1, progress=progress)
-    models.save(qat, qat_path)
-    log(f"ternary QAT: {qat_steps} steps in {time.perf_counter() - t:.0f} s -> {qat_path}")
+    data = SyntheticScenes(seed=seed, n=n_train, image_size=cfg.image_size)
+    if not retrain and f32_path.is_file():
+        log(f"reusing the trained model {f32_path} (--retrain to train again)")
+        model = models.load(f32_path)
+    else:
+        t = time.perf_counter()
+        model = models.train(cfg, data, steps=steps, seed=seed, progress=progress)
+        models.save(model, f32_path)
+        log(f"trained {steps} steps on {n_train} scenes in {time.perf_counter() - t:.0f} s -> {f32_path}")
+    if not retrain and qat_path.is_file():
+        log(f"reusing the ternary QAT model {qat_path}")
+        qat = models.load(qat_path)
+    else:
+        t = time.perf_counter()
+        qat = models.train(init=models.load(f32_path).train(), data=data, steps=qat_steps, lr=1e-3, qat="ternary",
+                           seed=seed + 1, progress=progress)
+        models.save(qat, qat_path)
+        log(f"ternary QAT: {qat_steps} steps in {time.perf_counter() - t:.0f} s -> {qat_path}")
     return model, qat
 
 
-def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = 600, qat_steps: int = 200, n_train: int = 3000,
+def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = 1500, qat_steps: int = 300, n_train: int = 3000,
         n_eval: int = 200, batch: int = 16, repeat: int = 5, retrain: bool = False, progress: bool = True,
         log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run the demo; returns one row per format (also written to ``out/results.json``, with the

@@ -69,10 +69,10 @@ _TOKENIZER = Tokenizer()
 
 def _default_text() -> dict[str, Any]:
     return {
-        "hidden_size": 128,
-        "num_hidden_layers": 2,
+        "hidden_size": 96,
+        "num_hidden_layers": 1,
         "num_attention_heads": 4,
-        "intermediate_size": 256,
+        "intermediate_size": 192,
     }
 
 
@@ -84,11 +84,11 @@ class MultiTaskConfig:
     image_size: int = 64
     patch_size: int = 8
     channels: int = 3
-    width: int = 128
-    depth: int = 4
+    width: int = 96
+    depth: int = 3
     heads: int = 4
     mlp_ratio: int = 2
-    decoder_depth: int = 2
+    decoder_depth: int = 1
     vqa_depth: int = 1
     vocab_size: int = len(_TOKENIZER)
     max_caption_len: int = 20
@@ -444,32 +444,29 @@ def _ctc_string(frames: Iterable[int], charset: str) -> str:
 def _decode(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: int, c: MultiTaskConfig,
             max_len: int, beam: int) -> list[list[int]]:
     """Greedy or beam search over ``step(rows, prefix) -> log-probs of the next token`` (rows
-    index the images). A beam keeps the ``beam`` best prefixes by summed log-probability,
-    finished ones (``[EOS]``) included; the answer is the best by mean log-probability per token.
-    The runtime decodes with the same rules."""
+    index the images; one call per step decodes every image). A beam keeps the ``beam`` best
+    prefixes by summed log-probability, finished ones (``[EOS]``) included; the answer is the
+    best by mean log-probability per token. The runtime decodes with the same rules."""
     if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
         raise LowbitValueError(f"beam must be a positive int, got {beam!r}")
     if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= c.max_caption_len:
         raise LowbitValueError(f"max_len must be between 1 and {c.max_caption_len}, got {max_len!r}")
-    results = []
-    for img in range(batch):
-        hyps: list[tuple[list[int], float, bool]] = [([c.bos_id], 0.0, False)]
-        for _ in range(max_len):
-            live = [h for h in hyps if not h[2]]
-            if not live:
-                break
-            prefix = torch.tensor([h[0] for h in live])
-            logp = step(torch.full((len(live),), img), prefix).double()
-            cands = [h for h in hyps if h[2]]
-            top = logp.topk(min(beam, logp.shape[1]), dim=-1)
-            for (seq, score, _), vals, idx in zip(live, top.values.tolist(), top.indices.tolist()):
-                for v, t in zip(vals, idx):
-                    cands.append((seq + [t], score + v, t == c.eos_id))
-            cands.sort(key=lambda h: -h[1])
-            hyps = cands[:beam]
-        best = max(hyps, key=lambda h: h[1] / (len(h[0]) - 1))
-        results.append(best[0][1:])
-    return results
+    hyps: list[list[tuple[list[int], float, bool]]] = [[([c.bos_id], 0.0, False)] for _ in range(batch)]
+    for _ in range(max_len):
+        # Every live prefix of every image in one decoder call (all have the same length).
+        live = [(img, h) for img in range(batch) for h in hyps[img] if not h[2]]
+        if not live:
+            break
+        logp = step(torch.tensor([img for img, _ in live]), torch.tensor([h[0] for _, h in live])).double()
+        top = logp.topk(min(beam, logp.shape[1]), dim=-1)
+        cands = [[h for h in hyps[img] if h[2]] for img in range(batch)]
+        for (img, (seq, score, _)), vals, idx in zip(live, top.values.tolist(), top.indices.tolist()):
+            for v, t in zip(vals, idx):
+                cands[img].append((seq + [t], score + v, t == c.eos_id))
+        for img in range(batch):
+            cands[img].sort(key=lambda h: -h[1])
+            hyps[img] = cands[img][:beam]
+    return [max(h, key=lambda h: h[1] / (len(h[0]) - 1))[0][1:] for h in hyps]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,7 +690,7 @@ def train(
     data: Any = None,
     steps: int = 1000,
     batch_size: int = 32,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     loss_weights: dict[str, float] | None = None,
     qat: str | None = None,
     init: MultiTaskVLM | None = None,

@@ -699,12 +699,17 @@ impl MultiTaskModel {
         }
     }
 
-    /// Log-probabilities (rows, vocab) of the token after each prefix (rows, len), every row
-    /// attending to the same image's tokens (1, n, width).
-    fn next_logprobs(&self, image: &Tensor, prefix: &Array2<i64>) -> Result<Vec<Vec<f64>>> {
-        let (rows, l) = prefix.dim();
-        let (_, n, d) = image.dims3().map_err(ce)?;
-        let ctx = image.broadcast_as((rows, n, d)).map_err(ce)?;
+    /// Log-probabilities (rows, vocab) of the token after each prefix (rows, len), row `r`
+    /// attending to the tokens of image `images[r]` of `tokens` (batch, n, width).
+    fn next_logprobs(
+        &self,
+        tokens: &Tensor,
+        images: &[u32],
+        prefix: &Array2<i64>,
+    ) -> Result<Vec<Vec<f64>>> {
+        let l = prefix.ncols();
+        let idx = Tensor::new(images, tokens.device()).map_err(ce)?;
+        let ctx = tokens.index_select(&idx, 0).map_err(ce)?;
         let h = self
             .caption_head
             .hidden(&ctx, prefix.view(), None, true, &mut Recorder(None))?;
@@ -729,11 +734,12 @@ impl MultiTaskModel {
 
     /// Caption token ids (without `[BOS]`; ending with `[EOS]` unless `max_len` ran out) by
     /// greedy (`beam = 1`) or beam search, with the rules of `lowbit.models._decode`: each
-    /// step extends every live prefix by its `beam` best tokens; the candidates (finished
-    /// prefixes first, then the extensions in order) are stably sorted by summed
-    /// log-probability and the best `beam` kept; the answer is the first best by mean
-    /// log-probability per generated token.
+    /// step extends every live prefix by its `beam` best tokens (one decoder call for the live
+    /// prefixes of all images); per image, the candidates (finished prefixes first, then the
+    /// extensions in order) are stably sorted by summed log-probability and the best `beam`
+    /// kept; the answer is the first best by mean log-probability per generated token.
     pub fn caption(&self, tokens: &Tensor, max_len: usize, beam: usize) -> Result<Vec<Vec<i64>>> {
+        type Hyp = (Vec<i64>, f64, bool);
         let c = &self.config;
         ensure!(beam >= 1, "beam must be a positive int, got {beam}");
         ensure!(
@@ -742,44 +748,52 @@ impl MultiTaskModel {
             c.max_caption_len
         );
         let (b, _, _) = tokens.dims3().map_err(ce)?;
-        let mut out = Vec::with_capacity(b);
-        for img in 0..b {
-            let image = tokens.narrow(0, img, 1).map_err(ce)?;
-            // (sequence, summed log-prob, finished)
-            let mut hyps: Vec<(Vec<i64>, f64, bool)> = vec![(vec![c.bos_id], 0.0, false)];
-            for _ in 0..max_len {
-                let live: Vec<&(Vec<i64>, f64, bool)> = hyps.iter().filter(|h| !h.2).collect();
-                if live.is_empty() {
-                    break;
+        // (sequence, summed log-prob, finished) per image
+        let mut hyps: Vec<Vec<Hyp>> = vec![vec![(vec![c.bos_id], 0.0, false)]; b];
+        for _ in 0..max_len {
+            let live: Vec<(usize, &Hyp)> = hyps
+                .iter()
+                .enumerate()
+                .flat_map(|(i, hs)| hs.iter().filter(|h| !h.2).map(move |h| (i, h)))
+                .collect();
+            if live.is_empty() {
+                break;
+            }
+            let len = live[0].1 .0.len();
+            let flat: Vec<i64> = live.iter().flat_map(|(_, h)| h.0.iter().copied()).collect();
+            let prefix = Array2::from_shape_vec((live.len(), len), flat).expect("equal lengths");
+            let images: Vec<u32> = live.iter().map(|(i, _)| *i as u32).collect();
+            let logp = self.next_logprobs(tokens, &images, &prefix)?;
+            let mut cands: Vec<Vec<Hyp>> = hyps
+                .iter()
+                .map(|hs| hs.iter().filter(|h| h.2).cloned().collect())
+                .collect();
+            for ((img, h), lp) in live.iter().zip(&logp) {
+                for t in top_k(lp, beam) {
+                    let mut seq = h.0.clone();
+                    seq.push(t as i64);
+                    cands[*img].push((seq, h.1 + lp[t], t as i64 == c.eos_id));
                 }
-                let len = live[0].0.len();
-                let flat: Vec<i64> = live.iter().flat_map(|h| h.0.iter().copied()).collect();
-                let prefix =
-                    Array2::from_shape_vec((live.len(), len), flat).expect("equal lengths");
-                let logp = self.next_logprobs(&image, &prefix)?;
-                let mut cands: Vec<(Vec<i64>, f64, bool)> =
-                    hyps.iter().filter(|h| h.2).cloned().collect();
-                for (h, lp) in live.iter().zip(&logp) {
-                    for t in top_k(lp, beam) {
-                        let mut seq = h.0.clone();
-                        seq.push(t as i64);
-                        cands.push((seq, h.1 + lp[t], t as i64 == c.eos_id));
+            }
+            for cs in &mut cands {
+                cs.sort_by(|a, b| b.1.total_cmp(&a.1));
+                cs.truncate(beam);
+            }
+            hyps = cands;
+        }
+        let mean = |h: &Hyp| h.1 / (h.0.len() - 1) as f64;
+        Ok(hyps
+            .iter()
+            .map(|hs| {
+                let mut best = &hs[0];
+                for h in &hs[1..] {
+                    if mean(h) > mean(best) {
+                        best = h;
                     }
                 }
-                cands.sort_by(|a, b| b.1.total_cmp(&a.1));
-                cands.truncate(beam);
-                hyps = cands;
-            }
-            let mean = |h: &(Vec<i64>, f64, bool)| h.1 / (h.0.len() - 1) as f64;
-            let mut best = &hyps[0];
-            for h in &hyps[1..] {
-                if mean(h) > mean(best) {
-                    best = h;
-                }
-            }
-            out.push(best.0[1..].to_vec());
-        }
-        Ok(out)
+                best.0[1..].to_vec()
+            })
+            .collect())
     }
 }
 

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["ANSWERS", "CHARSET", "COLORS", "COUNTS", "POSITIONS", "SHAPES", "ShapeSpec", "SyntheticScenes", "Tokenizer"]
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
