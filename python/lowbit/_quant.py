@@ -30,27 +30,60 @@ def _array(x: Any, what: str = "x") -> np.ndarray:
     return np.asarray(x)
 
 
-def _float(v: Any, what: str) -> float:
+def _bounds(v: Any, what: str, lo: Any, hi: Any) -> None:
+    if lo is None and hi is None:
+        return
+    if (lo is not None and not v >= lo) or (hi is not None and not v <= hi):  # NaN is out of any range
+        want = (f"between {lo} and {hi}" if lo is not None and hi is not None
+                else f">= {lo}" if lo is not None else f"<= {hi}")
+        raise LowbitValueError(f"{what} must be {want}, got {v}")
+
+
+def _float(v: Any, what: str, lo: float | None = None, hi: float | None = None, finite: bool = False) -> float:
+    """A real number (Python, NumPy or a one-element array / tensor); optionally finite and in ``[lo, hi]``."""
     if _is_tensor(v) or isinstance(v, np.ndarray):
         if (v.numel() if _is_tensor(v) else v.size) != 1:
             raise LowbitTypeError(f"{what} must be a single number")
         v = v.item()
-    if isinstance(v, (bool, str, bytes)) or not isinstance(v, (int, float, np.number)):
+    if isinstance(v, (bool, str, bytes)) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise LowbitTypeError(f"{what} must be a float, got {type(v).__name__}")
-    return float(v)
+    try:
+        f = float(v)
+    except OverflowError:
+        raise LowbitValueError(f"{what} is too large for a float, got {v}") from None
+    if finite and not np.isfinite(f):
+        raise LowbitValueError(f"{what} must be finite, got {f}")
+    _bounds(f, what, lo, hi)
+    return f
 
 
-def _int(v: Any, what: str) -> int:
+_I64 = (-(2**63), 2**63 - 1)
+
+
+def _int(v: Any, what: str, lo: int | None = _I64[0], hi: int | None = _I64[1]) -> int:
+    """An integer (Python, NumPy or a one-element array / tensor, not bool) in ``[lo, hi]``: by
+    default the int64 range the core takes, so that no argument overflows on its way in."""
     if _is_tensor(v) or isinstance(v, np.ndarray):
         if (v.numel() if _is_tensor(v) else v.size) != 1:
             raise LowbitTypeError(f"{what} must be a single integer")
         v = v.item()
-    if isinstance(v, bool):
+    if isinstance(v, (bool, np.bool_)):
         raise LowbitTypeError(f"{what} must be an integer, got bool")
     try:
-        return operator.index(v)
+        i = operator.index(v)
     except TypeError:
         raise LowbitTypeError(f"{what} must be an integer, got {type(v).__name__}") from None
+    _bounds(i, what, lo, hi)
+    return i
+
+
+def _path(p: Any, what: str) -> str:
+    """``os.fspath(p)``, naming the argument when ``p`` is not a path."""
+    try:
+        path = os.fspath(p)
+    except TypeError:
+        raise LowbitTypeError(f"{what} must be a path (str or os.PathLike), got {type(p).__name__}") from None
+    return os.fsdecode(path)
 
 
 def _vector(v: Any, what: str, integer: bool) -> list:
@@ -252,10 +285,23 @@ def quantize(x: Any, spec: QuantSpec, scales: Any = None, zero_points: Any = Non
         if bf16:
             x = x.view(np.uint16).astype(np.uint32) << 16
             x = x.view(np.float32)
-    # np.array, not np.ascontiguousarray: the latter turns per-tensor 0-d qparams into shape (1,).
-    s = None if scales is None else np.array(_to_np(scales), dtype=np.float32, order="C")
-    z = None if zero_points is None else np.array(_to_np(zero_points), dtype=np.int32, order="C")
+    s = None if scales is None else _qparams(scales, "scales", integer=False)
+    z = None if zero_points is None else _qparams(zero_points, "zero_points", integer=True)
     return _lowbit.quantize(_array(x), spec, s, z)
+
+
+def _qparams(v: Any, what: str, integer: bool) -> np.ndarray:
+    """Given scales (float32) or zero points (int32), checked before conversion (which would
+    drop an imaginary part or wrap an integer)."""
+    if v is None or isinstance(v, (str, bytes, dict)):
+        raise LowbitTypeError(f"{what} must be an array, got {type(v).__name__}")
+    a = _to_np(v)
+    if a.dtype.kind not in ("iu" if integer else "fiu"):
+        raise LowbitTypeError(f"{what} must hold {'integers' if integer else 'floats'}, got {a.dtype}")
+    if integer and a.size and (a.min() < -(2**31) or a.max() >= 2**31):
+        raise LowbitValueError(f"{what} must fit in int32, got values in [{a.min()}, {a.max()}]")
+    # np.array, not np.ascontiguousarray: the latter turns per-tensor 0-d qparams into shape (1,).
+    return np.array(a, dtype=np.int32 if integer else np.float32, order="C")
 
 
 def _to_np(v: Any) -> np.ndarray:
@@ -268,12 +314,14 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, spec: Qu
     Returns one dict per tensor: ``name, shape, dtype, bits (None if copied), sqnr_db,
     bytes_before, bytes_after``. Read back with :func:`load_quantized` or :func:`dequantize_checkpoint`.
     """
-    return _lowbit.quantize_checkpoint(os.fspath(src), os.fspath(dst), spec)
+    if not isinstance(spec, QuantSpec):
+        raise LowbitTypeError(f"spec must be a lowbit.QuantSpec, got {type(spec).__name__}")
+    return _lowbit.quantize_checkpoint(_path(src, "src"), _path(dst, "dst"), spec)
 
 
 def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> list[dict]:
     """Write a plain safetensors file with every quantized tensor of ``src`` restored to its dtype."""
-    return _lowbit.dequantize_checkpoint(os.fspath(src), os.fspath(dst))
+    return _lowbit.dequantize_checkpoint(_path(src, "src"), _path(dst, "dst"))
 
 
 def load_quantized(path: str | os.PathLike) -> dict[str, Any]:
@@ -281,7 +329,7 @@ def load_quantized(path: str | os.PathLike) -> dict[str, Any]:
     tensors stored unquantized. Corrupt or foreign files raise ``LowbitFormatError``.
     """
     out: dict[str, Any] = {}
-    for name, v in _lowbit.load_quantized(os.fspath(path)).items():
+    for name, v in _lowbit.load_quantized(_path(path, "path")).items():
         if isinstance(v, QuantizedTensor):
             out[name] = v
         else:
@@ -305,37 +353,42 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], metadata: 
     >>> sorted(lowbit.load_quantized(path)), lowbit.checkpoint_metadata(path)["note"]
     (['b', 'w'], 'demo')
     """
+    path = _path(path, "path")
     if not isinstance(tensors, dict):
         raise LowbitTypeError(f"tensors must be a dict, got {type(tensors).__name__}")
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise LowbitTypeError("metadata must be a dict of str to str")
     out: dict[str, Any] = {}
     for name, v in tensors.items():
         if not isinstance(name, str):
-            raise LowbitTypeError(f"tensor names must be strings, got {name!r}")
+            raise LowbitTypeError(f"tensors must map names (str) to arrays, got the key {name!r}")
         if isinstance(v, QuantizedTensor):
             out[name] = v
             continue
         if _is_tensor(v):
+            import torch
+
             v = v.detach().cpu()
-            if str(v.dtype) == "torch.bfloat16":
-                a = v.contiguous().view(_torch().int16).numpy()
+            if v.dtype == torch.bfloat16:
+                a = v.contiguous().view(torch.int16).numpy()
                 out[name] = ("BF16", list(a.shape), a.tobytes())
                 continue
             v = v.numpy()
+        if v is None or isinstance(v, (str, bytes, dict)):
+            raise LowbitTypeError(f"tensor {name!r} must be an array or a QuantizedTensor, got {type(v).__name__}")
         a = np.asarray(v)
         le = a.dtype.newbyteorder("<")
         dt = _DTYPE_NAMES.get(le.str)
         if dt is None:
             raise LowbitTypeError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
         out[name] = (dt, list(a.shape), np.ascontiguousarray(a, dtype=le).tobytes())
-    if metadata is not None and not (isinstance(metadata, dict)
-                                     and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
-        raise LowbitTypeError("metadata must be a dict of str to str")
-    _lowbit.save_checkpoint(os.fspath(path), out, metadata)
+    _lowbit.save_checkpoint(path, out, metadata)
 
 
 def checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata in a safetensors file's header (only the header is read)."""
-    return dict(_lowbit.checkpoint_metadata(os.fspath(path)))
+    return dict(_lowbit.checkpoint_metadata(_path(path, "path")))
 
 
 _NP = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BF16": "<u2"}

@@ -30,7 +30,7 @@ import numpy as np
 
 from lowbit import _lowbit
 from lowbit._lowbit import LowbitTypeError, LowbitValueError, PackedSigns
-from lowbit._quant import _is_tensor, _to_np
+from lowbit._quant import _float, _int, _is_tensor, _to_np
 
 __all__ = [
     "BinaryLinear",
@@ -55,6 +55,8 @@ def _f32(x: Any, what: str, ndim: int | None = 2) -> np.ndarray:
         if x.device.type != "cpu":
             raise LowbitTypeError(f"{what} is on {x.device}; lowbit's kernels run on CPU tensors (use .cpu())")
         x = x.detach().float().numpy()
+    if x is None or isinstance(x, (str, bytes, dict)):
+        raise LowbitTypeError(f"{what} must be a float array, got {type(x).__name__}")
     a = np.asarray(x)
     if a.dtype.kind != "f":
         raise LowbitTypeError(f"{what} must be a float array, got {a.dtype}")
@@ -89,7 +91,7 @@ def activation_quant(x: Any, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Per-row (per-token) absmax quantization: ``s = Qb / max(max|x|, 1e-5)`` with
     ``Qb = 2^(bits-1) - 1``, ``q = clamp(round_half_even(x * s), -Qb - 1, Qb)`` as int8; returns
     ``(q, s)`` with ``s`` of shape (rows,). NaN or Inf raises ``LowbitValueError``."""
-    return _lowbit.activation_quant(_f32(x, "x"), int(bits))
+    return _lowbit.activation_quant(_f32(x, "x"), _int(bits, "bits", 2, 8))
 
 
 def pack_signs(x: Any) -> PackedSigns:
@@ -105,8 +107,11 @@ def binary_matmul(a: Any, b: Any) -> np.ndarray:
     >>> bn.binary_matmul(np.array([[1.0, -2.0, 0.0]], np.float32), np.array([[3.0, 1.0, -1.0]], np.float32))
     array([[-1]], dtype=int32)
     """
-    pa = a if isinstance(a, PackedSigns) else pack_signs(a)
-    pb = b if isinstance(b, PackedSigns) else pack_signs(b)
+    pa = a if isinstance(a, PackedSigns) else PackedSigns(_f32(a, "a"))
+    pb = b if isinstance(b, PackedSigns) else PackedSigns(_f32(b, "b"))
+    if pa.shape[1] != pb.shape[1]:
+        raise LowbitValueError(f"a and b must have the same number of columns (the inner dimension), "
+                               f"got {pa.shape[1]} and {pb.shape[1]}")
     return _lowbit.binary_matmul_packed(pa, pb)
 
 
@@ -142,10 +147,10 @@ class TernaryLinear:
     """
 
     def __init__(self, codes: np.ndarray, scale: Any, bias: Any = None) -> None:
-        codes = np.asarray(codes)
+        codes = _to_np(codes)
         if codes.dtype != np.int8 or codes.ndim != 2:
             raise LowbitTypeError(f"codes must be a 2-D int8 array, got {codes.dtype} with shape {codes.shape}")
-        s = np.atleast_1d(np.asarray(scale, dtype=np.float32))
+        s = _scales(scale, "scale")
         b = None if bias is None else _f32(bias, "bias", ndim=1)
         self._core = _lowbit.TernaryLinear(codes, s, b)
         self.scale = s if s.size > 1 else float(s[0])
@@ -191,14 +196,16 @@ class BinaryLinear:
     products by XNOR + popcount."""
 
     def __init__(self, signs: np.ndarray, scales: np.ndarray, bias: Any = None) -> None:
-        signs = np.asarray(signs)
+        signs = _to_np(signs)
         if signs.dtype != np.int8 or signs.ndim != 2 or not np.all(np.abs(signs) == 1):
             raise LowbitValueError("signs must be a 2-D int8 array of +1 / -1")
         self._w = PackedSigns(signs.astype(np.float32))
         self.scales = _f32(scales, "scales", ndim=1)
-        if self.scales.shape[0] != signs.shape[0]:
-            raise LowbitValueError(f"scales must have {signs.shape[0]} entries")
+        if self.scales.shape[0] != signs.shape[0] or not np.isfinite(self.scales).all():
+            raise LowbitValueError(f"scales must be {signs.shape[0]} finite numbers, got {self.scales}")
         self.bias = None if bias is None else _f32(bias, "bias", ndim=1)
+        if self.bias is not None and (self.bias.shape[0] != signs.shape[0] or not np.isfinite(self.bias).all()):
+            raise LowbitValueError(f"bias must be {signs.shape[0]} finite numbers, got {self.bias}")
         self.out_features, self.in_features = signs.shape
 
     @classmethod
@@ -225,7 +232,25 @@ class BinaryLinear:
     __call__ = forward
 
 
+def _scales(scale: Any, what: str) -> np.ndarray:
+    """A scale or per-row scales as a float32 vector (refusing what float32 cannot hold)."""
+    if _is_tensor(scale) or isinstance(scale, (np.ndarray, list, tuple)):
+        a = _to_np(scale)
+        if a.dtype.kind not in "fiu":
+            raise LowbitTypeError(f"{what} must hold floats, got {a.dtype}")
+        return np.atleast_1d(a.astype(np.float32))
+    return np.array([_float(scale, what)], dtype=np.float32)
+
+
+def _shape(shape: Any, what: str = "shape") -> tuple[int, ...]:
+    if shape is None or isinstance(shape, (str, bytes, dict)) or not hasattr(shape, "__iter__"):
+        raise LowbitTypeError(f"{what} must be a tuple of integers, got {type(shape).__name__}")
+    return tuple(_int(s, what, 0, None) for s in shape)
+
+
 def _codes(x: Any, what: str) -> np.ndarray:
+    if x is None or isinstance(x, (str, bytes, dict)):
+        raise LowbitTypeError(f"{what} must be an integer array, got {type(x).__name__}")
     a = _to_np(x)
     if a.ndim == 0:
         raise LowbitValueError(f"{what} must have at least one dimension")
@@ -252,8 +277,7 @@ def pack(codes: Any, bits: int) -> np.ndarray:
     (array([[57,  1]], dtype=uint8), array([[1, 2, 3, 0, 1]], dtype=uint8))
     """
     a = _codes(codes, "codes")
-    if not 1 <= int(bits) <= 8:
-        raise LowbitValueError(f"bits must be between 1 and 8, got {bits}")
+    bits = _int(bits, "bits", 1, 8)
     if a.dtype == np.int8:
         half = 1 << (bits - 1)
         if a.size and (a.min() < -half or a.max() >= half):
@@ -261,19 +285,20 @@ def pack(codes: Any, bits: int) -> np.ndarray:
         a = (a.astype(np.int16) + half).astype(np.uint8)
     elif a.dtype != np.uint8:
         raise LowbitTypeError(f"codes must be uint8 or int8, got {a.dtype}")
-    p = _lowbit.pack_rows(_rows2d(a), int(bits))
+    p = _lowbit.pack_rows(_rows2d(a), bits)
     return p.reshape(*a.shape[:-1], p.shape[-1])
 
 
 def unpack(packed: Any, bits: int, shape: tuple[int, ...], signed: bool = False) -> np.ndarray:
     """Reverse :func:`pack`: ``shape`` is the codes' shape; ``signed=True`` gives int8 codes."""
     p = _codes(packed, "packed")
-    shape = tuple(int(s) for s in shape)
+    shape = _shape(shape)
+    bits = _int(bits, "bits", 1, 8)
     if p.dtype != np.uint8:
         raise LowbitTypeError(f"packed must be uint8, got {p.dtype}")
-    if not shape or p.shape[:-1] != shape[:-1]:
-        raise LowbitValueError(f"packed has shape {p.shape}, which does not fit codes of shape {shape}")
-    u = _lowbit.unpack_rows(_rows2d(p), int(bits), shape[-1]).reshape(shape)
+    if not shape or p.shape != shape[:-1] + (-(-shape[-1] * bits // 8),):
+        raise LowbitValueError(f"packed has shape {p.shape}, which does not fit codes of shape {shape} at {bits} bits")
+    u = _lowbit.unpack_rows(_rows2d(p), bits, shape[-1]).reshape(shape)
     if signed:
         return (u.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
     return u
@@ -311,8 +336,8 @@ def unpack_ternary(packed: Any, shape: tuple[int, ...], format: str = "i2") -> n
         return (unpack(packed, 2, shape).astype(np.int8) - 1).astype(np.int8)
     if format == "tq1":
         p = _codes(packed, "packed")
-        shape = tuple(int(s) for s in shape)
-        if p.dtype != np.uint8 or not shape or p.shape[:-1] != shape[:-1]:
+        shape = _shape(shape)
+        if p.dtype != np.uint8 or not shape or p.shape != shape[:-1] + (-(-shape[-1] // 5),):
             raise LowbitValueError(f"packed has shape {p.shape} and dtype {p.dtype}, not tq1 bytes for codes of shape {shape}")
         return _lowbit.unpack_tq1(_rows2d(p), shape[-1]).reshape(shape)
     raise LowbitValueError(f"format must be 'i2' or 'tq1', got {format!r}")

@@ -32,7 +32,7 @@ import numpy as np
 
 from lowbit import _lowbit
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
-from lowbit._quant import _is_tensor
+from lowbit._quant import _float, _int, _is_tensor
 
 __all__ = [
     "HistogramObserver",
@@ -62,6 +62,19 @@ class Observer:
     _kind = ""
 
     def __init__(self, **settings: Any) -> None:
+        for k, v in settings.items():
+            if k == "bits":
+                settings[k] = _int(v, k, 2, 8)
+            elif k == "bins":
+                settings[k] = _int(v, k, 16, 1 << 20)
+            elif k == "axis":
+                settings[k] = _int(v, k)
+            elif k in ("averaging_constant", "percentile"):
+                settings[k] = _float(v, k)
+            elif k == "method" and not isinstance(v, str):
+                raise LowbitTypeError(f"method must be a string, got {type(v).__name__}")
+            elif k == "symmetric":
+                settings[k] = bool(v)
         self._core = _lowbit.Observer(self._kind, **settings)
 
     @property
@@ -90,7 +103,7 @@ class Observer:
     def merge(self, other: Observer) -> None:
         """Add ``other``'s observations to this observer (see the class docs for exactness)."""
         if type(other) is not type(self):
-            raise LowbitTypeError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}")
+            raise LowbitTypeError(f"other must be a {type(self).__name__} to merge, got a {type(other).__name__}")
         self._core.merge(other._core)
 
     def state_dict(self) -> dict[str, str]:
@@ -171,7 +184,7 @@ class HistogramObserver(Observer):
     The histogram's bins have a power-of-two width on a grid anchored at zero, so growing the
     range merges pairs of bins without moving a count, and the state depends only on the data:
     ``merge`` equals one observer over both inputs. ``per_channel=True`` keeps one histogram per
-    index of ``axis``. ``method="mse"`` evaluates every integer affine grid (zero representable,
+    index of ``axis``. ``bins`` (16 to 2^20) is the histogram's capacity. ``method="mse"`` evaluates every integer affine grid (zero representable,
     ``2^bits`` levels) over a fine range of steps and all zero points, with the expected error
     computed exactly from the histogram (uniform within bins), and returns the best.
     """

@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                        "int2 / ternary, run it in the Rust runtime, cross-validate and evaluate every task")
     m.add_argument("--out", default="lowbit-demo", help="folder for the models, results.json/.txt/.png (default lowbit-demo)")
     m.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
-    m.add_argument("--qat-steps", type=int, default=300, help="ternary QAT fine-tuning steps (default 300)")
+    m.add_argument("--qat-steps", type=int, default=600, help="ternary QAT fine-tuning steps (default 600)")
     m.add_argument("--train-scenes", type=int, default=3000, help="training scenes (default 3000)")
     m.add_argument("--eval-scenes", type=int, default=200, help="held-out scenes (default 200)")
     m.add_argument("--retrain", action="store_true", help="train even if a cached model exists")

@@ -22,7 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lowbit._lowbit import LowbitValueError
+from lowbit._lowbit import LowbitTypeError, LowbitValueError
+from lowbit._quant import _float, _int
 
 __all__ = ["LayerReport", "Report", "Tolerances", "assert_close", "compare", "simulate"]
 
@@ -39,7 +40,17 @@ class Tolerances:
     perplexity: float = 1e-3
     layers: Mapping[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for mode in ("inference", "quantization", "perplexity"):
+            object.__setattr__(self, mode, _float(getattr(self, mode), mode, lo=0.0, finite=True))
+        if not isinstance(self.layers, Mapping) or not all(isinstance(k, str) for k in self.layers):
+            raise LowbitTypeError(f"layers must map layer names (str) to tolerances, got {self.layers!r}")
+        object.__setattr__(self, "layers", {k: _float(v, f"layers[{k!r}]", lo=0.0, finite=True)
+                                            for k, v in self.layers.items()})
+
     def tolerance(self, layer: str, mode: str) -> float:
+        if not isinstance(layer, str):
+            raise LowbitTypeError(f"layer must be a layer name (str), got {type(layer).__name__}")
         if mode not in ("inference", "quantization", "perplexity"):
             raise LowbitValueError(f"mode must be 'inference', 'quantization' or 'perplexity', got {mode!r}")
         return float(self.layers.get(layer, getattr(self, mode)))
@@ -163,9 +174,16 @@ def compare(
     """
     import torch
 
+    if not isinstance(torch_module, torch.nn.Module):
+        raise LowbitTypeError(f"torch_module must be a torch.nn.Module, got {type(torch_module).__name__}")
+    if not callable(getattr(runtime_model, "forward", None)):
+        raise LowbitTypeError(f"runtime_model must be a lowbit runtime model, got {type(runtime_model).__name__}")
+    if tolerances is not None and not isinstance(tolerances, Tolerances):
+        raise LowbitTypeError(f"tolerances must be a Tolerances, got {type(tolerances).__name__}")
     tol = tolerances or Tolerances()
-    if not isinstance(inputs, Mapping):
+    if not isinstance(inputs, Mapping) or not all(isinstance(k, str) for k in inputs):
         raise LowbitValueError("inputs must be a dict of keyword arguments for both models")
+    tol.tolerance("output", mode)  # checks mode before anything runs
     caught: dict[str, Any] = {}
     modules = dict(torch_module.named_modules())
     out, rec = runtime_model.forward(**inputs, record=True)
@@ -247,12 +265,14 @@ def simulate(torch_module: Any, weights: str, exclude: Sequence[str] = ("pooler"
 
     from lowbit.torch import BitLinear, FakeQuantize, _bitnet_activation_codes
 
+    if not isinstance(torch_module, torch.nn.Module):
+        raise LowbitTypeError(f"torch_module must be a torch.nn.Module, got {type(torch_module).__name__}")
     if weights not in ("f32", "int8", "int4", "ternary", "binary"):
         raise LowbitValueError(f"weights must be 'f32', 'int8', 'int4', 'ternary' or 'binary', got {weights!r}")
     if act_bits is not None and weights in ("ternary", "binary"):
         raise LowbitValueError(f"act_bits does not apply to {weights!r} layers, which quantize their own inputs")
-    if act_bits is not None and not (isinstance(act_bits, int) and 2 <= act_bits <= 8):
-        raise LowbitValueError(f"act_bits must be an int between 2 and 8, got {act_bits!r}")
+    if act_bits is not None:
+        act_bits = _int(act_bits, "act_bits", 2, 8)
     sim = copy.deepcopy(torch_module).eval()
     targets = [(n, m) for n, m in sim.named_modules()
                if isinstance(m, torch.nn.Linear) and not any(n.startswith(e) for e in exclude)]

@@ -79,7 +79,8 @@ def _default_text() -> dict[str, Any]:
 @dataclass
 class MultiTaskConfig:
     """Sizes of :class:`MultiTaskVLM`. ``text`` holds the BERT text tower's ``BertConfig``
-    fields (``vocab_size`` and the position table default to the scene tokenizer's)."""
+    fields; the ones it leaves out take their defaults (``vocab_size`` and the position table
+    follow the scene tokenizer and ``max_text_len``)."""
 
     image_size: int = 64
     patch_size: int = 8
@@ -115,6 +116,7 @@ class MultiTaskConfig:
             "layer_norm_eps": 1e-12,
             "hidden_dropout_prob": 0.0,
             "attention_probs_dropout_prob": 0.0,
+            **_default_text(),
         }
         t.update(self.text)
         self.text = t
@@ -510,7 +512,7 @@ def save(model: MultiTaskVLM, path: str | os.PathLike[str], weights: str = "f32"
     per output channel, ``"int4"`` symmetric per group of 32 inputs, ``"int2"`` asymmetric per
     group of 32, ``"ternary"`` BitNet b1.58 absmean codes at 2 bits (the runtime runs these on the
     packed ternary kernel). Embeddings, positions and the patch embedding are then stored int8
-    per row / channel; norms and biases stay float32. Returns ``{"bytes": file size, "tensors": n}``.
+    per row / channel, norms and biases float16. Returns ``{"bytes": file size, "tensors": n}``.
     """
     from lowbit import QuantSpec, quantize, save_checkpoint
 
@@ -525,9 +527,11 @@ def save(model: MultiTaskVLM, path: str | os.PathLike[str], weights: str = "f32"
                 state[name] = _ternary_tensor(w) if weights == "ternary" else quantize(w, _spec(weights))
                 if weights == "ternary":
                     ternary.append(name)
-            elif w.ndim >= 2 and not name.endswith("LayerNorm.weight"):
+            elif w.ndim >= 2:
                 axis = 1 if name == "vision.pos_embed" else 0
                 state[name] = quantize(w, QuantSpec(8, symmetric=True, granularity="channel", axis=axis))
+            elif w.ndim == 1:
+                state[name] = w.astype(np.float16)
         if ternary:
             meta["lowbit.ternary"] = json.dumps(ternary)
     save_checkpoint(path, state, meta)

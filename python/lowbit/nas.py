@@ -31,7 +31,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from lowbit import _lowbit
-from lowbit._lowbit import DeviceProfile, Graph, LowbitValueError
+from lowbit._lowbit import DeviceProfile, Graph, LowbitTypeError, LowbitValueError
+from lowbit._quant import _float, _int
 
 __all__ = [
     "Cost",
@@ -156,7 +157,7 @@ class Cost:
         return pd.DataFrame(self.layers)
 
     def metric(self, name: str) -> float:
-        return float(getattr(self, name))
+        return float(getattr(self, _metric(name, "name")))
 
 
 def estimate(
@@ -184,11 +185,10 @@ def estimate(
 
 
 def _bits(b: Any, name: str) -> int:
-    if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
-        raise LowbitValueError(f"{name} must be an integer 1..32, got {b!r}")
-    if not 1 <= int(b) <= 32:
-        raise LowbitValueError(f"{name} must be 1..32, got {b}")
-    return int(b)
+    try:
+        return _int(b, name, 1, 32)
+    except LowbitTypeError as e:  # lowbit.nas has always raised ValueError for any bad bit width
+        raise LowbitValueError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -480,7 +480,7 @@ def from_torch(model: Any, example_inputs: Any) -> Graph:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     if not isinstance(model, torch.nn.Module):
-        raise LowbitValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise LowbitTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args = _as_args(example_inputs)
     rec = _Recorder(model, args)
 
@@ -532,12 +532,13 @@ def measure(model: Any, example_inputs: Any, repeats: int = 20, warmup: int = 3,
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    if not isinstance(repeats, int) or repeats < 1:
-        raise LowbitValueError(f"repeats must be a positive integer, got {repeats!r}")
+    if not callable(model):
+        raise LowbitTypeError(f"model must be callable (a torch.nn.Module), got {type(model).__name__}")
+    repeats, warmup = _int(repeats, "repeats", 1, None), _int(warmup, "warmup", 0, None)
     args = _as_args(example_inputs)
     samples = []
     with torch.no_grad():
-        for _ in range(max(warmup, 0)):
+        for _ in range(warmup):
             model(*args)
         for _ in range(repeats):
             t = time.perf_counter()
@@ -603,10 +604,17 @@ class CostModel:
         weight_bits: int = 32,
         act_bits: int = 32,
     ) -> CostModel:
+        if isinstance(graphs, (str, bytes, dict)) or not hasattr(graphs, "__iter__"):
+            raise LowbitTypeError(f"graphs must be a list of lowbit.nas.Graph, got {type(graphs).__name__}")
         graphs = list(graphs)
         if not all(isinstance(g, Graph) for g in graphs):
-            raise LowbitValueError("graphs must be lowbit.nas.Graph objects")
-        fitted = _lowbit.fit_device(graphs, [float(m) for m in measured_ms], _device(device),
+            raise LowbitTypeError("graphs must be lowbit.nas.Graph objects")
+        if isinstance(measured_ms, (str, bytes, dict)) or not hasattr(measured_ms, "__iter__"):
+            raise LowbitTypeError(f"measured_ms must be a list of floats, got {type(measured_ms).__name__}")
+        measured = [_float(m, "measured_ms") for m in measured_ms]
+        if len(measured) != len(graphs):
+            raise LowbitValueError(f"measured_ms has {len(measured)} measurements for {len(graphs)} graphs")
+        fitted = _lowbit.fit_device(graphs, measured, _device(device),
                                     _bits(weight_bits, "weight_bits"), _bits(act_bits, "act_bits"))
         return cls(fitted, weight_bits, act_bits)
 
@@ -635,9 +643,9 @@ def _metrics_of(choice: Any, device: DeviceProfile, wb: int, ab: int) -> list[fl
     if isinstance(choice, Mapping):
         unknown = set(choice) - set(METRICS)
         if unknown:
-            raise LowbitValueError(f"unknown metrics {sorted(unknown)}; known: {list(METRICS)}")
-        return [float(choice.get(m, 0.0)) for m in METRICS]
-    raise LowbitValueError(f"a choice must be a Graph, a Cost or a dict of metrics, got {type(choice).__name__}")
+            raise LowbitValueError(f"unknown metrics {sorted(map(str, unknown))} in a choice; known: {list(METRICS)}")
+        return [_float(choice.get(m, 0.0), f"a choice's {m}") for m in METRICS]
+    raise LowbitTypeError(f"a choice must be a Graph, a Cost or a dict of metrics, got {type(choice).__name__}")
 
 
 class SearchSpace:
@@ -666,11 +674,21 @@ class SearchSpace:
         base: Any = None,
     ) -> None:
         if isinstance(bits, tuple):
+            if len(bits) != 2:
+                raise LowbitValueError(f"bits must be an int or a (weight_bits, act_bits) pair, got {bits!r}")
             wb, ab = (_bits(b, "bits") for b in bits)
         else:
             wb = _bits(bits, "bits")
             ab = 8 if wb <= 8 else 32
         self.device, self.weight_bits, self.act_bits = _device(device), wb, ab
+        def listable(v: Any) -> bool:
+            return hasattr(v, "__iter__") and not isinstance(v, (str, bytes, Mapping))
+
+        if not listable(blocks):
+            raise LowbitTypeError(f"blocks must be a list of blocks, got {type(blocks).__name__}")
+        blocks = list(blocks)
+        if not all(listable(b) for b in blocks):
+            raise LowbitTypeError("blocks must be a list of blocks, each a list of choices")
         blocks = [list(b) for b in blocks]
         if not blocks or not all(blocks):
             raise LowbitValueError("a search space needs at least one block, each with at least one choice")
@@ -697,6 +715,8 @@ class SearchSpace:
     def evaluate(self, choices: Any) -> dict[str, np.ndarray]:
         """Metrics of candidates: ``choices`` is an int array (n, blocks) of choice indices;
         returns a dict of (n,) float64 arrays, one per metric."""
+        if choices is None or isinstance(choices, (str, bytes, dict)):
+            raise LowbitTypeError(f"choices must be an integer array (n, {self.n_blocks}), got {type(choices).__name__}")
         c = np.asarray(choices)
         if c.ndim == 1:
             c = c[None]
@@ -712,7 +732,12 @@ class SearchSpace:
         block's number of choices must be 0. Returns ``(value, grad)`` with ``value`` a float
         (or (batch,) array) and ``grad`` shaped like ``probs``.
         """
-        p = np.asarray(probs, dtype=np.float64)
+        if probs is None or isinstance(probs, (str, bytes, dict)):
+            raise LowbitTypeError(f"probs must be a float array, got {type(probs).__name__}")
+        p = np.asarray(probs)
+        if p.dtype.kind not in "fiub":
+            raise LowbitTypeError(f"probs must hold real numbers, got {p.dtype}")
+        p = p.astype(np.float64)
         single = p.ndim == 2
         if single:
             p = p[None]
@@ -723,17 +748,29 @@ class SearchSpace:
 
     def random(self, n: int, seed: int | None = None) -> np.ndarray:
         """``n`` uniformly random candidates, (n, blocks) int64."""
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(_seed(seed))
+        n = _int(n, "n", 0, None)
+        if n * self.n_blocks * 8 > _MAX_BYTES:
+            raise LowbitValueError(f"n={n} candidates of {self.n_blocks} blocks would take {n * self.n_blocks * 8} bytes")
         return np.stack([rng.integers(0, k, size=n) for k in self.n_choices], axis=1).astype(np.int64)
 
     def __repr__(self) -> str:
         return f"SearchSpace({self.n_blocks} blocks, choices={self.n_choices}, device={self.device.name!r}, bits=({self.weight_bits}, {self.act_bits}))"
 
 
-def _metric(m: str) -> str:
-    if m not in METRICS:
-        raise LowbitValueError(f"unknown metric {m!r}; known: {list(METRICS)}")
+def _metric(m: str, what: str = "metric") -> str:
+    if not isinstance(m, str) or m not in METRICS:
+        raise LowbitValueError(f"{what}: unknown metric {m!r}; known: {list(METRICS)}")
     return m
+
+
+# Arrays lowbit.nas allocates for a request (candidates, populations) stop here: an absurd count
+# is refused up front instead of failing (or swapping) halfway.
+_MAX_BYTES = 1 << 40
+
+
+def _seed(seed: Any) -> Any:
+    return None if seed is None else _int(seed, "seed", 0, None)
 
 
 @dataclass(frozen=True)
@@ -808,20 +845,28 @@ def evolve(
     (np.True_, np.float64(5.0))
     """
     if not isinstance(space, SearchSpace):
-        raise LowbitValueError(f"space must be a SearchSpace, got {type(space).__name__}")
-    constraints = dict(constraints or {})
-    for m in constraints:
-        _metric(m)
-    _metric(objective)
-    if population < 2 or generations < 0:
-        raise LowbitValueError("population must be >= 2 and generations >= 0")
-    rng = np.random.default_rng(seed)
+        raise LowbitTypeError(f"space must be a SearchSpace, got {type(space).__name__}")
+    if not callable(fitness):
+        raise LowbitTypeError(f"fitness must be callable, got {type(fitness).__name__}")
+    if constraints is not None and not isinstance(constraints, Mapping):
+        raise LowbitTypeError(f"constraints must be a dict of metric bounds, got {type(constraints).__name__}")
+    constraints = {_metric(m, "constraints key"): _float(b, f"constraints[{m!r}]", finite=True)
+                   for m, b in (constraints or {}).items()}
+    _metric(objective, "objective")
+    population = _int(population, "population", 2, None)
+    generations = _int(generations, "generations", 0, None)
+    if population * space.n_blocks * 8 * 4 > _MAX_BYTES:
+        raise LowbitValueError(f"population={population} is too large")
+    rng = np.random.default_rng(_seed(seed))
     nb = space.n_blocks
     sizes = np.array(space.n_choices)
-    p_mut = 1.0 / nb if mutation is None else float(mutation)
+    p_mut = 1.0 / nb if mutation is None else _float(mutation, "mutation", 0.0, 1.0)
 
     def score(c: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-        f = np.asarray(fitness(c), dtype=np.float64).reshape(-1)
+        f = np.asarray(fitness(c))
+        if f.dtype.kind not in "fiub":
+            raise LowbitValueError(f"fitness must return {len(c)} finite scores, got {f.dtype}")
+        f = f.astype(np.float64).reshape(-1)
         if f.shape != (len(c),) or not np.isfinite(f).all():
             raise LowbitValueError(f"fitness must return {len(c)} finite scores, got shape {f.shape}")
         m = space.evaluate(c)

@@ -18,7 +18,7 @@ import numpy as np
 
 from lowbit import _lowbit
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
-from lowbit._quant import _is_tensor
+from lowbit._quant import _int, _is_tensor, _path
 
 __all__ = ["BertEncoder", "MultiTaskModel"]
 
@@ -26,6 +26,8 @@ __all__ = ["BertEncoder", "MultiTaskModel"]
 def _ids(x: Any, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
     if _is_tensor(x):
         x = x.detach().cpu().numpy()
+    if x is None or isinstance(x, (str, bytes, dict)):
+        raise LowbitTypeError(f"{name} must be an integer array, got {type(x).__name__}")
     a = np.asarray(x)
     if a.dtype == bool:
         a = a.astype(np.int64)
@@ -60,6 +62,8 @@ class BertEncoder:
     WEIGHTS = ("f32", "int8", "int4", "ternary", "binary")
 
     def __init__(self, core: Any, path: str) -> None:
+        if not isinstance(core, _lowbit.BertCore):
+            raise LowbitTypeError(f"core must be a BertCore (use BertEncoder.load), got {type(core).__name__}")
         self._core = core
         self.path = path
 
@@ -69,11 +73,8 @@ class BertEncoder:
         ``BertModel.save_pretrained`` writes), or a ``.safetensors`` file with ``config.json``
         beside it. Names with the ``bert.`` prefix of the task models load too (their heads are
         ignored); missing, unexpected or misshapen tensors are listed in one error."""
-        if not isinstance(weights, str):
-            raise LowbitTypeError(f"weights must be a string, got {type(weights).__name__}")
-        if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)):
-            raise LowbitTypeError(f"act_bits must be an int or None, got {type(act_bits).__name__}")
-        return cls(_lowbit.BertCore.load(os.fspath(path), weights, act_bits), os.fspath(path))
+        path, act_bits = _load_args(path, weights, act_bits)
+        return cls(_lowbit.BertCore.load(path, weights, act_bits), path)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -117,6 +118,18 @@ class BertEncoder:
         c = self.config
         return (f"BertEncoder(layers={c['num_hidden_layers']}, hidden={c['hidden_size']}, "
                 f"heads={c['num_attention_heads']}, vocab={c['vocab_size']})")
+
+
+def _load_args(path: Any, weights: Any, act_bits: Any) -> tuple[str, int | None]:
+    if not isinstance(weights, str):
+        raise LowbitTypeError(f"weights must be a string, got {type(weights).__name__}")
+    return _path(path, "path"), None if act_bits is None else _int(act_bits, "act_bits", 2, 8)
+
+
+def _strings(texts: Any, what: str) -> list[str]:
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise LowbitTypeError(f"{what} must be a list of strings, got {type(texts).__name__}")
+    return list(texts)
 
 
 def _torch_out(x: np.ndarray, torch_in: bool) -> Any:
@@ -174,6 +187,8 @@ class MultiTaskModel:
 
         from lowbit.data import Tokenizer
 
+        if not isinstance(core, _lowbit.MultiTaskCore):
+            raise LowbitTypeError(f"core must be a MultiTaskCore (use MultiTaskModel.load), got {type(core).__name__}")
         self._core = core
         self.path = path
         self._cfg = json.loads(core.config_json)
@@ -183,11 +198,8 @@ class MultiTaskModel:
     def load(cls, path: str | os.PathLike[str], weights: str = "f32", act_bits: int | None = None) -> MultiTaskModel:
         """Load a model file; its config comes from the ``lowbit.multitask`` metadata. Missing,
         unexpected or misshapen tensors are listed in one error."""
-        if not isinstance(weights, str):
-            raise LowbitTypeError(f"weights must be a string, got {type(weights).__name__}")
-        if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)):
-            raise LowbitTypeError(f"act_bits must be an int or None, got {type(act_bits).__name__}")
-        return cls(_lowbit.MultiTaskCore.load(os.fspath(path), weights, act_bits), os.fspath(path))
+        path, act_bits = _load_args(path, weights, act_bits)
+        return cls(_lowbit.MultiTaskCore.load(path, weights, act_bits), path)
 
     @property
     def config(self) -> Any:
@@ -203,6 +215,8 @@ class MultiTaskModel:
     def _images(self, images: Any) -> np.ndarray:
         if _is_tensor(images):
             images = images.detach().cpu().float().numpy()
+        if images is None or isinstance(images, (str, bytes, dict)):
+            raise LowbitTypeError(f"images must be a float array, got {type(images).__name__}")
         x = np.asarray(images)
         c = self._cfg
         want = (c["channels"], c["image_size"], c["image_size"])
@@ -245,11 +259,8 @@ class MultiTaskModel:
         """Captions by greedy (``beam=1``) or beam search decoding, with the rules of
         :meth:`lowbit.models.MultiTaskVLM.caption` (``max_len`` new tokens at most, default
         ``max_caption_len``)."""
-        max_len = self._cfg["max_caption_len"] if max_len is None else max_len
-        for name, v in (("beam", beam), ("max_len", max_len)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise LowbitValueError(f"{name} must be a positive int, got {v!r}")
-        ids = self._core.caption(self._images(images), int(max_len), int(beam))
+        max_len = _int(self._cfg["max_caption_len"] if max_len is None else max_len, "max_len", 1)
+        ids = self._core.caption(self._images(images), max_len, _int(beam, "beam", 1))
         return [self.tokenizer.decode(s) for s in ids]
 
     def ocr(self, images: Any) -> list[str]:
@@ -260,6 +271,8 @@ class MultiTaskModel:
     def vqa(self, images: Any, questions: Any) -> list[str]:
         """One answer (from ``config.answers``) per image and question."""
         ids, mask = self.encode_questions(questions)
+        if not len(ids):
+            raise LowbitValueError("questions is empty: give one question per image")
         best = np.asarray(self.forward(self._images(images), "vqa", ids, mask)).argmax(-1)
         return [self._cfg["answers"][i] for i in best.tolist()]
 
@@ -275,27 +288,21 @@ class MultiTaskModel:
 
     def retrieve(self, images: Any, texts: Any, k: int = 1) -> Any:
         """Indices (batch, k) of the ``k`` texts most similar to each image, best first."""
-        texts = list(texts)
+        texts = _strings(texts, "texts")
         if not texts:
-            raise LowbitValueError("retrieve needs at least one text")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise LowbitValueError(f"k must be a positive int, got {k!r}")
+            raise LowbitValueError("retrieve needs at least one text in texts")
+        k = _int(k, "k", 1, None)
         sim = np.asarray(self.embed_images(self._images(images))) @ np.asarray(self.embed_texts(texts)).T
-        top = np.argsort(-sim, axis=-1, kind="stable")[:, : min(int(k), len(texts))]
+        top = np.argsort(-sim, axis=-1, kind="stable")[:, : min(k, len(texts))]
         return _torch_out(np.ascontiguousarray(top), _is_tensor(images))
-
-    def _encode(self, texts: Any, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise LowbitTypeError("expected a list of strings")
-        return self.tokenizer.batch(list(texts), max_len, cls=True)
 
     def encode_questions(self, questions: Any) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) int64 (len(questions), max_question_len), ``[CLS]`` first."""
-        return self._encode(questions, self._cfg["max_question_len"])
+        return self.tokenizer.batch(_strings(questions, "questions"), self._cfg["max_question_len"], cls=True)
 
     def encode_texts(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) int64 (len(texts), max_text_len), ``[CLS]`` first."""
-        return self._encode(texts, self._cfg["max_text_len"])
+        return self.tokenizer.batch(_strings(texts, "texts"), self._cfg["max_text_len"], cls=True)
 
     def __repr__(self) -> str:
         c = self._cfg

@@ -84,6 +84,10 @@ class _FakeQuant(torch.autograd.Function):
 
 
 def _fake_quant(x: torch.Tensor, qargs: tuple, return_mask: bool, out: torch.Tensor | None = None) -> Any:
+    if not isinstance(x, torch.Tensor):
+        raise LowbitTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise LowbitTypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     if out is not None:
         if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
             raise LowbitValueError("out= does not support autograd; call it under torch.no_grad()")
@@ -220,10 +224,18 @@ class FakeQuantize(torch.nn.Module):
         enabled: bool = True,
     ) -> None:
         super().__init__()
-        self.quant_min, self.quant_max, self.axis, self.enabled = int(quant_min), int(quant_max), axis, enabled
+        self.quant_min, self.quant_max = _int(quant_min, "quant_min"), _int(quant_max, "quant_max")
+        self.axis = None if axis is None else _int(axis, "axis")
+        self.enabled = enabled
+        if axis is None:
+            scale, zero_point = [_float(scale, "scale")], [_int(zero_point, "zero_point", -(2**31), 2**31 - 1)]
+        else:
+            scale, zero_point = _vector(scale, "scale", integer=False), _vector(zero_point, "zero_point", integer=True)
+            if any(not -(2**31) <= z < 2**31 for z in zero_point):
+                raise LowbitValueError(f"zero_point must fit in int32, got {zero_point}")
         shape = () if axis is None else (-1,)
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(shape).clone())
-        self.register_buffer("zero_point", torch.as_tensor(zero_point, dtype=torch.int32).reshape(shape).clone())
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).reshape(shape))
+        self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32).reshape(shape))
 
     @classmethod
     def from_tensor(cls, x: torch.Tensor, bits: int = 8, symmetric: bool = True, axis: int | None = None) -> FakeQuantize:
@@ -338,6 +350,15 @@ def calibrate(
     from lowbit import QuantSpec
     from lowbit.calib import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
 
+    if not isinstance(model, torch.nn.Module):
+        raise LowbitTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, v in (("spec", spec), ("weight_spec", weight_spec)):
+        if v is not None and not isinstance(v, QuantSpec):
+            raise LowbitTypeError(f"{name} must be a lowbit.QuantSpec, got {type(v).__name__}")
+    if not isinstance(method, str):
+        raise LowbitTypeError(f"method must be a string, got {type(method).__name__}")
+    if data is None or isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise LowbitTypeError(f"data must be an iterable of batches, got {type(data).__name__}")
     spec = spec if spec is not None else QuantSpec(8, symmetric=False)
     weight_spec = weight_spec if weight_spec is not None else QuantSpec(spec.bits, symmetric=True, granularity="channel", axis=0)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))}
@@ -418,6 +439,9 @@ class BitLinear(torch.nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None, dtype: Any = None) -> None:
+        in_features, out_features = _int(in_features, "in_features", 0), _int(out_features, "out_features", 0)
+        if in_features * out_features > 2**40:
+            raise LowbitValueError(f"in_features x out_features = {in_features * out_features} weights is too large")
         super().__init__(in_features, out_features, bias, device, dtype)
         self._packed: Any = None
         self._packed_key: Any = None
@@ -425,6 +449,8 @@ class BitLinear(torch.nn.Linear):
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> BitLinear:
         """A BitLinear with ``linear``'s weights (copied) and bias."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise LowbitTypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device, linear.weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(linear.weight)
@@ -443,10 +469,25 @@ class BitLinear(torch.nn.Linear):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or (
+                x.dtype != self.weight.dtype and not _autocast(x)):
+            raise LowbitTypeError(f"x must be a {self.weight.dtype} tensor like the weights, got "
+                                  f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.device != self.weight.device or x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise LowbitValueError(f"x must have shape (..., {self.in_features}) on {self.weight.device}, "
+                                   f"got {tuple(x.shape)} on {x.device}")
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if self.training or needs_grad or x.device.type != "cpu" or x.dtype != torch.float32:
             return _BitLinearSTE.apply(x, self.weight, self.bias)
         return self._kernel()(x)
+
+
+def _autocast(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (then it, not the caller, picks the dtypes)."""
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # PyTorch < 2.4
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 class _BitLinearSTE(torch.autograd.Function):
@@ -518,14 +559,18 @@ def expected_latency(
     >>> loss.item(), logits.grad[0].tolist()
     (4.0, [-0.5, 0.5])
     """
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise LowbitTypeError(f"logits must be a floating-point tensor, got {type(logits).__name__}")
+    from lowbit.nas import SearchSpace
+
+    if not isinstance(space, SearchSpace):
+        raise LowbitTypeError(f"space must be a lowbit.nas.SearchSpace, got {type(space).__name__}")
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.is_meta:
+        raise LowbitTypeError(f"logits must be a floating-point tensor with data, got {type(logits).__name__}")
     if logits.ndim not in (2, 3) or logits.shape[-2:] != (space.n_blocks, max(space.n_choices)):
         raise LowbitValueError(
             f"logits must be ({space.n_blocks}, {max(space.n_choices)}) or (batch, {space.n_blocks}, "
             f"{max(space.n_choices)}), got {tuple(logits.shape)}"
         )
-    if not (isinstance(tau, (int, float)) and tau > 0):
+    if _float(tau, "tau", finite=True) <= 0:
         raise LowbitValueError(f"tau must be a positive number, got {tau!r}")
     mask = torch.zeros(logits.shape[-2:], dtype=torch.bool, device=logits.device)
     for b, n in enumerate(space.n_choices):

@@ -159,7 +159,9 @@ def test_quantized_files_store_what_the_layers_deploy(tiny, tmp_path, weights):
             ref = lowbit.quantize(w, models._spec(weights))
             np.testing.assert_array_equal(t.int_repr(), ref.int_repr())
     assert isinstance(stored["retrieval.text.embeddings.word_embeddings.weight"], lowbit.QuantizedTensor)
-    assert isinstance(stored["vision.blocks.0.norm1.weight"], np.ndarray)
+    norm = stored["vision.blocks.0.norm1.weight"]
+    assert isinstance(norm, np.ndarray) and norm.dtype == np.float16
+    np.testing.assert_array_equal(norm, sd["vision.blocks.0.norm1.weight"].numpy().astype(np.float16))
     meta = lowbit.checkpoint_metadata(q)
     assert meta["lowbit.weights"] == weights
     assert (weights == "ternary") == ("lowbit.ternary" in meta)

@@ -6,6 +6,20 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
+/// The most elements a graph's buffers may hold together (and one op's operands), and the most
+/// FLOPs it may count: far beyond any model, and small enough that byte counts at up to 32 bits
+/// per element and every sum over buffers and ops fit `u64`. `Graph::validate` enforces them.
+pub const MAX_ELEMENTS: u64 = 1 << 56;
+pub const MAX_FLOPS: u64 = 1 << 62;
+
+/// The product of `xs`, or None when it overflows `u64` (a zero factor makes it 0).
+fn product(xs: &[u64]) -> Option<u64> {
+    if xs.contains(&0) {
+        return Some(0);
+    }
+    xs.iter().try_fold(1u64, |a, &b| a.checked_mul(b))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -28,8 +42,9 @@ pub struct Buffer {
 }
 
 impl Buffer {
+    /// Elements (saturating: `Graph::validate` refuses shapes whose product overflows).
     pub fn numel(&self) -> u64 {
-        self.shape.iter().product()
+        product(&self.shape).unwrap_or(u64::MAX)
     }
 }
 
@@ -41,8 +56,9 @@ pub struct TensorRef {
 }
 
 impl TensorRef {
+    /// Elements (saturating: `Graph::validate` refuses shapes whose product overflows).
     pub fn numel(&self) -> u64 {
-        self.shape.iter().product()
+        product(&self.shape).unwrap_or(u64::MAX)
     }
 }
 
@@ -95,29 +111,36 @@ impl Op {
         &self.inputs[i].shape
     }
 
-    /// FLOPs as `torch.utils.flop_counter.FlopCounterMode` counts them.
+    /// FLOPs as `torch.utils.flop_counter.FlopCounterMode` counts them (saturating:
+    /// `Graph::validate` refuses graphs whose count overflows).
     pub fn flops(&self) -> u64 {
+        self.checked_flops().unwrap_or(u64::MAX)
+    }
+
+    fn checked_flops(&self) -> Option<u64> {
         match self.kind {
             Kind::Conv => {
                 let (x, w) = (self.shape(0), self.shape(1));
-                let spatial: u64 = if self.transposed {
-                    x[2..].iter().product()
+                let spatial = if self.transposed {
+                    product(&x[2..])?
                 } else {
-                    self.outputs[0].shape[2..].iter().product()
+                    product(&self.outputs[0].shape[2..])?
                 };
-                spatial * w[2..].iter().product::<u64>() * x[0] * w[0] * w[1] * 2
+                product(&[spatial, product(&w[2..])?, x[0], w[0], w[1], 2])
             }
             Kind::Matmul => {
                 let (a, b) = (self.shape(0), self.shape(1));
-                let batch: u64 = a[..a.len() - 2].iter().product();
-                batch * a[a.len() - 2] * a[a.len() - 1] * b[b.len() - 1] * 2
+                let batch = product(&a[..a.len() - 2])?;
+                product(&[batch, a[a.len() - 2], a[a.len() - 1], b[b.len() - 1], 2])
             }
             Kind::Attention => {
                 let (q, k, v) = (self.shape(0), self.shape(1), self.shape(2));
-                let bh = q[0] * q[1];
-                2 * bh * q[2] * k[2] * q[3] + 2 * bh * q[2] * k[2] * v[3]
+                let scores = product(&[2, q[0], q[1], q[2], k[2]])?;
+                scores
+                    .checked_mul(q[3])?
+                    .checked_add(scores.checked_mul(v[3])?)
             }
-            _ => 0,
+            _ => Some(0),
         }
     }
 
@@ -150,11 +173,12 @@ impl Op {
                 }
                 ensure!(self.groups >= 1, "op '{}': groups must be >= 1", self.name);
                 let cin = if self.transposed {
-                    w[0]
+                    Some(w[0])
                 } else {
-                    w[1] * self.groups
+                    w[1].checked_mul(self.groups)
                 };
-                if x[1] != cin {
+                if cin != Some(x[1]) {
+                    let cin = cin.map_or("too many".to_string(), |c| c.to_string());
                     return Err(bad(format!(
                         "input {x:?} has {} channels, weight {w:?} with groups={} expects {cin}",
                         x[1], self.groups
@@ -261,6 +285,42 @@ impl Graph {
                 }
             }
             op.check_shapes()?;
+        }
+        self.check_sizes()
+    }
+
+    /// Refuses sizes past `MAX_ELEMENTS` and `MAX_FLOPS`, so that no count overflows.
+    fn check_sizes(&self) -> Result<()> {
+        let too_big = |what: String| {
+            Error::value(format!(
+                "{what}: the graph is too large to count (more than 2^56 elements or 2^62 FLOPs)"
+            ))
+        };
+        let mut elements = Some(self.extra_params).filter(|&n| n <= MAX_ELEMENTS);
+        for b in &self.buffers {
+            elements = elements
+                .zip(product(&b.shape))
+                .and_then(|(a, n)| a.checked_add(n))
+                .filter(|&n| n <= MAX_ELEMENTS);
+            if elements.is_none() {
+                return Err(too_big(format!(
+                    "buffer '{}' of shape {:?}",
+                    b.name, b.shape
+                )));
+            }
+        }
+        let mut flops = 0u64;
+        for op in &self.ops {
+            let operands = op
+                .inputs
+                .iter()
+                .chain(&op.outputs)
+                .try_fold(0u64, |a, t| a.checked_add(product(&t.shape)?));
+            let total = op.checked_flops().and_then(|f| flops.checked_add(f));
+            match (operands, total) {
+                (Some(n), Some(f)) if n <= MAX_ELEMENTS && f <= MAX_FLOPS => flops = f,
+                _ => return Err(too_big(format!("op '{}'", op.name))),
+            }
         }
         Ok(())
     }
@@ -443,7 +503,7 @@ impl Builder {
                 );
                 let mut out = vec![x[0], cout, 0, 0];
                 for d in 0..2 {
-                    let span = x[2 + d] + 2 * p[d];
+                    let span = padded(x[2 + d], p[d], &name)?;
                     ensure!(
                         span >= k[d],
                         "layer '{name}': shape mismatch: kernel {k:?} is larger than the padded \
@@ -564,7 +624,7 @@ impl Builder {
                 );
                 let mut out = x.clone();
                 for d in 0..2 {
-                    let span = x[2 + d] + 2 * p[d];
+                    let span = padded(x[2 + d], p[d], &name)?;
                     ensure!(
                         span >= k[d],
                         "layer '{name}': shape mismatch: kernel {k:?} larger than input {x:?}"
@@ -577,7 +637,11 @@ impl Builder {
                 rank_at_least(3)?;
                 (Kind::Pool, vec![x[0], x[1]], 1)
             }
-            "flatten" => (Kind::View, vec![x[0], x[1..].iter().product()], 1),
+            "flatten" => {
+                let n = product(&x[1..])
+                    .ok_or_else(|| Error::value(format!("layer '{name}': {x:?} is too large")))?;
+                (Kind::View, vec![x[0], n], 1)
+            }
             "reshape" => {
                 let shape: Vec<u64> = l
                     .get("shape")
@@ -585,7 +649,7 @@ impl Builder {
                     .map(|a| a.iter().filter_map(Value::as_u64).collect())
                     .unwrap_or_default();
                 ensure!(
-                    shape.iter().product::<u64>() == x.iter().product::<u64>() && !shape.is_empty(),
+                    product(&shape) == product(&x) && product(&x).is_some() && !shape.is_empty(),
                     "layer '{name}': shape mismatch: cannot reshape {x:?} to {:?}",
                     l.get("shape")
                 );
@@ -612,7 +676,9 @@ impl Builder {
                     let same =
                         y.len() == x.len() && (0..x.len()).all(|d| d == axis || x[d] == y[d]);
                     ensure!(same, "layer '{name}': shape mismatch: cannot concatenate {x:?} and {y:?} on axis {axis}");
-                    out[axis] += y[axis];
+                    out[axis] = out[axis].checked_add(y[axis]).ok_or_else(|| {
+                        Error::value(format!("layer '{name}': the concatenation is too large"))
+                    })?;
                 }
                 (Kind::Copy, out, 1)
             }
@@ -639,9 +705,20 @@ impl Builder {
             groups,
         });
         self.g.ops.last().unwrap().check_shapes()?;
+        self.g
+            .check_sizes()
+            .map_err(|e| Error::value(format!("layer '{name}': {e}")))?;
         self.last = Some(name);
         Ok(())
     }
+}
+
+/// `size + 2 * padding`, refusing an overflow.
+fn padded(size: u64, padding: u64, name: &str) -> Result<u64> {
+    padding
+        .checked_mul(2)
+        .and_then(|p| size.checked_add(p))
+        .ok_or_else(|| Error::value(format!("layer '{name}': padding {padding} is too large")))
 }
 
 fn broadcast(a: &[u64], b: &[u64]) -> Option<Vec<u64>> {
@@ -682,6 +759,25 @@ mod tests {
 
     fn layers(v: Value) -> Vec<Value> {
         v.as_array().unwrap().clone()
+    }
+
+    #[test]
+    fn counts_that_would_overflow_are_refused() {
+        let huge = 1u64 << 40;
+        for (input, layer) in [
+            (
+                vec![huge, huge],
+                json!({"op": "linear", "out_features": huge}),
+            ),
+            (
+                vec![1, 3, 8, 8],
+                json!({"op": "conv2d", "out_channels": 4, "kernel": 3, "padding": u64::MAX}),
+            ),
+            (vec![huge, huge, 8], json!({"op": "flatten"})),
+        ] {
+            let e = from_layers(&[("x".into(), input)], &[layer]).unwrap_err();
+            assert!(e.to_string().contains("too large"), "{e}");
+        }
     }
 
     #[test]

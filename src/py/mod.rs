@@ -1,9 +1,9 @@
 //! The Python module `lowbit._lowbit`: the only code that touches pyo3 and numpy.
 use crate::Error;
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::{PyException, PyOverflowError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyTuple, PyType};
+use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 use std::panic::AssertUnwindSafe;
 
 mod bitnet;
@@ -65,6 +65,43 @@ pub(crate) fn value_error(msg: impl Into<String>) -> PyErr {
 
 pub(crate) fn type_error(msg: impl Into<String>) -> PyErr {
     to_pyerr(Error::Type(msg.into()))
+}
+
+/// An integer argument named `what` (a Python int, a NumPy integer, anything with `__index__`).
+/// Out of `T`'s range it raises `LowbitValueError`, where pyo3 alone would raise `OverflowError`,
+/// which callers catching `ValueError` miss.
+pub(crate) fn int_arg<'py, T>(x: &Bound<'py, PyAny>, what: &str) -> PyResult<T>
+where
+    T: pyo3::conversion::FromPyObjectOwned<'py>,
+{
+    x.extract::<T>().map_err(|e| {
+        if e.into().is_instance_of::<PyOverflowError>(x.py()) {
+            value_error(format!("{what} is out of range, got {x}"))
+        } else {
+            type_error(format!(
+                "{what} must be an integer, got {}",
+                x.get_type()
+                    .name()
+                    .map_or_else(|_| "?".into(), |n| n.to_string())
+            ))
+        }
+    })
+}
+
+/// A shape argument named `what`: a sequence of non-negative integers (not a string).
+pub(crate) fn shape_arg(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
+    if x.is_instance_of::<PyString>() || x.is_instance_of::<PyDict>() {
+        return Err(type_error(format!(
+            "{what} must be a sequence of integers, got {}",
+            x.get_type()
+                .name()
+                .map_or_else(|_| "?".into(), |n| n.to_string())
+        )));
+    }
+    x.try_iter()
+        .map_err(|_| type_error(format!("{what} must be a sequence of integers, got {x}")))?
+        .map(|d| int_arg::<u64>(&d?, what))
+        .collect()
 }
 
 /// Runs a core call with the GIL released; a core error becomes its Python exception and a

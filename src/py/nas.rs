@@ -1,5 +1,5 @@
 //! Bindings of `crate::nas`. `lowbit.nas` adds the PyTorch capture, measurement and search.
-use super::{detach, value_error};
+use super::{detach, int_arg, shape_arg, type_error, value_error};
 use crate::nas::{cost, device, fit, graph, space};
 use numpy::{IntoPyArray, PyReadonlyArray2, PyReadonlyArray3};
 use pyo3::prelude::*;
@@ -38,7 +38,15 @@ impl Graph {
     ) -> PyResult<Self> {
         let inputs: Vec<(String, Vec<u64>)> = inputs
             .iter()
-            .map(|(k, v)| Ok((k.extract()?, v.extract()?)))
+            .map(|(k, v)| {
+                let name: String = k.extract().map_err(|_| {
+                    type_error(format!(
+                        "inputs must map tensor names (str) to shapes, got key {k}"
+                    ))
+                })?;
+                let shape = shape_arg(&v, &format!("inputs[{name:?}]"))?;
+                Ok((name, shape))
+            })
             .collect::<PyResult<_>>()?;
         let text: String = py
             .import("json")?
@@ -58,11 +66,11 @@ impl Graph {
     #[staticmethod]
     fn sequential(
         py: Python<'_>,
-        input_shape: Vec<u64>,
+        input_shape: &Bound<'_, PyAny>,
         layers: &Bound<'_, PyAny>,
     ) -> PyResult<Self> {
         let inputs = pyo3::types::PyDict::new(py);
-        inputs.set_item("x", input_shape)?;
+        inputs.set_item("x", shape_arg(input_shape, "input_shape")?)?;
         Self::from_layers(py, &inputs, layers)
     }
 
@@ -167,6 +175,7 @@ impl DeviceProfile {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| crate::Error::io(format!("cannot read {}", path.display()), e))?;
             device::DeviceProfile::from_json(&text)
+                .map_err(|e| crate::Error::value(format!("{}: {e}", path.display())))
         })
         .map(DeviceProfile)
     }
@@ -217,7 +226,11 @@ impl DeviceProfile {
     }
 
     /// Peak G ops/s at the precision a weight/activation bit pair computes in.
-    fn peak(&self, weight_bits: u32, act_bits: u32) -> PyResult<f64> {
+    fn peak(&self, weight_bits: &Bound<'_, PyAny>, act_bits: &Bound<'_, PyAny>) -> PyResult<f64> {
+        let (weight_bits, act_bits) = (
+            int_arg(weight_bits, "weight_bits")?,
+            int_arg(act_bits, "act_bits")?,
+        );
         cost::check_bits(weight_bits, act_bits).map_err(super::to_pyerr)?;
         Ok(self.0.peak(device::precision(weight_bits, act_bits)))
     }

@@ -1,5 +1,5 @@
 //! Bindings of `crate::quant`: convert arrays, release the GIL, call the core, convert back.
-use super::{detach, type_error, value_error};
+use super::{detach, int_arg, type_error, value_error};
 use crate::quant::affine::FakeQuantOp;
 use crate::quant::affine::{self, Codes};
 use crate::quant::checkpoint::{self, Entry, Report};
@@ -434,12 +434,14 @@ impl QuantSpec {
     #[new]
     #[pyo3(signature = (bits, symmetric=true, granularity="tensor", axis=0, group_size=None))]
     fn new(
-        bits: u32,
+        bits: &Bound<'_, PyAny>,
         symmetric: bool,
         granularity: &str,
-        axis: i64,
-        group_size: Option<usize>,
+        #[pyo3(from_py_with = axis_arg)] axis: i64,
+        group_size: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let bits = int_arg(bits, "bits")?;
+        let group_size = group_size.map(|g| int_arg(g, "group_size")).transpose()?;
         let g: Granularity = granularity.parse().map_err(super::to_pyerr)?;
         Ok(QuantSpec(
             spec::QuantSpec::new(bits, symmetric, g, axis, group_size).map_err(super::to_pyerr)?,
@@ -497,6 +499,10 @@ impl QuantSpec {
             ),
         ))
     }
+}
+
+fn axis_arg(x: &Bound<'_, PyAny>) -> PyResult<i64> {
+    int_arg(x, "axis")
 }
 
 /// Packed codes with their scales and zero points.

@@ -311,9 +311,11 @@ pub fn quantize<E: Elem>(
         Some((s, z)) => {
             ensure!(
                 s.shape() == qshape.as_slice() && z.shape() == qshape.as_slice(),
-                "scales {:?} and zero_points {:?} must have shape {qshape:?} for this spec",
+                "scales {:?} and zero_points {:?} must have shape {qshape:?} for this spec and x of \
+                 shape {:?}",
                 s.shape(),
-                z.shape()
+                z.shape(),
+                x.shape()
             );
             (s, z)
         }

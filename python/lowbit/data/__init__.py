@@ -28,6 +28,8 @@ True
 
 from __future__ import annotations
 
+import operator
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +58,25 @@ _WORDS = (
     "a", "an", "left", "of", "what", "color", "is", "the", "how", "many", "shapes", "are", "there",
     "where", "first", "character", "text", "which", "shape", "?",
 )
+
+
+# The longest token sequence Tokenizer.batch pads to: far beyond any caption, and a bound on
+# what one call allocates.
+_MAX_LEN = 1 << 20
+
+
+def _count(v: Any, what: str, lo: int, hi: int | None) -> int:
+    """An integer argument in ``[lo, hi]`` (NumPy integers too, not bool)."""
+    if isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{what} must be an integer, got bool")
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {type(v).__name__}") from None
+    if i < lo or (hi is not None and i > hi):
+        raise ValueError(f"{what} must be between {lo} and {hi}, got {i}" if hi is not None
+                         else f"{what} must be >= {lo}, got {i}")
+    return i
 
 
 class Tokenizer:
@@ -87,16 +108,21 @@ class Tokenizer:
         return len(self.vocab)
 
     def split(self, text: str) -> list[str]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
         return text.lower().replace("?", " ?").split()
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = [self.index.get(w, self.unk) for w in self.split(text)]
-        return [self.bos] * bos + ids + [self.eos] * eos
+        return [self.bos] * bool(bos) + ids + [self.eos] * bool(eos)
 
     def decode(self, ids: Any) -> str:
         """Words of `ids` up to the first ``[EOS]``, without padding and ``[BOS]``/``[CLS]``."""
+        a = np.asarray(ids.detach().cpu() if hasattr(ids, "detach") else ids)
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+            raise TypeError(f"ids must be a 1-D sequence of integers, got {a.dtype} with shape {a.shape}")
         out = []
-        for i in (int(v) for v in ids):
+        for i in a.tolist():
             if i == self.eos:
                 break
             if i not in (self.pad, self.bos, self.cls):
@@ -105,12 +131,14 @@ class Tokenizer:
 
     def batch(self, texts: list[str], max_len: int, bos: bool = False, eos: bool = False,
               cls: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, attention mask), both int64 (len(texts), max_len); too long texts are cut."""
-        if max_len < 1:
-            raise ValueError(f"max_len must be at least 1, got {max_len}")
+        """(ids, attention mask), both int64 (len(texts), max_len); too long texts are cut.
+        ``max_len`` is at most 2^20."""
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}")
+        max_len = _count(max_len, "max_len", 1, _MAX_LEN)
         ids = np.zeros((len(texts), max_len), dtype=np.int64)
         for r, t in enumerate(texts):
-            seq = [self.cls] * cls + self.encode(t, bos=bos, eos=eos)
+            seq = [self.cls] * bool(cls) + self.encode(t, bos=bos, eos=eos)
             seq = seq[:max_len]
             ids[r, : len(seq)] = seq
         return ids, (ids != self.pad).astype(np.int64)
@@ -142,7 +170,8 @@ def _article(word: str) -> str:
 
 
 class SyntheticScenes:
-    """`n` deterministic scenes from `seed` (a map-style dataset: ``len`` and ``[i]``).
+    """`n` deterministic scenes from `seed` (a map-style dataset: ``len`` and ``[i]``), each an
+    ``image_size`` (32 to 4096) pixels square.
 
     Item ``i`` is a dict: ``image`` float32 (3, size, size) in [0, 1]; ``caption``; ``text`` (the
     OCR string) and ``text_ids`` (CTC targets, ``CHARSET.index(c) + 1``); ``qa``: list of
@@ -158,13 +187,12 @@ class SyntheticScenes:
 
     def __init__(self, seed: int = 0, n: int = 1000, image_size: int = 64, max_shapes: int = 3,
                  text_len: tuple[int, int] = (3, 5)) -> None:
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        if image_size < 32:
-            raise ValueError(f"image_size must be at least 32, got {image_size}")
-        if not 1 <= max_shapes <= 3:
-            raise ValueError(f"max_shapes must be 1, 2 or 3, got {max_shapes}")
-        if not 1 <= text_len[0] <= text_len[1] <= 8:
+        seed, n = _count(seed, "seed", 0, None), _count(n, "n", 0, sys.maxsize)
+        image_size = _count(image_size, "image_size", 32, 4096)
+        max_shapes = _count(max_shapes, "max_shapes", 1, 3)
+        if not (isinstance(text_len, (tuple, list)) and len(text_len) == 2
+                and all(isinstance(t, int) and not isinstance(t, bool) for t in text_len)
+                and 1 <= text_len[0] <= text_len[1] <= 8):
             raise ValueError(f"text_len must be (lo, hi) with 1 <= lo <= hi <= 8, got {text_len}")
         self.seed, self.n, self.size, self.max_shapes, self.text_len = seed, n, image_size, max_shapes, text_len
         self._font = _font(max(8, image_size // 5))
