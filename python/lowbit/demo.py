@@ -38,13 +38,11 @@ def cache_dir() -> Path:
 
 
 def _best_ms(fn: Callable[[], Any], repeat: int) -> float:
+    """Shortest of ``repeat`` calls in ms, after one warm-up call."""
+    from lowbit.nas import _best_of
+
     fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return 1e3 * best
+    return 1e3 * _best_of(repeat, fn)
 
 
 def _task_calls(model: Any, images: np.ndarray, questions: list[str], texts: list[str]) -> dict[str, Callable[[], Any]]:

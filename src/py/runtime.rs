@@ -28,6 +28,26 @@ fn record_dict<'py>(py: Python<'py>, rec: Record) -> PyResult<Bound<'py, PyDict>
     Ok(d)
 }
 
+/// Runs a model's forward with the GIL released, recording its layers when asked: the output
+/// as an array and, with `record`, the layers by name.
+fn recorded<'py>(
+    py: Python<'py>,
+    record: bool,
+    forward: impl FnOnce(Option<&mut Record>) -> crate::Result<Tensor> + Send,
+) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyDict>>)> {
+    let (out, rec) = detach(py, || {
+        let mut rec = Record::new();
+        let y = forward(record.then_some(&mut rec))?;
+        Ok((to_array(&y)?, rec))
+    })?;
+    let rec = if record {
+        Some(record_dict(py, rec)?)
+    } else {
+        None
+    };
+    Ok((out.into_pyarray(py).into_any(), rec))
+}
+
 /// The BERT encoder of the Rust runtime (see `lowbit.runtime.BertEncoder`).
 #[pyclass(module = "lowbit.runtime", frozen)]
 pub struct BertCore(bert::BertEncoder);
@@ -68,19 +88,7 @@ impl BertCore {
     ) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyDict>>)> {
         let (ids, mask) = (input_ids.as_array(), attention_mask.as_array());
         let types = token_type_ids.as_ref().map(|t| t.as_array());
-        let (out, rec) = detach(py, || {
-            let mut rec = Record::new();
-            let h = self
-                .0
-                .forward(ids, mask, types, record.then_some(&mut rec))?;
-            Ok((to_array(&h)?, rec))
-        })?;
-        let rec = if record {
-            Some(record_dict(py, rec)?)
-        } else {
-            None
-        };
-        Ok((out.into_pyarray(py).into_any(), rec))
+        recorded(py, record, |rec| self.0.forward(ids, mask, types, rec))
     }
 
     #[pyo3(signature = (input_ids, attention_mask, token_type_ids=None))]
@@ -144,19 +152,9 @@ impl MultiTaskCore {
             ids.as_ref().map(|a| a.as_array()),
             mask.as_ref().map(|a| a.as_array()),
         );
-        let (out, rec) = detach(py, || {
-            let mut rec = Record::new();
-            let y = self
-                .0
-                .forward(task, images, ids, mask, record.then_some(&mut rec))?;
-            Ok((to_array(&y)?, rec))
-        })?;
-        let rec = if record {
-            Some(record_dict(py, rec)?)
-        } else {
-            None
-        };
-        Ok((out.into_pyarray(py).into_any(), rec))
+        recorded(py, record, |rec| {
+            self.0.forward(task, images, ids, mask, rec)
+        })
     }
 
     /// Caption token ids per image (without `[BOS]`).

@@ -5,7 +5,7 @@ use super::layers::{
     MultiHeadAttention, WeightMode,
 };
 use super::weights::Weights;
-use super::{ce, Record};
+use super::{ce, Record, Recorder};
 use crate::{ensure, Error, Result};
 use candle_core::Tensor;
 use ndarray::{Array2, ArrayView2};
@@ -304,7 +304,7 @@ impl BertEncoder {
         ids: ArrayView2<'_, i64>,
         mask: ArrayView2<'_, i64>,
         types: Option<ArrayView2<'_, i64>>,
-        mut record: Option<&mut Record>,
+        record: Option<&mut Record>,
     ) -> Result<Tensor> {
         self.check_inputs(&ids, &mask, types.as_ref())?;
         let (b, l) = ids.dim();
@@ -320,33 +320,28 @@ impl BertEncoder {
             .and_then(|s| s.broadcast_add(&pos))
             .map_err(ce)?;
         let mut x = self.emb_ln.forward(&x)?;
-        let recording = record.is_some();
-        let mut rec = |name: String, t: &Tensor| {
-            if let Some(r) = record.as_deref_mut() {
-                r.push((name, t.clone()));
-            }
-        };
-        rec("embeddings".into(), &x);
+        let mut rec = Recorder(record);
+        rec.add(|| "embeddings".into(), &x);
         // Padding keys get the most negative float added to their scores, as transformers does.
         let mask_v: Vec<i64> = mask.iter().copied().collect();
         let bias = mask_bias(&mask_v);
         for (i, layer) in self.layers.iter().enumerate() {
             let ctx = layer.attn.forward(&x, None, Some(&bias), false)?;
-            rec(format!("encoder.layer.{i}.attention.self"), &ctx);
+            rec.add(|| format!("encoder.layer.{i}.attention.self"), &ctx);
             let a = layer.attn_out.forward(&ctx)?;
             let a = layer.attn_ln.forward_residual(&a, Some(&x))?;
-            rec(format!("encoder.layer.{i}.attention"), &a);
+            rec.add(|| format!("encoder.layer.{i}.attention"), &a);
             let f = layer.inter.forward_act(&a, Some(self.act))?;
-            rec(format!("encoder.layer.{i}.intermediate"), &f);
+            rec.add(|| format!("encoder.layer.{i}.intermediate"), &f);
             let o = layer.out.forward(&f)?;
             x = layer.out_ln.forward_residual(&o, Some(&a))?;
-            rec(format!("encoder.layer.{i}"), &x);
+            rec.add(|| format!("encoder.layer.{i}"), &x);
         }
         if let Some(p) = &self.pooler {
-            if recording {
+            if rec.is_on() {
                 let first = x.narrow(1, 0, 1).and_then(|t| t.squeeze(1)).map_err(ce)?;
                 let pooled = p.forward(&first)?.tanh().map_err(ce)?;
-                rec("pooler".into(), &pooled);
+                rec.add(|| "pooler".into(), &pooled);
             }
         }
         Ok(x)

@@ -15,3 +15,18 @@ pub(crate) fn ce(e: candle_core::Error) -> Error {
 
 /// Layer outputs by name, in the order the layers ran.
 pub type Record = Vec<(String, candle_core::Tensor)>;
+
+/// Pushes layer outputs onto a record when there is one (names built only then).
+pub(crate) struct Recorder<'a>(pub Option<&'a mut Record>);
+
+impl Recorder<'_> {
+    pub fn add(&mut self, name: impl FnOnce() -> String, t: &candle_core::Tensor) {
+        if let Some(r) = self.0.as_deref_mut() {
+            r.push((name(), t.clone()));
+        }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
+}

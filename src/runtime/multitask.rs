@@ -10,10 +10,10 @@ use super::layers::{
 };
 use super::ops::tensor;
 use super::weights::Weights;
-use super::{ce, Record};
+use super::{ce, Record, Recorder};
 use crate::{ensure, Error, Result};
 use candle_core::Tensor;
-use ndarray::{Array2, ArrayView2, ArrayView4};
+use ndarray::{Array2, ArrayView2, ArrayView4, CowArray, Ix2};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -231,17 +231,6 @@ impl std::str::FromStr for Task {
                 )))
             }
         })
-    }
-}
-
-/// Pushes layer outputs onto a record when there is one (names built only then).
-struct Recorder<'a>(Option<&'a mut Record>);
-
-impl Recorder<'_> {
-    fn add(&mut self, name: impl FnOnce() -> String, t: &Tensor) {
-        if let Some(r) = self.0.as_deref_mut() {
-            r.push((name(), t.clone()));
-        }
     }
 }
 
@@ -607,6 +596,18 @@ impl MultiTaskModel {
         Ok(y)
     }
 
+    /// `mask`, or `ids != pad_id` when there is none.
+    fn mask_or_default<'a>(
+        &self,
+        ids: ArrayView2<'_, i64>,
+        mask: Option<ArrayView2<'a, i64>>,
+    ) -> CowArray<'a, i64, Ix2> {
+        match mask {
+            Some(m) => m.into(),
+            None => ids.mapv(|i| (i != self.config.pad_id) as i64).into(),
+        }
+    }
+
     /// Answer logits (batch, answers) from the question encoder's first (`[CLS]`) token.
     /// `mask` defaults to `ids != pad_id`.
     pub fn vqa_logits(
@@ -617,17 +618,10 @@ impl MultiTaskModel {
         record: Option<&mut Record>,
     ) -> Result<Tensor> {
         let mut rec = Recorder(record);
-        let default;
-        let mask = match mask {
-            Some(m) => m,
-            None => {
-                default = ids.mapv(|i| (i != self.config.pad_id) as i64);
-                default.view()
-            }
-        };
+        let mask = self.mask_or_default(ids, mask);
         let h = self
             .vqa_head
-            .hidden(tokens, ids, Some(mask), false, &mut rec)?;
+            .hidden(tokens, ids, Some(mask.view()), false, &mut rec)?;
         let first = h.narrow(1, 0, 1).and_then(|t| t.squeeze(1)).map_err(ce)?;
         let y = self.vqa_head.head.forward(&first)?;
         rec.add(|| "vqa_head.head".into(), &y);
@@ -651,16 +645,9 @@ impl MultiTaskModel {
         mask: Option<ArrayView2<'_, i64>>,
         record: Option<&mut Record>,
     ) -> Result<Tensor> {
-        let default;
-        let mask = match mask {
-            Some(m) => m,
-            None => {
-                default = ids.mapv(|i| (i != self.config.pad_id) as i64);
-                default.view()
-            }
-        };
+        let mask = self.mask_or_default(ids, mask);
         let mut inner = record.as_ref().map(|_| Record::new());
-        let h = self.text.forward(ids, mask, None, inner.as_mut())?;
+        let h = self.text.forward(ids, mask.view(), None, inner.as_mut())?;
         let mut rec = Recorder(record);
         for (name, t) in inner.into_iter().flatten() {
             rec.add(|| format!("{TEXT}{name}"), &t);
