@@ -2,7 +2,7 @@
 //! exact integer GEMM and a float rescale.
 use super::binary::SignMatrix;
 use super::quant;
-use super::ternary::{Epilogue, Rescale, TernaryMatrix};
+use super::ternary::{Epilogue, Rescale, RowFn, TernaryMatrix};
 use crate::{ensure, Result};
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
@@ -44,6 +44,16 @@ impl TernaryLinear {
     /// `(q_x @ codes.T) * (scale_w / s_x) + bias` for x (rows, in_features), evaluated in f64
     /// from the exact int32 products and rounded to f32.
     pub fn forward(&self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
+        self.forward_post(x, None)
+    }
+
+    /// `forward` with `post` run on each finished stretch of an output row while it is in
+    /// cache (the activation function that follows the layer).
+    pub fn forward_post(
+        &self,
+        x: ArrayView2<'_, f32>,
+        post: Option<&RowFn>,
+    ) -> Result<Array2<f32>> {
         let (q, sx) = quant::activation_quant(x, 8)?;
         let row: Vec<f64> = sx.iter().map(|&s| 1.0 / s as f64).collect();
         let (col, bias) = epilogue_vectors(self.w.n, &self.scale, self.bias.as_deref());
@@ -51,6 +61,7 @@ impl TernaryLinear {
             row: &row,
             col: &col,
             bias: &bias,
+            post,
         };
         self.w.matmul_with(q.view(), &epi, super::use_avx2())
     }
@@ -96,6 +107,7 @@ fn rescale(acc: Array2<i32>, row: &[f64], col: &[f32], bias: Option<&[f32]>) -> 
         row,
         col: &col,
         bias: &bias,
+        post: None,
     };
     buf.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, a)| {
         for (j, a) in a.iter_mut().enumerate() {

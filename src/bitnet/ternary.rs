@@ -119,6 +119,11 @@ impl TernaryMatrix {
                 .map(copy)
                 .collect()
         };
+        #[cfg(target_arch = "x86_64")]
+        if avx2 && m >= PANEL_MIN_ROWS {
+            panels::gemm(self, &qp, qs, &sums, epi, &mut out);
+            return Ok(out);
+        }
         // Tasks own a range of weight rows (output columns), written straight into `out`.
         // A GEMV gets a few large tasks per thread (it is over in microseconds, and each task
         // costs a steal); a GEMM gets more, smaller ones so both cores finish together.
@@ -136,7 +141,10 @@ impl TernaryMatrix {
         out.axis_chunks_iter_mut(Axis(1), rows_per_task)
             .into_par_iter()
             .enumerate()
-            .for_each(|(t, mut dst)| ctx.task(t * rows_per_task, &mut dst));
+            .for_each(|(t, mut dst)| {
+                ctx.task(t * rows_per_task, &mut dst);
+                finish_rows(epi, &mut dst);
+            });
         Ok(out)
     }
 }
@@ -154,6 +162,18 @@ pub trait Epilogue: Sync {
             *o = self.out(r, c0 + i, v - sub);
         }
     }
+
+    /// Runs once on each finished stretch of an output row, while it is in cache (an
+    /// activation function, say).
+    #[inline(always)]
+    fn finish(&self, _out: &mut [Self::Out]) {}
+}
+
+/// `Epilogue::finish` on every row of a task's finished block.
+fn finish_rows<E: Epilogue>(epi: &E, dst: &mut ArrayViewMut2<'_, E::Out>) {
+    for mut row in dst.rows_mut() {
+        epi.finish(row.as_slice_mut().expect("task columns are contiguous"));
+    }
 }
 
 /// The exact int32 products.
@@ -167,12 +187,17 @@ impl Epilogue for Exact {
     }
 }
 
-/// `v * (row[r] * col[c]) + bias[c]`, evaluated in f64 and rounded to f32.
+/// `v * (row[r] * col[c]) + bias[c]`, evaluated in f64 and rounded to f32, then `post` on each
+/// finished stretch of a row.
 pub struct Rescale<'a> {
     pub row: &'a [f64],
     pub col: &'a [f64],
     pub bias: &'a [f64],
+    pub post: Option<&'a RowFn>,
 }
+
+/// A function run on finished output rows (see `Epilogue::finish`).
+pub type RowFn = dyn Fn(&mut [f32]) + Sync;
 
 impl Epilogue for Rescale<'_> {
     type Out = f32;
@@ -187,6 +212,13 @@ impl Epilogue for Rescale<'_> {
         let (col, bias, rs) = (&self.col[c0..c0 + n], &self.bias[c0..c0 + n], self.row[r]);
         for (((o, &v), &c), &b) in out.iter_mut().zip(v).zip(col).zip(bias) {
             *o = ((v - sub) as f64 * (rs * c) + b) as f32;
+        }
+    }
+
+    #[inline(always)]
+    fn finish(&self, out: &mut [f32]) {
+        if let Some(post) = self.post {
+            post(out)
         }
     }
 }
@@ -323,6 +355,204 @@ impl<E: Epilogue> Tile<'_, E> {
                 let row = self.r0 + r;
                 let v = v - self.ctx.sums[row];
                 dst[[row, self.i + j]] = self.ctx.epi.out(row, self.n0 + self.i + j, v);
+            }
+        }
+    }
+}
+
+/// From this many activation rows on, the AVX2 path unpacks the weights into panels (below).
+pub const PANEL_MIN_ROWS: usize = 16;
+
+/// The batched AVX2 GEMM. A task unpacks the 2-bit codes of its output columns into panels of
+/// 16 columns, `u = code + 1` one byte each, interleaved four inputs at a time: bytes
+/// `64 s + 4 j + t` of a panel hold input `4 s + t` of column `j` (j < 8 in the first 32 bytes,
+/// the rest in the next). A broadcast of four activation bytes against the two vectors of step
+/// `s` then gives, in one `maddubs` each, the products of 4 inputs x 16 columns; a tile of six
+/// activation rows keeps 12 such accumulators in registers and loads each weight vector once for
+/// six rows. The unpacking (one pass over the task's weights) is spread over the task's
+/// activation rows, so this path is for `m >= PANEL_MIN_ROWS`; the GEMV path reads the packed
+/// codes directly.
+#[cfg(target_arch = "x86_64")]
+mod panels {
+    use super::{Ctx, Epilogue, RowEpilogue, TernaryMatrix, BLOCK};
+    use ndarray::{Array2, ArrayViewMut2, Axis};
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    /// Columns per panel.
+    const NR: usize = 16;
+    /// Activation rows per register tile.
+    const MR: usize = 6;
+    /// Panels a task unpacks (64 columns: 96 KiB of panels at k = 1536, in L2).
+    const GROUP: usize = 4;
+    /// Steps of four inputs summed in 16-bit lanes before widening: a lane adds
+    /// `u0 q0 + u1 q1` in [-512, 508] per step, so 64 steps stay in [-32768, 32512].
+    const SPAN: usize = 64;
+
+    pub(super) fn gemm<E: Epilogue>(
+        w: &TernaryMatrix,
+        qp: &[i8],
+        qs: usize,
+        sums: &[i32],
+        epi: &E,
+        out: &mut Array2<E::Out>,
+    ) {
+        let (m, n) = out.dim();
+        let cols = NR * GROUP;
+        // Enough tasks for every thread to get several: split the rows when there are few
+        // column groups (each row block unpacks its columns again, a small cost next to its
+        // share of the products).
+        let groups = n.div_ceil(cols);
+        let want = rayon::current_num_threads().max(1) * 4;
+        let blocks = want.div_ceil(groups).clamp(1, m.div_ceil(8 * MR));
+        let rows = m.div_ceil(blocks).next_multiple_of(MR);
+        let ctx = Ctx {
+            w,
+            qp,
+            qs,
+            sums,
+            epi,
+            avx2: true,
+        };
+        out.axis_chunks_iter_mut(Axis(0), rows)
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(b, mut block)| {
+                block
+                    .axis_chunks_iter_mut(Axis(1), cols)
+                    .into_par_iter()
+                    .enumerate()
+                    .for_each(|(g, mut dst)| {
+                        task(&ctx, b * rows, g * cols, &mut dst);
+                        super::finish_rows(epi, &mut dst);
+                    })
+            });
+    }
+
+    /// Rows `r0 ..` and columns `c0 ..` of the output, as `dst` frames them.
+    fn task<E: Epilogue>(
+        ctx: &Ctx<'_, E>,
+        r0: usize,
+        c0: usize,
+        dst: &mut ArrayViewMut2<'_, E::Out>,
+    ) {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let (m, nc) = dst.dim();
+        let kp = ctx.w.kp;
+        let np = nc.div_ceil(NR);
+        SCRATCH.with_borrow_mut(|panels| {
+            panels.resize(np * NR * kp, 0);
+            for p in 0..np {
+                unpack(
+                    ctx.w,
+                    c0 + p * NR,
+                    &mut panels[p * NR * kp..(p + 1) * NR * kp],
+                );
+            }
+            let mut buf = vec![[0i32; NR * GROUP]; MR];
+            let mut r = 0;
+            while r < m {
+                let rs = (m - r).min(MR);
+                let q = &ctx.qp[(r0 + r) * ctx.qs..];
+                for p in 0..np {
+                    let panel = &panels[p * NR * kp..(p + 1) * NR * kp];
+                    // SAFETY: `gemm` is only called when use_avx2() found AVX2 on the CPU.
+                    unsafe {
+                        match rs {
+                            6 => tile::<6>(panel, q, ctx.qs, p, &mut buf),
+                            5 => tile::<5>(panel, q, ctx.qs, p, &mut buf),
+                            4 => tile::<4>(panel, q, ctx.qs, p, &mut buf),
+                            3 => tile::<3>(panel, q, ctx.qs, p, &mut buf),
+                            2 => tile::<2>(panel, q, ctx.qs, p, &mut buf),
+                            _ => tile::<1>(panel, q, ctx.qs, p, &mut buf),
+                        }
+                    }
+                }
+                for (i, v) in buf.iter().take(rs).enumerate() {
+                    let mut row = dst.row_mut(r + i);
+                    crate::quant::simd::dispatch(RowEpilogue {
+                        epi: ctx.epi,
+                        r: r0 + r + i,
+                        c0,
+                        v: &v[..nc],
+                        sub: ctx.sums[r0 + r + i],
+                        out: row.as_slice_mut().expect("task columns are contiguous"),
+                    });
+                }
+                r += rs;
+            }
+        });
+    }
+
+    /// The panel of columns `c0 .. c0 + 16` (columns past the matrix get code 0).
+    fn unpack(w: &TernaryMatrix, c0: usize, panel: &mut [u8]) {
+        let (kp, wrow) = (w.kp, w.kp / 4);
+        let mut row = vec![1u8; kp];
+        for j in 0..NR {
+            let c = c0 + j;
+            if c < w.n {
+                // 32 bytes of a block give its 128 codes, group g in bits 2g..2g+2.
+                let src = &w.packed[c * wrow..(c + 1) * wrow];
+                for (blk, out) in src.chunks_exact(BLOCK / 4).zip(row.chunks_exact_mut(BLOCK)) {
+                    for g in 0..4 {
+                        for (o, &b) in out[32 * g..32 * (g + 1)].iter_mut().zip(blk) {
+                            *o = (b >> (2 * g)) & 3;
+                        }
+                    }
+                }
+            } else {
+                row.fill(1);
+            }
+            for (s, four) in row.chunks_exact(4).enumerate() {
+                panel[s * 4 * NR + 4 * j..s * 4 * NR + 4 * j + 4].copy_from_slice(four);
+            }
+        }
+    }
+
+    /// `buf[r][16 p + j] = Σ u q` of `R` activation rows (`qs` bytes apart in `q`) and the 16
+    /// columns of `panel`.
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::needless_range_loop)] // `acc[r][v]` reads best as the register block it is
+    unsafe fn tile<const R: usize>(
+        panel: &[u8],
+        q: &[i8],
+        qs: usize,
+        p: usize,
+        buf: &mut [[i32; NR * GROUP]],
+    ) {
+        let steps = panel.len() / (4 * NR);
+        // Every load below stays inside `panel` and `q`.
+        assert!(R <= buf.len() && q.len() >= (R - 1) * qs + 4 * steps);
+        let (wp, qp) = (panel.as_ptr(), q.as_ptr());
+        let ones = _mm256_set1_epi16(1);
+        let mut acc32 = [[_mm256_setzero_si256(); 2]; R];
+        let mut s0 = 0;
+        while s0 < steps {
+            let s1 = (s0 + SPAN).min(steps);
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            for s in s0..s1 {
+                let w0 = _mm256_loadu_si256(wp.add(s * 4 * NR) as *const __m256i);
+                let w1 = _mm256_loadu_si256(wp.add(s * 4 * NR + 32) as *const __m256i);
+                for r in 0..R {
+                    let a =
+                        _mm256_set1_epi32((qp.add(r * qs + 4 * s) as *const i32).read_unaligned());
+                    acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(w0, a));
+                    acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(w1, a));
+                }
+            }
+            for r in 0..R {
+                for v in 0..2 {
+                    acc32[r][v] = _mm256_add_epi32(acc32[r][v], _mm256_madd_epi16(acc[r][v], ones));
+                }
+            }
+            s0 = s1;
+        }
+        for r in 0..R {
+            for v in 0..2 {
+                let dst = buf[r][p * NR + 8 * v..].as_mut_ptr() as *mut __m256i;
+                _mm256_storeu_si256(dst, acc32[r][v]);
             }
         }
     }
@@ -475,6 +705,12 @@ mod tests {
             (9, 33, 1000),
             (1, 1, 1),
             (5, 4, 256),
+            // The panel path (m >= PANEL_MIN_ROWS): partial panels, tiles and row blocks.
+            (16, 16, 4),
+            (17, 13, 130),
+            (23, 65, 1000),
+            (200, 5, 384),
+            (97, 100, 257),
         ] {
             let w = codes(n, k, 1);
             let t = TernaryMatrix::from_codes(w.view()).unwrap();
@@ -509,6 +745,7 @@ mod tests {
             row: &row,
             col: &col,
             bias: &bias,
+            post: None,
         };
         for avx2 in paths {
             let got = t.matmul_on(q.view(), avx2).unwrap().mapv(|v| v as i64);
@@ -532,15 +769,16 @@ mod tests {
                 Array2::from_shape_fn((n, k), |(r, i)| if (r + i) % 2 == 0 { 1 } else { -1 }),
             ];
             for w in &weights {
-                for m in [1, 3, 8, 9] {
+                for m in [1, 3, 8, 9, 16, 23] {
                     check_all_paths(w, &Array2::from_elem((m, k), -128));
                 }
                 check_all_paths(w, &Array2::from_elem((2, k), 127));
+                check_all_paths(w, &Array2::from_elem((17, k), 127));
             }
         }
         let k = 4096;
-        for m in 1..=9 {
-            for n in [1, 2, 3, 4, 5, 7, 9, 13] {
+        for m in (1..=9).chain(16..=21) {
+            for n in [1, 2, 3, 4, 5, 7, 9, 13, 17] {
                 let w = codes(n, k, m as u64);
                 // Random values with a run of -128s and a run of 127s in every row.
                 let mut q = codes(m, k, 7 + n as u64).mapv(|v| (v as i32 * 100) as i8);

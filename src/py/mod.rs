@@ -6,6 +6,11 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 use std::panic::AssertUnwindSafe;
 
+/// Rust-side allocations of the extension (tensors handed to NumPy included: they are freed by
+/// their Rust owner). See `Cargo.toml` for why.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bitnet;
 mod calib;
 mod nas;

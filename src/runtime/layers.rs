@@ -6,6 +6,7 @@ pub use super::ops::Activation;
 use super::ops::{self, tensor, with_f32, AttnShape};
 use crate::bitnet::linear::{BinaryLinear, TernaryLinear};
 use crate::bitnet::quant::activation_quant;
+use crate::bitnet::ternary::RowFn;
 use crate::quant::spec::{self, Granularity, QuantSpec};
 use crate::{ensure, Error, Result};
 use candle_core::Tensor;
@@ -195,11 +196,16 @@ impl Linear {
                     };
                     with_f32(w, |ws| ops::linear(xs, k, ws, n, self.bias.as_deref()))?
                 }
-                Kernel::Ternary(t) => t.forward(xv)?.into_raw_vec_and_offset().0,
+                Kernel::Ternary(t) => {
+                    // The activation runs inside the kernel's tasks, on rows still in cache.
+                    let post = act.map(|a| move |row: &mut [f32]| a.apply_seq(row));
+                    let post = post.as_ref().map(|p| p as &RowFn);
+                    t.forward_post(xv, post)?.into_raw_vec_and_offset().0
+                }
                 Kernel::Binary(b) => b.forward(xv)?.into_raw_vec_and_offset().0,
             })
         })??;
-        if let Some(a) = act {
+        if let (Some(a), false) = (act, matches!(self.kernel, Kernel::Ternary(_))) {
             a.apply(&mut y);
         }
         *dims.last_mut().unwrap() = n;
@@ -578,6 +584,29 @@ mod tests {
         (0..n)
             .map(|i| (((i * 7919 + seed * 104_729) % 1013) as f32 / 506.5) - 1.0)
             .collect()
+    }
+
+    /// The activation fused into the ternary kernel's tasks gives the bits of applying it after,
+    /// on the GEMV and the panel paths.
+    #[test]
+    fn fused_activation_equals_applying_it_after() {
+        let (k, n) = (200, 70);
+        let w = tensor(det(n * k, 4), (n, k)).unwrap();
+        let lin = Linear::new(w, Some(tensor(det(n, 5), n).unwrap()), WeightMode::Ternary).unwrap();
+        for rows in [1, 3, 40] {
+            let x = tensor(det(rows * k, rows), (rows, k)).unwrap();
+            for act in [
+                Activation::Gelu,
+                Activation::GeluTanh,
+                Activation::Relu,
+                Activation::Silu,
+            ] {
+                let fused = to_vec(&lin.forward_act(&x, Some(act)).unwrap()).unwrap();
+                let mut after = to_vec(&lin.forward(&x).unwrap()).unwrap();
+                act.apply(&mut after);
+                assert_eq!(fused, after, "{act:?}, {rows} rows");
+            }
+        }
     }
 
     #[test]

@@ -260,8 +260,12 @@ impl Activation {
 
     /// Applies the activation in place, in parallel chunks compiled for the CPU's vectors.
     pub fn apply(self, v: &mut [f32]) {
-        v.par_chunks_mut(1 << 14)
-            .for_each(|c| dispatch(ActKernel { act: self, v: c }));
+        v.par_chunks_mut(1 << 14).for_each(|c| self.apply_seq(c));
+    }
+
+    /// `apply` on this thread (for a kernel's task that already runs on one).
+    pub fn apply_seq(self, v: &mut [f32]) {
+        dispatch(ActKernel { act: self, v })
     }
 }
 
