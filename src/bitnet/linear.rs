@@ -2,7 +2,7 @@
 //! exact integer GEMM and a float rescale.
 use super::binary::SignMatrix;
 use super::quant;
-use super::ternary::{Epilogue, Rescale, RowFn, TernaryMatrix};
+use super::ternary::{Acts, Epilogue, Rescale, RowFn, TernaryMatrix};
 use crate::{ensure, Result};
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
@@ -54,7 +54,17 @@ impl TernaryLinear {
         x: ArrayView2<'_, f32>,
         post: Option<&RowFn>,
     ) -> Result<Array2<f32>> {
-        let (q, sx) = quant::activation_quant(x, 8)?;
+        let (acts, sx) = Acts::quantize(x)?;
+        self.forward_acts(&acts, &sx, post)
+    }
+
+    /// `forward_post` on activations `Acts::quantize` made (shared by layers with one input).
+    pub fn forward_acts(
+        &self,
+        acts: &Acts,
+        sx: &[f32],
+        post: Option<&RowFn>,
+    ) -> Result<Array2<f32>> {
         let row: Vec<f64> = sx.iter().map(|&s| 1.0 / s as f64).collect();
         let (col, bias) = epilogue_vectors(self.w.n, &self.scale, self.bias.as_deref());
         let epi = Rescale {
@@ -63,7 +73,7 @@ impl TernaryLinear {
             bias: &bias,
             post,
         };
-        self.w.matmul_with(q.view(), &epi, super::use_avx2())
+        self.w.matmul_acts(acts, &epi, super::use_avx2())
     }
 }
 

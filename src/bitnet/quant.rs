@@ -47,20 +47,14 @@ pub fn activation_quant(x: ArrayView2<'_, f32>, bits: u32) -> Result<(Array2<i8>
         (2..=8).contains(&bits),
         "bits must be between 2 and 8, got {bits}"
     );
-    let qb = ((1i32 << (bits - 1)) - 1) as f32;
     let (rows, k) = x.dim();
     let mut q = Array2::<i8>::zeros((rows, k));
     let row = |(mut qr, xr): (ArrayViewMut1<'_, i8>, ArrayView1<'_, f32>)| {
-        let owned;
-        let xs = match xr.as_slice() {
-            Some(s) => s,
-            None => {
-                owned = xr.to_vec();
-                &owned
-            }
-        };
-        let qs = qr.as_slice_mut().expect("fresh arrays are contiguous");
-        crate::quant::simd::dispatch(RowQuant { x: xs, q: qs, qb })
+        quantize_row(
+            xr,
+            qr.as_slice_mut().expect("fresh arrays are contiguous"),
+            bits,
+        )
     };
     // Small inputs (a decode step's single row) stay on this thread: waking the pool would
     // cost more than the work.
@@ -79,6 +73,21 @@ pub fn activation_quant(x: ArrayView2<'_, f32>, bits: u32) -> Result<(Array2<i8>
     };
     ensure!(scales.iter().all(|s| !s.is_nan()), "x contains NaN or Inf");
     Ok((q, scales))
+}
+
+/// One row of `activation_quant` (`bits` already checked) into `q`; returns the multiplier,
+/// NaN for a row with NaN or Inf.
+pub(crate) fn quantize_row(x: ArrayView1<'_, f32>, q: &mut [i8], bits: u32) -> f32 {
+    let qb = ((1i32 << (bits - 1)) - 1) as f32;
+    let owned;
+    let xs = match x.as_slice() {
+        Some(s) => s,
+        None => {
+            owned = x.to_vec();
+            &owned
+        }
+    };
+    crate::quant::simd::dispatch(RowQuant { x: xs, q, qb })
 }
 
 /// `max(m, a)` that keeps a NaN from either side (branch-free, vectorizes).

@@ -79,49 +79,38 @@ impl TernaryMatrix {
         epi: &E,
         avx2: bool,
     ) -> Result<Array2<E::Out>> {
-        let (m, k) = q.dim();
+        let k = q.ncols();
         ensure!(
             k == self.k,
             "activations have {k} features, the weights {}",
             self.k
         );
-        let (n, kp) = (self.n, self.kp);
+        self.matmul_acts(&Acts::from_codes(q), epi, avx2)
+    }
+
+    /// `matmul_with` on activations already laid out for the kernels (quantized once for
+    /// several layers that share an input, say).
+    pub fn matmul_acts<E: Epilogue>(
+        &self,
+        acts: &Acts,
+        epi: &E,
+        avx2: bool,
+    ) -> Result<Array2<E::Out>> {
+        ensure!(
+            acts.k == self.k,
+            "activations have {} features, the weights {}",
+            acts.k,
+            self.k
+        );
+        let (m, n) = (acts.m, self.n);
         let mut out = Array2::from_elem((m, n), E::Out::default());
         if m == 0 || n == 0 {
             return Ok(out);
         }
-        // Activations padded with zeros (which contribute nothing) to rows of `qs` bytes, and
-        // their row sums. The extra cache line per row keeps the rows of a tile out of one
-        // another's L1 sets (with k = 4096 a plain stride of 4 KiB maps them all to one set).
-        let qs = kp + 64;
-        let mut qp = vec![0i8; m * qs];
-        let copy = |(dst, row): (&mut [i8], ndarray::ArrayView1<'_, i8>)| -> i32 {
-            match row.as_slice() {
-                // Slices copy with memcpy and sum in vector lanes; an ndarray iterator went a
-                // byte at a time (15% of a ternary BERT forward).
-                Some(src) => {
-                    dst[..k].copy_from_slice(src);
-                    src.iter().map(|&v| v as i32).sum()
-                }
-                None => {
-                    for (d, s) in dst.iter_mut().zip(row.iter()) {
-                        *d = *s;
-                    }
-                    row.iter().map(|&v| v as i32).sum()
-                }
-            }
-        };
-        let sums: Vec<i32> = if m * k < 1 << 16 {
-            qp.chunks_mut(qs).zip(q.outer_iter()).map(copy).collect()
-        } else {
-            qp.par_chunks_mut(qs)
-                .zip(q.outer_iter().into_par_iter())
-                .map(copy)
-                .collect()
-        };
+        let (qp, qs, sums) = (&acts.qp, acts.qs, &acts.sums);
         #[cfg(target_arch = "x86_64")]
         if avx2 && m >= PANEL_MIN_ROWS {
-            panels::gemm(self, &qp, qs, &sums, epi, &mut out);
+            panels::gemm(self, qp, qs, sums, epi, &mut out);
             return Ok(out);
         }
         // Tasks own a range of weight rows (output columns), written straight into `out`.
@@ -132,9 +121,9 @@ impl TernaryMatrix {
         let rows_per_task = n.div_ceil(tasks).next_multiple_of(4);
         let ctx = Ctx {
             w: self,
-            qp: &qp,
+            qp,
             qs,
-            sums: &sums,
+            sums,
             epi,
             avx2,
         };
@@ -146,6 +135,65 @@ impl TernaryMatrix {
                 finish_rows(epi, &mut dst);
             });
         Ok(out)
+    }
+}
+
+/// int8 activations as the kernels read them: rows zero-padded (zeros contribute nothing) to
+/// `qs = k rounded up to BLOCK, + 64` bytes, and their row sums. The extra cache line per row
+/// keeps the rows of a tile out of one another's L1 sets (with k = 4096 a plain stride of
+/// 4 KiB maps them all to one set).
+pub struct Acts {
+    pub m: usize,
+    pub k: usize,
+    qs: usize,
+    qp: Vec<i8>,
+    sums: Vec<i32>,
+}
+
+impl Acts {
+    /// `fill(r, row)` writes row `r`'s k codes; its results come back in row order.
+    fn build<T: Send>(
+        m: usize,
+        k: usize,
+        fill: impl Fn(usize, &mut [i8]) -> T + Sync,
+    ) -> (Acts, Vec<T>) {
+        let qs = k.div_ceil(BLOCK) * BLOCK + 64;
+        let mut qp = vec![0i8; m * qs];
+        let row = |(r, dst): (usize, &mut [i8])| -> (i32, T) {
+            let t = fill(r, &mut dst[..k]);
+            // A slice sums in vector lanes (an ndarray iterator went a byte at a time).
+            (dst[..k].iter().map(|&v| v as i32).sum(), t)
+        };
+        // Small inputs (a decode step's rows) stay on this thread.
+        let (sums, out) = if m * k < 1 << 16 {
+            qp.chunks_mut(qs).enumerate().map(row).unzip()
+        } else {
+            qp.par_chunks_mut(qs).enumerate().map(row).unzip()
+        };
+        (Acts { m, k, qs, qp, sums }, out)
+    }
+
+    /// int8 codes (m x k), copied.
+    pub fn from_codes(q: ArrayView2<'_, i8>) -> Acts {
+        let (m, k) = q.dim();
+        Acts::build(m, k, |r, dst| {
+            let row = q.row(r);
+            match row.as_slice() {
+                Some(src) => dst.copy_from_slice(src),
+                None => dst.iter_mut().zip(row).for_each(|(d, s)| *d = *s),
+            }
+        })
+        .0
+    }
+
+    /// `activation_quant(x, 8)` written straight into the kernels' layout; also returns the
+    /// per-row multipliers.
+    pub fn quantize(x: ArrayView2<'_, f32>) -> Result<(Acts, Vec<f32>)> {
+        let (m, k) = x.dim();
+        let (acts, scales) =
+            Acts::build(m, k, |r, dst| super::quant::quantize_row(x.row(r), dst, 8));
+        ensure!(scales.iter().all(|s| !s.is_nan()), "x contains NaN or Inf");
+        Ok((acts, scales))
     }
 }
 

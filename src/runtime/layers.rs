@@ -6,7 +6,7 @@ pub use super::ops::Activation;
 use super::ops::{self, tensor, with_f32, AttnShape};
 use crate::bitnet::linear::{BinaryLinear, TernaryLinear};
 use crate::bitnet::quant::activation_quant;
-use crate::bitnet::ternary::RowFn;
+use crate::bitnet::ternary::{Acts, RowFn};
 use crate::quant::spec::{self, Granularity, QuantSpec};
 use crate::{ensure, Error, Result};
 use candle_core::Tensor;
@@ -211,6 +211,38 @@ impl Linear {
         *dims.last_mut().unwrap() = n;
         tensor(y, dims)
     }
+}
+
+/// `forward` of layers that share one input: the input is quantized once when they are all
+/// ternary (the same codes each would make).
+pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+    let ternary: Option<Vec<&TernaryLinear>> = layers
+        .iter()
+        .map(|l| match &l.kernel {
+            Kernel::Ternary(t) if l.in_features == layers[0].in_features => Some(t),
+            _ => None,
+        })
+        .collect();
+    let (Some(ts), Some(first)) = (ternary, layers.first()) else {
+        return layers.iter().map(|l| l.forward(x)).collect();
+    };
+    let k = first.in_features;
+    let mut dims = x.dims().to_vec();
+    ensure!(
+        dims.last() == Some(&k),
+        "linear layer expects {k} input features, got shape {dims:?}"
+    );
+    let rows = x.elem_count() / k.max(1);
+    let (acts, sx) = with_f32(x, |xs| {
+        Acts::quantize(ArrayView2::from_shape((rows, k), xs).expect("rows x k"))
+    })??;
+    ts.iter()
+        .map(|t| {
+            *dims.last_mut().unwrap() = t.w.n;
+            let y = t.forward_acts(&acts, &sx, None)?;
+            tensor(y.into_raw_vec_and_offset().0, dims.clone())
+        })
+        .collect()
 }
 
 /// `q / s` row by row: the float values an activation quantizer hands to a float kernel.
@@ -506,10 +538,19 @@ impl MultiHeadAttention {
                 m.len()
             );
         }
+        let mut qkv = match context {
+            None => forward_shared(&[&self.q, &self.k, &self.v], x)?,
+            Some(c) => {
+                let mut kv = forward_shared(&[&self.k, &self.v], c)?;
+                kv.insert(0, self.q.forward(x)?);
+                kv
+            }
+        }
+        .into_iter();
         let (q, k, v) = (
-            self.q.forward(x)?,
-            self.k.forward(ctx)?,
-            self.v.forward(ctx)?,
+            qkv.next().expect("three projections"),
+            qkv.next().expect("three projections"),
+            qkv.next().expect("three projections"),
         );
         let h = self.q.out_features;
         let shape = AttnShape {
@@ -605,6 +646,29 @@ mod tests {
                 let mut after = to_vec(&lin.forward(&x).unwrap()).unwrap();
                 act.apply(&mut after);
                 assert_eq!(fused, after, "{act:?}, {rows} rows");
+            }
+        }
+    }
+
+    /// Layers sharing one quantized input give the bits of separate forwards, ternary or not.
+    #[test]
+    fn shared_input_equals_separate_forwards() {
+        let k = 150;
+        let layer = |n, seed, mode| {
+            let w = tensor(det(n * k, seed), (n, k)).unwrap();
+            Linear::new(w, Some(tensor(det(n, seed + 1), n).unwrap()), mode).unwrap()
+        };
+        for mode in [WeightMode::Ternary, WeightMode::F32] {
+            let ls = [layer(20, 1, mode), layer(33, 3, mode), layer(7, 5, mode)];
+            let refs: Vec<&Linear> = ls.iter().collect();
+            for rows in [1, 2, 50] {
+                let x = tensor(det(2 * rows * k, rows), (2, rows, k)).unwrap();
+                let shared = forward_shared(&refs, &x).unwrap();
+                for (l, y) in ls.iter().zip(&shared) {
+                    let want = l.forward(&x).unwrap();
+                    assert_eq!(y.dims(), want.dims());
+                    assert_eq!(to_vec(y).unwrap(), to_vec(&want).unwrap(), "{mode:?}");
+                }
             }
         }
     }
