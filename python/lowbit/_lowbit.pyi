@@ -80,7 +80,7 @@ class QuantizedTensor:
     def dequantize(self) -> npt.NDArray[np.float32]:
         """``(q - zero_point) * scale`` as float32."""
     def save(self, path: str | os.PathLike[str], name: str = "tensor") -> None:
-        """Write a one-tensor quantized safetensors file atomically."""
+        """Write a one-tensor quantized safetensors file atomically, with its ``lowbit.sha256``."""
 
 def fake_quantize_per_tensor_affine(
     x: npt.NDArray[Any],
@@ -225,9 +225,11 @@ class DeviceProfile:
     def from_json(text: str) -> DeviceProfile: ...
     def to_json(self) -> str: ...
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the JSON atomically (temporary file in the same folder, then rename)."""
+        """Write the JSON with a ``"sha256"`` field over its content, atomically (temporary file
+        in the same folder, then rename)."""
     @staticmethod
-    def load(path: str | os.PathLike[str]) -> DeviceProfile: ...
+    def load(path: str | os.PathLike[str]) -> DeviceProfile:
+        """Read a profile; a ``"sha256"`` field that does not match raises ``LowbitFormatError``."""
     def peak(self, weight_bits: int, act_bits: int) -> float:
         """Peak G ops/s at the precision these bit widths compute in."""
     @property

@@ -311,6 +311,9 @@ def _to_np(v: Any) -> np.ndarray:
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, spec: QuantSpec) -> list[dict]:
     """Quantize every floating 2-D tensor of the safetensors file ``src`` into ``dst`` (atomically).
 
+    ``src`` is memory-mapped and quantized one tensor at a time; its ``lowbit.sha256``, if it has
+    one, is checked first. ``dst`` carries its own (see :func:`save_checkpoint`).
+
     Returns one dict per tensor: ``name, shape, dtype, bits (None if copied), sqnr_db,
     bytes_before, bytes_after``. Read back with :func:`load_quantized` or :func:`dequantize_checkpoint`.
     """
@@ -320,13 +323,15 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, spec: Qu
 
 
 def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> list[dict]:
-    """Write a plain safetensors file with every quantized tensor of ``src`` restored to its dtype."""
+    """Write a plain safetensors file with every quantized tensor of ``src`` restored to its dtype
+    (atomically, with a ``lowbit.sha256``)."""
     return _lowbit.dequantize_checkpoint(_path(src, "src"), _path(dst, "dst"))
 
 
 def load_quantized(path: str | os.PathLike) -> dict[str, Any]:
     """Load a quantized checkpoint: ``{name: QuantizedTensor}``, plus ``{name: np.ndarray}`` for
-    tensors stored unquantized. Corrupt or foreign files raise ``LowbitFormatError``.
+    tensors stored unquantized. Corrupt or foreign files, and files whose ``lowbit.sha256`` does
+    not match their bytes, raise ``LowbitFormatError``.
     """
     out: dict[str, Any] = {}
     for name, v in _lowbit.load_quantized(_path(path, "path")).items():
@@ -343,7 +348,9 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], metadata: 
 
     Arrays (NumPy or torch, any safetensors dtype; torch bfloat16 stays bfloat16) are stored as
     they are, quantized tensors as codes + scales + zero points (read back by
-    :func:`load_quantized`). ``metadata`` (str to str) goes into the header beside lowbit's keys.
+    :func:`load_quantized`). ``metadata`` (str to str) goes into the header beside lowbit's keys
+    (``lowbit.format``, ``lowbit.quantized``, and ``lowbit.sha256``: the SHA-256 of the whole file
+    with these 64 hex digits as ``0``s, checked by every loader).
 
     >>> import numpy as np, lowbit, os, tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
@@ -387,7 +394,8 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], metadata: 
 
 
 def checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata in a safetensors file's header (only the header is read)."""
+    """The string metadata in a safetensors file's header (only the header is read, so its
+    ``lowbit.sha256`` is not checked; :func:`load_quantized` does)."""
     return dict(_lowbit.checkpoint_metadata(_path(path, "path")))
 
 

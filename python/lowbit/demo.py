@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lowbit._io import write_atomic
+
 #: Formats the demo deploys, with the bits the NAS estimate uses (weights, activations).
 FORMATS: dict[str, tuple[int, int]] = {"f32": (32, 32), "int8": (8, 32), "int4": (4, 32), "int2": (2, 32), "ternary": (2, 8)}
 #: Phone profiles of the NAS estimate.
@@ -144,8 +146,8 @@ def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = 1500, qat_step
         log(f"{fmt}: done ({size / 1e6:.2f} MB, crossval {row['crossval']})")
     table = format_table(rows, batch)
     log(table)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
-    (out / "results.txt").write_text(table + "\n")
+    write_atomic(out / "results.json", json.dumps(rows, indent=1))
+    write_atomic(out / "results.txt", table + "\n")
     try:
         plot(rows, out / "results.png")
         log(f"wrote {out / 'results.json'}, {out / 'results.txt'} and {out / 'results.png'}")
@@ -248,5 +250,7 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
     b.set_ylabel("file size (MB)")
     fig.suptitle("lowbit multi-task VLM by weight format")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:] or None, dpi=110))
+    finally:
+        plt.close(fig)

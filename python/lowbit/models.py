@@ -506,7 +506,8 @@ def _ternary_tensor(w: np.ndarray) -> Any:
 
 
 def save(model: MultiTaskVLM, path: str | os.PathLike[str], weights: str = "f32") -> dict[str, int]:
-    """Write ``model`` as one safetensors file with its config in the metadata, atomically.
+    """Write ``model`` as one safetensors file with its config in the metadata, atomically and
+    with a ``lowbit.sha256`` that :func:`load` and the runtime check (see :func:`lowbit.save_checkpoint`).
 
     ``weights`` other than ``"f32"`` stores every linear layer quantized: ``"int8"`` symmetric
     per output channel, ``"int4"`` symmetric per group of 32 inputs, ``"int2"`` asymmetric per

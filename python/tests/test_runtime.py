@@ -141,6 +141,10 @@ def test_bad_checkpoints_name_what_is_wrong(tmp_path):
     (bad / "config.json").write_text(json.dumps(json.loads(cfg) | {"position_embedding_type": "relative_key"}))
     with pytest.raises(lowbit.LowbitValueError, match="absolute"):
         BertEncoder.load(bad)
+    # found by fuzz/run.sh: a corrupt layer count built 10^9 expected names before any check
+    (bad / "config.json").write_text(json.dumps(json.loads(cfg) | {"num_hidden_layers": 10**9}))
+    with pytest.raises(lowbit.LowbitFormatError, match="asks for 1000000000 layers, but the file holds only"):
+        BertEncoder.load(bad)
     trunc = write(sd, "trunc")
     data = (trunc / "model.safetensors").read_bytes()
     (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])

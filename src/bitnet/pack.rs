@@ -27,9 +27,20 @@ pub fn pack_rows(codes: ArrayView2<'_, u8>, bits: u32) -> Result<Array2<u8>> {
     )
 }
 
+/// Refuses `n` rows of `k` codes when they cannot make one array (a size claimed by a file).
+fn check_rows(n: usize, k: usize) -> Result<()> {
+    let max = isize::MAX as usize;
+    ensure!(
+        k <= max && n.checked_mul(k).is_some_and(|t| t <= max),
+        "{n} rows of {k} codes are too many for one array"
+    );
+    Ok(())
+}
+
 /// Unpacks `k` codes per row.
 pub fn unpack_rows(packed: ArrayView2<'_, u8>, bits: u32, k: usize) -> Result<Array2<u8>> {
     let n = packed.nrows();
+    check_rows(n, k)?;
     let rows: Vec<Vec<u8>> = rows_of(&packed)
         .par_iter()
         .map(|r| unpack(r, bits, k))
@@ -57,6 +68,7 @@ pub fn pack_tq1(codes: ArrayView2<'_, i8>) -> Result<Array2<u8>> {
 /// `k` ternary codes per row back from base-3 bytes.
 pub fn unpack_tq1(packed: ArrayView2<'_, u8>, k: usize) -> Result<Array2<i8>> {
     let (n, width) = packed.dim();
+    check_rows(n, k)?;
     ensure!(
         width == k.div_ceil(5),
         "{k} ternary codes take {} bytes per row, got {width}",

@@ -259,9 +259,14 @@ impl Histogram {
         Ok(())
     }
 
-    /// Checks a state read from `load_state_dict` / pickle.
+    /// Checks a state read from `load_state_dict` / pickle: it must be one that `update` and
+    /// `merge` can produce (the canonical grid of `[min, max]`, counts only between them), as
+    /// they rely on it.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::value(format!("invalid histogram state: {m}")));
+        if !(16..=1 << 20).contains(&self.bins) {
+            return bad("bins must be between 16 and 1048576");
+        }
         if self.total == 0 {
             return if self.counts.iter().all(|&c| c == 0) {
                 Ok(())
@@ -272,21 +277,21 @@ impl Histogram {
         if self.counts.len() != self.bins {
             return bad("counts length differs from bins");
         }
-        if self.counts.iter().sum::<u64>() != self.total {
+        let sum = self.counts.iter().try_fold(0u64, |a, &c| a.checked_add(c));
+        if sum != Some(self.total) {
             return bad("counts do not add up to total");
         }
         if !(self.min.is_finite() && self.max.is_finite() && self.min <= self.max) {
             return bad("min/max");
         }
-        if !(-1100..=1100).contains(&self.exp) {
-            return bad("exponent out of range");
+        if self.exp != self.exponent_for(self.min, self.max)
+            || self.start != grid_index(self.min, self.exp)
+        {
+            return bad("the grid is not the one of [min, max]");
         }
-        let (a, b) = (
-            grid_index(self.min, self.exp) - self.start,
-            grid_index(self.max, self.exp) - self.start,
-        );
-        if a < 0 || b >= self.bins as i64 {
-            return bad("min/max outside the bins");
+        let last = grid_index(self.max, self.exp) - self.start;
+        if self.counts.iter().skip(last as usize + 1).any(|&c| c > 0) {
+            return bad("counts outside [min, max]");
         }
         Ok(())
     }

@@ -6,6 +6,10 @@ use std::collections::BTreeMap;
 
 /// Precisions a profile can list a peak for, widest first. A precision a device lacks runs at
 /// the next wider one it has.
+/// Field of a saved profile holding the SHA-256 (lowercase hex) of its content, checked on
+/// load when present (a hand-written profile needs none).
+pub const SHA256_FIELD: &str = "sha256";
+
 pub const PRECISIONS: [&str; 4] = ["f32", "f16", "int8", "int4"];
 
 /// Efficiency keys: the op kinds plus `conv_dw` (depthwise convolution).
@@ -150,15 +154,50 @@ impl DeviceProfile {
         Ok(())
     }
 
+    /// Parses and validates a profile; a `SHA256_FIELD`, when present, must match.
     pub fn from_json(s: &str) -> Result<Self> {
-        let d: DeviceProfile = serde_json::from_str(s)
-            .map_err(|e| Error::value(format!("bad device profile JSON: {e}")))?;
+        let bad = |e: serde_json::Error| Error::value(format!("bad device profile JSON: {e}"));
+        let mut v: serde_json::Value = serde_json::from_str(s).map_err(bad)?;
+        let sum = v.as_object_mut().and_then(|o| o.remove(SHA256_FIELD));
+        let d: DeviceProfile = match sum {
+            // without the field, from the text itself: errors then give line and column
+            None => serde_json::from_str(s).map_err(bad)?,
+            Some(_) => serde_json::from_value(v).map_err(bad)?,
+        };
+        if let Some(sum) = sum {
+            if sum.as_str() != Some(d.sha256().as_str()) {
+                return Err(Error::format(format!(
+                    "device profile '{}' does not match its {SHA256_FIELD:?} field: it is \
+                     corrupted or was modified (delete the field after editing by hand)",
+                    d.name
+                )));
+            }
+        }
         d.validate()?;
         Ok(d)
     }
 
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a profile always serialises")
+    }
+
+    /// `to_json` with a `SHA256_FIELD`: what `DeviceProfile.save` writes.
+    pub fn to_json_with_sha256(&self) -> String {
+        let mut v = serde_json::to_value(self).expect("a profile always serialises");
+        v.as_object_mut()
+            .expect("a profile is an object")
+            .insert(SHA256_FIELD.into(), self.sha256().into());
+        serde_json::to_string_pretty(&v).expect("a profile always serialises")
+    }
+
+    /// SHA-256 of the compact JSON (`serde_json::to_string`: fields in declaration order,
+    /// maps sorted, floats in shortest round-trip form), so it survives re-indenting.
+    fn sha256(&self) -> String {
+        crate::quant::integrity::sha256_hex(
+            serde_json::to_string(self)
+                .expect("a profile always serialises")
+                .as_bytes(),
+        )
     }
 
     /// Peak G ops/s for a precision, falling back to wider precisions the device has.
@@ -370,5 +409,30 @@ mod tests {
             r#"{"name":"x","peak_gops":{"f32":1},"bandwidth_gbs":-1}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn the_saved_checksum_is_checked() {
+        let mut d = builtin()[0].clone();
+        d.bandwidth_gbs = 0.1 + 0.2; // a float that only round-trips when parsed exactly
+        let text = d.to_json_with_sha256();
+        assert_eq!(DeviceProfile::from_json(&text).unwrap(), d);
+        // re-indenting keeps the content, and so the checksum
+        let compact =
+            serde_json::to_string(&serde_json::from_str::<serde_json::Value>(&text).unwrap());
+        assert_eq!(DeviceProfile::from_json(&compact.unwrap()).unwrap(), d);
+        let edited = text.replacen(
+            "\"bandwidth_gbs\": 0.30000000000000004",
+            "\"bandwidth_gbs\": 0.3",
+            1,
+        );
+        assert_ne!(edited, text);
+        let err = DeviceProfile::from_json(&edited).unwrap_err();
+        assert!(matches!(err, Error::Format(_)), "{err}");
+        let bad_sum = text.replacen("\"sha256\": \"", "\"sha256\": \"1", 1);
+        assert!(matches!(
+            DeviceProfile::from_json(&bad_sum),
+            Err(Error::Format(_))
+        ));
     }
 }

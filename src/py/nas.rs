@@ -161,9 +161,9 @@ impl DeviceProfile {
         self.0.to_json()
     }
 
-    /// Writes the JSON atomically (temporary file + rename).
+    /// Writes the JSON with its SHA-256 field, atomically (temporary file + rename).
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        let text = self.0.to_json();
+        let text = self.0.to_json_with_sha256();
         detach(py, || {
             crate::quant::checkpoint::write_atomic(&path, text.as_bytes())
         })
@@ -172,10 +172,15 @@ impl DeviceProfile {
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         detach(py, || {
-            let text = std::fs::read_to_string(&path)
+            let bytes = std::fs::read(&path)
                 .map_err(|e| crate::Error::io(format!("cannot read {}", path.display()), e))?;
-            device::DeviceProfile::from_json(&text)
-                .map_err(|e| crate::Error::value(format!("{}: {e}", path.display())))
+            let at = |m| format!("{}: {m}", path.display());
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|e| crate::Error::format(at(format!("not UTF-8 text: {e}"))))?;
+            device::DeviceProfile::from_json(text).map_err(|e| match e {
+                crate::Error::Format(m) => crate::Error::format(at(m)),
+                e => crate::Error::value(at(e.to_string())),
+            })
         })
         .map(DeviceProfile)
     }

@@ -3,9 +3,11 @@
 //! A quantized tensor `name` is stored as three tensors, `name.codes` (U8, the packed codes),
 //! `name.scales` (F32) and `name.zero_points` (I8 for symmetric specs, U8 otherwise), plus an
 //! entry in the JSON metadata key `lowbit.quantized` with its shape, original dtype and spec.
-//! Every other tensor is copied unchanged. Files are written atomically (temp file + rename).
+//! Every other tensor is copied unchanged. Files are written atomically (temp file + rename)
+//! and carry a SHA-256 (`integrity::SHA256_KEY`) that every load checks.
 use super::affine::Codes;
 use super::elem::Elem;
+use super::integrity::{self, SHA256_KEY};
 use super::spec::{quantize, Granularity, QuantSpec, QuantizedTensor};
 use crate::{ensure, Error, Result};
 use half::{bf16, f16};
@@ -28,7 +30,9 @@ pub const TERNARY_KEY: &str = "lowbit.ternary";
 /// (configs, a `format` tag), which a converted file carries over.
 fn user_metadata(meta: &HashMap<String, String>) -> BTreeMap<String, String> {
     meta.iter()
-        .filter(|(k, _)| ![FORMAT_KEY, QUANTIZED_KEY, TERNARY_KEY].contains(&k.as_str()))
+        .filter(|(k, _)| {
+            ![FORMAT_KEY, QUANTIZED_KEY, TERNARY_KEY, SHA256_KEY].contains(&k.as_str())
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
@@ -158,15 +162,11 @@ pub fn dtype_from_name(s: &str) -> Option<Dtype> {
     .find(|d| dtype_name(*d) == s)
 }
 
-/// The string metadata of a safetensors file's header (nothing else is read).
+/// The string metadata of a safetensors file's header (nothing else is read, so its
+/// `SHA256_KEY` is not checked: loading the tensors does that).
 pub fn metadata(path: &Path) -> Result<BTreeMap<String, String>> {
     let map = map_file(path)?;
-    let (_, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-        Error::format(format!(
-            "{} is not a valid safetensors file: {e}",
-            path.display()
-        ))
-    })?;
+    let (_, meta) = SafeTensors::read_metadata(&map).map_err(|e| invalid(&map, e, path))?;
     Ok(meta
         .metadata()
         .clone()
@@ -184,30 +184,64 @@ pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
         .map_err(|e| Error::io(format!("cannot map {}", path.display()), e))
 }
 
+/// Lets the kernel drop the pages of `part` (a slice of `map`) from this process: they were
+/// read and are not needed again, so resident memory stays near one tensor, not the file.
+fn release(map: &memmap2::Mmap, part: &[u8]) {
+    #[cfg(unix)]
+    if let Some(offset) = (part.as_ptr() as usize).checked_sub(map.as_ptr() as usize) {
+        // SAFETY: a read-only map of a file lowbit never writes in place: a dropped page reads
+        // back the same bytes on the next access.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, part.len())
+        };
+    }
+}
+
+/// A `Format` error for a file safetensors refuses; claims of more bytes than the file holds
+/// (a huge header length, shapes or offsets) are refused before anything is allocated.
+fn invalid(bytes: &[u8], e: safetensors::SafeTensorError, path: &Path) -> Error {
+    use safetensors::SafeTensorError::*;
+    let claimed = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes);
+    let why = match e {
+        HeaderTooLarge | InvalidHeaderLength => format!(
+            "its header length field claims {claimed} bytes (the file has {}; at most 100 MB)",
+            bytes.len()
+        ),
+        MetadataIncompleteBuffer | ValidationOverflow | TensorInvalidInfo => {
+            format!("{e}: its header describes other tensor data than the file holds")
+        }
+        e => e.to_string(),
+    };
+    Error::format(format!(
+        "{} is not a valid safetensors file: {why}",
+        path.display()
+    ))
+}
+
+/// Parses a safetensors file and checks its `SHA256_KEY` when it has one.
 pub(crate) fn parse<'a>(
     bytes: &'a [u8],
     path: &Path,
 ) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
-        Error::format(format!(
-            "{} is not a valid safetensors file: {e}",
-            path.display()
-        ))
-    })?;
-    let st = SafeTensors::deserialize(bytes).map_err(|e| {
-        Error::format(format!(
-            "{} is not a valid safetensors file: {e}",
-            path.display()
-        ))
-    })?;
-    Ok((st, meta.metadata().clone().unwrap_or_default()))
+    let (n, meta) = SafeTensors::read_metadata(bytes).map_err(|e| invalid(bytes, e, path))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    integrity::verify(bytes, n, &meta, path)?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| invalid(bytes, e, path))?;
+    Ok((st, meta))
 }
 
 /// Quantizes every floating-point 2-D tensor of the safetensors file `input` with `spec` and
 /// writes the quantized checkpoint to `output` atomically. Other tensors are copied.
+///
+/// One tensor at a time from the memory-mapped input: each is quantized, then its pages are
+/// released, so memory holds the quantized output and one tensor, not the input file.
 pub fn quantize_file(input: &Path, output: &Path, spec: QuantSpec) -> Result<Vec<Report>> {
     let map = map_file(input)?;
     let (st, meta) = parse(&map, input)?;
+    release(&map, &map); // read once by the integrity check
     ensure!(
         !meta.contains_key(QUANTIZED_KEY),
         "{} is already quantized by lowbit",
@@ -215,7 +249,8 @@ pub fn quantize_file(input: &Path, output: &Path, spec: QuantSpec) -> Result<Vec
     );
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
-    let mut entries = Vec::with_capacity(names.len());
+    let mut quantized = Vec::new();
+    let mut raw = Vec::new();
     let mut reports = Vec::with_capacity(names.len());
     for name in names {
         let t = st
@@ -223,13 +258,21 @@ pub fn quantize_file(input: &Path, output: &Path, spec: QuantSpec) -> Result<Vec
             .map_err(|e| Error::format(format!("tensor {name}: {e}")))?;
         let shape = t.shape().to_vec();
         let before = t.data().len();
-        let dtype = dtype_name(t.dtype());
+        let mut report = Report {
+            name: name.clone(),
+            shape: shape.clone(),
+            dtype: dtype_name(t.dtype()),
+            bits: None,
+            sqnr_db: None,
+            bytes_before: before,
+            bytes_after: before,
+        };
         let fd = if shape.len() == 2 {
             float_data(&t)
         } else {
             None
         };
-        let (entry, report) = match fd {
+        match fd {
             Some(fd) => {
                 let (q, sqnr) = match &fd {
                     FloatData::F32(d) => quantize_one(d, &shape, spec),
@@ -238,120 +281,102 @@ pub fn quantize_file(input: &Path, output: &Path, spec: QuantSpec) -> Result<Vec
                     FloatData::BF16(d) => quantize_one(d, &shape, spec),
                 }
                 .map_err(|e| Error::value(format!("tensor {name}: {e}")))?;
-                let after = q.nbytes();
                 log::debug!("quantized {name} {shape:?}: {sqnr:.2} dB");
-                let r = Report {
-                    name: name.clone(),
-                    shape: shape.clone(),
-                    dtype,
-                    bits: Some(spec.bits),
-                    sqnr_db: Some(sqnr),
-                    bytes_before: before,
-                    bytes_after: after,
-                };
-                (
-                    Entry::Quantized {
-                        tensor: q,
-                        dtype: t.dtype(),
-                    },
-                    r,
-                )
+                report.bits = Some(spec.bits);
+                report.sqnr_db = Some(sqnr);
+                report.bytes_after = q.nbytes();
+                release(&map, t.data());
+                quantized.push((name, q, t.dtype()));
             }
-            None => {
-                let r = Report {
-                    name: name.clone(),
-                    shape: shape.clone(),
-                    dtype,
-                    bits: None,
-                    sqnr_db: None,
-                    bytes_before: before,
-                    bytes_after: before,
-                };
-                (
-                    Entry::Raw {
-                        dtype: t.dtype(),
-                        shape,
-                        data: t.data().to_vec(),
-                    },
-                    r,
-                )
-            }
-        };
-        entries.push((name, entry));
+            None => raw.push((name, t)),
+        }
         reports.push(report);
     }
-    save(output, &entries, &user_metadata(&meta))?;
+    let quantized: Vec<_> = quantized
+        .iter()
+        .map(|(n, q, d)| (n.as_str(), q, *d))
+        .collect();
+    write_checkpoint(output, &quantized, raw, &user_metadata(&meta))?;
     Ok(reports)
 }
 
 /// Writes entries in the quantized format, atomically, with `extra` metadata beside lowbit's
-/// own keys (`lowbit.format` and `lowbit.quantized` are lowbit's; `lowbit.ternary` is checked).
+/// own keys (`lowbit.format`, `lowbit.quantized` and `lowbit.sha256` are lowbit's;
+/// `lowbit.ternary` is checked).
 pub fn save(
     path: &Path,
     entries: &[(String, Entry)],
     extra: &BTreeMap<String, String>,
 ) -> Result<()> {
-    for k in [FORMAT_KEY, QUANTIZED_KEY] {
+    let mut quantized = Vec::new();
+    let mut raw = Vec::new();
+    for (name, e) in entries {
+        match e {
+            Entry::Raw { dtype, shape, data } => {
+                raw.push((name.clone(), tv(*dtype, shape.clone(), data)?))
+            }
+            Entry::Quantized { tensor, dtype } => quantized.push((name.as_str(), tensor, *dtype)),
+        }
+    }
+    write_checkpoint(path, &quantized, raw, extra)
+}
+
+/// `save` of quantized tensors (name, tensor, original dtype) and tensors stored as they are.
+fn write_checkpoint(
+    path: &Path,
+    quantized: &[(&str, &QuantizedTensor, Dtype)],
+    raw: Vec<(String, TensorView<'_>)>,
+    extra: &BTreeMap<String, String>,
+) -> Result<()> {
+    for k in [FORMAT_KEY, QUANTIZED_KEY, SHA256_KEY] {
         ensure!(
             !extra.contains_key(k),
             "metadata key {k:?} is lowbit's own and cannot be given"
         );
     }
     if let Some(list) = extra.get(TERNARY_KEY) {
-        check_ternary(list, entries)?;
+        check_ternary(list, quantized)?;
     }
+    let zps: Vec<Vec<u8>> = quantized
+        .iter()
+        .map(|(_, t, _)| t.zero_points.iter().map(|&z| z as i8 as u8).collect())
+        .collect();
     let mut info = BTreeMap::new();
-    let mut tensors: Vec<(String, TensorView<'_>)> = Vec::new();
-    let mut zps: Vec<(String, Vec<u8>, Dtype, Vec<usize>)> = Vec::new();
-    for (name, e) in entries {
-        if let Entry::Quantized { tensor, .. } = e {
-            let signed = tensor.spec.range().is_signed();
-            let bytes = tensor.zero_points.iter().map(|&z| z as i8 as u8).collect();
-            zps.push((
-                name.clone(),
-                bytes,
-                if signed { Dtype::I8 } else { Dtype::U8 },
-                tensor.zero_points.shape().to_vec(),
-            ));
-        }
-    }
-    let mut zi = zps.iter();
-    for (name, e) in entries {
-        match e {
-            Entry::Raw { dtype, shape, data } => {
-                tensors.push((name.clone(), tv(*dtype, shape.clone(), data)?))
-            }
-            Entry::Quantized { tensor, dtype } => {
-                info.insert(
-                    name.clone(),
-                    QuantizedInfo {
-                        shape: tensor.shape.clone(),
-                        dtype: dtype_name(*dtype),
-                        spec: tensor.spec,
-                    },
-                );
-                tensors.push((
-                    format!("{name}.codes"),
-                    tv(Dtype::U8, vec![tensor.codes.len()], &tensor.codes)?,
-                ));
-                let scales = tensor
-                    .scales
-                    .as_slice()
-                    .expect("scales are standard layout");
-                tensors.push((
-                    format!("{name}.scales"),
-                    tv(
-                        Dtype::F32,
-                        tensor.scales.shape().to_vec(),
-                        bytemuck::cast_slice(scales),
-                    )?,
-                ));
-                let (_, zb, zd, zs) = zi
-                    .next()
-                    .expect("one zero-point entry per quantized tensor");
-                tensors.push((format!("{name}.zero_points"), tv(*zd, zs.clone(), zb)?));
-            }
-        }
+    let mut tensors = raw;
+    for ((name, tensor, dtype), zb) in quantized.iter().zip(&zps) {
+        info.insert(
+            name.to_string(),
+            QuantizedInfo {
+                shape: tensor.shape.clone(),
+                dtype: dtype_name(*dtype),
+                spec: tensor.spec,
+            },
+        );
+        tensors.push((
+            format!("{name}.codes"),
+            tv(Dtype::U8, vec![tensor.codes.len()], &tensor.codes)?,
+        ));
+        let scales = tensor
+            .scales
+            .as_slice()
+            .expect("scales are standard layout");
+        tensors.push((
+            format!("{name}.scales"),
+            tv(
+                Dtype::F32,
+                tensor.scales.shape().to_vec(),
+                bytemuck::cast_slice(scales),
+            )?,
+        ));
+        let zd = if tensor.spec.range().is_signed() {
+            Dtype::I8
+        } else {
+            Dtype::U8
+        };
+        tensors.push((
+            format!("{name}.zero_points"),
+            tv(zd, tensor.zero_points.shape().to_vec(), zb)?,
+        ));
     }
     let mut seen = std::collections::HashSet::new();
     for (n, _) in &tensors {
@@ -366,15 +391,22 @@ pub fn save(
         QUANTIZED_KEY.to_string(),
         serde_json::to_string(&info).expect("plain data serializes"),
     );
-    let bytes = safetensors::serialize(tensors, Some(meta))
-        .map_err(|e| Error::value(format!("cannot serialize: {e}")))?;
-    write_atomic(path, &bytes)
+    integrity::write(path, tensors, meta)
 }
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`, so an
 /// interrupted write leaves any previous file intact.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// `write_atomic` of what `write` writes into the temporary file; when it fails, the temporary
+/// file is removed and `path` is left as it was.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -385,14 +417,41 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(|e| Error::io(ctx("create a temporary file for"), e))?;
-    tmp.write_all(bytes)
-        .map_err(|e| Error::io(ctx("write"), e))?;
+    write(tmp.as_file_mut()).map_err(|e| Error::io(ctx("write"), e))?;
+    // The temporary file is private (0600); the result gets the mode a plain write would give.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = new_file_mode(path);
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(ctx("set the permissions of"), e))?;
+    }
     tmp.as_file()
         .sync_all()
         .map_err(|e| Error::io(ctx("sync"), e))?;
     tmp.persist(path)
         .map_err(|e| Error::io(ctx("replace"), e.error))?;
     Ok(())
+}
+
+/// The mode of the file `path` replaces, or `0666` less the process's umask for a new one (read
+/// from the kernel's process status: setting the umask to learn it would race other threads).
+#[cfg(unix)]
+fn new_file_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        return m.permissions().mode() & 0o7777;
+    }
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022);
+    0o666 & !umask
 }
 
 /// The tensors `TERNARY_KEY` lists (a JSON list of names): each must be stored quantized as
@@ -426,11 +485,11 @@ pub fn check_ternary_tensor(name: &str, t: &QuantizedTensor) -> Result<()> {
     Ok(())
 }
 
-fn check_ternary(list: &str, entries: &[(String, Entry)]) -> Result<()> {
+fn check_ternary(list: &str, quantized: &[(&str, &QuantizedTensor, Dtype)]) -> Result<()> {
     for name in ternary_names(list)? {
-        match entries.iter().find(|(n, _)| *n == name) {
-            Some((_, Entry::Quantized { tensor, .. })) => check_ternary_tensor(&name, tensor)?,
-            _ => {
+        match quantized.iter().find(|(n, ..)| *n == name) {
+            Some((_, tensor, _)) => check_ternary_tensor(&name, tensor)?,
+            None => {
                 return Err(Error::value(format!(
                     "{name} is listed in {TERNARY_KEY} but not stored quantized"
                 )))
@@ -447,8 +506,12 @@ fn tv(d: Dtype, shape: Vec<usize>, data: &[u8]) -> Result<TensorView<'_>> {
 /// Reads a quantized checkpoint, validating every quantized tensor against its metadata.
 /// Anything inconsistent in the file is a `Format` error.
 pub fn load(path: &Path) -> Result<Vec<(String, Entry)>> {
-    let map = map_file(path)?;
-    let (st, meta) = parse(&map, path)?;
+    load_bytes(&map_file(path)?, path)
+}
+
+/// `load` of a checkpoint already in memory (`path` only names it in errors).
+pub fn load_bytes(bytes: &[u8], path: &Path) -> Result<Vec<(String, Entry)>> {
+    let (st, meta) = parse(bytes, path)?;
     entries(&st, &meta, path)
 }
 
@@ -586,7 +649,9 @@ fn to_bytes(x: &ArrayD<f32>, dtype: Dtype) -> Vec<u8> {
 
 /// Reverses `quantize_file`: every quantized tensor is dequantized back to its original dtype.
 pub fn dequantize_file(input: &Path, output: &Path) -> Result<Vec<Report>> {
-    let entries = load(input)?;
+    let map = map_file(input)?;
+    let (st, meta) = parse(&map, input)?;
+    let entries = entries(&st, &meta, input)?;
     let mut reports = Vec::new();
     let mut raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, e) in entries {
@@ -627,10 +692,7 @@ pub fn dequantize_file(input: &Path, output: &Path) -> Result<Vec<Report>> {
                 .map_err(|e| Error::value(format!("tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let meta = user_metadata(&parse(&map_file(input)?, input)?.1);
-    let bytes = safetensors::serialize(views, Some(meta.into_iter().collect()))
-        .map_err(|e| Error::value(format!("cannot serialize: {e}")))?;
-    write_atomic(output, &bytes)?;
+    integrity::write(output, views, user_metadata(&meta).into_iter().collect())?;
     Ok(reports)
 }
 

@@ -3,9 +3,13 @@
 //! For 1, 2 and 4 bits this is the usual "first code in the low bits" byte layout.
 use crate::{ensure, Result};
 
-/// Bytes needed for `n` codes of `bits` bits.
+/// Bytes needed for `n` codes of `bits` bits (`usize::MAX` when that does not fit a `usize`,
+/// so that a length read from a file never matches it).
 pub fn packed_len(n: usize, bits: u32) -> usize {
-    (n * bits as usize).div_ceil(8)
+    // ceil(n * bits / 8) without forming n * bits, which overflows for huge claimed sizes
+    (n / 8)
+        .saturating_mul(bits as usize)
+        .saturating_add((n % 8 * bits as usize).div_ceil(8))
 }
 
 /// Packs codes `< 2^bits` (`1 <= bits <= 8`). Codes with higher bits set are an error.
@@ -164,5 +168,12 @@ mod tests {
         assert!(pack(&[4], 2).is_err());
         assert!(unpack(&[0, 0, 0], 4, 3).is_err());
         assert!(pack(&[0], 0).is_err());
+    }
+
+    #[test]
+    fn huge_claimed_lengths_are_refused() {
+        assert_eq!(packed_len(usize::MAX, 8), usize::MAX);
+        assert_eq!(packed_len(usize::MAX, 1), usize::MAX.div_ceil(8));
+        assert!(unpack(&[0; 8], 8, usize::MAX).is_err());
     }
 }

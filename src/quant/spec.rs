@@ -223,9 +223,21 @@ pub struct QuantizedTensor {
     pub zero_points: ArrayD<i32>,
 }
 
+/// Elements of an array of `shape`, or None when no array can have it (its non-zero sizes
+/// multiply past `isize::MAX`, ndarray's limit).
+fn array_numel(shape: &[usize]) -> Option<usize> {
+    let n = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= isize::MAX as usize)?;
+    Some(if shape.contains(&0) { 0 } else { n })
+}
+
 impl QuantizedTensor {
+    /// Elements (saturating: `validate` refuses shapes no array can have).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        array_numel(&self.shape).unwrap_or(usize::MAX)
     }
 
     /// Bytes a file stores: packed codes, 4 per scale, 1 per zero point.
@@ -235,7 +247,8 @@ impl QuantizedTensor {
 
     /// Checks that codes and qparams agree with the shape and spec (for data read from files).
     pub fn validate(&self) -> Result<()> {
-        let n = self.numel();
+        let n = array_numel(&self.shape)
+            .ok_or_else(|| Error::value(format!("shape {:?} has too many elements", self.shape)))?;
         let want = pack::packed_len(n, self.spec.bits);
         ensure!(
             self.codes.len() == want,

@@ -194,6 +194,7 @@ impl BertEncoder {
             format!("{prefix}pooler.dense.bias"),
         ];
         let has_pooler = w.get_opt(&pooler[0]).is_some();
+        w.ensure_layers(config.num_hidden_layers)?;
         let mut expected = config.expected(prefix);
         if has_pooler {
             let h = config.hidden_size;

@@ -483,6 +483,17 @@ impl MultiTaskModel {
         mode: WeightMode,
         act_bits: Option<u32>,
     ) -> Result<Self> {
+        let c = &config;
+        w.ensure_layers(
+            [
+                c.depth,
+                c.decoder_depth,
+                c.vqa_depth,
+                c.text.num_hidden_layers,
+            ]
+            .into_iter()
+            .fold(0, usize::saturating_add),
+        )?;
         w.check(&config.expected(), |n| {
             n == "retrieval.text.embeddings.position_ids"
                 || n == "retrieval.text.embeddings.token_type_ids"

@@ -60,10 +60,15 @@ fn ternary_codes(name: &str, t: &QuantizedTensor) -> Result<(Array2<i8>, f32)> {
 
 impl Weights {
     /// Loads every F32, F16 and BF16 tensor of a safetensors file (memory-mapped; each tensor
-    /// is converted to float32 once), and the file's metadata.
+    /// is converted to float32 once), and the file's metadata. A file with a `lowbit.sha256`
+    /// must match it (`integrity`); one whose header claims more than it holds is refused first.
     pub fn load(path: &Path) -> Result<Self> {
-        let map = map_file(path)?;
-        let (st, meta) = parse(&map, path)?;
+        Self::from_bytes(&map_file(path)?, path)
+    }
+
+    /// `load` of a file already in memory (`path` only names it in errors).
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let (st, meta) = parse(bytes, path)?;
         let mut w = if meta.contains_key(FORMAT_KEY) {
             Self::from_entries(checkpoint::entries(&st, &meta, path)?, &meta, path)?
         } else {
@@ -196,6 +201,18 @@ impl Weights {
 
     /// Checks that every expected name is present with its shape, and that no other tensor is
     /// (except those `ignore` accepts); the error lists everything wrong at once.
+    /// Refuses a config whose layer count alone needs more tensors than the file holds, before
+    /// the names it expects are built (a corrupt count of 10^9 would take minutes and gigabytes).
+    pub fn ensure_layers(&self, layers: usize) -> Result<()> {
+        if layers > self.tensors.len() {
+            return Err(Error::format(format!(
+                "the config asks for {layers} layers, but the file holds only {} tensors",
+                self.tensors.len()
+            )));
+        }
+        Ok(())
+    }
+
     pub fn check(
         &self,
         expected: &[(String, Vec<usize>)],

@@ -1,0 +1,66 @@
+//! Observer state JSON (what `Observer.from_json` and `load_state_dict` read): histograms,
+//! min-max and per-channel min-max. A histogram state that validates gives finite qparams by
+//! every search method, merges with itself into a valid state, and takes more data.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use lowbit::calib::{search::search, Histogram, Method, MinMax, PerChannelMinMax};
+use lowbit::quant::QRange;
+use ndarray::arr1;
+
+fn ranges() -> impl Iterator<Item = (QRange, bool)> {
+    [(2, true), (4, false), (8, true), (8, false)]
+        .into_iter()
+        .map(|(b, s)| (QRange::for_bits(b, s).unwrap(), s))
+}
+
+fn check_qparams(r: QRange, (scale, zp): (f32, i32)) {
+    assert!(scale.is_finite() && scale > 0.0, "scale {scale}");
+    assert!((r.min..=r.max).contains(&zp), "zero point {zp}");
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(h) = serde_json::from_str::<Histogram>(text) {
+        if h.validate().is_ok() {
+            if !h.is_empty() {
+                for (r, sym) in ranges() {
+                    for m in [
+                        Method::Mse,
+                        Method::Sqnr,
+                        Method::Entropy,
+                        Method::Percentile(99.9),
+                    ] {
+                        let s = search(&h, r, sym, m).expect("a valid histogram searches");
+                        check_qparams(r, (s.scale, s.zero_point));
+                    }
+                }
+            }
+            let mut m = h.clone();
+            if m.merge(&h).is_ok() {
+                m.validate().expect("a merged histogram is valid");
+                assert_eq!(m.total, 2 * h.total);
+            }
+            let mut u = h.clone();
+            let x = arr1(&[h.min.max(-1e30), 0.5, h.max.min(1e30)]).into_dyn();
+            if u.update(&x.view()).is_ok() {
+                u.validate().expect("an updated histogram is valid");
+            }
+        }
+    }
+    if let Ok(mm) = serde_json::from_str::<MinMax>(text) {
+        for (r, sym) in ranges() {
+            if let Ok(q) = mm.qparams(r, sym) {
+                check_qparams(r, q);
+            }
+        }
+    }
+    if let Ok(pc) = serde_json::from_str::<PerChannelMinMax>(text) {
+        for (r, sym) in ranges() {
+            if let Ok((s, z)) = pc.qparams(r, sym) {
+                s.into_iter().zip(z).for_each(|q| check_qparams(r, q));
+            }
+        }
+    }
+});
