@@ -173,15 +173,17 @@ impl Linear {
 
     /// `act(x @ w.T + b)`, the activation fused into the same pass over the output.
     pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
-        let mut dims = x.dims().to_vec();
         let k = self.in_features;
-        ensure!(
-            dims.last() == Some(&k),
-            "linear layer expects {k} input features, got shape {dims:?}"
-        );
-        let rows = x.elem_count() / k.max(1);
+        let (mut dims, rows) = input_rows(x, k)?;
         let n = self.out_features;
-        let mut y = with_f32(x, |xs| -> Result<Vec<f32>> {
+        // After the float and binary kernels, one parallel pass over the output.
+        let after = |mut y: Vec<f32>| {
+            if let Some(a) = act {
+                a.apply(&mut y);
+            }
+            y
+        };
+        let y = with_f32(x, |xs| -> Result<Vec<f32>> {
             let xv = ArrayView2::from_shape((rows, k), xs).expect("rows x k");
             Ok(match &self.kernel {
                 Kernel::Float(w) => {
@@ -194,7 +196,9 @@ impl Linear {
                         }
                         None => xs,
                     };
-                    with_f32(w, |ws| ops::linear(xs, k, ws, n, self.bias.as_deref()))?
+                    after(with_f32(w, |ws| {
+                        ops::linear(xs, k, ws, n, self.bias.as_deref())
+                    })?)
                 }
                 Kernel::Ternary(t) => {
                     // The activation runs inside the kernel's tasks, on rows still in cache.
@@ -202,15 +206,22 @@ impl Linear {
                     let post = post.as_ref().map(|p| p as &RowFn);
                     t.forward_post(xv, post)?.into_raw_vec_and_offset().0
                 }
-                Kernel::Binary(b) => b.forward(xv)?.into_raw_vec_and_offset().0,
+                Kernel::Binary(b) => after(b.forward(xv)?.into_raw_vec_and_offset().0),
             })
         })??;
-        if let (Some(a), false) = (act, matches!(self.kernel, Kernel::Ternary(_))) {
-            a.apply(&mut y);
-        }
         *dims.last_mut().unwrap() = n;
         tensor(y, dims)
     }
+}
+
+/// The shape of `x` and its number of rows of `k` features (the last axis), for a linear layer.
+fn input_rows(x: &Tensor, k: usize) -> Result<(Vec<usize>, usize)> {
+    let dims = x.dims().to_vec();
+    ensure!(
+        dims.last() == Some(&k),
+        "linear layer expects {k} input features, got shape {dims:?}"
+    );
+    Ok((dims, x.elem_count() / k.max(1)))
 }
 
 /// `forward` of layers that share one input: the input is quantized once when they are all
@@ -227,12 +238,7 @@ pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
         return layers.iter().map(|l| l.forward(x)).collect();
     };
     let k = first.in_features;
-    let mut dims = x.dims().to_vec();
-    ensure!(
-        dims.last() == Some(&k),
-        "linear layer expects {k} input features, got shape {dims:?}"
-    );
-    let rows = x.elem_count() / k.max(1);
+    let (mut dims, rows) = input_rows(x, k)?;
     let (acts, sx) = with_f32(x, |xs| {
         Acts::quantize(ArrayView2::from_shape((rows, k), xs).expect("rows x k"))
     })??;
