@@ -110,7 +110,7 @@ struct RowQuant<'a> {
 impl crate::quant::simd::Kernel for RowQuant<'_> {
     type Output = f32;
     #[inline(always)]
-    fn run(self) -> f32 {
+    fn run<S: crate::quant::simd::Isa>(self) -> f32 {
         // max |x| in eight lanes (vectorizes); a NaN wins, so a non-finite row ends with a
         // non-finite max and the multiplier returned is NaN.
         let mut lanes = [0f32; 8];

@@ -8,6 +8,7 @@
 use crate::{ensure, Result};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 pub const BLOCK: usize = 128;
 
@@ -103,22 +104,31 @@ impl TernaryMatrix {
             self.k
         );
         let (m, n) = (acts.m, self.n);
-        // Filled in parallel: a 1024 x 1536 output took 0.5 ms to clear on one thread.
-        let mut fill = Vec::with_capacity(m * n);
-        if m * n < 1 << 16 {
-            fill.resize(m * n, E::Out::default());
-        } else {
-            fill.par_extend(rayon::iter::repeat_n(E::Out::default(), m * n));
-        }
-        let mut out = Array2::from_shape_vec((m, n), fill).expect("m x n");
+        // Not cleared first: every task writes each element of its block once, while the
+        // block's lines are in cache (clearing 1024 x 1536 floats was a pass over memory of
+        // its own, 3% of a BERT forward).
+        let mut out = Array2::<E::Out>::uninit((m, n));
+        self.matmul_into(acts, epi, avx2, &mut out);
+        // SAFETY: `matmul_into` wrote every element (each path covers all rows and columns).
+        Ok(unsafe { out.assume_init() })
+    }
+
+    fn matmul_into<E: Epilogue>(
+        &self,
+        acts: &Acts,
+        epi: &E,
+        avx2: bool,
+        out: &mut Array2<MaybeUninit<E::Out>>,
+    ) {
+        let (m, n) = out.dim();
         if m == 0 || n == 0 {
-            return Ok(out);
+            return;
         }
         let (qp, qs, sums) = (&acts.qp, acts.qs, &acts.sums);
         #[cfg(target_arch = "x86_64")]
         if avx2 && m >= PANEL_MIN_ROWS {
-            panels::gemm(self, qp, qs, sums, epi, &mut out);
-            return Ok(out);
+            panels::gemm(self, qp, qs, sums, epi, out);
+            return;
         }
         // Tasks own a range of weight rows (output columns), written straight into `out`.
         // A GEMV gets a few large tasks per thread (it is over in microseconds, and each task
@@ -139,9 +149,9 @@ impl TernaryMatrix {
             .enumerate()
             .for_each(|(t, mut dst)| {
                 ctx.task(t * rows_per_task, &mut dst);
-                finish_rows(epi, &mut dst);
+                // SAFETY: the task wrote every element of `dst`.
+                unsafe { finish_rows(epi, &mut dst) };
             });
-        Ok(out)
     }
 }
 
@@ -212,9 +222,9 @@ pub trait Epilogue: Sync {
     /// `out[i] = out(r, c0 + i, v[i] - sub)`; inlined into a loop compiled for the CPU's
     /// vectors.
     #[inline(always)]
-    fn row(&self, r: usize, c0: usize, v: &[i32], sub: i32, out: &mut [Self::Out]) {
+    fn row(&self, r: usize, c0: usize, v: &[i32], sub: i32, out: &mut [MaybeUninit<Self::Out>]) {
         for (i, (o, &v)) in out.iter_mut().zip(v).enumerate() {
-            *o = self.out(r, c0 + i, v - sub);
+            *o = MaybeUninit::new(self.out(r, c0 + i, v - sub));
         }
     }
 
@@ -225,9 +235,14 @@ pub trait Epilogue: Sync {
 }
 
 /// `Epilogue::finish` on every row of a task's finished block.
-fn finish_rows<E: Epilogue>(epi: &E, dst: &mut ArrayViewMut2<'_, E::Out>) {
+///
+/// # Safety
+/// Every element of `dst` must have been written.
+unsafe fn finish_rows<E: Epilogue>(epi: &E, dst: &mut ArrayViewMut2<'_, MaybeUninit<E::Out>>) {
     for mut row in dst.rows_mut() {
-        epi.finish(row.as_slice_mut().expect("task columns are contiguous"));
+        let row = row.as_slice_mut().expect("task columns are contiguous");
+        // SAFETY: initialized (the caller's promise); `MaybeUninit<T>` has `T`'s layout.
+        epi.finish(unsafe { &mut *(row as *mut [MaybeUninit<E::Out>] as *mut [E::Out]) });
     }
 }
 
@@ -262,11 +277,11 @@ impl Epilogue for Rescale<'_> {
     }
 
     #[inline(always)]
-    fn row(&self, r: usize, c0: usize, v: &[i32], sub: i32, out: &mut [f32]) {
+    fn row(&self, r: usize, c0: usize, v: &[i32], sub: i32, out: &mut [MaybeUninit<f32>]) {
         let n = out.len();
         let (col, bias, rs) = (&self.col[c0..c0 + n], &self.bias[c0..c0 + n], self.row[r]);
         for (((o, &v), &c), &b) in out.iter_mut().zip(v).zip(col).zip(bias) {
-            *o = ((v - sub) as f64 * (rs * c) + b) as f32;
+            *o = MaybeUninit::new(((v - sub) as f64 * (rs * c) + b) as f32);
         }
     }
 
@@ -285,13 +300,13 @@ struct RowEpilogue<'a, E: Epilogue> {
     c0: usize,
     v: &'a [i32],
     sub: i32,
-    out: &'a mut [E::Out],
+    out: &'a mut [MaybeUninit<E::Out>],
 }
 
 impl<E: Epilogue> crate::quant::simd::Kernel for RowEpilogue<'_, E> {
     type Output = ();
     #[inline(always)]
-    fn run(self) {
+    fn run<S: crate::quant::simd::Isa>(self) {
         self.epi.row(self.r, self.c0, self.v, self.sub, self.out)
     }
 }
@@ -310,7 +325,7 @@ struct Ctx<'a, E> {
 
 impl<E: Epilogue> Ctx<'_, E> {
     /// Output columns `n0 .. n0 + dst.ncols()` for every activation row.
-    fn task(&self, n0: usize, dst: &mut ArrayViewMut2<'_, E::Out>) {
+    fn task(&self, n0: usize, dst: &mut ArrayViewMut2<'_, MaybeUninit<E::Out>>) {
         let (m, nrows) = dst.dim();
         let (kp, wrow) = (self.w.kp, self.w.kp / 4);
         let rows = &self.w.packed[n0 * wrow..(n0 + nrows) * wrow];
@@ -382,7 +397,7 @@ impl<E: Epilogue> Ctx<'_, E> {
         for (i, w) in rows.chunks(wrow).enumerate() {
             for r in 0..m {
                 let v = dot_scalar(w, &self.qp[r * self.qs..r * self.qs + kp]);
-                dst[[r, i]] = self.epi.out(r, n0 + i, v);
+                dst[[r, i]] = MaybeUninit::new(self.epi.out(r, n0 + i, v));
             }
         }
     }
@@ -401,7 +416,10 @@ struct Tile<'a, E> {
 
 #[cfg(target_arch = "x86_64")]
 impl<E: Epilogue> Tile<'_, E> {
-    unsafe fn run<const R: usize, const W: usize>(&self, dst: &mut ArrayViewMut2<'_, E::Out>) {
+    unsafe fn run<const R: usize, const W: usize>(
+        &self,
+        dst: &mut ArrayViewMut2<'_, MaybeUninit<E::Out>>,
+    ) {
         let (wrow, qs) = (self.ctx.w.kp / 4, self.ctx.qs);
         let q = &self.ctx.qp[self.r0 * qs..(self.r0 + R) * qs];
         let acc = unsafe { avx2_tile::<R, W>(self.w, wrow, q, qs) };
@@ -409,7 +427,8 @@ impl<E: Epilogue> Tile<'_, E> {
             for (r, v) in a.iter().enumerate() {
                 let row = self.r0 + r;
                 let v = v - self.ctx.sums[row];
-                dst[[row, self.i + j]] = self.ctx.epi.out(row, self.n0 + self.i + j, v);
+                dst[[row, self.i + j]] =
+                    MaybeUninit::new(self.ctx.epi.out(row, self.n0 + self.i + j, v));
             }
         }
     }
@@ -433,6 +452,7 @@ mod panels {
     use ndarray::{Array2, ArrayViewMut2, Axis};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     /// Columns per panel.
     const NR: usize = 16;
@@ -450,7 +470,7 @@ mod panels {
         qs: usize,
         sums: &[i32],
         epi: &E,
-        out: &mut Array2<E::Out>,
+        out: &mut Array2<MaybeUninit<E::Out>>,
     ) {
         let (m, n) = out.dim();
         let cols = NR * GROUP;
@@ -479,7 +499,8 @@ mod panels {
                     .enumerate()
                     .for_each(|(g, mut dst)| {
                         task(&ctx, b * rows, g * cols, &mut dst);
-                        super::finish_rows(epi, &mut dst);
+                        // SAFETY: the task wrote every element of `dst`.
+                        unsafe { super::finish_rows(epi, &mut dst) };
                     })
             });
     }
@@ -489,7 +510,7 @@ mod panels {
         ctx: &Ctx<'_, E>,
         r0: usize,
         c0: usize,
-        dst: &mut ArrayViewMut2<'_, E::Out>,
+        dst: &mut ArrayViewMut2<'_, MaybeUninit<E::Out>>,
     ) {
         thread_local! {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };

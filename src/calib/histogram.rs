@@ -64,7 +64,7 @@ struct Binner<'a, E> {
 impl<E: Elem> crate::quant::simd::Kernel for Binner<'_, E> {
     type Output = ();
     #[inline(always)]
-    fn run(self) {
+    fn run<S: crate::quant::simd::Isa>(self) {
         const BLOCK: usize = 256;
         let mut idx = [0u32; BLOCK];
         let top = (self.counts.len() - 1) as f32;

@@ -381,7 +381,7 @@ fn run_chunk_dispatch<I, O, K: RunKernel<I, O>>(
     impl<I, O, K: RunKernel<I, O>> super::simd::Kernel for Call<'_, '_, I, O, K> {
         type Output = ();
         #[inline(always)]
-        fn run(self) {
+        fn run<S: crate::quant::simd::Isa>(self) {
             run_chunk(self.k, self.lay, self.start, self.x, self.o, self.m)
         }
     }

@@ -2,7 +2,7 @@
 //! that candle itself uses, called with the weights in place), activations, residual layer
 //! norm and multi-head attention with masks. Rows are split over rayon's threads.
 use super::ce;
-use crate::quant::simd::{dispatch, Kernel};
+use crate::quant::simd::{dispatch, Isa, Kernel};
 use crate::{Error, Result};
 use candle_core::{CpuStorage, Device, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -148,22 +148,27 @@ pub fn linear(x: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) ->
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
-/// e^x to about 2 ulp (Cephes' polynomial); 0 below -87.3, +inf above 88.7.
+/// e^x to about 2 ulp (Cephes' polynomial); 0 below -87.3, +inf above 88.7. `S` says whether
+/// the polynomial's multiply-adds are fused (see `Isa`).
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
+pub fn exp<S: Isa>(x: f32) -> f32 {
     let xc = x.clamp(-87.3, 88.7);
     // Round to nearest with the 1.5 * 2^23 trick: `t`'s low mantissa bits then hold n as an
     // integer, which builds 2^n without a float-to-int conversion (all of it vectorizes).
-    let t = xc * std::f32::consts::LOG2_E + 12_582_912.0;
+    let t = S::fma(xc, std::f32::consts::LOG2_E, 12_582_912.0);
     let n = t - 12_582_912.0;
-    let r = xc - n * LN2_HI - n * LN2_LO;
+    let r = S::fma(-n, LN2_LO, S::fma(-n, LN2_HI, xc));
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = S::fma(p, r, c);
+    }
+    let y = S::fma(p, r * r, r) + 1.0;
     let two_n = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
     let v = y * two_n;
     // Selects, not branches, so that loops over slices vectorize.
@@ -175,31 +180,40 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// erf(x) with absolute error below 6e-7 in float32 (Abramowitz & Stegun 7.1.26, 1.5e-7 in
-/// exact arithmetic, with `exp` above).
+/// erf(x) with absolute error below 4e-7 in float32: `x P(x^2) / Q(x^2)` on [-4, 4] (beyond
+/// it erf is ±1 in float32), the rational approximation Eigen and XLA use. One division and
+/// no exponential: GELU's erf was a tenth of a BERT pass with the exp-based form.
 #[inline(always)]
-pub fn erf(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let far = 1.0 - poly * exp(-a * a);
-    // Near zero the Maclaurin series is exact to float32 (and keeps erf(0) = 0).
-    let a2 = a * a;
-    let near = a
-        * std::f32::consts::FRAC_2_SQRT_PI
-        * (1.0
-            + a2 * (-1.0 / 3.0
-                + a2 * (0.1 + a2 * (-1.0 / 42.0 + a2 * (1.0 / 216.0 - a2 / 1320.0)))));
-    let y = if a < 0.5 { near } else { far };
-    y.copysign(x)
+pub fn erf<S: Isa>(x: f32) -> f32 {
+    let (sat, x) = (1f32.copysign(x), x.clamp(-4.0, 4.0));
+    let x2 = x * x;
+    let mut p = -2.726_142_3e-10_f32;
+    for c in [
+        2.770_681_4e-8,
+        -2.101_024e-6,
+        -5.692_506_4e-5,
+        -7.349_906_3e-4,
+        -2.954_600_2e-3,
+        -1.609_603_3e-2,
+    ] {
+        p = S::fma(p, x2, c);
+    }
+    let mut q = -1.456_607_2e-5_f32;
+    for c in [-2.133_740_6e-4, -1.682_827e-3, -7.373_329e-3, -1.426_474e-2] {
+        q = S::fma(q, x2, c);
+    }
+    // From 3.92 on erf rounds to 1 in float32; the rational form is 1 ulp short there.
+    if x.abs() >= 3.92 {
+        sat
+    } else {
+        x * p / q
+    }
 }
 
 /// tanh(x) = 1 - 2 / (e^{2x} + 1), exact to a few ulp of 1 (absolute error ~1e-7).
 #[inline(always)]
-pub fn tanh(x: f32) -> f32 {
-    1.0 - 2.0 / (exp(2.0 * x) + 1.0)
+pub fn tanh<S: Isa>(x: f32) -> f32 {
+    1.0 - 2.0 / (exp::<S>(2.0 * x) + 1.0)
 }
 
 /// The activation functions of the runtime's layers.
@@ -232,17 +246,17 @@ impl Activation {
     /// generic function that LLVM may leave un-inlined, compiled for the baseline target
     /// instead of the caller's AVX2 (GELU ran 4 lanes wide, 4x slower, that way).
     #[inline(always)]
-    fn apply_slice(self, v: &mut [f32]) {
+    fn apply_slice<S: Isa>(self, v: &mut [f32]) {
         match self {
             Activation::Gelu => {
                 for x in v {
-                    *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2));
+                    *x = 0.5 * *x * (1.0 + erf::<S>(*x * std::f32::consts::FRAC_1_SQRT_2));
                 }
             }
             Activation::GeluTanh => {
                 for x in v {
                     let u = 0.797_884_6 * (*x + 0.044_715 * *x * *x * *x);
-                    *x = 0.5 * *x * (1.0 + tanh(u));
+                    *x = 0.5 * *x * (1.0 + tanh::<S>(u));
                 }
             }
             Activation::Relu => {
@@ -252,7 +266,7 @@ impl Activation {
             }
             Activation::Silu => {
                 for x in v {
-                    *x = *x / (1.0 + exp(-*x));
+                    *x = *x / (1.0 + exp::<S>(-*x));
                 }
             }
         }
@@ -277,8 +291,8 @@ struct ActKernel<'a> {
 impl Kernel for ActKernel<'_> {
     type Output = ();
     #[inline(always)]
-    fn run(self) {
-        self.act.apply_slice(self.v)
+    fn run<S: crate::quant::simd::Isa>(self) {
+        self.act.apply_slice::<S>(self.v)
     }
 }
 
@@ -294,7 +308,7 @@ struct SoftmaxRows<'a> {
 impl Kernel for SoftmaxRows<'_> {
     type Output = ();
     #[inline(always)]
-    fn run(self) {
+    fn run<S: crate::quant::simd::Isa>(self) {
         for (i, row) in self.scores.chunks_exact_mut(self.lk).enumerate() {
             if let Some(m) = self.bias {
                 for (x, b) in row.iter_mut().zip(m) {
@@ -305,7 +319,7 @@ impl Kernel for SoftmaxRows<'_> {
                 let from = (i + off + 1).min(self.lk);
                 row[from..].fill(f32::NEG_INFINITY);
             }
-            softmax_row(row);
+            softmax_row::<S>(row);
         }
     }
 }
@@ -341,7 +355,8 @@ fn max(x: &[f32]) -> f32 {
     acc.iter().fold(rest, |a, &b| if b > a { b } else { a })
 }
 
-/// `LayerNorm(x [+ residual])` over rows of `h` features (two-pass mean and variance).
+/// `LayerNorm(x [+ residual])` over rows of `h` features (two-pass mean and variance). The
+/// sum is formed row by row inside the kernel, never stored, and the output written once.
 pub fn layer_norm(
     x: &[f32],
     residual: Option<&[f32]>,
@@ -351,27 +366,33 @@ pub fn layer_norm(
 ) -> Vec<f32> {
     let h = weight.len();
     assert!(h > 0 && x.len() % h == 0 && bias.len() == h);
-    let mut out = match residual {
-        Some(r) => {
-            assert_eq!(r.len(), x.len());
-            x.par_iter().zip(r.par_iter()).map(|(a, b)| a + b).collect()
-        }
-        None => x.to_vec(),
-    };
-    let per = rows_per_task(x.len() / h, h, 1 << 14);
-    out.par_chunks_mut(per * h).for_each(|block| {
+    if let Some(r) = residual {
+        assert_eq!(r.len(), x.len());
+    }
+    let mut out = Vec::<std::mem::MaybeUninit<f32>>::with_capacity(x.len());
+    // SAFETY: MaybeUninit needs no initialization.
+    unsafe { out.set_len(x.len()) };
+    let per = rows_per_task(x.len() / h, h, 1 << 14) * h;
+    out.par_chunks_mut(per).enumerate().for_each(|(i, out)| {
+        let at = i * per..i * per + out.len();
         dispatch(NormRows {
-            block,
+            x: &x[at.clone()],
+            residual: residual.map(|r| &r[at]),
+            out,
             weight,
             bias,
             eps,
         })
     });
-    out
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: NormRows wrote every element of every block; MaybeUninit<f32> has f32's layout.
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut f32, out.len(), out.capacity()) }
 }
 
 struct NormRows<'a> {
-    block: &'a mut [f32],
+    x: &'a [f32],
+    residual: Option<&'a [f32]>,
+    out: &'a mut [std::mem::MaybeUninit<f32>],
     weight: &'a [f32],
     bias: &'a [f32],
     eps: f32,
@@ -380,17 +401,40 @@ struct NormRows<'a> {
 impl Kernel for NormRows<'_> {
     type Output = ();
     #[inline(always)]
-    fn run(self) {
+    fn run<S: crate::quant::simd::Isa>(self) {
         let h = self.weight.len();
-        for row in self.block.chunks_exact_mut(h) {
+        let mut sum_row = vec![0f32; h];
+        for (r, (x, out)) in self
+            .x
+            .chunks_exact(h)
+            .zip(self.out.chunks_exact_mut(h))
+            .enumerate()
+        {
+            let row: &[f32] = match self.residual {
+                Some(res) => {
+                    for ((s, a), b) in sum_row.iter_mut().zip(x).zip(&res[r * h..(r + 1) * h]) {
+                        *s = a + b;
+                    }
+                    &sum_row
+                }
+                None => x,
+            };
             let mean = sum(row) / h as f32;
-            for v in row.iter_mut() {
-                *v -= mean;
+            let mut var = [0f32; 8];
+            let chunks = row.chunks_exact(8);
+            let mut tail = 0f32;
+            for v in chunks.remainder() {
+                tail += (v - mean) * (v - mean);
             }
-            let var = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            for c in chunks {
+                for i in 0..8 {
+                    var[i] += (c[i] - mean) * (c[i] - mean);
+                }
+            }
+            let var = (var.iter().sum::<f32>() + tail) / h as f32;
             let inv = 1.0 / (var + self.eps).sqrt();
-            for ((v, w), b) in row.iter_mut().zip(self.weight).zip(self.bias) {
-                *v = *v * inv * w + b;
+            for (((o, v), w), b) in out.iter_mut().zip(row).zip(self.weight).zip(self.bias) {
+                *o = std::mem::MaybeUninit::new((v - mean) * inv * w + b);
             }
         }
     }
@@ -398,10 +442,10 @@ impl Kernel for NormRows<'_> {
 
 /// Softmax of one row in place (max-subtracted).
 #[inline(always)]
-pub fn softmax_row(row: &mut [f32]) {
+pub fn softmax_row<S: Isa>(row: &mut [f32]) {
     let m = max(row);
     for v in row.iter_mut() {
-        *v = exp(*v - m);
+        *v = exp::<S>(*v - m);
     }
     let inv = 1.0 / sum(row);
     for v in row.iter_mut() {
@@ -438,6 +482,8 @@ pub fn attention(
         assert_eq!(m.len(), s.batch * s.lk);
     }
     let scale = 1.0 / (s.dim as f32).sqrt();
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = crate::quant::simd::simd_level() >= 2;
     let heads: Vec<Vec<f32>> = (0..s.batch * s.heads)
         .into_par_iter()
         .map(|task| {
@@ -445,6 +491,54 @@ pub fn attention(
             let qo = b * s.lq * h + hd * s.dim;
             let ko = b * s.lk * h + hd * s.dim;
             let mut scores = vec![0f32; s.lq * s.lk];
+            let mut ctx = vec![0f32; s.lq * s.dim];
+            let bias = mask.map(|m| &m[b * s.lk..(b + 1) * s.lk]);
+            let causal = causal.then(|| s.lk.saturating_sub(s.lq));
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // This head's keys transposed and its values, each row zero-padded to a whole
+                // number of vectors, so that the register tiles read whole vectors.
+                let (lkp, dp) = (s.lk.next_multiple_of(8), s.dim.next_multiple_of(8));
+                let mut kt = vec![0f32; s.dim * lkp];
+                let mut vp = vec![0f32; s.lk * dp];
+                // SAFETY: as for the products below.
+                unsafe { small_gemm::transpose(s.lk, s.dim, (&k[ko..], h), (&mut kt, lkp)) };
+                for (j, row) in vp.chunks_exact_mut(dp).enumerate() {
+                    row[..s.dim].copy_from_slice(&v[ko + j * h..][..s.dim]);
+                }
+                let qh = &q[qo..];
+                // SAFETY: the CPU has AVX2 and FMA; the operands' shapes are as stated.
+                unsafe {
+                    small_gemm::gemm(
+                        s.lq,
+                        s.lk,
+                        s.dim,
+                        (qh, h),
+                        (&kt, lkp),
+                        scale,
+                        (&mut scores, s.lk),
+                    );
+                }
+                dispatch(SoftmaxRows {
+                    scores: &mut scores,
+                    lk: s.lk,
+                    bias,
+                    causal,
+                });
+                // SAFETY: as above.
+                unsafe {
+                    small_gemm::gemm(
+                        s.lq,
+                        s.dim,
+                        s.lk,
+                        (&scores, s.lk),
+                        (&vp, dp),
+                        1.0,
+                        (&mut ctx, s.dim),
+                    );
+                }
+                return ctx;
+            }
             // SAFETY: q/k rows are h floats apart and this head's dim columns start at qo/ko,
             // all inside q and k (checked above); scores is (lq, lk).
             unsafe {
@@ -472,10 +566,9 @@ pub fn attention(
             dispatch(SoftmaxRows {
                 scores: &mut scores,
                 lk: s.lk,
-                bias: mask.map(|m| &m[b * s.lk..(b + 1) * s.lk]),
-                causal: causal.then(|| s.lk.saturating_sub(s.lq)),
+                bias,
+                causal,
             });
-            let mut ctx = vec![0f32; s.lq * s.dim];
             // SAFETY: as above for v; ctx is (lq, dim).
             unsafe {
                 gemm_into(
@@ -503,14 +596,179 @@ pub fn attention(
         })
         .collect();
     let mut out = vec![0f32; s.batch * s.lq * h];
-    for (task, ctx) in heads.iter().enumerate() {
-        let (b, hd) = (task / s.heads, task % s.heads);
-        for (i, row) in ctx.chunks_exact(s.dim).enumerate() {
-            let o = (b * s.lq + i) * h + hd * s.dim;
-            out[o..o + s.dim].copy_from_slice(row);
+    out.par_chunks_mut((s.lq * h).max(1))
+        .enumerate()
+        .for_each(|(b, dst)| {
+            for (hd, ctx) in heads[b * s.heads..(b + 1) * s.heads].iter().enumerate() {
+                for (i, row) in ctx.chunks_exact(s.dim).enumerate() {
+                    dst[i * h + hd * s.dim..][..s.dim].copy_from_slice(row);
+                }
+            }
+        });
+    out
+}
+
+/// Register-tiled float32 products for attention's many small matrices (one pair per batch
+/// and head, 128 x 128 x 32 in BERT-small): a general GEMM's packing and dispatch cost more
+/// than such a product itself.
+#[cfg(target_arch = "x86_64")]
+mod small_gemm {
+    use std::arch::x86_64::*;
+
+    /// Rows per register tile (6 x 16 accumulators, 2 vectors of `b` and a broadcast: 15 of
+    /// the 16 vector registers).
+    const MR: usize = 6;
+
+    /// `c[i * crs + j] = alpha * Σ_k a[i * ars + k] b[k * brs + j]` for `i < m`, `j < n`, from
+    /// `(slice, row stride)` operands; `b`'s rows must hold `n` rounded up to 8 readable columns
+    /// (zero padding).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gemm(
+        m: usize,
+        n: usize,
+        kc: usize,
+        (a, ars): (&[f32], usize),
+        (b, brs): (&[f32], usize),
+        alpha: f32,
+        (c, crs): (&mut [f32], usize),
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        let n8 = n.next_multiple_of(8);
+        // Every load and store below stays inside these bounds.
+        assert!(kc == 0 || (m - 1) * ars + kc <= a.len());
+        assert!(brs >= n8 && (kc == 0 || (kc - 1) * brs + n8 <= b.len()));
+        assert!(crs >= n && (m - 1) * crs + n <= c.len());
+        let mut j = 0;
+        while j < n {
+            let nv = if n - j > 8 { 2 } else { 1 };
+            let w = (n - j).min(8 * nv);
+            let mut i = 0;
+            while i < m {
+                let r = (m - i).min(MR);
+                let (ap, bp) = (a.as_ptr().add(i * ars), b.as_ptr().add(j));
+                let mut buf = [[0f32; 16]; MR];
+                macro_rules! run {
+                    ($($r:literal)*) => {
+                        match (r, nv) {
+                            $(($r, 2) => tile::<$r, 2>(ap, ars, bp, brs, kc, alpha, &mut buf),
+                              ($r, _) => tile::<$r, 1>(ap, ars, bp, brs, kc, alpha, &mut buf),)*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                run!(1 2 3 4 5 6);
+                for (rr, row) in buf.iter().take(r).enumerate() {
+                    c[(i + rr) * crs + j..][..w].copy_from_slice(&row[..w]);
+                }
+                i += r;
+            }
+            j += 8 * nv;
         }
     }
-    out
+
+    /// `dst[j * drs + i] = src[i * srs + j]` for `i < rows`, `j < cols`, in 8 x 8 blocks of
+    /// register shuffles (element by element, one of the two sides strides across cache lines
+    /// and the transpose cost a third as much as attention's products).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn transpose(
+        rows: usize,
+        cols: usize,
+        (src, srs): (&[f32], usize),
+        (dst, drs): (&mut [f32], usize),
+    ) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        // Every load and store below stays inside these bounds.
+        assert!(srs >= cols && (rows - 1) * srs + cols <= src.len());
+        assert!(drs >= rows && (cols - 1) * drs + rows <= dst.len());
+        let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+        for i in (0..r8).step_by(8) {
+            for j in (0..c8).step_by(8) {
+                let p = src.as_ptr().add(i * srs + j);
+                let r: [__m256; 8] = std::array::from_fn(|x| _mm256_loadu_ps(p.add(x * srs)));
+                // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves.
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let out = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                let q = dst.as_mut_ptr().add(j * drs + i);
+                for (x, v) in out.into_iter().enumerate() {
+                    _mm256_storeu_ps(q.add(x * drs), v);
+                }
+            }
+        }
+        // The edges, element by element.
+        for i in 0..rows {
+            let from = if i < r8 { c8 } else { 0 };
+            for j in from..cols {
+                dst[j * drs + i] = src[i * srs + j];
+            }
+        }
+    }
+
+    /// `R` rows by `8 NV` columns, accumulated over `kc` in registers, scaled into `buf`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // `acc[r][v]` reads best as the register block it is
+    unsafe fn tile<const R: usize, const NV: usize>(
+        a: *const f32,
+        ars: usize,
+        b: *const f32,
+        brs: usize,
+        kc: usize,
+        alpha: f32,
+        buf: &mut [[f32; 16]; MR],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); NV]; R];
+        for k in 0..kc {
+            let mut bv = [_mm256_setzero_ps(); NV];
+            for v in 0..NV {
+                bv[v] = _mm256_loadu_ps(b.add(k * brs + 8 * v));
+            }
+            for r in 0..R {
+                let av = _mm256_broadcast_ss(&*a.add(r * ars + k));
+                for v in 0..NV {
+                    acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+                }
+            }
+        }
+        let al = _mm256_set1_ps(alpha);
+        for r in 0..R {
+            for v in 0..NV {
+                _mm256_storeu_ps(buf[r][8 * v..].as_mut_ptr(), _mm256_mul_ps(acc[r][v], al));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -540,78 +798,112 @@ mod tests {
 
     #[test]
     fn exp_erf_tanh_are_accurate() {
-        let mut worst = (0f64, 0f64, 0f64);
-        for i in -200_000..=200_000 {
-            let x = i as f32 * 1e-3;
-            if x.abs() < 87.0 {
-                let e = (x as f64).exp();
-                worst.0 = worst.0.max(((exp(x) as f64) - e).abs() / e);
+        use crate::quant::simd::{NoFma, WithFma};
+        fn check<S: Isa>() {
+            let mut worst = (0f64, 0f64, 0f64);
+            for i in -200_000..=200_000 {
+                let x = i as f32 * 1e-3;
+                if x.abs() < 87.0 {
+                    let e = (x as f64).exp();
+                    worst.0 = worst.0.max(((exp::<S>(x) as f64) - e).abs() / e);
+                }
+                worst.1 = worst.1.max((erf::<S>(x) as f64 - erf64(x as f64)).abs());
+                worst.2 = worst.2.max((tanh::<S>(x) as f64 - (x as f64).tanh()).abs());
             }
-            worst.1 = worst.1.max((erf(x) as f64 - erf64(x as f64)).abs());
-            worst.2 = worst.2.max((tanh(x) as f64 - (x as f64).tanh()).abs());
+            // Near zero erf is relative: erf(x) ~ 2x / sqrt(pi).
+            for i in 1..=2000 {
+                let x = i as f32 * 1e-7;
+                let want = erf64(x as f64);
+                assert!(
+                    ((erf::<S>(x) as f64 - want) / want).abs() < 1e-6,
+                    "erf({x})"
+                );
+                assert_eq!(erf::<S>(-x), -erf::<S>(x));
+            }
+            assert!(worst.0 < 4e-7, "exp rel err {}", worst.0);
+            assert!(worst.1 < 4e-7, "erf abs err {}", worst.1);
+            assert!(worst.2 < 3e-7, "tanh abs err {}", worst.2);
+            assert_eq!(exp::<S>(-100.0), 0.0);
+            assert_eq!(exp::<S>(100.0), f32::INFINITY);
+            assert_eq!(exp::<S>(f32::NEG_INFINITY), 0.0);
+            assert_eq!(erf::<S>(0.0), 0.0);
+            assert_eq!(erf::<S>(10.0), 1.0);
+            assert_eq!(erf::<S>(f32::NEG_INFINITY), -1.0);
         }
-        assert!(worst.0 < 4e-7, "exp rel err {}", worst.0);
-        assert!(worst.1 < 6e-7, "erf abs err {}", worst.1);
-        assert!(worst.2 < 3e-7, "tanh abs err {}", worst.2);
-        assert_eq!(exp(-100.0), 0.0);
-        assert_eq!(exp(100.0), f32::INFINITY);
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(erf(0.0), 0.0);
-        assert_eq!(erf(10.0), 1.0);
+        check::<NoFma>();
+        check::<WithFma>();
     }
 
-    #[test]
-    fn attention_matches_naive() {
-        let s = AttnShape {
-            batch: 2,
-            lq: 5,
-            lk: 7,
-            heads: 3,
-            dim: 4,
-        };
-        let h = s.heads * s.dim;
+    fn check_attention(s: AttnShape) {
+        let (h, (lq, lk, dim)) = (s.heads * s.dim, (s.lq, s.lk, s.dim));
         let f = |n: usize, seed: usize| -> Vec<f32> {
             (0..n)
                 .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0) - 1.0)
                 .collect()
         };
-        let (q, k, v) = (f(2 * 5 * h, 1), f(2 * 7 * h, 2), f(2 * 7 * h, 3));
-        let mut mask = vec![0f32; 2 * 7];
-        mask[7 + 6] = f32::MIN;
+        let (q, k, v) = (
+            f(s.batch * lq * h, 1),
+            f(s.batch * lk * h, 2),
+            f(s.batch * lk * h, 3),
+        );
+        let mut mask = vec![0f32; s.batch * lk];
+        mask[s.batch * lk - 1] = f32::MIN;
         for causal in [false, true] {
             let out = attention(&q, &k, &v, s, Some(&mask), causal);
-            for b in 0..2 {
-                for hd in 0..3 {
-                    for i in 0..5 {
-                        let mut sc: Vec<f64> = (0..7)
+            for b in 0..s.batch {
+                for hd in 0..s.heads {
+                    for i in 0..lq {
+                        let mut sc: Vec<f64> = (0..lk)
                             .map(|j| {
-                                let d: f64 = (0..4)
+                                let d: f64 = (0..dim)
                                     .map(|c| {
-                                        q[(b * 5 + i) * h + hd * 4 + c] as f64
-                                            * k[(b * 7 + j) * h + hd * 4 + c] as f64
+                                        q[(b * lq + i) * h + hd * dim + c] as f64
+                                            * k[(b * lk + j) * h + hd * dim + c] as f64
                                     })
                                     .sum();
-                                let hidden = mask[b * 7 + j] < 0.0 || (causal && j > i + 2);
+                                let hidden = mask[b * lk + j] < 0.0
+                                    || (causal && j > i + lk.saturating_sub(lq));
                                 if hidden {
                                     f64::NEG_INFINITY
                                 } else {
-                                    d / 2.0
+                                    d / (dim as f64).sqrt()
                                 }
                             })
                             .collect();
                         let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                         sc.iter_mut().for_each(|x| *x = (*x - m).exp());
                         let z: f64 = sc.iter().sum();
-                        for c in 0..4 {
-                            let want: f64 = (0..7)
-                                .map(|j| sc[j] / z * v[(b * 7 + j) * h + hd * 4 + c] as f64)
+                        for c in 0..dim {
+                            let want: f64 = (0..lk)
+                                .map(|j| sc[j] / z * v[(b * lk + j) * h + hd * dim + c] as f64)
                                 .sum();
-                            let got = out[(b * 5 + i) * h + hd * 4 + c] as f64;
-                            assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+                            let got = out[(b * lq + i) * h + hd * dim + c] as f64;
+                            assert!((got - want).abs() < 2e-6, "{s:?} {got} vs {want}");
                         }
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn attention_matches_naive() {
+        // Partial register tiles in both directions, one-vector and padded columns, and BERT's
+        // head shape.
+        for (batch, lq, lk, heads, dim) in [
+            (2, 5, 7, 3, 4),
+            (1, 13, 37, 2, 20),
+            (2, 17, 9, 1, 8),
+            (1, 1, 40, 2, 24),
+            (2, 32, 32, 2, 32),
+        ] {
+            check_attention(AttnShape {
+                batch,
+                lq,
+                lk,
+                heads,
+                dim,
+            });
         }
     }
 
