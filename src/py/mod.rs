@@ -115,7 +115,10 @@ pub(crate) fn detach<T: Send>(
     py: Python<'_>,
     f: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
-    match py.detach(|| std::panic::catch_unwind(AssertUnwindSafe(f))) {
+    // On a rayon worker, so the kernels' parallel loops inside `f` are pushed onto its own
+    // deque instead of each being injected into the pool from outside and waited for (a
+    // cross-thread wake-up per loop, which dominates a small model's forward pass).
+    match py.detach(|| rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(f)))) {
         Ok(r) => r.map_err(to_pyerr),
         Err(p) => {
             let msg = p
