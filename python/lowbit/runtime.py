@@ -106,7 +106,9 @@ class BertEncoder:
 
     def embed(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> Any:
         """Sentence embeddings: the mean of the hidden states over unmasked tokens, L2-normalised
-        (sentence-transformers' mean pooling), float32 (batch, hidden)."""
+        (sentence-transformers' mean pooling), float32 (batch, hidden). Trailing columns that
+        no row attends to are not computed, so a batch padded far beyond its longest text costs
+        what its longest text costs."""
         out = self._core.embed(*self._inputs(input_ids, attention_mask, token_type_ids))
         if _is_tensor(input_ids):
             import torch
@@ -281,7 +283,8 @@ class MultiTaskModel:
 
     def embed_texts(self, ids: Any, mask: Any = None) -> Any:
         """Text embeddings of token ids (and mask), or of a list of strings (tokenized as
-        :meth:`encode_texts`)."""
+        :meth:`encode_texts`). Like :meth:`vqa`'s question encoder, the text tower skips the
+        trailing columns no row attends to (``record=True`` runs them all)."""
         if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], str):
             ids, mask = self.encode_texts(ids)
         return self.forward(None, "text", ids, mask)

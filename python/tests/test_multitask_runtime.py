@@ -98,6 +98,34 @@ def test_default_masks_follow_padding(vlm):
         torch.testing.assert_close(runtime(inputs[task].get("images"), task, ids), ref, rtol=0, atol=1e-5)
 
 
+def test_padding_columns_are_skipped_exactly(vlm):
+    # Without record=True the text tower and the question encoder skip the trailing columns
+    # that no row attends to; with it every column runs (each layer at its torch shape).
+    model, path = vlm
+    runtime = MultiTaskModel.load(path)
+    c = model.config
+    images = task_inputs(model, seed=4)["ocr"]["images"]
+    for task, n in (("text", c.max_text_len), ("vqa", c.max_question_len)):
+        g = torch.Generator().manual_seed(n)
+        ids = torch.randint(5, c.vocab_size, (3, n), generator=g)
+        mask = torch.zeros_like(ids)
+        mask[0, :4], mask[1, [0, 1, 3]], mask[2, :2] = 1, 1, 1
+        imgs = None if task == "text" else images
+        with torch.no_grad():
+            ref = model(imgs, task, ids, mask)
+        got = runtime(imgs, task, ids, mask)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+        recorded, _ = runtime.forward(imgs, task, ids, mask, record=True)
+        torch.testing.assert_close(got, recorded, rtol=0, atol=1e-6)
+        bad = ids.clone()
+        bad[1, -1] = c.vocab_size
+        with pytest.raises(lowbit.LowbitValueError, match="vocabulary"):
+            runtime(imgs, task, bad, mask)
+        mask[2, -1] = 2
+        with pytest.raises(lowbit.LowbitValueError, match="0 and 1"):
+            runtime(imgs, task, ids, mask)
+
+
 def test_decoding_matches_torch(vlm):
     model, path = vlm
     runtime = MultiTaskModel.load(path)

@@ -86,6 +86,31 @@ def test_embed_is_mean_pooled_and_normalised(tmp_path):
     assert np.allclose(np.linalg.norm(got.numpy(), axis=1), 1, atol=1e-6)
 
 
+def test_embed_skips_only_columns_nobody_attends_to(tmp_path):
+    # Every row padded on the right (the trailing columns no row attends to are not computed),
+    # a hole inside a row, and a row of padding only: the same embeddings as transformers.
+    model, path = make(tmp_path, seed=5)
+    enc = BertEncoder.load(path)
+    ids, _, tt = inputs(4, 20, seed=5)
+    mask = torch.zeros_like(ids)
+    mask[0, :9], mask[1, :4], mask[2, [0, 1, 5, 6, 7]] = 1, 1, 1
+    with torch.no_grad():
+        h = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    m = mask[..., None].float()
+    ref = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
+    got = enc.embed(ids, mask, tt)
+    torch.testing.assert_close(got[:3], ref[:3], rtol=0, atol=1e-5)
+    assert torch.isfinite(got).all()
+    # What the skipped columns hold is still checked.
+    bad = ids.clone()
+    bad[0, -1] = 257
+    with pytest.raises(lowbit.LowbitValueError, match="vocabulary"):
+        enc.embed(bad, mask)
+    tt[1, -1] = 3
+    with pytest.raises(lowbit.LowbitValueError, match="token_type_ids"):
+        enc.embed(ids, mask, tt)
+
+
 def test_loads_task_checkpoints_and_single_files(tmp_path):
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -1,14 +1,14 @@
 //! A BERT text encoder (post-LayerNorm, absolute positions, token types) that loads Hugging Face
 //! `BertModel` checkpoints and matches `transformers` to float32 rounding.
 use super::layers::{
-    l2_normalize, mask_bias, mean_pool, to_vec, Activation, Embedding, LayerNorm, Linear,
+    l2_normalize, mask_bias, mean_pool, to_vec, used_len, Activation, Embedding, LayerNorm, Linear,
     MultiHeadAttention, WeightMode,
 };
 use super::weights::Weights;
 use super::{ce, Record, Recorder};
 use crate::{ensure, Error, Result};
 use candle_core::Tensor;
-use ndarray::{Array2, ArrayView2};
+use ndarray::{s, Array2, ArrayView2};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -355,11 +355,23 @@ impl BertEncoder {
         mask: ArrayView2<'_, i64>,
         types: Option<ArrayView2<'_, i64>>,
     ) -> Result<Array2<f32>> {
-        let hs = self.forward(ids, mask, types, None)?;
-        let (b, _) = ids.dim();
-        let mask_v: Vec<i64> = mask.iter().copied().collect();
-        let e = l2_normalize(&mean_pool(&hs, Some(&mask_v))?)?;
+        let e = l2_normalize(&self.mean_hidden(ids, mask, types)?)?;
         let h = self.config.hidden_size;
-        Ok(Array2::from_shape_vec((b, h), to_vec(&e)?).expect("b x hidden"))
+        Ok(Array2::from_shape_vec((ids.nrows(), h), to_vec(&e)?).expect("b x hidden"))
+    }
+
+    /// The last hidden state averaged over the unmasked tokens (batch, hidden), without
+    /// computing the trailing columns no row attends to (see `used_len`).
+    pub fn mean_hidden(
+        &self,
+        ids: ArrayView2<'_, i64>,
+        mask: ArrayView2<'_, i64>,
+        types: Option<ArrayView2<'_, i64>>,
+    ) -> Result<Tensor> {
+        self.check_inputs(&ids, &mask, types.as_ref())?;
+        let l = s![.., ..used_len(mask)];
+        let mask = mask.slice(l);
+        let hs = self.forward(ids.slice(l), mask, types.map(|t| t.slice_move(l)), None)?;
+        mean_pool(&hs, Some(&mask.iter().copied().collect::<Vec<_>>()))
     }
 }

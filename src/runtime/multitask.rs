@@ -5,15 +5,15 @@
 //! model's `named_modules()`.
 use super::bert::{BertConfig, BertEncoder};
 use super::layers::{
-    l2_normalize, mask_bias, mean_pool, to_vec, Activation, Conv2d, Embedding, LayerNorm, Linear,
-    MultiHeadAttention, WeightMode,
+    l2_normalize, mask_bias, mean_pool, to_vec, used_len, Activation, Conv2d, Embedding, LayerNorm,
+    Linear, MultiHeadAttention, WeightMode,
 };
 use super::ops::tensor;
 use super::weights::Weights;
 use super::{ce, Record, Recorder};
 use crate::{ensure, Error, Result};
 use candle_core::Tensor;
-use ndarray::{Array2, ArrayView2, ArrayView4, CowArray, Ix2};
+use ndarray::{s, Array2, ArrayView2, ArrayView4, CowArray, Ix2};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -385,6 +385,38 @@ struct Decoder {
 }
 
 impl Decoder {
+    /// Checks `ids` against the vocabulary and the position table, and `mask` against `ids`.
+    fn check(&self, ids: ArrayView2<'_, i64>, mask: Option<ArrayView2<'_, i64>>) -> Result<()> {
+        let (b, l) = ids.dim();
+        ensure!(b > 0 && l > 0, "ids are empty: shape ({b}, {l})");
+        ensure!(
+            l <= self.pos.rows,
+            "{l} tokens exceed the maximum of {}",
+            self.pos.rows
+        );
+        if let Some(bad) = ids
+            .iter()
+            .find(|&&i| i < 0 || i as usize >= self.embed.rows)
+        {
+            return Err(Error::value(format!(
+                "ids contain {bad}, outside the vocabulary 0..{}",
+                self.embed.rows
+            )));
+        }
+        if let Some(m) = mask {
+            ensure!(
+                m.dim() == (b, l),
+                "mask has shape {:?}, ids ({b}, {l})",
+                m.dim()
+            );
+            ensure!(
+                m.iter().all(|&v| v == 0 || v == 1),
+                "mask must contain only 0 and 1"
+            );
+        }
+        Ok(())
+    }
+
     /// The normed hidden states (batch, len, width) of `ids` attending to the image tokens.
     fn hidden(
         &self,
@@ -394,41 +426,12 @@ impl Decoder {
         causal: bool,
         rec: &mut Recorder<'_>,
     ) -> Result<Tensor> {
+        self.check(ids, mask)?;
         let (b, l) = ids.dim();
         let (bt, _, _) = tokens.dims3().map_err(ce)?;
-        ensure!(b > 0 && l > 0, "ids are empty: shape ({b}, {l})");
         ensure!(b == bt, "ids have batch {b} but the images batch {bt}");
-        ensure!(
-            l <= self.pos.rows,
-            "{l} tokens exceed the maximum of {}",
-            self.pos.rows
-        );
         let ids_v: Vec<i64> = ids.iter().copied().collect();
-        if let Some(bad) = ids_v
-            .iter()
-            .find(|&&i| i < 0 || i as usize >= self.embed.rows)
-        {
-            return Err(Error::value(format!(
-                "ids contain {bad}, outside the vocabulary 0..{}",
-                self.embed.rows
-            )));
-        }
-        let bias = match mask {
-            Some(m) => {
-                ensure!(
-                    m.dim() == (b, l),
-                    "mask has shape {:?}, ids ({b}, {l})",
-                    m.dim()
-                );
-                let m: Vec<i64> = m.iter().copied().collect();
-                ensure!(
-                    m.iter().all(|&v| v == 0 || v == 1),
-                    "mask must contain only 0 and 1"
-                );
-                Some(mask_bias(&m))
-            }
-            None => None,
-        };
+        let bias = mask.map(|m| mask_bias(&m.iter().copied().collect::<Vec<_>>()));
         let e = self.embed.forward(&ids_v, &[b, l])?;
         let name = self.name;
         rec.add(|| format!("{name}.embed"), &e);
@@ -630,9 +633,21 @@ impl MultiTaskModel {
     ) -> Result<Tensor> {
         let mut rec = Recorder(record);
         let mask = self.mask_or_default(ids, mask);
-        let h = self
-            .vqa_head
-            .hidden(tokens, ids, Some(mask.view()), false, &mut rec)?;
+        // Only the first token is read: the columns no question attends to are skipped (see
+        // `used_len`) unless every layer is recorded at its torch module's shape.
+        self.vqa_head.check(ids, Some(mask.view()))?;
+        let l = if rec.is_on() {
+            ids.ncols()
+        } else {
+            used_len(mask.view())
+        };
+        let h = self.vqa_head.hidden(
+            tokens,
+            ids.slice(s![.., ..l]),
+            Some(mask.slice(s![.., ..l])),
+            false,
+            &mut rec,
+        )?;
         let first = h.narrow(1, 0, 1).and_then(|t| t.squeeze(1)).map_err(ce)?;
         let y = self.vqa_head.head.forward(&first)?;
         rec.add(|| "vqa_head.head".into(), &y);
@@ -657,15 +672,22 @@ impl MultiTaskModel {
         record: Option<&mut Record>,
     ) -> Result<Tensor> {
         let mask = self.mask_or_default(ids, mask);
-        let mut inner = record.as_ref().map(|_| Record::new());
-        let h = self.text.forward(ids, mask.view(), None, inner.as_mut())?;
         let mut rec = Recorder(record);
-        for (name, t) in inner.into_iter().flatten() {
-            rec.add(|| format!("{TEXT}{name}"), &t);
-        }
-        rec.add(|| TEXT.trim_end_matches('.').into(), &h);
-        let m: Vec<i64> = mask.iter().copied().collect();
-        let y = self.text_proj.forward(&mean_pool(&h, Some(&m))?)?;
+        let pooled = if rec.is_on() {
+            // Every column, so that each recorded layer has its torch module's shape.
+            let mut inner = Record::new();
+            let h = self
+                .text
+                .forward(ids, mask.view(), None, Some(&mut inner))?;
+            for (name, t) in inner {
+                rec.add(|| format!("{TEXT}{name}"), &t);
+            }
+            rec.add(|| TEXT.trim_end_matches('.').into(), &h);
+            mean_pool(&h, Some(&mask.iter().copied().collect::<Vec<_>>()))?
+        } else {
+            self.text.mean_hidden(ids, mask.view(), None)?
+        };
+        let y = self.text_proj.forward(&pooled)?;
         rec.add(|| "retrieval.text_proj".into(), &y);
         l2_normalize(&y)
     }
