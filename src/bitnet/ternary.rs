@@ -516,7 +516,9 @@ mod panels {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let (m, nc) = dst.dim();
-        let kp = ctx.w.kp;
+        // Panels stop at k rounded up to a step of four inputs, not at the packing's block
+        // (for k = 96 that is 96 codes instead of 128).
+        let kp = ctx.w.k.next_multiple_of(4);
         let np = nc.div_ceil(NR);
         SCRATCH.with_borrow_mut(|panels| {
             panels.resize(np * NR * kp, 0);
@@ -562,9 +564,11 @@ mod panels {
         });
     }
 
-    /// The panel of columns `c0 .. c0 + 16` (columns past the matrix get code 0).
+    /// The panel of columns `c0 .. c0 + 16` (columns past the matrix get code 0), its first
+    /// `panel.len() / 16` inputs.
     fn unpack(w: &TernaryMatrix, c0: usize, panel: &mut [u8]) {
         let (kp, wrow) = (w.kp, w.kp / 4);
+        let steps = panel.len() / (4 * NR);
         let mut row = vec![1u8; kp];
         for j in 0..NR {
             let c = c0 + j;
@@ -581,7 +585,7 @@ mod panels {
             } else {
                 row.fill(1);
             }
-            for (s, four) in row.chunks_exact(4).enumerate() {
+            for (s, four) in row.chunks_exact(4).take(steps).enumerate() {
                 panel[s * 4 * NR + 4 * j..s * 4 * NR + 4 * j + 4].copy_from_slice(four);
             }
         }
@@ -787,6 +791,10 @@ mod tests {
             (23, 65, 1000),
             (200, 5, 384),
             (97, 100, 257),
+            // Panels cut at k rounded up to 4, not at the 128-wide packing block.
+            (40, 40, 96),
+            (37, 20, 6),
+            (33, 18, 2),
         ] {
             let w = codes(n, k, 1);
             let t = TernaryMatrix::from_codes(w.view()).unwrap();

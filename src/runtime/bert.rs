@@ -4,6 +4,7 @@ use super::layers::{
     l2_normalize, mask_bias, mean_pool, to_vec, used_len, Activation, Embedding, LayerNorm, Linear,
     MultiHeadAttention, WeightMode,
 };
+use super::ops::add;
 use super::weights::Weights;
 use super::{ce, Record, Recorder};
 use crate::{ensure, Error, Result};
@@ -317,9 +318,7 @@ impl BertEncoder {
         let words = self.word.forward(&ids_v, &[b, l])?;
         let toks = self.tok.forward(&types_v, &[b, l])?;
         let pos = self.pos.first(l)?;
-        let x = (words + toks)
-            .and_then(|s| s.broadcast_add(&pos))
-            .map_err(ce)?;
+        let x = add(&add(&words, &toks)?, &pos)?;
         let mut x = self.emb_ln.forward(&x)?;
         let mut rec = Recorder(record);
         rec.add(|| "embeddings".into(), &x);

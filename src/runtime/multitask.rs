@@ -8,7 +8,7 @@ use super::layers::{
     l2_normalize, mask_bias, mean_pool, to_vec, used_len, Activation, Conv2d, Embedding, LayerNorm,
     Linear, MultiHeadAttention, WeightMode,
 };
-use super::ops::tensor;
+use super::ops::{add, tensor};
 use super::weights::Weights;
 use super::{ce, Record, Recorder};
 use crate::{ensure, Error, Result};
@@ -232,10 +232,6 @@ impl std::str::FromStr for Task {
             }
         })
     }
-}
-
-fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.broadcast_add(b).map_err(ce)
 }
 
 /// Everything the model builds its layers with.

@@ -6,6 +6,7 @@ use crate::quant::simd::{dispatch, Isa, Kernel};
 use crate::{Error, Result};
 use candle_core::{CpuStorage, Device, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Calls `f` with the float32 elements of `t` in row-major order (copying only when `t` is a
 /// strided view).
@@ -32,6 +33,55 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 /// A CPU tensor owning `v` (no copy).
 pub fn tensor(v: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu).map_err(ce)
+}
+
+/// `a + b` with `b` broadcast over the leading dimensions of `a` (its shape a suffix of
+/// `a`'s, leading ones allowed): residual connections and position tables. On rayon's threads,
+/// not candle's: candle's own pool spins for a while after each large elementwise op, on a
+/// core the next of our kernels wants.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (da, db) = (a.dims(), b.dims());
+    let lead = db.iter().take_while(|&&d| d == 1).count();
+    let rest = &db[lead..];
+    if rest.len() > da.len() || da[da.len() - rest.len()..] != *rest {
+        return Err(Error::value(format!(
+            "cannot add a tensor of shape {db:?} to one of shape {da:?}"
+        )));
+    }
+    let out = with_f32(a, |xs| {
+        with_f32(b, |ys| {
+            let mut out = uninit(xs.len());
+            if !ys.is_empty() {
+                let per = rows_per_task(xs.len() / ys.len(), ys.len(), 1 << 14) * ys.len();
+                out.par_chunks_mut(per)
+                    .zip(xs.par_chunks(per))
+                    .for_each(|(o, x)| {
+                        for ((o, x), y) in o.iter_mut().zip(x).zip(ys.iter().cycle()) {
+                            *o = MaybeUninit::new(x + y);
+                        }
+                    });
+            }
+            // SAFETY: every element was written (`ys` is empty only when `xs` is).
+            unsafe { assume_init(out) }
+        })
+    })??;
+    tensor(out, a.shape().clone())
+}
+
+/// A vector of `n` floats to be written before it is read (no memset).
+fn uninit(n: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit needs no initialization.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// # Safety
+/// Every element of `v` must have been written.
+unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: initialized (the caller's promise); MaybeUninit<f32> has f32's layout.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut f32, v.len(), v.capacity()) }
 }
 
 /// Rows per rayon task so that each task has at least `grain` elements of work.
@@ -369,9 +419,7 @@ pub fn layer_norm(
     if let Some(r) = residual {
         assert_eq!(r.len(), x.len());
     }
-    let mut out = Vec::<std::mem::MaybeUninit<f32>>::with_capacity(x.len());
-    // SAFETY: MaybeUninit needs no initialization.
-    unsafe { out.set_len(x.len()) };
+    let mut out = uninit(x.len());
     let per = rows_per_task(x.len() / h, h, 1 << 14) * h;
     out.par_chunks_mut(per).enumerate().for_each(|(i, out)| {
         let at = i * per..i * per + out.len();
@@ -384,15 +432,14 @@ pub fn layer_norm(
             eps,
         })
     });
-    let mut out = std::mem::ManuallyDrop::new(out);
-    // SAFETY: NormRows wrote every element of every block; MaybeUninit<f32> has f32's layout.
-    unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut f32, out.len(), out.capacity()) }
+    // SAFETY: NormRows wrote every element of every block.
+    unsafe { assume_init(out) }
 }
 
 struct NormRows<'a> {
     x: &'a [f32],
     residual: Option<&'a [f32]>,
-    out: &'a mut [std::mem::MaybeUninit<f32>],
+    out: &'a mut [MaybeUninit<f32>],
     weight: &'a [f32],
     bias: &'a [f32],
     eps: f32,
@@ -434,7 +481,7 @@ impl Kernel for NormRows<'_> {
             let var = (var.iter().sum::<f32>() + tail) / h as f32;
             let inv = 1.0 / (var + self.eps).sqrt();
             for (((o, v), w), b) in out.iter_mut().zip(row).zip(self.weight).zip(self.bias) {
-                *o = std::mem::MaybeUninit::new((v - mean) * inv * w + b);
+                *o = MaybeUninit::new((v - mean) * inv * w + b);
             }
         }
     }
@@ -794,6 +841,30 @@ mod tests {
             let erfc = (-a * a).exp() / (a + f) / std::f64::consts::PI.sqrt();
             (1.0 - erfc).copysign(x)
         }
+    }
+
+    #[test]
+    fn add_broadcasts_like_candle() {
+        let t = |n: usize, shape: &[usize]| {
+            tensor((0..n).map(|i| (i as f32 * 0.37).sin()).collect(), shape).unwrap()
+        };
+        let a = t(5 * 700 * 24, &[5, 700, 24]);
+        for b in [
+            t(5 * 700 * 24, &[5, 700, 24]),
+            t(700 * 24, &[1, 700, 24]),
+            t(700 * 24, &[700, 24]),
+            t(24, &[24]),
+        ] {
+            let want = a.broadcast_add(&b).unwrap();
+            let got = add(&a, &b).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(&got), flat(&want));
+        }
+        assert!(add(&a, &t(23, &[23])).is_err());
+        assert!(add(&a, &t(2 * 24, &[2, 1, 24])).is_err());
+        let empty = t(0, &[0, 24]);
+        assert_eq!(add(&empty, &t(24, &[24])).unwrap().dims(), &[0, 24]);
     }
 
     #[test]
