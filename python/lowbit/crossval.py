@@ -127,6 +127,10 @@ class Report:
         return ax
 
 
+#: Suffix of a recorded name that is the input the runtime fed that module, not its output.
+INPUT = ":input"
+
+
 def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu()
@@ -164,6 +168,7 @@ def compare(
     inputs: Mapping[str, Any],
     tolerances: Tolerances | None = None,
     mode: str = "inference",
+    isolate: bool = False,
 ) -> Report:
     """Run ``torch_module(**inputs)`` and ``runtime_model.forward(**inputs, record=True)`` and
     compare every layer the runtime records that is also a submodule of ``torch_module`` (by
@@ -171,6 +176,16 @@ def compare(
 
     ``mode="quantization"`` is for a quantized runtime against a torch model that simulates the
     same quantization (see :func:`simulate`).
+
+    A recorded name ending in ``":input"`` (``"vision.blocks.0.mlp.fc2:input"``) is the input
+    the runtime fed that module, compared with the one torch feeds it.
+
+    ``isolate=True`` feeds each torch layer what the runtime computed before it: every compared
+    module's output (and recorded input) is replaced, once caught, by the runtime's, so each
+    layer's error is its own and not what it inherits. With quantized activations this is the
+    check that matters: a float difference of one ulp before a quantizer can move a code by one
+    step, and end to end that step travels through every later layer. The ``"output"`` row then
+    compares only what follows the last recorded layer.
     """
     import torch
 
@@ -183,15 +198,46 @@ def compare(
     tol = tolerances or Tolerances()
     if not isinstance(inputs, Mapping) or not all(isinstance(k, str) for k in inputs):
         raise LowbitValueError("inputs must be a dict of keyword arguments for both models")
+    if not isinstance(isolate, bool):
+        raise LowbitTypeError(f"isolate must be True or False, got {isolate!r}")
     tol.tolerance("output", mode)  # checks mode before anything runs
     caught: dict[str, Any] = {}
     modules = dict(torch_module.named_modules())
     out, rec = runtime_model.forward(**inputs, record=True)
     hooks = []
+
+    def hook(name: str, o: Any) -> Any:
+        if name in caught:  # a module run twice: the runtime recorded its first call
+            return None
+        caught[name] = first = _first(o)
+        if not isolate or not isinstance(first, torch.Tensor):
+            return None
+        got = torch.as_tensor(_np(rec[name])).to(device=first.device, dtype=first.dtype)
+        if got.shape != first.shape:
+            return None
+        if isinstance(o, tuple):
+            return (got, *o[1:])
+        if isinstance(o, list):
+            return [got, *o[1:]]
+        return got if isinstance(o, torch.Tensor) else None
+
+    def pre_hook(name: str, args: tuple) -> Any:
+        # A name ending in ":input" is what the runtime fed that module (see INPUT).
+        if name in caught or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        caught[name] = x = args[0]
+        got = torch.as_tensor(_np(rec[name])).to(device=x.device, dtype=x.dtype)
+        return (got, *args[1:]) if isolate and got.shape == x.shape else None
+
     for name in rec:
-        if name in modules:
-            hooks.append(modules[name].register_forward_hook(
-                lambda m, a, o, name=name: caught.__setitem__(name, _first(o))))
+        base = name.removesuffix(INPUT)
+        if base != name and base in modules:
+            # First in line: the input as it reaches the module, before its own pre-hooks (the
+            # activation quantizer of simulate(act_bits=...), say) see it.
+            hooks.append(modules[base].register_forward_pre_hook(lambda m, a, name=name: pre_hook(name, a),
+                                                                 prepend=True))
+        elif name in modules:
+            hooks.append(modules[name].register_forward_hook(lambda m, a, o, name=name: hook(name, o)))
     try:
         with torch.no_grad():
             ref_out = _first(torch_module(**inputs))
@@ -211,10 +257,11 @@ def assert_close(
     inputs: Mapping[str, Any],
     tolerances: Tolerances | None = None,
     mode: str = "inference",
+    isolate: bool = False,
 ) -> Report:
     """:func:`compare`, raising ``AssertionError`` that names the first layer over tolerance
     and its numbers (for pytest)."""
-    r = compare(torch_module, runtime_model, inputs, tolerances, mode)
+    r = compare(torch_module, runtime_model, inputs, tolerances, mode, isolate)
     f = r.first_failure
     if f is not None:
         raise AssertionError(

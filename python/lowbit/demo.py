@@ -127,7 +127,9 @@ def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = 1500, qat_step
         size = models.save(src, path, weights=fmt)["bytes"]
         rt = MultiTaskModel.load(path)
         # Cross-validation: the float runtime against PyTorch (1e-4), and the runtime quantizing
-        # at load time against PyTorch simulating the same quantization (fake-quant).
+        # at load time against PyTorch simulating the same quantization (fake-quant), each layer
+        # on the runtime's own input (a one-ulp difference before an int8 activation quantizer
+        # moves a code by a step, which end to end every later layer would inherit).
         if fmt == "f32":
             reports = {t: crossval.compare(src, rt, inp) for t, inp in inputs.items()}
         elif fmt in ("int8", "int4", "ternary"):
@@ -135,7 +137,8 @@ def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = 1500, qat_step
             models.save(src, latent)
             sim_rt = MultiTaskModel.load(latent, weights=fmt)
             sim = crossval.simulate(src, fmt, exclude=())
-            reports = {t: crossval.compare(sim, sim_rt, inp, mode="quantization") for t, inp in inputs.items()}
+            reports = {t: crossval.compare(sim, sim_rt, inp, mode="quantization", isolate=True)
+                       for t, inp in inputs.items()}
             latent.unlink()
         else:  # the runtime has no load-time int2 mode to compare with
             reports = {}
@@ -171,8 +174,8 @@ def _verdict(reports: dict[str, Any]) -> str:
     bad = {t: r for t, r in reports.items() if not r.passed}
     if not bad:
         return "pass"
-    sqnr = min(r.layers[-1].sqnr_db for r in reports.values())
-    return f"FAIL {len(bad)}/{len(reports)} (out >= {sqnr:.0f} dB)"
+    sqnr = min(layer.sqnr_db for r in reports.values() for layer in r.layers)
+    return f"FAIL {len(bad)}/{len(reports)} (SQNR >= {sqnr:.0f} dB)"
 
 
 class _AllTasks:

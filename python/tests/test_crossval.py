@@ -53,6 +53,10 @@ def test_fake_quant_simulation_predicts_the_deployed_model(bert, weights, act_bi
     tol = cv.Tolerances(quantization=1e-5 if act_bits is None else 2e-4)
     r = cv.assert_close(cv.simulate(model, weights, act_bits=act_bits), runtime, inputs, tol, mode="quantization")
     assert all(layer.sqnr_db > 100 for layer in r.layers)
+    # Each layer on the runtime's own input: no flip is inherited, the strict tolerance holds.
+    cv.assert_close(cv.simulate(model, weights, act_bits=act_bits), runtime, inputs, mode="quantization",
+                    isolate=True)
+    assert not cv.compare(model, runtime, inputs, mode="quantization", isolate=True).passed
     # Without the simulation the float model is far off: the check can fail.
     r = cv.compare(model, runtime, inputs, mode="quantization")
     assert not r.passed and r.first_failure.name == "encoder.layer.0.attention.self"
@@ -72,12 +76,18 @@ def test_the_first_departing_layer_is_named(bert):
     # A per-layer tolerance can accept a known difference.
     loose = cv.Tolerances(layers={n: 1.0 for n in [x.name for x in r.layers]})
     assert cv.compare(broken, BertEncoder.load(path), inputs, loose).passed
+    # Isolated, only the broken layer departs: every later layer is fed the runtime's input.
+    r = cv.compare(broken, BertEncoder.load(path), inputs, isolate=True)
+    assert [layer.name for layer in r.layers if not layer.passed] == ["encoder.layer.1.intermediate"]
+    assert len(r.layers) == len(cv.compare(model, BertEncoder.load(path), inputs).layers)
 
 
 def test_bad_arguments(bert):
     model, path, inputs = bert
     with pytest.raises(ValueError, match="mode must be"):
         cv.compare(model, BertEncoder.load(path), inputs, mode="exact")
+    with pytest.raises(TypeError, match="isolate must be"):
+        cv.compare(model, BertEncoder.load(path), inputs, isolate="yes")
     with pytest.raises(ValueError, match="weights must be"):
         cv.simulate(model, "int3")
     with pytest.raises(ValueError, match="dict of keyword"):

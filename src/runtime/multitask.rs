@@ -312,17 +312,26 @@ struct Attention {
 }
 
 impl Attention {
+    /// Records the context vectors as the input of `{name}.out` (see `INPUT`).
     fn forward(
         &self,
         x: &Tensor,
         ctx: Option<&Tensor>,
         key_bias: Option<&[f32]>,
         causal: bool,
+        name: impl FnOnce() -> String,
+        rec: &mut Recorder<'_>,
     ) -> Result<Tensor> {
-        self.out
-            .forward(&self.mha.forward(x, ctx, key_bias, causal)?)
+        let c = self.mha.forward(x, ctx, key_bias, causal)?;
+        rec.add(|| format!("{}.out{INPUT}", name()), &c);
+        self.out.forward(&c)
     }
 }
+
+/// Suffix of a recorded tensor that is the input of the named module, not its output: what
+/// the runtime fed a quantized layer after a step it does not record on its own (the
+/// attention context, the MLP's activation), for `lowbit.crossval`'s isolated comparison.
+pub const INPUT: &str = ":input";
 
 /// Pre-LayerNorm block: self-attention, optional cross-attention, GELU MLP.
 struct Block {
@@ -347,21 +356,23 @@ impl Block {
         let n = &self.name;
         let h = self.norm1.forward(x)?;
         rec.add(|| format!("{n}.norm1"), &h);
-        let a = self.attn.forward(&h, None, key_bias, causal)?;
+        let a = self
+            .attn
+            .forward(&h, None, key_bias, causal, || format!("{n}.attn"), rec)?;
         rec.add(|| format!("{n}.attn"), &a);
         let mut x = add(x, &a)?;
         if let (Some((norm, cross)), Some(ctx)) = (&self.cross, ctx) {
             let h = norm.forward(&x)?;
             rec.add(|| format!("{n}.norm_cross"), &h);
-            let c = cross.forward(&h, Some(ctx), None, false)?;
+            let c = cross.forward(&h, Some(ctx), None, false, || format!("{n}.cross"), rec)?;
             rec.add(|| format!("{n}.cross"), &c);
             x = add(&x, &c)?;
         }
         let h = self.norm2.forward(&x)?;
         rec.add(|| format!("{n}.norm2"), &h);
-        let m = self
-            .fc2
-            .forward(&self.fc1.forward_act(&h, Some(Activation::Gelu))?)?;
+        let f = self.fc1.forward_act(&h, Some(Activation::Gelu))?;
+        rec.add(|| format!("{n}.mlp.fc2{INPUT}"), &f);
+        let m = self.fc2.forward(&f)?;
         rec.add(|| format!("{n}.mlp"), &m);
         let x = add(&x, &m)?;
         rec.add(|| n.clone(), &x);
