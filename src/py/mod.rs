@@ -115,10 +115,7 @@ pub(crate) fn detach<T: Send>(
     py: Python<'_>,
     f: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
-    // On a rayon worker, so the kernels' parallel loops inside `f` are pushed onto its own
-    // deque instead of each being injected into the pool from outside and waited for (a
-    // cross-thread wake-up per loop, which dominates a small model's forward pass).
-    match py.detach(|| rayon::scope(|_| std::panic::catch_unwind(AssertUnwindSafe(f)))) {
+    match py.detach(|| std::panic::catch_unwind(AssertUnwindSafe(f))) {
         Ok(r) => r.map_err(to_pyerr),
         Err(p) => {
             let msg = p
@@ -131,6 +128,18 @@ pub(crate) fn detach<T: Send>(
             )))
         }
     }
+}
+
+/// `detach`, with `f` run on a rayon worker: the parallel loops inside it are pushed onto that
+/// worker's deque instead of each being injected into the pool from outside and waited for (a
+/// cross-thread wake-up per loop, which dominates a small model's forward pass). Only for `f`
+/// that holds no lock across a parallel loop: a worker waiting inside one can steal another
+/// call's job, and if that job wants the same lock the worker deadlocks on itself.
+pub(crate) fn detach_on_pool<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    detach(py, || rayon::scope(|_| f()))
 }
 
 #[pymodule]

@@ -1,5 +1,5 @@
 //! Bindings of `crate::runtime`. `lowbit.runtime` converts inputs and documents the API.
-use super::detach;
+use super::{detach, detach_on_pool};
 use crate::runtime::layers::WeightMode;
 use crate::runtime::{bert, multitask};
 use crate::runtime::{ce, Record};
@@ -35,7 +35,7 @@ fn recorded<'py>(
     record: bool,
     forward: impl FnOnce(Option<&mut Record>) -> crate::Result<Tensor> + Send,
 ) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyDict>>)> {
-    let (out, rec) = detach(py, || {
+    let (out, rec) = detach_on_pool(py, || {
         let mut rec = Record::new();
         let y = forward(record.then_some(&mut rec))?;
         Ok((to_array(&y)?, rec))
@@ -101,7 +101,7 @@ impl BertCore {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (ids, mask) = (input_ids.as_array(), attention_mask.as_array());
         let types = token_type_ids.as_ref().map(|t| t.as_array());
-        let e = detach(py, || self.0.embed(ids, mask, types))?;
+        let e = detach_on_pool(py, || self.0.embed(ids, mask, types))?;
         Ok(e.into_pyarray(py).into_any())
     }
 }
@@ -166,7 +166,7 @@ impl MultiTaskCore {
         beam: usize,
     ) -> PyResult<Vec<Vec<i64>>> {
         let images = images.as_array();
-        detach(py, || {
+        detach_on_pool(py, || {
             let tokens = self.0.image_tokens(images, None)?;
             self.0.caption(&tokens, max_len, beam)
         })
@@ -175,7 +175,7 @@ impl MultiTaskCore {
     /// Greedy CTC class indices per image (blanks dropped, repeats merged).
     fn ocr(&self, py: Python<'_>, images: PyReadonlyArray4<'_, f32>) -> PyResult<Vec<Vec<usize>>> {
         let images = images.as_array();
-        detach(py, || {
+        detach_on_pool(py, || {
             let tokens = self.0.image_tokens(images, None)?;
             multitask::ctc_greedy(&self.0.ocr_logits(&tokens, None)?)
         })
