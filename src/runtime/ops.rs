@@ -541,6 +541,14 @@ pub fn attention(
             let mut ctx = vec![0f32; s.lq * s.dim];
             let bias = mask.map(|m| &m[b * s.lk..(b + 1) * s.lk]);
             let causal = causal.then(|| s.lk.saturating_sub(s.lq));
+            let softmax = |scores: &mut [f32]| {
+                dispatch(SoftmaxRows {
+                    scores,
+                    lk: s.lk,
+                    bias,
+                    causal,
+                })
+            };
             #[cfg(target_arch = "x86_64")]
             if avx2 {
                 // This head's keys transposed and its values, each row zero-padded to a whole
@@ -566,12 +574,7 @@ pub fn attention(
                         (&mut scores, s.lk),
                     );
                 }
-                dispatch(SoftmaxRows {
-                    scores: &mut scores,
-                    lk: s.lk,
-                    bias,
-                    causal,
-                });
+                softmax(&mut scores);
                 // SAFETY: as above.
                 unsafe {
                     small_gemm::gemm(
@@ -610,12 +613,7 @@ pub fn attention(
                     gemm::Parallelism::None,
                 )
             };
-            dispatch(SoftmaxRows {
-                scores: &mut scores,
-                lk: s.lk,
-                bias,
-                causal,
-            });
+            softmax(&mut scores);
             // SAFETY: as above for v; ctx is (lq, dim).
             unsafe {
                 gemm_into(
