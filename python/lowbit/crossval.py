@@ -206,13 +206,16 @@ def compare(
     out, rec = runtime_model.forward(**inputs, record=True)
     hooks = []
 
+    def recorded_like(name: str, ref: Any) -> Any:
+        return torch.as_tensor(_np(rec[name])).to(device=ref.device, dtype=ref.dtype)
+
     def hook(name: str, o: Any) -> Any:
         if name in caught:  # a module run twice: the runtime recorded its first call
             return None
         caught[name] = first = _first(o)
         if not isolate or not isinstance(first, torch.Tensor):
             return None
-        got = torch.as_tensor(_np(rec[name])).to(device=first.device, dtype=first.dtype)
+        got = recorded_like(name, first)
         if got.shape != first.shape:
             return None
         if isinstance(o, tuple):
@@ -226,7 +229,7 @@ def compare(
         if name in caught or not args or not isinstance(args[0], torch.Tensor):
             return None
         caught[name] = x = args[0]
-        got = torch.as_tensor(_np(rec[name])).to(device=x.device, dtype=x.dtype)
+        got = recorded_like(name, x)
         return (got, *args[1:]) if isolate and got.shape == x.shape else None
 
     for name in rec:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -44,14 +43,10 @@ def _best_ms(fn: Callable[[], Any], repeat: int, budget_s: float = 0.3) -> float
     """Shortest call in ms, after one warm-up call: of ``repeat`` calls, or of as many as fit in
     ``budget_s`` when that is more (a call of a millisecond on a shared machine needs hundreds
     of tries before one runs undisturbed)."""
+    from lowbit.nas import _best_of
+
     fn()
-    best, calls, start = math.inf, 0, time.perf_counter()
-    while calls < repeat or time.perf_counter() - start < budget_s:
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-        calls += 1
-    return 1e3 * best
+    return 1e3 * _best_of(repeat, fn, budget_s)
 
 
 def _task_calls(model: Any, images: np.ndarray, questions: list[str], texts: list[str]) -> dict[str, Callable[[], Any]]:

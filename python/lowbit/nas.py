@@ -58,13 +58,15 @@ METRICS = ("latency_ms", "energy_mj", "flops", "params", "weight_bytes", "peak_a
 _HOST: DeviceProfile | None = None
 
 
-def _best_of(n: int, fn: Callable[[], Any]) -> float:
-    """Shortest wall time of ``n`` calls, seconds."""
-    best = math.inf
-    for _ in range(n):
+def _best_of(n: int, fn: Callable[[], Any], budget_s: float = 0.0) -> float:
+    """Shortest wall time of ``n`` calls, or of as many as fit in ``budget_s`` seconds when that
+    is more, seconds."""
+    best, calls, start = math.inf, 0, time.perf_counter()
+    while calls < n or time.perf_counter() - start < budget_s:
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
+        calls += 1
     return best
 
 

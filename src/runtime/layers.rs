@@ -491,8 +491,6 @@ impl Conv2d {
     }
 }
 
-/// Additive attention bias from a (batch, len) 0/1 key mask: 0 where 1, the most negative
-/// float where 0 (what transformers adds).
 /// The columns of a (batch, len) key mask up to the last one some row attends to (at least
 /// one). The trailing all-padding columns get weight exactly 0 in every row that attends to
 /// anything (`exp` of the most negative float is 0) and a query's output depends on no other
@@ -506,6 +504,8 @@ pub fn used_len(mask: ArrayView2<'_, i64>) -> usize {
         .map_or(1, |j| j + 1)
 }
 
+/// Additive attention bias from a (batch, len) 0/1 key mask: 0 where 1, the most negative
+/// float where 0 (what transformers adds).
 pub fn mask_bias(mask: &[i64]) -> Vec<f32> {
     mask.iter()
         .map(|&v| if v != 0 { 0.0 } else { f32::MIN })
