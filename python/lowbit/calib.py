@@ -26,6 +26,7 @@ round-trips through ``state_dict()`` / ``load_state_dict()`` and pickle.
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import numpy as np
@@ -97,7 +98,20 @@ class Observer:
         return x
 
     def qparams(self) -> tuple[Any, Any]:
-        """``(scale, zero_point)``: floats per tensor, float32 / int32 arrays per channel."""
+        """``(scale, zero_point)``: floats per tensor, float32 / int32 arrays per channel.
+
+        Before any data, like ``torch.ao``'s observers, it warns and returns the defaults
+        ``(1.0, 0)`` (per channel: one-element arrays ``[1.0]`` and ``[0]``)."""
+        if not self._core.observed:
+            warnings.warn(
+                f"{type(self).__name__}.qparams() called before the observer saw any data; "
+                "returning the default (scale 1.0, zero point 0), as torch.ao does",
+                UserWarning,
+                stacklevel=2,
+            )
+            if self._kind in ("per_channel", "per_channel_histogram"):
+                return np.ones(1, np.float32), np.zeros(1, np.int32)
+            return 1.0, 0
         return self._core.qparams()
 
     def merge(self, other: Observer) -> None:

@@ -128,8 +128,8 @@ def test_bad_batches_leave_state_intact(rng):
         assert obs.state_dict() == before
     with pytest.raises(lowbit.LowbitTypeError):
         lc.MinMaxObserver().update(np.ones(3, np.int32))
-    with pytest.raises(lowbit.LowbitValueError, match="no data"):
-        lc.HistogramObserver().qparams()
+    with pytest.warns(UserWarning, match="before the observer saw any data"):
+        assert lc.HistogramObserver().qparams() == (1.0, 0)
     with pytest.raises(lowbit.LowbitValueError, match="channels"):
         o = lc.PerChannelMinMaxObserver(0)
         o.update(np.ones((3, 2), np.float32))
@@ -225,3 +225,111 @@ def test_entropy_matches_the_published_algorithm(bits, rng):
     assert scale == want and zp == 0
     lo, hi = obs.clip_range()
     assert (lo, hi) == (-(2 ** (bits - 1)) * scale, (2 ** (bits - 1) - 1) * scale)
+
+
+def _degenerate_cases():
+    """Valid but degenerate calibration data: one-sided, constant, single values, tiny and
+    denormal ranges (resnet18's fc input after avgpool is [0.05, 0.84]; a dead channel is
+    constant)."""
+    r = np.random.default_rng(7)
+    return {
+        "all positive": np.array([1.0, 1.5, 2.0], np.float32),
+        "after avgpool": r.uniform(0.05, 0.84, (16, 512)).astype(np.float32),
+        "all negative": -r.uniform(0.5, 3.0, (8, 64)).astype(np.float32),
+        "constant": np.full(200, 7.0, np.float32),
+        "constant negative": np.full((4, 50), -7.0, np.float32),
+        "nearly dead": np.full(200, 1e-30, np.float32),
+        "single value": np.array([0.25], np.float32),
+        "zeros": np.zeros((3, 5), np.float32),
+        "tiny range": (1.0 + r.uniform(0, 1e-6, (4, 25))).astype(np.float32),
+        "denormal range": np.linspace(1e-40, 3e-40, 100, dtype=np.float32),
+        "huge one-sided": np.linspace(1e30, 3e38, 100, dtype=np.float32),
+    }
+
+
+def _fq_mse(x, scale, zp, qmin, qmax, axis=None):
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if axis is None:
+        y = torch.fake_quantize_per_tensor_affine(t, float(scale), int(zp), qmin, qmax)
+    else:
+        y = torch.fake_quantize_per_channel_affine(
+            t, torch.from_numpy(np.asarray(scale, np.float32)), torch.from_numpy(np.asarray(zp, np.int32)), axis, qmin, qmax)
+    return float(((y.double() - t.double()) ** 2).mean())
+
+
+@pytest.mark.parametrize("name", list(_degenerate_cases()))
+@pytest.mark.parametrize("method", ["mse", "sqnr", "percentile", "entropy"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_histogram_methods_on_degenerate_data(name, method, bits, symmetric):
+    """Issue: HistogramObserver(method="mse") raised 'capacity overflow' on data whose range
+    excludes 0, and percentile / entropy aborted the process on constant data."""
+    x = _degenerate_cases()[name]
+    o = lc.HistogramObserver(bits=bits, symmetric=symmetric, method=method)
+    o.update(x)
+    scale, zp = o.qparams()
+    assert np.isfinite(scale) and scale >= np.finfo(np.float32).eps, scale
+    assert o.quant_min <= zp <= o.quant_max
+    lo, hi = o.clip_range()
+    assert np.isfinite(lo) and np.isfinite(hi) and lo <= 0 <= hi
+    ref = lc.MinMaxObserver(bits=bits, symmetric=symmetric)
+    ref.update(x)
+    rs, rz = ref.qparams()
+    if method in ("mse", "sqnr") and np.isfinite(rs):
+        got = _fq_mse(x, scale, zp, o.quant_min, o.quant_max)
+        base = _fq_mse(x, rs, rz, o.quant_min, o.quant_max)
+        assert got <= base * (1 + 1e-3) + 1e-30, (got, base)
+
+
+@pytest.mark.parametrize("name", list(_degenerate_cases()))
+@pytest.mark.parametrize("method", ["mse", "percentile", "entropy"])
+@pytest.mark.parametrize("axis", [0, -1])
+def test_per_channel_histogram_on_degenerate_data(name, method, axis):
+    x = np.atleast_2d(_degenerate_cases()[name])
+    o = lc.HistogramObserver(bits=4, method=method, per_channel=True, axis=axis)
+    o.update(x)
+    scale, zp = o.qparams()
+    assert scale.shape == (x.shape[axis],) and zp.shape == scale.shape
+    assert np.all(np.isfinite(scale)) and np.all(scale >= np.finfo(np.float32).eps)
+    assert np.all((zp >= o.quant_min) & (zp <= o.quant_max))
+
+
+@pytest.mark.parametrize("name", list(_degenerate_cases()))
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_minmax_family_on_degenerate_data_matches_torch(name, bits, symmetric):
+    from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
+
+    x = np.atleast_2d(_degenerate_cases()[name])
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    dtype = torch.qint8 if symmetric else torch.quint8
+    scheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
+    t = MinMaxObserver(dtype=dtype, qscheme=scheme, quant_min=qmin, quant_max=qmax)
+    t(torch.from_numpy(x))
+    ts, tz = t.calculate_qparams()
+    o = lc.MinMaxObserver(bits=bits, symmetric=symmetric)
+    o.update(x)
+    s, z = o.qparams()
+    assert np.float32(s) == ts.item() and z == tz.item()
+    cscheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
+    tc = PerChannelMinMaxObserver(ch_axis=0, dtype=dtype, qscheme=cscheme, quant_min=qmin, quant_max=qmax)
+    tc(torch.from_numpy(x))
+    tcs, tcz = tc.calculate_qparams()
+    oc = lc.PerChannelMinMaxObserver(axis=0, bits=bits, symmetric=symmetric)
+    oc.update(x)
+    cs, cz = oc.qparams()
+    np.testing.assert_array_equal(cs, tcs.numpy())
+    np.testing.assert_array_equal(cz, tcz.numpy())
+
+
+@pytest.mark.parametrize("cls", [lc.MinMaxObserver, lc.MovingAverageMinMaxObserver, lc.PerChannelMinMaxObserver,
+                                 lc.HistogramObserver])
+def test_qparams_before_any_data_warn_and_return_torch_defaults(cls):
+    """torch.ao's observers warn and return (1.0, 0) before any data."""
+    o = cls()
+    with pytest.warns(UserWarning, match="before the observer saw any data"):
+        s, z = o.qparams()
+    assert float(np.asarray(s).ravel()[0]) == 1.0 and int(np.asarray(z).ravel()[0]) == 0
+    o.update(np.zeros((2, 0), np.float32))  # an empty batch is still no data
+    with pytest.warns(UserWarning):
+        o.qparams()

@@ -112,15 +112,17 @@ fn cell_error(lo: [f64; 3], hi: [f64; 3], c: f64) -> f64 {
     (s2 - 2.0 * c * s1 + c * c * n).max(0.0)
 }
 
-/// The best window of `levels` consecutive multiples of `s` containing 0 (asymmetric) or the
-/// fixed signed window (symmetric): returns (total squared error, lowest level index).
-fn best_window(d: &Density<'_>, s: f64, levels: i64, symmetric: bool) -> (f64, i64) {
+/// The best window of `levels` consecutive multiples of `s` containing 0 (asymmetric), or the
+/// window starting at level `fixed` (symmetric): returns (total squared error, lowest level index).
+fn best_window(d: &Density<'_>, s: f64, levels: i64, fixed: Option<i64>) -> (f64, i64) {
     let (min, max) = (d.h.min as f64, d.h.max as f64);
     let tot = d.total();
     // Cell boundaries b_j = (j + 1/2) s for the lattice indices the data touches; windows only
     // ever look at boundaries in [-levels, levels], so none further out is evaluated.
-    let j0 = ((min / s - 0.5).floor() as i64 - 1).max(-levels - 1);
-    let j1 = ((max / s + 0.5).ceil() as i64 + 1).min(levels + 1);
+    // Both ends are clamped into that range: data wholly on one side of 0 and far from it (a
+    // range excluding 0, or a fine step) would otherwise put j0 above j1.
+    let j0 = ((min / s - 0.5).floor() as i64 - 1).clamp(-levels - 1, levels + 1);
+    let j1 = ((max / s + 0.5).ceil() as i64 + 1).clamp(-levels - 1, levels + 1);
     let f: Vec<[f64; 3]> = (j0..=j1).map(|j| d.cum((j as f64 + 0.5) * s)).collect();
     // Only called for j in [-levels, levels - 1]: outside [j0, j1] that means past the data.
     let at = |j: i64| -> [f64; 3] {
@@ -153,8 +155,7 @@ fn best_window(d: &Density<'_>, s: f64, levels: i64, symmetric: bool) -> (f64, i
         let high = cell_error(at(kh - 1), tot, kh as f64 * s);
         low + inner_sum(kl + 1, kh - 1) + high
     };
-    if symmetric {
-        let kl = -levels / 2;
+    if let Some(kl) = fixed {
         (window(kl), kl)
     } else {
         (-(levels - 1)..=0)
@@ -167,12 +168,23 @@ fn mse_search(h: &Histogram, r: QRange, symmetric: bool) -> SearchResult {
     let d = Density::new(h);
     let levels = (r.max - r.min) as i64 + 1;
     let (lo, hi) = ((h.min as f64).min(0.0), (h.max as f64).max(0.0));
+    // The symmetric grid keeps torch.ao's zero point (0, or the middle of an unsigned range), so
+    // its window is fixed: levels kl..kl + levels - 1 around it.
+    let zp_sym = if r.is_signed() {
+        0
+    } else {
+        (r.min + r.max) / 2
+    };
+    let fixed = symmetric.then_some((r.min - zp_sym) as i64);
     let s_hi = if symmetric {
-        (-lo).max(hi) / (levels / 2 - 1).max(1) as f64
+        (-lo / (zp_sym - r.min).max(1) as f64).max(hi / (r.max - zp_sym).max(1) as f64)
     } else {
         (hi - lo) / (levels - 1) as f64
     };
-    if s_hi <= 0.0 || !s_hi.is_finite() {
+    // torch.ao never picks a scale below float32's epsilon (its observers clamp to it): neither
+    // does the search, so tiny and denormal ranges get the same grid as from min-max.
+    let s_min = f32::EPSILON as f64;
+    if s_hi <= s_min || !s_hi.is_finite() {
         let (scale, zero_point) = qparams_from_minmax(h.min, h.max, r, symmetric);
         return SearchResult {
             scale,
@@ -181,20 +193,20 @@ fn mse_search(h: &Histogram, r: QRange, symmetric: bool) -> SearchResult {
             expected_mse: 0.0,
         };
     }
-    let eval = |s: f64| best_window(&d, s, levels, symmetric);
+    let eval = |s: f64| best_window(&d, s, levels, fixed);
     // Coarse: log-spaced steps from no clipping down to a 64x narrower range; then golden section.
     const COARSE: usize = 96;
     let ratio = 64f64.powf(1.0 / (COARSE - 1) as f64);
     let mut best = (f64::INFINITY, 0i64, s_hi);
     for i in 0..COARSE {
-        let s = s_hi / ratio.powi(i as i32);
+        let s = (s_hi / ratio.powi(i as i32)).max(s_min);
         let (e, kl) = eval(s);
         if e < best.0 {
             best = (e, kl, s);
         }
     }
     let (mut a, mut b) = (
-        (best.2 / ratio).ln(),
+        (best.2 / ratio).max(s_min).ln(),
         (best.2 * ratio).min(s_hi * 1.0001).ln(),
     );
     let g = (5f64.sqrt() - 1.0) / 2.0;
@@ -218,11 +230,7 @@ fn mse_search(h: &Histogram, r: QRange, symmetric: bool) -> SearchResult {
     }
     let (e, kl, s) = best;
     let scale = s as f32;
-    let zero_point = if symmetric {
-        0
-    } else {
-        (r.min as i64 - kl) as i32
-    };
+    let zero_point = (r.min as i64 - kl) as i32; // zp_sym when symmetric
     let sf = scale as f64;
     SearchResult {
         scale,
@@ -235,24 +243,35 @@ fn mse_search(h: &Histogram, r: QRange, symmetric: bool) -> SearchResult {
     }
 }
 
-/// The |x| histogram on the same grid: bin j covers |x| in [j w, (j + 1) w).
-fn abs_counts(h: &Histogram) -> Vec<f64> {
-    let n = ((h.start + h.bins as i64).abs().max(h.start.abs()) + 1) as usize;
+/// The |x| histogram: bin j covers |x| in [j w, (j + 1) w), with `w` the histogram's bin width
+/// doubled as often as needed for at most `bins` bins (pairs of bins merge exactly). Data far
+/// from 0 on a fine grid (a constant channel: one bin at index ~2^60) would otherwise need an
+/// |x| histogram of 2^60 mostly empty bins. Returns the counts and their width.
+fn abs_counts(h: &Histogram) -> (Vec<f64>, f64) {
+    let (_, w) = h.grid();
+    let reach = (h.start + h.bins as i64).abs().max(h.start.abs()) as u64;
+    let mut d = 0u32;
+    while (reach >> d) >= h.bins as u64 {
+        d += 1;
+    }
+    let n = (reach >> d) as usize + 1;
     let mut out = vec![0f64; n];
     for (k, &c) in h.counts.iter().enumerate() {
-        let g = h.start + k as i64; // bin [g w, (g+1) w)
+        if c == 0 {
+            continue;
+        }
+        let g = (h.start + k as i64) >> d; // coarse bin [g w', (g+1) w'), floor division
         let j = if g >= 0 { g } else { -g - 1 };
         out[j as usize] += c as f64;
     }
     while out.len() > 1 && out[out.len() - 1] == 0.0 {
         out.pop();
     }
-    out
+    (out, w * 2f64.powi(d as i32))
 }
 
 fn percentile_threshold(h: &Histogram, p: f64) -> f64 {
-    let (_, w) = h.grid();
-    let a = abs_counts(h);
+    let (a, w) = abs_counts(h);
     let target = p / 100.0 * h.total as f64;
     let mut cum = 0.0;
     for (j, &c) in a.iter().enumerate() {
@@ -292,8 +311,7 @@ fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
 /// bins, P is the clipped histogram (outliers added to its last bin), Q its quantization to
 /// `target` bins spread back over P's non-empty bins; pick the threshold with the least KL.
 fn entropy_threshold(h: &Histogram, target: usize) -> f64 {
-    let (_, w) = h.grid();
-    let hist = abs_counts(h);
+    let (hist, w) = abs_counts(h);
     let nb = hist.len();
     if nb <= target {
         return nb as f64 * w;
@@ -434,5 +452,85 @@ mod tests {
             te > 2.0 && te <= h.max.abs().max(h.min.abs()) as f64 + 0.01,
             "{te}"
         );
+    }
+
+    /// The realised squared error of (scale, zp) on `x`, in f64.
+    fn mse_of(x: &[f32], s: f32, zp: i32, r: QRange) -> f64 {
+        x.iter()
+            .map(|&v| {
+                let q = (zp as f32 + (v * (1.0 / s)).round_ties_even())
+                    .clamp(r.min as f32, r.max as f32);
+                (v as f64 - ((q - zp as f32) * s) as f64).powi(2)
+            })
+            .sum::<f64>()
+            / x.len() as f64
+    }
+
+    #[test]
+    fn degenerate_data_gets_valid_qparams_from_every_method() {
+        let ramp = |lo: f32, hi: f32, n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    (lo as f64 + (hi as f64 - lo as f64) * i as f64 / (n - 1).max(1) as f64) as f32
+                })
+                .collect()
+        };
+        let cases: Vec<(&str, Vec<f32>)> = vec![
+            ("all positive", vec![1.0, 1.5, 2.0]),
+            ("after avgpool", ramp(0.05, 0.84, 1000)),
+            ("all negative", ramp(-3.0, -0.5, 777)),
+            ("constant", vec![7.0; 200]),
+            ("constant negative", vec![-7.0; 200]),
+            ("nearly dead", vec![1e-30; 200]),
+            ("single value", vec![0.25]),
+            ("zero", vec![0.0; 10]),
+            ("tiny range", ramp(1.0, 1.0 + 1e-6, 100)),
+            ("denormal range", ramp(1e-40, 3e-40, 100)),
+            ("one-sided huge", ramp(1e30, 3e38, 100)),
+            ("both sides huge", ramp(-3e38, 3e38, 100)),
+        ];
+        let methods = [
+            Method::Mse,
+            Method::Sqnr,
+            Method::Percentile(99.99),
+            Method::Percentile(50.0),
+            Method::Entropy,
+        ];
+        for (name, x) in &cases {
+            let h = histogram_of(x);
+            for bits in [2u32, 3, 4, 8] {
+                for symmetric in [false, true] {
+                    let r = QRange::for_bits(bits, false).unwrap();
+                    let (s0, z0) = qparams_from_minmax(h.min, h.max, r, symmetric);
+                    for m in methods {
+                        let what = format!("{name}, {bits} bits, symmetric {symmetric}, {m:?}");
+                        let res =
+                            search(&h, r, symmetric, m).unwrap_or_else(|e| panic!("{what}: {e}"));
+                        assert!(
+                            // ±3e38 overflows float32's (max - min) / levels, in torch.ao too
+                            (res.scale.is_finite() || !s0.is_finite()) && res.scale >= f32::EPSILON,
+                            "{what}: scale {}",
+                            res.scale
+                        );
+                        assert!(
+                            (r.min..=r.max).contains(&res.zero_point),
+                            "{what}: zero point {}",
+                            res.zero_point
+                        );
+                        if matches!(m, Method::Mse | Method::Sqnr) {
+                            // Never worse than the min-max grid it searches beyond.
+                            let (got, base) = (
+                                mse_of(x, res.scale, res.zero_point, r),
+                                mse_of(x, s0, z0, r),
+                            );
+                            assert!(
+                                got <= base * (1.0 + 1e-3) + 1e-30 || !base.is_finite(),
+                                "{what}: mse {got} > min-max {base}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

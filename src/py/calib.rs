@@ -130,6 +130,16 @@ impl Inner {
         Ok(Inner { config, state })
     }
 
+    /// Whether any value has been observed (torch.ao's default qparams apply until then).
+    fn observed(&self) -> bool {
+        match &self.state {
+            State::MinMax(mm) | State::MovingAverage { mm, .. } => mm.batches > 0,
+            State::PerChannel(pc) => pc.batches > 0,
+            State::Histogram(h) => !h.is_empty(),
+            State::PerChannelHistogram { channels, .. } => !channels.is_empty(),
+        }
+    }
+
     fn range(&self) -> QRange {
         QRange::for_bits(self.config.bits, self.config.symmetric).expect("bits validated in new()")
     }
@@ -305,6 +315,12 @@ impl Observer {
         Ok(Observer {
             inner: Mutex::new(inner),
         })
+    }
+
+    /// Whether the observer has seen any value.
+    #[getter]
+    fn observed(&self, py: Python<'_>) -> PyResult<bool> {
+        self.with(py, |i| Ok(i.observed()))
     }
 
     #[getter]
