@@ -24,6 +24,7 @@ exact integer arithmetic, many times faster than a float32 matmul.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -67,18 +68,44 @@ def _f32(x: Any, what: str, ndim: int | None = 2) -> np.ndarray:
     return a
 
 
+def _torch_threads() -> int:
+    """``torch.get_num_threads()`` when torch is loaded (its mean adds in an order that depends
+    on it), else 1."""
+    torch = sys.modules.get("torch")
+    get = getattr(torch, "get_num_threads", None)
+    return int(get()) if callable(get) else 1
+
+
 def ternary_quantize(w: Any, per_channel: bool = False) -> tuple[np.ndarray, Any]:
     """BitNet b1.58 absmean ternary weights: ``s = 1 / max(mean(|w|), 1e-5)``,
     ``codes = clamp(round_half_even(w * s), -1, 1)`` (int8) and ``scale = 1 / s``, so ``w ≈ codes * scale``.
-    ``per_channel=True`` uses one mean per row (output feature) and returns ``scale`` of shape (rows,).
+
+    Bit for bit the transformers recipe (``w.float().abs().mean()`` ...): the mean is added in
+    float32 in the order torch's CPU kernel adds it in this process (it depends on
+    ``torch.get_num_threads()``; without torch imported, as torch on one thread), not correctly
+    rounded. ``w`` may have any shape (float16 / bfloat16 / float64 are converted to
+    float32 first, as the recipe does); codes have its shape. ``per_channel=True`` uses one mean
+    per index of the first axis (output feature) over the rest and returns ``scale`` of shape
+    ``(w.shape[0],)``; it needs at least 2 dimensions. Inputs whose layout is neither C-ordered
+    nor a permutation of it are added in logical order, where torch may differ.
 
     >>> import numpy as np, lowbit
     >>> codes, scale = lowbit.ternary_quantize(np.array([[0.4, -1.2, 0.05, 2.0]], dtype=np.float32))
     >>> codes, round(scale, 4)
     (array([[ 0, -1,  0,  1]], dtype=int8), 0.9125)
     """
-    codes, s = _lowbit.ternary_quantize(_f32(w, "w"), bool(per_channel))
-    return codes, (s if per_channel else float(s[0]))
+    a = _f32(w, "w", None)
+    per_channel = bool(per_channel)
+    if per_channel and a.ndim < 2:
+        raise LowbitValueError(f"per_channel needs w with at least 2 dimensions (one scale per row), got shape {a.shape}")
+    if a.ndim == 2:
+        a2 = a
+    elif per_channel:
+        a2 = a.reshape(a.shape[0], -1)
+    else:
+        a2 = a.reshape(1, -1) if a.ndim < 2 else _rows2d(a)
+    codes, s = _lowbit.ternary_quantize(a2, per_channel, _torch_threads())
+    return codes.reshape(a.shape), (s if per_channel else float(s[0]))
 
 
 def binary_quantize(w: Any, center: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -88,10 +115,21 @@ def binary_quantize(w: Any, center: bool = True) -> tuple[np.ndarray, np.ndarray
 
 
 def activation_quant(x: Any, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row (per-token) absmax quantization: ``s = Qb / max(max|x|, 1e-5)`` with
+    """Per-token absmax quantization along the last axis: ``s = Qb / max(max|x|, 1e-5)`` with
     ``Qb = 2^(bits-1) - 1``, ``q = clamp(round_half_even(x * s), -Qb - 1, Qb)`` as int8; returns
-    ``(q, s)`` with ``s`` of shape (rows,). NaN or Inf raises ``LowbitValueError``."""
-    return _lowbit.activation_quant(_f32(x, "x"), _int(bits, "bits", 2, 8))
+    ``(q, s)`` with ``q`` of ``x``'s shape and ``s`` of shape ``x.shape[:-1]`` (any leading
+    dimensions, e.g. transformers' (batch, seq, hidden)). NaN or Inf raises ``LowbitValueError``.
+
+    >>> import numpy as np, lowbit
+    >>> q, s = lowbit.activation_quant(np.array([[[1.0, -1.0, -1.0, 1.0]]], np.float32))
+    >>> q.tolist(), s.shape, float(s[0, 0])
+    ([[[127, -127, -127, 127]]], (1, 1), 127.0)
+    """
+    a = _f32(x, "x", None)
+    if a.ndim == 0:
+        raise LowbitValueError("x must have at least 1 dimension (the last is quantized per row)")
+    q, s = _lowbit.activation_quant(a if a.ndim == 2 else _rows2d(a), _int(bits, "bits", 2, 8))
+    return q.reshape(a.shape), s.reshape(a.shape[:-1])
 
 
 def pack_signs(x: Any) -> PackedSigns:
@@ -125,7 +163,8 @@ def _rows(x: Any, k: int) -> tuple[np.ndarray, tuple[int, ...], bool]:
     a = _f32(x, "x", ndim=None)
     if a.ndim == 0 or a.shape[-1] != k:
         raise LowbitValueError(f"x must have shape (..., {k}), got {a.shape}")
-    return a.reshape(-1, k), a.shape[:-1], torch_in
+    # The row count spelled out: reshape(-1, 0) cannot infer it.
+    return a.reshape(int(np.prod(a.shape[:-1], dtype=np.int64)), k), a.shape[:-1], torch_in
 
 
 def _out(y: np.ndarray, lead: tuple[int, ...], torch_in: bool) -> Any:
@@ -181,6 +220,12 @@ class TernaryLinear:
 
     def forward(self, x: Any) -> Any:
         rows, lead, torch_in = _rows(x, self.in_features)
+        if rows.size == 0:
+            # No rows, or no inputs: every product is an empty sum, so the output is the bias.
+            y = np.zeros((rows.shape[0], self.out_features), np.float32)
+            if self.bias is not None:
+                y += self.bias
+            return _out(y, lead, torch_in)
         return _out(self._core.forward(rows), lead, torch_in)
 
     __call__ = forward

@@ -344,7 +344,7 @@ def simulate(torch_module: Any, weights: str, exclude: Sequence[str] = ("pooler"
         if act_bits is not None:
             def quantize_input(m: Any, args: tuple, bits: int = act_bits) -> tuple:
                 q, s = _bitnet_activation_codes(args[0], bits)
-                return (q / s,) + tuple(args[1:])
+                return ((q / s).to(args[0].dtype),) + tuple(args[1:])
 
             lin.register_forward_pre_hook(quantize_input)
     return sim

@@ -410,13 +410,17 @@ def calibrate(
 
 
 def _bitnet_weight_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absmean ternary codes and their multiplier ``s`` (weights ~ codes / s)."""
+    """Absmean ternary codes and their multiplier ``s`` (weights ~ codes / s), in float32 as the
+    transformers recipe computes them whatever the weights' dtype."""
+    w = w.float()
     s = 1.0 / w.abs().mean().clamp(min=1e-5)
     return (w * s).round().clamp(-1, 1), s
 
 
 def _bitnet_activation_codes(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token absmax ``bits``-bit codes and their multipliers ``s`` (x ~ codes / s)."""
+    """Per-token absmax ``bits``-bit codes and their multipliers ``s`` (x ~ codes / s), in
+    float32 as the recipe computes them."""
+    x = x.float()
     qb = float(2 ** (bits - 1) - 1)
     s = qb / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
     return (x * s).round().clamp(-qb - 1, qb), s
@@ -506,7 +510,8 @@ class _BitLinearSTE(torch.autograd.Function):
         y = acc.double() * ((1.0 / sx.double()) * (1.0 / sw).double())
         if b is not None:
             y = y + b.double()
-        ctx.save_for_backward(qx / sx, codes / sw)
+        # The recipe's straight-through backward runs F.linear's in the layer's dtype.
+        ctx.save_for_backward((qx / sx).to(x.dtype), (codes / sw).to(w.dtype))
         ctx.has_bias = b is not None
         return y.to(x.dtype)
 

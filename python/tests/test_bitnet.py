@@ -290,3 +290,127 @@ def test_pack_errors():
         lowbit.pack_ternary(np.array([[2]], np.int8))
     with pytest.raises(lowbit.LowbitValueError):
         lowbit.pack_ternary(np.array([[1]], np.int8), "q4")
+
+
+def _recipe_weight(w):
+    """transformers' WeightQuant, evaluated eagerly: codes and s (w ~ codes / s)."""
+    x = w.float()
+    s = 1.0 / x.abs().mean().clamp_(min=1e-5)
+    return (x * s).round().clamp(-1, 1), s
+
+
+def _recipe_act(x):
+    """transformers' ActQuant / BitLinear.activation_quant: codes and s (x ~ codes / s)."""
+    x = x.float()
+    s = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp_(min=1e-5)
+    return (x * s).round().clamp(-128, 127), s
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_ternary_scale_is_torchs_float32_mean_to_the_bit(threads):
+    """The mean is added in torch's float32 order (a float64 mean was 1 ulp off in 20-70% of
+    seeds and flipped codes at rounding boundaries); torch splits large sums over threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cases = [torch.tensor([[0.757, 0.795, 0.573]])]
+        g = torch.Generator().manual_seed(231)
+        cases.append(torch.randn(10, 10, generator=g))
+        for n in (1, 7, 8, 9, 16, 17, 100, 1000, 4099, 32767, 32768, 40000, 65537, 300_000):
+            for seed in range(12 if n < 40000 else 2):
+                g = torch.Generator().manual_seed(seed)
+                cases.append(torch.randn(n, generator=g) * (0.02 if seed % 2 else 1.0))
+        for w in cases:
+            tc, ts = _recipe_weight(w)
+            codes, scale = lowbit.ternary_quantize(w.numpy())
+            assert np.float32(scale) == (1 / ts).item(), (w.shape, scale, (1 / ts).item())
+            np.testing.assert_array_equal(codes, tc.numpy().astype(np.int8))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_ternary_quantize_any_shape_dtype_and_layout():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(5,), (3, 4, 5), (2, 3, 4, 6), (0, 4), (64, 48)]:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            w = torch.randn(*shape, generator=g).to(dtype)
+            codes, scale = lowbit.ternary_quantize(w)
+            tc, ts = _recipe_weight(w)
+            assert codes.shape == tuple(shape)
+            np.testing.assert_array_equal(codes, tc.numpy().astype(np.int8))
+            if w.numel():
+                assert np.float32(scale) == (1 / ts).item()
+    w = torch.randn(48, 64, generator=g)
+    codes, scale = lowbit.ternary_quantize(w.numpy().T)  # a transposed view: torch's memory order
+    tc, ts = _recipe_weight(w.T)
+    np.testing.assert_array_equal(codes, tc.numpy())
+    assert np.float32(scale) == (1 / ts).item()
+
+
+def test_ternary_per_channel_is_torchs_row_mean():
+    g = torch.Generator().manual_seed(1)
+    for shape in [(7, 3), (16, 129), (5, 4, 9)]:
+        w = torch.randn(*shape, generator=g)
+        codes, scale = lowbit.ternary_quantize(w, per_channel=True)
+        s = 1.0 / w.reshape(shape[0], -1).abs().mean(dim=1, keepdim=True).clamp(min=1e-5)
+        np.testing.assert_array_equal(scale, (1 / s).flatten().numpy())
+        np.testing.assert_array_equal(codes, (w.reshape(shape[0], -1) * s).round().clamp(-1, 1).reshape(shape).numpy())
+    with pytest.raises(lowbit.LowbitValueError, match="per_channel"):
+        lowbit.ternary_quantize(np.ones(4, np.float32), per_channel=True)
+
+
+def test_activation_quant_any_leading_dims_is_the_recipe():
+    g = torch.Generator().manual_seed(2)
+    for shape in [(4,), (2, 3, 8), (2, 2, 2, 5), (3, 0, 4)]:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+            q, s = lowbit.activation_quant(x)
+            tq, ts = _recipe_act(x)
+            assert q.shape == tuple(shape) and s.shape == tuple(shape[:-1])
+            np.testing.assert_array_equal(q, tq.numpy().astype(np.int8))
+            np.testing.assert_array_equal(s, ts[..., 0].numpy())
+    q, s = lowbit.activation_quant(torch.tensor([[1.0, -1.0, -1.0, 1.0], [1.0, -1.0, 1.0, 1.0]]))
+    np.testing.assert_array_equal(q / 127, [[1, -1, -1, 1], [1, -1, 1, 1]])
+    np.testing.assert_array_equal(s, [127, 127])
+
+
+def test_bitlinear_training_equals_eval_over_many_seeds_and_shapes():
+    """The training (STE) forward and the packed kernel give the same bits."""
+    lt = pytest.importorskip("lowbit.torch")
+    for seed in range(40):
+        torch.manual_seed(seed)
+        k, n, m = (int(v) for v in torch.randint(1, 300, (3,)))
+        layer = lt.BitLinear(k, n % 70 + 1, bias=bool(seed % 2))
+        x = torch.randn(m % 17 + 1, k) * (10.0 if seed % 3 == 0 else 1.0)
+        y_train = layer(x)
+        with torch.no_grad():
+            y_eval = layer.eval()(x)
+        assert torch.equal(y_train.detach(), y_eval), (seed, k, n, m)
+    torch.manual_seed(2)
+    layer = lt.BitLinear(64, 37)
+    x = torch.randn(9, 64)
+    y = layer(x)
+    with torch.no_grad():
+        assert torch.equal(y.detach(), layer.eval()(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bitlinear_half_precision_quantizes_in_float32_like_the_recipe(dtype):
+    lt = pytest.importorskip("lowbit.torch")
+    torch.manual_seed(0)
+    layer = lt.BitLinear(256, 32, bias=False).to(dtype)
+    x = torch.randn(4, 256).to(dtype).requires_grad_()
+    y = layer(x)
+    assert y.dtype == dtype
+    y.float().square().sum().backward()
+    # The recipe (AutoBitLinear online): F.linear(ActQuant(x), WeightQuant(w)), straight through.
+    tq, ts = _recipe_act(x.detach())
+    wq, ws = _recipe_weight(layer.weight.detach())
+    xr = (tq / ts).to(dtype).requires_grad_()
+    wr = (wq / ws).to(dtype).requires_grad_()
+    yr = torch.nn.functional.linear(xr, wr)
+    gy = 2 * y.detach().float()
+    yr.backward(gy.to(dtype))
+    torch.testing.assert_close(y.float(), yr.float(), rtol=1e-2, atol=1e-2)  # exact integer product vs half matmul
+    assert torch.equal(x.grad, xr.grad)
+    assert torch.equal(layer.weight.grad, wr.grad)

@@ -35,9 +35,10 @@ impl TernaryLinear {
         })
     }
 
-    /// BitNet b1.58 from float weights (absmean, one scale per tensor).
+    /// BitNet b1.58 from float weights (absmean, one scale per tensor, the mean added as
+    /// torch adds it on this CPU and one thread).
     pub fn from_float(w: ArrayView2<'_, f32>, bias: Option<Vec<f32>>) -> Result<Self> {
-        let (codes, scale) = quant::ternary_quantize(w, false)?;
+        let (codes, scale) = quant::ternary_quantize(w, false, Default::default())?;
         Self::new(codes.view(), scale, bias)
     }
 

@@ -1,6 +1,7 @@
 //! BitNet kernels: ternary (W1.58 A8) and binary (XNOR-popcount) matrix products with exact
 //! integer results, and the quantizers that feed them.
 
+pub mod aten_sum;
 pub mod binary;
 pub mod linear;
 pub mod pack;

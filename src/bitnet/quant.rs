@@ -1,4 +1,5 @@
 //! The BitNet quantizers (Hugging Face transformers' BitNet recipe, round half to even).
+use super::aten_sum::{self, SumOrder};
 use crate::{ensure, Result};
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, Axis};
 use rayon::prelude::*;
@@ -11,26 +12,35 @@ fn check_finite(x: &ArrayView2<'_, f32>, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// mean(|v|) accumulated in f64 and rounded to f32 (torch sums in f32 with pairwise blocks; the
-/// two agree to the last bit or so, see the docs).
-fn mean_abs<'a>(v: impl Iterator<Item = &'a f32>, n: usize) -> f32 {
-    (v.map(|x| x.abs() as f64).sum::<f64>() / n.max(1) as f64) as f32
+/// |w| in the layout it has (memory order when dense, like torch's reduction), as one run.
+fn abs_run<'a>(w: impl Iterator<Item = &'a f32>) -> Vec<f32> {
+    w.map(|x| x.abs()).collect()
 }
 
-/// BitNet b1.58 absmean: `s = 1 / max(mean(|w|), 1e-5)`, codes `clamp(round(w * s), -1, 1)`.
-/// Returns int8 codes and `scale = 1 / s` (one, or one per row with `per_channel`).
+/// BitNet b1.58 absmean: `s = 1 / max(mean(|w|), 1e-5)`, codes `clamp(round(w * s), -1, 1)`,
+/// the mean added in torch's float32 order (`order`; see `aten_sum`), as the transformers recipe
+/// computes it. Returns int8 codes and `scale = 1 / s` (one, or one per row with `per_channel`).
 pub fn ternary_quantize(
     w: ArrayView2<'_, f32>,
     per_channel: bool,
+    order: SumOrder,
 ) -> Result<(Array2<i8>, Vec<f32>)> {
     check_finite(&w, "w")?;
     let inv = |m: f32| 1.0f32 / m.max(1e-5);
     let s: Vec<f32> = if per_channel {
         w.axis_iter(Axis(0))
-            .map(|r| inv(mean_abs(r.iter(), r.len())))
+            .map(|r| inv(aten_sum::row_mean(&abs_run(r.iter()), order.lanes)))
             .collect()
     } else {
-        vec![inv(mean_abs(w.iter(), w.len()))]
+        let a = match w.as_slice_memory_order() {
+            Some(s) => abs_run(s.iter()),
+            None => abs_run(w.iter()),
+        };
+        vec![if a.is_empty() {
+            inv(0.0) // no codes to scale (torch's mean of nothing is NaN)
+        } else {
+            inv(aten_sum::mean(&a, order))
+        }]
     };
     let codes = Array2::from_shape_fn(w.raw_dim(), |(i, j)| {
         let si = s[if per_channel { i } else { 0 }];
@@ -146,18 +156,30 @@ impl crate::quant::simd::Kernel for RowQuant<'_> {
 }
 
 /// BitNet 1-bit / XNOR-Net weights: signs of `w - mean(w)` (the mean of the whole tensor, or 0
-/// without `center`), sign(0) = +1, and per-row scales `mean(|w|)`.
+/// without `center`), sign(0) = +1, and per-row scales `mean(|w|)`, each mean added in torch's
+/// float32 order on one thread (`aten_sum`).
 pub fn binary_quantize(w: ArrayView2<'_, f32>, center: bool) -> Result<(Array2<i8>, Vec<f32>)> {
     check_finite(&w, "w")?;
-    let mu = if center {
-        (w.iter().map(|&v| v as f64).sum::<f64>() / w.len().max(1) as f64) as f32
+    let order = SumOrder::default();
+    let mu = if center && !w.is_empty() {
+        let v: Vec<f32> = match w.as_slice_memory_order() {
+            Some(s) => s.to_vec(),
+            None => w.iter().copied().collect(),
+        };
+        aten_sum::mean(&v, order)
     } else {
         0.0
     };
     let signs = w.mapv(|v| if v - mu >= 0.0 { 1i8 } else { -1 });
     let scales = w
         .axis_iter(Axis(0))
-        .map(|r| mean_abs(r.iter(), r.len()))
+        .map(|r| {
+            if r.is_empty() {
+                0.0
+            } else {
+                aten_sum::row_mean(&abs_run(r.iter()), order.lanes)
+            }
+        })
         .collect();
     Ok((signs, scales))
 }

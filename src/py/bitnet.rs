@@ -1,5 +1,6 @@
 //! Bindings of `crate::bitnet`. `lowbit.bitnet` checks dtypes and shapes first.
 use super::detach;
+use crate::bitnet::aten_sum::SumOrder;
 use crate::bitnet::binary::SignMatrix;
 use crate::bitnet::{linear, quant};
 use ndarray::{Array1, Array2};
@@ -15,16 +16,23 @@ fn pair<'py>(py: Python<'py>, (a, s): (Array2<i8>, Vec<f32>)) -> Arrays<'py> {
     )
 }
 
+/// `threads`: torch's thread count, which decides the order it adds the mean in (`bitnet::aten_sum`).
 #[pyfunction]
+#[pyo3(signature = (w, per_channel, threads=1))]
 pub fn ternary_quantize<'py>(
     py: Python<'py>,
     w: PyReadonlyArray2<'py, f32>,
     per_channel: bool,
+    threads: usize,
 ) -> PyResult<Arrays<'py>> {
     let v = w.as_array();
+    let order = SumOrder {
+        threads,
+        ..Default::default()
+    };
     Ok(pair(
         py,
-        detach(py, || quant::ternary_quantize(v, per_channel))?,
+        detach(py, || quant::ternary_quantize(v, per_channel, order))?,
     ))
 }
 
