@@ -87,11 +87,18 @@ def _path(p: Any, what: str) -> str:
 
 
 def _vector(v: Any, what: str, integer: bool) -> list:
-    a = v.detach().cpu().numpy() if _is_tensor(v) else np.asarray(v)
+    if _is_tensor(v):
+        v = v.detach().cpu()
+        a = (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()  # bf16 -> f32 is exact
+    else:
+        a = np.asarray(v)
     if a.ndim != 1:
         raise LowbitTypeError(f"{what} must be one-dimensional, got shape {a.shape}")
+    if a.size == 0:  # np.asarray([]) is float64: an empty list holds no wrong type
+        return []
     if integer and a.dtype.kind not in "iu":
-        raise LowbitTypeError(f"{what} must hold integers, got {a.dtype}")
+        raise LowbitTypeError(f"{what} must hold integers, got {a.dtype} (torch's float zero points, "
+                              "added before rounding as in its learnable fake-quant, are not supported: round them)")
     if not integer and a.dtype.kind not in "fiu":
         raise LowbitTypeError(f"{what} must hold floats, got {a.dtype}")
     return a.tolist()
@@ -129,6 +136,11 @@ def fake_quantize_per_tensor_affine(
 
     Raises ``LowbitValueError`` for a non-positive or non-finite scale, a zero point outside
     ``[quant_min, quant_max]`` or ``quant_min > quant_max``; ``LowbitTypeError`` for other dtypes.
+    Refused where torch accepts (each error says so): quant ranges beyond ±2^24 (torch takes
+    qint32's; lowbit's kernels clamp in float32, exact only up to 2^24); scales that are positive
+    as Python floats but 0 or Inf in float32, the precision torch computes in (torch returns
+    zeros or NaN); a scale or zero point tensor with ``requires_grad`` (torch raises too: use
+    :class:`lowbit.torch.FakeQuantize` for the STE, or ``torch._fake_quantize_learnable_*``).
 
     >>> import numpy as np, lowbit
     >>> x = np.array([0.1, 0.25, 0.35, 9.0], dtype=np.float32)
@@ -170,7 +182,10 @@ def fake_quantize_per_channel_affine(
     """Fake-quantize ``x`` with one scale and zero point per index of ``axis``, bit-identical to PyTorch.
 
     ``scale`` and ``zero_point`` are 1-D (lists, arrays or tensors) with ``x.shape[axis]``
-    entries; zero points must be integers. Edge cases follow ``torch.fake_quantize_per_channel_affine``
+    entries; zero points must be integers (torch also takes float32 / float16 zero points, which
+    it adds before rounding, as its learnable fake-quant does: lowbit refuses them with
+    ``LowbitTypeError``; round them first). Scales may be float64, float32, float16 or bfloat16.
+    Edge cases follow ``torch.fake_quantize_per_channel_affine``
     exactly, including its int64 conversion: NaN, +Inf and values whose code reaches 2^63 map to
     ``quant_min``. Other arguments and the result as in :func:`fake_quantize_per_tensor_affine`.
 
@@ -308,18 +323,38 @@ def _to_np(v: Any) -> np.ndarray:
     return v.detach().cpu().numpy() if _is_tensor(v) else np.asarray(v)
 
 
-def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, spec: QuantSpec) -> list[dict]:
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, spec: QuantSpec, *,
+                        include: str | list[str] | tuple[str, ...] | None = None,
+                        exclude: str | list[str] | tuple[str, ...] | None = None) -> list[dict]:
     """Quantize every floating 2-D tensor of the safetensors file ``src`` into ``dst`` (atomically).
 
+    ``include`` / ``exclude`` (a pattern or a list of them: exact tensor names or
+    ``fnmatch.fnmatchcase`` globs such as ``"*embeddings*"``) pick the tensors: only those matching
+    an ``include`` pattern (all when None) and no ``exclude`` pattern are quantized; the others
+    are stored as they are.
+
     ``src`` is memory-mapped and quantized one tensor at a time; its ``lowbit.sha256``, if it has
-    one, is checked first. ``dst`` carries its own (see :func:`save_checkpoint`).
+    one, is checked first. ``dst`` carries its own (see :func:`save_checkpoint`), and the same
+    input gives the same bytes.
 
     Returns one dict per tensor: ``name, shape, dtype, bits (None if copied), sqnr_db,
     bytes_before, bytes_after``. Read back with :func:`load_quantized` or :func:`dequantize_checkpoint`.
     """
     if not isinstance(spec, QuantSpec):
         raise LowbitTypeError(f"spec must be a lowbit.QuantSpec, got {type(spec).__name__}")
-    return _lowbit.quantize_checkpoint(_path(src, "src"), _path(dst, "dst"), spec)
+    return _lowbit.quantize_checkpoint(_path(src, "src"), _path(dst, "dst"), spec,
+                                       _patterns(include, "include"), _patterns(exclude, "exclude"))
+
+
+def _patterns(v: Any, what: str) -> list[str]:
+    """A pattern or a list / tuple of them, as a list of strings."""
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v):
+        return list(v)
+    raise LowbitTypeError(f"{what} must be a string or a list of strings, got {type(v).__name__}")
 
 
 def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> list[dict]:

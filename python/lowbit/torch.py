@@ -83,6 +83,18 @@ class _FakeQuant(torch.autograd.Function):
         return grad * mask.to(grad.device), None
 
 
+def _no_qparam_grad(op: str, **qparams: Any) -> None:
+    """torch's fake-quant ops are not differentiable in their qparams and say so; neither are
+    lowbit's (a scale with ``requires_grad`` would otherwise silently get no gradient)."""
+    if torch.is_grad_enabled():
+        for name, v in qparams.items():
+            if isinstance(v, torch.Tensor) and v.requires_grad:
+                raise LowbitValueError(
+                    f"{op} is not differentiable with respect to argument '{name}': it cannot have "
+                    "requires_grad=True (as in torch; detach it, or learn scales with "
+                    "torch._fake_quantize_learnable_per_tensor_affine / _per_channel_affine)")
+
+
 def _fake_quant(x: torch.Tensor, qargs: tuple, return_mask: bool, out: torch.Tensor | None = None) -> Any:
     if not isinstance(x, torch.Tensor):
         raise LowbitTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -123,6 +135,7 @@ def fake_quantize_per_tensor_affine(
     """Drop-in for ``torch.fake_quantize_per_tensor_affine`` on CPU tensors: same bits, same
     straight-through gradient. ``out=`` (no autograd) writes into a contiguous tensor, ``out=x``
     in place. See :func:`lowbit.fake_quantize_per_tensor_affine`."""
+    _no_qparam_grad("fake_quantize_per_tensor_affine", scale=scale, zero_point=zero_point)
     qargs = ("tensor", _float(scale, "scale"), _int(zero_point, "zero_point"), _int(quant_min, "quant_min"), _int(quant_max, "quant_max"))
     return _fake_quant(x, qargs, return_mask, out)
 
@@ -138,6 +151,7 @@ def fake_quantize_per_channel_affine(
     out: torch.Tensor | None = None,
 ) -> Any:
     """Drop-in for ``torch.fake_quantize_per_channel_affine`` on CPU tensors (``out=`` as per tensor)."""
+    _no_qparam_grad("fake_quantize_per_channel_affine", scale=scale, zero_point=zero_point)
     qargs = (
         "channel",
         _vector(scale, "scale", integer=False),

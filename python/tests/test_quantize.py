@@ -155,3 +155,52 @@ def test_per_tensor_spec_accepts_scalar_qparams(rng):
     for s, z in [(q.scales, q.zero_points), (float(q.scales), 0), (np.float32(q.scales), np.int32(0))]:
         q2 = lowbit.quantize(w, spec, scales=s, zero_points=z)
         np.testing.assert_array_equal(q2.codes, q.codes)
+
+
+@pytest.mark.parametrize("sdtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_per_channel_multiplies_by_torchs_float64_scale(sdtype):
+    """ATen's per-channel dequantize multiplies by the float64 scale (code 255, scale 1e-3:
+    0.2549999952), where per-tensor dequantize rounds the scale to float32 first."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 256, (6, 33), generator=g, dtype=torch.uint8)
+    q[0, 0] = 255
+    s = (torch.rand(6, generator=g, dtype=torch.float64) * 0.05 + 1e-4).to(sdtype)
+    s[0] = torch.tensor(1e-3, dtype=torch.float64).to(sdtype)
+    z = torch.randint(0, 20, (6,), generator=g)
+    z[0] = 0
+    ref = torch._make_per_channel_quantized_tensor(q, s.double(), z, 0).dequantize()
+    got = lowbit.dequantize_per_channel(q.numpy(), s, z.numpy(), 0)
+    np.testing.assert_array_equal(got, ref.numpy())
+    if sdtype == torch.float64:
+        assert got[0, 0] == np.float32(0.255)
+
+
+def test_bfloat16_scales_are_taken_and_refusals_say_why():
+    x = torch.randn(4, 8)
+    s = torch.full((4,), 0.1).bfloat16()
+    z = torch.zeros(4, dtype=torch.int32)
+    got = lowbit.fake_quantize_per_channel_affine(x, s, z, 0, -8, 7)
+    assert torch.equal(got, torch.fake_quantize_per_channel_affine(x, s.float(), z, 0, -8, 7))
+    with pytest.raises(lowbit.LowbitTypeError, match="float zero points"):
+        lowbit.fake_quantize_per_channel_affine(x, s, z.float(), 0, -8, 7)
+    with pytest.raises(lowbit.LowbitValueError, match="2\\^24.*qint32"):
+        lowbit.fake_quantize_per_tensor_affine(x, 0.1, 0, -(2**31), 2**31 - 1)
+    with pytest.raises(lowbit.LowbitValueError, match="0 or Inf in float32"):
+        lowbit.fake_quantize_per_tensor_affine(x, 1e-50, 0, -8, 7)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qparams_with_requires_grad_raise_as_torch_does(per_channel):
+    x = torch.randn(4, 8, requires_grad=True)
+    if per_channel:
+        s, z = torch.full((4,), 0.1, requires_grad=True), torch.zeros(4, dtype=torch.int32)
+        with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'scale'"):
+            torch.fake_quantize_per_channel_affine(x, s, z, 0, -8, 7)
+        with pytest.raises(lowbit.LowbitValueError, match="not differentiable with respect to argument 'scale'"):
+            lowbit.fake_quantize_per_channel_affine(x, s, z, 0, -8, 7)
+    else:
+        s = torch.tensor(0.1, requires_grad=True)
+        with pytest.raises(lowbit.LowbitValueError, match="not differentiable with respect to argument 'scale'"):
+            lowbit.fake_quantize_per_tensor_affine(x, s, 0, -8, 7)
+    with torch.no_grad():
+        lowbit.fake_quantize_per_tensor_affine(x, torch.tensor(0.1, requires_grad=True), 0, -8, 7)
