@@ -18,7 +18,36 @@ fn check_qparams(r: QRange, (scale, zp): (f32, i32)) {
     assert!((r.min..=r.max).contains(&zp), "zero point {zp}");
 }
 
+/// Raw bytes as float32 data: valid but degenerate batches (one-sided, constant, a single
+/// value, denormal or huge ranges) must give qparams from every method, never a panic or an
+/// abort (constant data once asked percentile / entropy for 2^60 bins).
+fn observe_raw(data: &[u8]) {
+    let xs: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .filter(|v| v.is_finite())
+        .collect();
+    if xs.is_empty() {
+        return;
+    }
+    let mut h = Histogram::new(64).unwrap();
+    h.update(&arr1(&xs).into_dyn().view()).expect("finite data is accepted");
+    h.validate().expect("an updated histogram is valid");
+    for (r, sym) in ranges() {
+        let (lo, hi) = (h.min as f64, h.max as f64);
+        // (max - min) / levels overflows float32 past ~3e38 (in torch.ao too): skip the check.
+        let fits = (hi.max(0.0) - lo.min(0.0)) / ((r.max - r.min) as f64) < f32::MAX as f64 / 2.0;
+        for m in [Method::Mse, Method::Entropy, Method::Percentile(99.9)] {
+            let s = search(&h, r, sym, m).expect("data searches");
+            if fits {
+                check_qparams(r, (s.scale, s.zero_point));
+            }
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
+    observe_raw(data);
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };

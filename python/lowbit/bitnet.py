@@ -198,7 +198,7 @@ class TernaryLinear:
     @classmethod
     def from_float(cls, w: Any, bias: Any = None, per_channel: bool = False) -> TernaryLinear:
         """Quantize float weights (out_features, in_features) with :func:`ternary_quantize` and pack them."""
-        codes, scale = ternary_quantize(w, per_channel)
+        codes, scale = ternary_quantize(_f32(w, "w"), per_channel)
         return cls(codes, scale, bias)
 
     @property
