@@ -283,11 +283,12 @@ def _xnor_linear(lin: Any) -> Any:
     class XnorLinear(torch.nn.Module):
         def __init__(self, lin: torch.nn.Linear) -> None:
             super().__init__()
-            w = lin.weight.detach().float()
-            # As the runtime rounds them: the mean and the row scales to float32.
-            mu = w.double().mean().float()
-            self.register_buffer("signs", torch.where(w - mu >= 0, 1.0, -1.0).double())
-            self.register_buffer("scales", w.double().abs().mean(dim=1).float().double())
+            from lowbit.bitnet import binary_quantize
+
+            # The runtime's own quantizer: its means are added in torch's float32 order.
+            signs, scales = binary_quantize(lin.weight.detach().float().numpy())
+            self.register_buffer("signs", torch.from_numpy(signs).double())
+            self.register_buffer("scales", torch.from_numpy(scales).double())
             self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().double())
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """``lowbit demo``: the whole workflow on the multi-task model, end to end.
 
-Train a small :class:`lowbit.models.MultiTaskVLM` on synthetic scenes (or reuse the one cached
-by an earlier run), fine-tune a ternary copy with quantization-aware training, then for every
-weight format: quantize and save, load in the Rust runtime, cross-validate against PyTorch,
-evaluate every task on held-out scenes, time each task in the runtime and in PyTorch, and
-estimate latency and energy on the phone profiles of :mod:`lowbit.nas`.
+Train a small :class:`lowbit.models.MultiTaskVLM` on synthetic scenes and fine-tune a ternary
+copy with quantization-aware training (or reuse the models cached by an earlier run, or, with
+the default training settings, the two lowbit ships in ``lowbit/data``), then for every weight
+format: quantize and save, load in the Rust runtime, cross-validate against PyTorch, evaluate
+every task on held-out scenes, time each task in the runtime and in PyTorch, and estimate
+latency and energy on the phone profiles of :mod:`lowbit.nas`.
 
 >>> from lowbit.demo import cache_dir
 >>> cache_dir().name
@@ -13,12 +14,14 @@ estimate latency and energy on the phone profiles of :mod:`lowbit.nas`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
+from importlib.resources import as_file, files
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -26,6 +29,13 @@ from lowbit._io import write_atomic
 
 #: Formats the demo deploys, with the bits the NAS estimate uses (weights, activations).
 FORMATS: dict[str, tuple[int, int]] = {"f32": (32, 32), "int8": (8, 32), "int4": (4, 32), "int2": (2, 32), "ternary": (2, 8)}
+#: How each format's row is labelled: int8 / int4 / int2 quantize the float model's weights
+#: after training and keep float32 activations; ternary is the QAT model, BitNet b1.58 weights
+#: with int8 activations.
+LABELS: dict[str, str] = {"f32": "f32", "int8": "int8 W8A32", "int4": "int4 W4A32", "int2": "int2 W2A32",
+                          "ternary": "ternary W1.58A8 QAT"}
+#: The training settings of :func:`run`'s defaults, those of the models lowbit ships.
+DEFAULTS = {"steps": 1500, "qat_steps": 600, "n_train": 3000, "seed": 0}
 #: Phone profiles of the NAS estimate.
 PHONES = ("cortex-a76", "adreno-640", "hexagon-npu")
 TASKS = ("caption", "ocr", "vqa", "retrieval")
@@ -58,9 +68,29 @@ def _task_calls(model: Any, images: np.ndarray, questions: list[str], texts: lis
     }
 
 
+def shipped_names(steps: int, qat_steps: int, n_train: int, seed: int) -> tuple[str, str]:
+    """The file names, in ``lowbit/data``, of the float and ternary QAT models trained with these
+    settings (lowbit ships those of :data:`DEFAULTS`)."""
+    stem = f"multitask-steps{steps}-scenes{n_train}-seed{seed}"
+    return f"{stem}.safetensors", f"{stem}-ternary-qat{qat_steps}.safetensors"
+
+
+@contextlib.contextmanager
+def _shipped(name: str) -> Iterator[Path | None]:
+    """The path of the model ``name`` shipped in ``lowbit/data``, or None."""
+    res = files("lowbit") / "data" / name
+    if not res.is_file():
+        yield None
+        return
+    with as_file(res) as path:
+        yield Path(path)
+
+
 def _trained(steps: int, qat_steps: int, n_train: int, seed: int, retrain: bool, progress: bool,
              log: Callable[[str], None]) -> tuple[Any, Any]:
-    """The float model and its ternary QAT fine-tune, from the cache when they are there."""
+    """The float model and its ternary QAT fine-tune: from the cache when they are there, else
+    the ones lowbit ships when they were trained with the same config and settings, else
+    trained here (and cached). ``retrain`` trains both from scratch."""
     import lowbit
     from lowbit import models
     from lowbit.data import SyntheticScenes
@@ -72,27 +102,63 @@ def _trained(steps: int, qat_steps: int, n_train: int, seed: int, retrain: bool,
     qat_path = folder / f"multitask-{tag}-ternary-qat{qat_steps}.safetensors"
     folder.mkdir(parents=True, exist_ok=True)
     data = SyntheticScenes(seed=seed, n=n_train, image_size=cfg.image_size)
-    if not retrain and f32_path.is_file():
-        log(f"reusing the trained model {f32_path} (--retrain to train again)")
-        model = models.load(f32_path)
-    else:
-        t = time.perf_counter()
-        model = models.train(cfg, data, steps=steps, seed=seed, progress=progress)
-        models.save(model, f32_path)
-        log(f"trained {steps} steps on {n_train} scenes in {time.perf_counter() - t:.0f} s -> {f32_path}")
-    if not retrain and qat_path.is_file():
-        log(f"reusing the ternary QAT model {qat_path}")
-        qat = models.load(qat_path)
-    else:
-        t = time.perf_counter()
-        qat = models.train(init=models.load(f32_path).train(), data=data, steps=qat_steps, lr=1e-3, qat="ternary",
-                           seed=seed + 1, progress=progress)
-        models.save(qat, qat_path)
-        log(f"ternary QAT: {qat_steps} steps in {time.perf_counter() - t:.0f} s -> {qat_path}")
+    ship_f32, ship_qat = shipped_names(steps, qat_steps, n_train, seed)
+    with contextlib.ExitStack() as stack:
+        f32_src: Path | None = None  # the file the float model comes from
+        shipped = False
+        if not retrain and f32_path.is_file():
+            log(f"reusing the trained model {f32_path} (--retrain to train again)")
+            f32_src = f32_path
+        elif not retrain:
+            p = stack.enter_context(_shipped(ship_f32))
+            if p is not None and models.load(p).config.to_json() == cfg.to_json():
+                log(f"using the trained model shipped with lowbit ({steps} steps on {n_train} scenes; "
+                    "--retrain to train from scratch)")
+                f32_src, shipped = p, True
+        if f32_src is None:
+            t = time.perf_counter()
+            trained = models.train(cfg, data, steps=steps, seed=seed, progress=progress)
+            models.save(trained, f32_path)
+            log(f"trained {steps} steps on {n_train} scenes in {time.perf_counter() - t:.0f} s -> {f32_path}")
+            f32_src = f32_path
+        model = models.load(f32_src)
+        qat = None
+        if not retrain and qat_path.is_file():
+            log(f"reusing the ternary QAT model {qat_path}")
+            qat = models.load(qat_path)
+        elif shipped:
+            # The shipped QAT model is the fine-tune of the shipped float model, of no other.
+            p = stack.enter_context(_shipped(ship_qat))
+            if p is not None:
+                log(f"using the ternary QAT model shipped with lowbit ({qat_steps} QAT steps)")
+                qat = models.load(p)
+        if qat is None:
+            t = time.perf_counter()
+            qat = models.train(init=models.load(f32_src).train(), data=data, steps=qat_steps, lr=1e-3,
+                               qat="ternary", seed=seed + 1, progress=progress)
+            models.save(qat, qat_path)
+            log(f"ternary QAT: {qat_steps} steps in {time.perf_counter() - t:.0f} s -> {qat_path}")
     return model, qat
 
 
-def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = 1500, qat_steps: int = 600, n_train: int = 3000,
+def ship_models(folder: str | os.PathLike[str] | None = None, progress: bool = True,
+                log: Callable[[str], None] = print) -> tuple[Path, Path]:
+    """Train the float and ternary QAT models of :func:`run`'s defaults from scratch, as
+    ``lowbit demo --retrain`` does, and write them into ``folder`` (default: ``lowbit/data`` of
+    this source tree) under :func:`shipped_names`: how the shipped models are made."""
+    from lowbit import models
+
+    d = DEFAULTS
+    model, qat = _trained(d["steps"], d["qat_steps"], d["n_train"], d["seed"], True, progress, log)
+    out = Path(folder) if folder is not None else Path(__file__).parent / "data"
+    names = shipped_names(d["steps"], d["qat_steps"], d["n_train"], d["seed"])
+    for m, name in zip((model, qat), names):
+        models.save(m, out / name)
+    return out / names[0], out / names[1]
+
+
+def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = DEFAULTS["steps"],
+        qat_steps: int = DEFAULTS["qat_steps"], n_train: int = DEFAULTS["n_train"],
         n_eval: int = 200, batch: int = 16, repeat: int = 5, retrain: bool = False, progress: bool = True,
         log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run the demo; returns one row per format (also written to ``out/results.json``, with the
@@ -230,7 +296,7 @@ def format_table(rows: list[dict[str, Any]], batch: int) -> str:
     body = []
     for r in rows:
         body.append([
-            r["format"], f"{r['size_mb']:.2f}", f"{r['caption_exact']:.1f}", f"{r['ocr_char_acc']:.1f}",
+            LABELS.get(r["format"], r["format"]), f"{r['size_mb']:.2f}", f"{r['caption_exact']:.1f}", f"{r['ocr_char_acc']:.1f}",
             f"{r['vqa_acc']:.1f}", f"{r['retrieval_r1']:.1f}", r["crossval"],
             *(f"{r[f'runtime_ms_{t}']:.2f}/{r[f'torch_ms_{t}']:.2f}" for t in TASKS),
             "/".join(f"{r[f'torch_ms_{t}_batch'] / r[f'runtime_ms_{t}_batch']:.1f}" for t in TASKS),
@@ -242,6 +308,12 @@ def format_table(rows: list[dict[str, Any]], batch: int) -> str:
         "task metrics in % on held-out scenes; latency: one image (retrieval: against every held-out "
         f"caption), best of runs, Rust runtime / PyTorch f32 eager; x{batch} speedup: PyTorch time / runtime "
         f"time on a batch of {batch} images; NAS: one image, all heads, estimated latency / energy",
+        "formats: f32 is the trained float model; int8 / int4 / int2 (W8A32 / W4A32 / W2A32) quantize its "
+        "weights only, after training, and keep float32 activations; ternary (W1.58A8) is a separate model, "
+        "fine-tuned from it with quantization-aware training: BitNet b1.58 weights, int8 activations",
+        "crossval: the runtime against PyTorch layer by layer (f32: the float model, 1e-4; int8 / int4 / "
+        "ternary: PyTorch's fake-quant simulation of the same format); n/a: not cross-validated, as the "
+        "runtime has no load-time int2 mode to compare with (int2 is still evaluated and timed)",
         line(head), "  ".join("-" * w for w in widths), *map(line, body)])
 
 
@@ -257,11 +329,12 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
     for i, (k, name) in enumerate([("caption_exact", "caption EM"), ("ocr_char_acc", "OCR char acc"),
                                    ("vqa_acc", "VQA acc"), ("retrieval_r1", "retrieval R@1")]):
         a.bar(x + (i - 1.5) * 0.2, [r[k] for r in rows], 0.2, label=name)
-    a.set_xticks(x, [r["format"] for r in rows])
+    labels = [LABELS.get(r["format"], r["format"]).replace(" ", "\n") for r in rows]
+    a.set_xticks(x, labels)
     a.set_ylabel("% on held-out scenes")
     a.legend(fontsize=7)
     b.bar(x, [r["size_mb"] for r in rows], color="grey")
-    b.set_xticks(x, [r["format"] for r in rows])
+    b.set_xticks(x, labels)
     b.set_ylabel("file size (MB)")
     fig.suptitle("lowbit multi-task VLM by weight format")
     fig.tight_layout()

@@ -70,9 +70,15 @@ class BertEncoder:
     @classmethod
     def load(cls, path: str | os.PathLike[str], weights: str = "f32", act_bits: int | None = None) -> BertEncoder:
         """Load ``config.json`` + ``model.safetensors`` from a folder (what
-        ``BertModel.save_pretrained`` writes), or a ``.safetensors`` file with ``config.json``
-        beside it. Names with the ``bert.`` prefix of the task models load too (their heads are
-        ignored); missing, unexpected or misshapen tensors are listed in one error."""
+        ``BertModel.save_pretrained`` writes), or from a folder whose only ``.safetensors`` file
+        is another (such as the ``model.q4.safetensors`` ``lowbit quantize`` wrote there), or a
+        ``.safetensors`` file with ``config.json`` beside it; a folder that holds neither gets
+        an error naming the files it found. Names with the ``bert.`` prefix of the task models
+        load too (their heads are ignored); missing, unexpected or misshapen tensors are listed in
+        one error. Every numeric field of ``config.json`` is checked (sizes from 1 to 2^31 - 1,
+        ``num_hidden_layers`` from 0, ``layer_norm_eps`` positive and finite in float32,
+        ``hidden_size`` a multiple of ``num_attention_heads``): a bad one raises
+        ``LowbitValueError`` naming it."""
         path, act_bits = _load_args(path, weights, act_bits)
         return cls(_lowbit.BertCore.load(path, weights, act_bits), path)
 

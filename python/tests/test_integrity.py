@@ -336,3 +336,240 @@ def test_no_lowbit_format_unpickles() -> None:
         assert not re.search(r"^\s*(import pickle|from pickle|import dill|import joblib)", text, re.M), src
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (src, call)
+
+
+# ---------------------------------------------------------------------------------------------
+# A file lowbit marks as its own carries its digest
+
+
+def _rename_key(path: pathlib.Path, out: pathlib.Path, inf_at: int | None = None) -> pathlib.Path:
+    """``path`` with ``lowbit.sha256`` renamed to ``lowbit.sha254`` (the header stays valid) and,
+    optionally, the float32 at byte ``inf_at`` of the data set to +inf."""
+    raw = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    at = raw.index(b'"lowbit.sha256"', 8, 8 + n)
+    raw[at:at + 15] = b'"lowbit.sha254"'
+    if inf_at is not None:
+        raw[8 + n + inf_at:8 + n + inf_at + 4] = struct.pack("<f", float("inf"))
+    out.write_bytes(bytes(raw))
+    return out
+
+
+def test_a_renamed_or_removed_digest_is_refused(tmp_path: pathlib.Path) -> None:
+    # Renaming the key switched the check off: +inf loaded without a word.
+    path = tmp_path / "s.safetensors"
+    lowbit.save_checkpoint(path, {"w": lowbit.quantize(W, lowbit.QuantSpec(4)), "b": W[0]})
+    assert np.isfinite(lowbit.load_quantized(path)["b"]).all()
+    bad = _rename_key(path, tmp_path / "renamed.safetensors", inf_at=0)  # "b" is the first tensor
+    meta = lowbit.checkpoint_metadata(bad)
+    assert "lowbit.sha254" in meta and "lowbit.sha256" not in meta
+    loaders = [lowbit.load_quantized, lambda p: lowbit.dequantize_checkpoint(p, p.with_name("out.safetensors"))]
+    for load in loaders:
+        with pytest.raises(LowbitFormatError, match="carries lowbit metadata .*lowbit.format.* but no lowbit.sha256") as e:
+            load(bad)
+        assert bad.name in str(e.value)
+    # Removed by another tool that copied lowbit's other keys: the same.
+    from safetensors.numpy import load_file, save_file
+
+    moved = tmp_path / "moved.safetensors"
+    save_file(load_file(str(path)), str(moved),
+              metadata={k: v for k, v in lowbit.checkpoint_metadata(path).items() if k != "lowbit.sha256"})
+    for load in loaders:
+        with pytest.raises(LowbitFormatError, match="no lowbit.sha256"):
+            load(moved)
+    # Any key lowbit writes marks the file (a float file of models.save has no lowbit.format).
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": W}, str(plain), metadata={"lowbit.weights": "f32"})
+    with pytest.raises(LowbitFormatError, match=r"\(lowbit.weights\)"):
+        lowbit.quantize_checkpoint(plain, tmp_path / "q.safetensors", lowbit.QuantSpec(4))
+
+
+def test_a_renamed_digest_in_a_model_file_is_refused(tmp_path: pathlib.Path) -> None:
+    from lowbit import models
+
+    path = tmp_path / "m.safetensors"
+    models.save(tiny_vlm(), path)
+    bad = _rename_key(path, tmp_path / "renamed.safetensors", inf_at=0)
+    for load in (models.load, lowbit.runtime.MultiTaskModel.load):
+        with pytest.raises(LowbitFormatError, match="lowbit.multitask.* but no lowbit.sha256"):
+            load(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same input gives the same bytes
+
+
+_SAVE_TWICE = """
+import sys, numpy as np, lowbit
+W = np.linspace(-1, 1, 64 * 32, dtype=np.float32).reshape(64, 32)
+meta = {f"key{i}": f"value{i}" for i in range(12)}
+lowbit.save_checkpoint(sys.argv[1], {"w": lowbit.quantize(W, lowbit.QuantSpec(4)), "b": W[0]}, meta)
+lowbit.quantize_checkpoint(sys.argv[2], sys.argv[3], lowbit.QuantSpec(4))
+"""
+
+
+def test_writes_are_reproducible(tmp_path: pathlib.Path) -> None:
+    import subprocess
+    import sys
+
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "in.safetensors"
+    save_file({"w": W, "b": np.ones(64, np.float32)}, str(src), metadata={f"k{i}": str(i) for i in range(12)})
+    runs = []
+    for i in range(3):  # separate processes: a hash map's order differs between them
+        s, q = tmp_path / f"s{i}.safetensors", tmp_path / f"q{i}.safetensors"
+        subprocess.run([sys.executable, "-c", _SAVE_TWICE, str(s), str(src), str(q)], check=True)
+        runs.append((s.read_bytes(), q.read_bytes()))
+    # and twice in this process
+    for i in range(2):
+        s, q = tmp_path / f"t{i}.safetensors", tmp_path / f"u{i}.safetensors"
+        lowbit.save_checkpoint(s, {"w": lowbit.quantize(W, lowbit.QuantSpec(4)), "b": W[0]},
+                               {f"key{i}": f"value{i}" for i in range(12)})
+        lowbit.quantize_checkpoint(src, q, lowbit.QuantSpec(4))
+        runs.append((s.read_bytes(), q.read_bytes()))
+    assert all(r == runs[0] for r in runs)
+    header = runs[0][0][8:8 + struct.unpack("<Q", runs[0][0][:8])[0]]
+    keys = list(json.loads(header)["__metadata__"])
+    assert keys == sorted(keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# A writer killed mid-write leaves the old file and no temporary file
+
+
+_PY_WRITER = """
+import sys, time
+from lowbit._io import write_atomic
+
+def slow(f):
+    f.write(b"x" * (1 << 20))
+    f.flush()
+    print("writing", flush=True)
+    while True:
+        f.write(b"x" * (1 << 16))
+        time.sleep(0.001)
+
+write_atomic(sys.argv[1], slow)
+"""
+
+_RUST_WRITER = """
+import sys, numpy as np, lowbit
+big = np.ones(1 << 24, np.float32)  # 64 MB
+print("ready", flush=True)
+while True:
+    lowbit.save_checkpoint(sys.argv[1], {"w": big})
+"""
+
+
+def _writing(pid: int, folder: pathlib.Path, target: pathlib.Path) -> bool:
+    """Whether process ``pid`` holds a file of ``folder`` open that is not ``target``: a
+    temporary file being written (``/dir/#123 (deleted)`` when unnamed)."""
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return False
+    return any(link.startswith(str(folder) + "/") and link != str(target) for link in links)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to see a writer's open files")
+@pytest.mark.parametrize("writer", ["python", "rust"])
+def test_a_sigkilled_writer_leaves_the_old_file_and_no_temporary(writer: str, tmp_path: pathlib.Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "model.safetensors"
+    lowbit.save_checkpoint(target, {"w": W})
+    old = target.read_bytes()
+    for delay in (0.0, 0.003, 0.02, 0.05):
+        p = subprocess.Popen([sys.executable, "-c", _PY_WRITER if writer == "python" else _RUST_WRITER, str(target)],
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout is not None
+            p.stdout.readline()
+            deadline = time.monotonic() + 60
+            while not _writing(p.pid, tmp_path, target):
+                assert time.monotonic() < deadline and p.poll() is None, "the writer never wrote"
+            time.sleep(delay)
+            os.kill(p.pid, signal.SIGKILL)
+        finally:
+            p.kill()
+            p.wait()
+        # the Rust writer loops over whole writes, so a kill may land after one completed
+        names = sorted(q.name for q in tmp_path.iterdir())
+        assert names == ["model.safetensors"], (delay, names)
+        now = target.read_bytes()
+        if writer == "python" or now == old:
+            assert now == old
+            np.testing.assert_array_equal(lowbit.load_quantized(target)["w"], W)
+        else:
+            assert lowbit.load_quantized(target)["w"].shape == (1 << 24,)
+            lowbit.save_checkpoint(target, {"w": W})
+            old = target.read_bytes()
+
+
+def test_write_atomic_without_unnamed_files_still_cleans_up(tmp_path: pathlib.Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # where the OS has no O_TMPFILE the temporary file is named: removed when the write fails
+    from lowbit import _io
+
+    monkeypatch.setattr(_io, "_unnamed", lambda folder: None)
+    path = tmp_path / "r.txt"
+    write_atomic(path, "old")
+
+    def half(f: Any) -> None:
+        f.write(b"half")
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".lowbit-")]  # named
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_atomic(path, half)
+    assert path.read_text() == "old"
+    _no_temporaries(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_TMPFILE"), reason="Linux O_TMPFILE")
+def test_write_atomic_names_nothing_while_writing(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "r.txt"
+    write_atomic(path, "old")
+
+    def look(f: Any) -> None:
+        f.write(b"new")
+        assert [p.name for p in tmp_path.iterdir()] == ["r.txt"]
+
+    write_atomic(path, look)
+    assert path.read_text() == "new"
+    _no_temporaries(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty inputs that raised numpy's errors, or misleading ones
+
+
+def test_empty_ternary_layer_and_empty_per_channel_qparams() -> None:
+    torch = pytest.importorskip("torch")
+    from lowbit.bitnet import TernaryLinear
+
+    bias = np.array([0.5, -1.0, 2.0], np.float32)
+    for b in (None, bias):
+        layer = TernaryLinear.from_float(np.zeros((3, 0), np.float32), b)
+        for shape in ((2, 0), (0, 0), (4, 1, 0)):
+            x = np.zeros(shape, np.float32)
+            # the recipe's product is F.linear on the quantized weight: an empty sum, then the bias
+            want = torch.nn.functional.linear(torch.from_numpy(x), torch.zeros(3, 0),
+                                              None if b is None else torch.from_numpy(b)).numpy()
+            got = layer.forward(x)
+            assert got.shape == shape[:-1] + (3,) and got.dtype == np.float32
+            np.testing.assert_array_equal(got, want)
+        assert isinstance(layer.forward(torch.zeros(2, 0)), torch.Tensor)
+    # no rows for a layer with inputs: the empty output
+    assert TernaryLinear.from_float(np.ones((3, 4), np.float32)).forward(np.zeros((0, 4), np.float32)).shape == (0, 3)
+    # an empty per-channel tensor with empty scale / zero-point lists: an empty result
+    y, mask = lowbit.fake_quantize_per_channel_affine(np.zeros((0, 4), np.float32), [], [], 0, -8, 7, return_mask=True)
+    assert y.shape == mask.shape == (0, 4) and y.dtype == np.float32
+    assert lowbit.quantize_per_channel(np.zeros((0, 4), np.float32), [], [], 0, -8, 7).shape == (0, 4)
+    # but an empty list for channels that exist is still refused, by count
+    with pytest.raises(lowbit.LowbitValueError, match="0 entries"):
+        lowbit.fake_quantize_per_channel_affine(np.zeros((2, 4), np.float32), [], [], 0, -8, 7)

@@ -250,3 +250,66 @@ def test_ternary_weights_match_the_bitnet_reference(tmp_path):
     got = BertEncoder.load(path, weights="ternary")(ids, mask, tt)
     assert layers
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("layer_norm_eps", -1), ("layer_norm_eps", 0), ("layer_norm_eps", 1e-50), ("layer_norm_eps", 1e300),
+    ("layer_norm_eps", "1e-12"), ("layer_norm_eps", None),
+    ("hidden_size", 0), ("hidden_size", 2**64), ("hidden_size", 2**64 - 1), ("hidden_size", 2**40),
+    ("hidden_size", -48), ("hidden_size", 48.5), ("vocab_size", 0), ("num_attention_heads", 0),
+    ("num_attention_heads", 5), ("intermediate_size", 0), ("max_position_embeddings", 0),
+    ("type_vocab_size", 0), ("num_hidden_layers", 2**64), ("num_hidden_layers", -1),
+])
+def test_config_values_are_validated_by_name(tmp_path, field, value):
+    # layer_norm_eps = -1 ran and gave all-NaN output; 0 and 2^64 were taken too
+    _, path = make(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(cfg | {field: value}))
+    named = "num_attention_heads" if (field, value) == ("num_attention_heads", 5) else field
+    with pytest.raises(lowbit.LowbitValueError, match=named) as e:
+        BertEncoder.load(path)
+    assert "config.json" in str(e.value)
+
+
+def test_edge_config_values_still_load(tmp_path):
+    # the accepted ends of the ranges: one head, a large eps, an embeddings-only encoder
+    for overrides in (dict(num_attention_heads=1), dict(layer_norm_eps=0.5), dict(num_hidden_layers=0)):
+        model, path = make(tmp_path / str(len(list(tmp_path.iterdir()))), **overrides)
+        ids, mask, tt = inputs(2, 6)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        torch.testing.assert_close(BertEncoder.load(path)(ids, mask, tt), ref, rtol=0, atol=1e-4)
+
+
+def test_a_folder_with_one_quantized_file_loads_and_others_name_what_they_hold(tmp_path):
+    model, path = make(tmp_path, pooler=False)
+    # `lowbit quantize` output beside config.json, no model.safetensors: the folder loads
+    q = tmp_path / "q"
+    q.mkdir()
+    (q / "config.json").write_text((path / "config.json").read_text())
+    lowbit.quantize_checkpoint(path / "model.safetensors", q / "model.q4.safetensors",
+                               lowbit.QuantSpec(4, granularity="group", group_size=16))
+    ids, mask, tt = inputs(2, 9)
+    by_folder, by_file = BertEncoder.load(q)(ids, mask, tt), BertEncoder.load(q / "model.q4.safetensors")(ids, mask, tt)
+    torch.testing.assert_close(by_folder, by_file, rtol=0, atol=0)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    assert 0 < (by_folder - full).abs().max() < 1  # the stored 4-bit weights are used
+    # two candidates: the error names both and what the folder needs
+    lowbit.quantize_checkpoint(path / "model.safetensors", q / "model.q8.safetensors", lowbit.QuantSpec(8))
+    with pytest.raises(lowbit.LowbitValueError) as e:
+        BertEncoder.load(q)
+    msg = str(e.value)
+    for want in ("config.json", "model.q4.safetensors", "model.q8.safetensors", "model.safetensors",
+                 "give the path"):
+        assert want in msg, msg
+    # a PyTorch checkpoint only
+    pt = tmp_path / "pt"
+    pt.mkdir()
+    (pt / "config.json").write_text("{}")
+    (pt / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(lowbit.LowbitValueError, match=r"pytorch_model\.bin.*safe_serialization=True"):
+        BertEncoder.load(pt)
+    # model.safetensors wins over other files, as before
+    (path / "model.q4.safetensors").write_bytes((q / "model.q4.safetensors").read_bytes())
+    torch.testing.assert_close(BertEncoder.load(path)(ids, mask, tt), full, rtol=0, atol=1e-4)

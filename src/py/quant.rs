@@ -607,14 +607,20 @@ fn reports(py: Python<'_>, rs: Vec<Report>) -> PyResult<Vec<Bound<'_, PyDict>>> 
 }
 
 #[pyfunction]
+#[pyo3(signature = (src, dst, spec, include=Vec::new(), exclude=Vec::new()))]
 pub fn quantize_checkpoint<'py>(
     py: Python<'py>,
     src: PathBuf,
     dst: PathBuf,
     spec: &QuantSpec,
+    include: Vec<String>,
+    exclude: Vec<String>,
 ) -> PyResult<Vec<Bound<'py, PyDict>>> {
     let sp = spec.0;
-    let rs = detach(py, || checkpoint::quantize_file(&src, &dst, sp))?;
+    let filter = checkpoint::TensorFilter { include, exclude };
+    let rs = detach(py, || {
+        checkpoint::quantize_file_filtered(&src, &dst, sp, &filter)
+    })?;
     reports(py, rs)
 }
 

@@ -233,20 +233,156 @@ pub(crate) fn parse<'a>(
     Ok((st, meta))
 }
 
+/// Which tensors of a checkpoint `quantize_file_filtered` quantizes, by name: those matching
+/// one of `include` (every tensor when it is empty) and none of `exclude`. A pattern is an exact
+/// name or a glob with Python's `fnmatch.fnmatchcase` rules (`*`, `?`, `[seq]`, `[!seq]`; case
+/// matters and `*` crosses dots).
+#[derive(Clone, Debug, Default)]
+pub struct TensorFilter {
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+impl TensorFilter {
+    /// Whether `name` is to be quantized (if it is a floating 2-D tensor).
+    pub fn selects(&self, name: &str) -> bool {
+        (self.include.is_empty() || self.include.iter().any(|p| glob_match(p, name)))
+            && !self.exclude.iter().any(|p| glob_match(p, name))
+    }
+}
+
+/// One element of a glob pattern.
+enum Glob {
+    Star,
+    Any,
+    Lit(char),
+    /// `[...]`: single characters and inclusive ranges, or their complement.
+    Class(bool, Vec<(char, char)>),
+}
+
+/// `pattern` as `Glob` elements, with `fnmatch.translate`'s rules: a `[` without its `]` is a
+/// literal; `!` first negates; a `]` right after `[` or `[!` is a member; `a-z` is a range, and a
+/// reversed range is empty.
+fn glob_parse(pattern: &str) -> Vec<Glob> {
+    let p: Vec<char> = pattern.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < p.len() {
+        let c = p[i];
+        i += 1;
+        match c {
+            '*' => {
+                if !matches!(out.last(), Some(Glob::Star)) {
+                    out.push(Glob::Star)
+                }
+            }
+            '?' => out.push(Glob::Any),
+            '[' => {
+                let mut j = i;
+                if p.get(j) == Some(&'!') {
+                    j += 1;
+                }
+                if p.get(j) == Some(&']') {
+                    j += 1;
+                }
+                while j < p.len() && p[j] != ']' {
+                    j += 1;
+                }
+                if j >= p.len() {
+                    out.push(Glob::Lit('['));
+                    continue;
+                }
+                let mut body = &p[i..j];
+                i = j + 1;
+                let negated = body.first() == Some(&'!');
+                if negated {
+                    body = &body[1..];
+                }
+                let mut members = Vec::new();
+                let mut k = 0;
+                while k < body.len() {
+                    if k + 2 < body.len() && body[k + 1] == '-' {
+                        members.push((body[k], body[k + 2]));
+                        k += 3;
+                    } else {
+                        members.push((body[k], body[k]));
+                        k += 1;
+                    }
+                }
+                out.push(Glob::Class(negated, members));
+            }
+            c => out.push(Glob::Lit(c)),
+        }
+    }
+    out
+}
+
+/// Whether the whole of `name` matches `pattern` (see `TensorFilter`).
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let g = glob_parse(pattern);
+    let s: Vec<char> = name.chars().collect();
+    let one = |e: &Glob, c: char| match e {
+        Glob::Any => true,
+        Glob::Lit(l) => *l == c,
+        Glob::Class(neg, m) => m.iter().any(|&(a, b)| a <= c && c <= b) != *neg,
+        Glob::Star => unreachable!("a star is matched by the loop"),
+    };
+    // Greedy with backtracking to the last star: each element but a star takes one character.
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        match g.get(pi) {
+            Some(Glob::Star) => {
+                star = Some((pi, si));
+                pi += 1;
+            }
+            Some(e) if one(e, s[si]) => {
+                pi += 1;
+                si += 1;
+            }
+            _ => match star {
+                Some((sp, ss)) => {
+                    pi = sp + 1;
+                    si = ss + 1;
+                    star = Some((sp, ss + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    g[pi..].iter().all(|e| matches!(e, Glob::Star))
+}
+
 /// Quantizes every floating-point 2-D tensor of the safetensors file `input` with `spec` and
 /// writes the quantized checkpoint to `output` atomically. Other tensors are copied.
+pub fn quantize_file(input: &Path, output: &Path, spec: QuantSpec) -> Result<Vec<Report>> {
+    quantize_file_filtered(input, output, spec, &TensorFilter::default())
+}
+
+/// `quantize_file` of the floating 2-D tensors `filter` selects; the others are stored as they
+/// are. The same input gives the same bytes.
 ///
 /// One tensor at a time from the memory-mapped input: each is quantized, then its pages are
 /// released, so memory holds the quantized output and one tensor, not the input file.
-pub fn quantize_file(input: &Path, output: &Path, spec: QuantSpec) -> Result<Vec<Report>> {
+pub fn quantize_file_filtered(
+    input: &Path,
+    output: &Path,
+    spec: QuantSpec,
+    filter: &TensorFilter,
+) -> Result<Vec<Report>> {
     let map = map_file(input)?;
+    // A quantized input is refused before its tensors (or its digest) are read.
+    if let Ok((_, m)) = SafeTensors::read_metadata(&map) {
+        ensure!(
+            !m.metadata()
+                .as_ref()
+                .is_some_and(|m| m.contains_key(QUANTIZED_KEY)),
+            "{} is already quantized by lowbit",
+            input.display()
+        );
+    }
     let (st, meta) = parse(&map, input)?;
     release(&map, &map); // read once by the integrity check
-    ensure!(
-        !meta.contains_key(QUANTIZED_KEY),
-        "{} is already quantized by lowbit",
-        input.display()
-    );
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
     let mut quantized = Vec::new();
@@ -267,7 +403,7 @@ pub fn quantize_file(input: &Path, output: &Path, spec: QuantSpec) -> Result<Vec
             bytes_before: before,
             bytes_after: before,
         };
-        let fd = if shape.len() == 2 {
+        let fd = if shape.len() == 2 && filter.selects(&name) {
             float_data(&t)
         } else {
             None
@@ -385,7 +521,7 @@ fn write_checkpoint(
             "two tensors would be stored under the name {n:?}"
         );
     }
-    let mut meta: HashMap<String, String> = extra.clone().into_iter().collect();
+    let mut meta = extra.clone();
     meta.insert(FORMAT_KEY.to_string(), FORMAT.to_string());
     meta.insert(
         QUANTIZED_KEY.to_string(),
@@ -395,7 +531,7 @@ fn write_checkpoint(
 }
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`, so an
-/// interrupted write leaves any previous file intact.
+/// interrupted write leaves any previous file intact (see `write_atomic_with`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     write_atomic_with(path, |f| f.write_all(bytes))
@@ -403,6 +539,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// `write_atomic` of what `write` writes into the temporary file; when it fails, the temporary
 /// file is removed and `path` is left as it was.
+///
+/// On Linux the temporary file is unnamed (`O_TMPFILE`, on the file systems that have it: ext4,
+/// XFS, Btrfs, tmpfs, ...): a writer killed while writing (even by SIGKILL) leaves nothing
+/// behind, since the file gets a name (`.lowbit-XXXXXX.tmp`) only once it is complete and
+/// synced, just before the rename. Elsewhere the temporary file is named from the start, and a
+/// killed writer can leave it.
 pub fn write_atomic_with(
     path: &Path,
     write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
@@ -412,27 +554,87 @@ pub fn write_atomic_with(
         _ => Path::new("."),
     };
     let ctx = |what: &str| format!("cannot {what} {}", path.display());
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".lowbit-")
-        .suffix(".tmp")
+    let builder = || {
+        let mut b = tempfile::Builder::new();
+        b.prefix(".lowbit-").suffix(".tmp");
+        b
+    };
+    #[cfg(target_os = "linux")]
+    if let Some(mut file) = unnamed_temp(dir) {
+        write(&mut file).map_err(|e| Error::io(ctx("write"), e))?;
+        finish(&file, path, &ctx)?;
+        // Named only now, complete: the window a kill could leave it in is two system calls.
+        let tmp = builder()
+            .make_in(dir, |name| link_unnamed(&file, name))
+            .map_err(|e| Error::io(ctx("name the temporary file for"), e))?;
+        tmp.persist(path)
+            .map_err(|e| Error::io(ctx("replace"), e.error))?;
+        return Ok(());
+    }
+    let mut tmp = builder()
         .tempfile_in(dir)
         .map_err(|e| Error::io(ctx("create a temporary file for"), e))?;
     write(tmp.as_file_mut()).map_err(|e| Error::io(ctx("write"), e))?;
-    // The temporary file is private (0600); the result gets the mode a plain write would give.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = new_file_mode(path);
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(|e| Error::io(ctx("set the permissions of"), e))?;
-    }
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io(ctx("sync"), e))?;
+    finish(tmp.as_file(), path, &ctx)?;
     tmp.persist(path)
         .map_err(|e| Error::io(ctx("replace"), e.error))?;
     Ok(())
+}
+
+/// Gives the written temporary file the mode a plain write would (a temporary file is private,
+/// 0600) and syncs it.
+fn finish(f: &std::fs::File, path: &Path, ctx: &dyn Fn(&str) -> String) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(new_file_mode(path)))
+            .map_err(|e| Error::io(ctx("set the permissions of"), e))?;
+    }
+    f.sync_all().map_err(|e| Error::io(ctx("sync"), e))
+}
+
+/// An unnamed file in `dir` (`O_TMPFILE`), or `None` where the kernel or the file system has
+/// none, or where `/proc/self/fd` (through which it is linked, see `link_unnamed`) is missing.
+#[cfg(target_os = "linux")]
+fn unnamed_temp(dir: &Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !Path::new("/proc/self/fd").is_dir() {
+        return None;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(dir)
+        .ok()
+}
+
+/// Links the unnamed file `f` at `name` (`linkat` of its `/proc/self/fd` entry, which needs no
+/// privilege, unlike `AT_EMPTY_PATH`).
+#[cfg(target_os = "linux")]
+fn link_unnamed(f: &std::fs::File, name: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::AsRawFd;
+    let src = CString::new(format!("/proc/self/fd/{}", f.as_raw_fd())).expect("no NUL");
+    let dst = CString::new(name.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The mode of the file `path` replaces, or `0666` less the process's umask for a new one (read
@@ -692,7 +894,7 @@ pub fn dequantize_file(input: &Path, output: &Path) -> Result<Vec<Report>> {
                 .map_err(|e| Error::value(format!("tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    integrity::write(output, views, user_metadata(&meta).into_iter().collect())?;
+    integrity::write(output, views, user_metadata(&meta))?;
     Ok(reports)
 }
 
@@ -721,6 +923,90 @@ mod tests {
             ),
         ];
         std::fs::write(path, safetensors::serialize(tensors, None).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn globs_follow_fnmatch() {
+        for (pat, name, want) in [
+            ("w", "w", true),
+            ("w", "ww", false),
+            ("*", "", true),
+            ("*embed*", "bert.embeddings.word_embeddings.weight", true),
+            ("*.weight", "a.bias", false),
+            ("encoder.layer.?.*", "encoder.layer.3.x", true),
+            ("encoder.layer.?.*", "encoder.layer.10.x", false),
+            ("[ab]x", "bx", true),
+            ("[!ab]x", "bx", false),
+            ("[!ab]x", "cx", true),
+            ("[a-c]", "b", true),
+            ("[c-a]", "b", false),
+            ("[]]", "]", true),
+            ("[!]]", "a", true),
+            ("[a-]", "-", true),
+            ("[", "[", true),
+            ("a[b", "a[b", true),
+            ("**a", "xa", true),
+            ("*a*b*", "xaybz", true),
+            ("*a*b", "xaybz", false),
+        ] {
+            assert_eq!(glob_match(pat, name), want, "{pat:?} {name:?}");
+        }
+        let f = TensorFilter {
+            include: vec!["enc*".into()],
+            exclude: vec!["enc.1".into()],
+        };
+        assert!(f.selects("enc.0") && !f.selects("enc.1") && !f.selects("dec.0"));
+        assert!(TensorFilter::default().selects("anything"));
+    }
+
+    #[test]
+    fn excluded_tensors_are_stored_as_they_are_and_output_is_reproducible() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.safetensors");
+        write_input(&a);
+        let spec = QuantSpec::new(4, true, Granularity::Group, 0, Some(32)).unwrap();
+        let filter = TensorFilter {
+            include: vec![],
+            exclude: vec!["h".into()],
+        };
+        let (q1, q2) = (dir.path().join("q1"), dir.path().join("q2"));
+        let rep = quantize_file_filtered(&a, &q1, spec, &filter).unwrap();
+        quantize_file_filtered(&a, &q2, spec, &filter).unwrap();
+        assert_eq!(std::fs::read(&q1).unwrap(), std::fs::read(&q2).unwrap());
+        let bits: BTreeMap<_, _> = rep.iter().map(|r| (r.name.as_str(), r.bits)).collect();
+        assert_eq!(bits["w"], Some(4));
+        assert_eq!(bits["h"], None);
+        let bytes = std::fs::read(&a).unwrap();
+        let src = SafeTensors::deserialize(&bytes).unwrap();
+        let loaded = load(&q1).unwrap();
+        match &loaded.iter().find(|(n, _)| n == "h").unwrap().1 {
+            Entry::Raw { dtype, data, .. } => {
+                assert_eq!(*dtype, Dtype::F16);
+                assert_eq!(data.as_slice(), src.tensor("h").unwrap().data());
+            }
+            Entry::Quantized { .. } => panic!("h was excluded"),
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn writes_go_through_an_unnamed_temporary() {
+        // While `write` runs the folder holds only the old file: the temporary file has no name.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        write_atomic(&path, b"old").unwrap();
+        write_atomic_with(&path, |f| {
+            use std::io::Write;
+            let names: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, ["f"]);
+            f.write_all(b"new")
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

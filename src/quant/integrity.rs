@@ -4,16 +4,24 @@
 //! (8-byte header length, JSON header, tensor data) with the 64 digits of the value itself
 //! replaced by ASCII `0`s. It covers the tensor data and the header (names, dtypes, shapes,
 //! offsets, metadata), is one pass over the file, and lets the writer stream the data and patch
-//! the digest into the header afterwards. Files without the key (other tools') load unchecked.
+//! the digest into the header afterwards. Files without the key (other tools') load unchecked,
+//! unless their metadata carries any other `lowbit.` key: a file lowbit marks as its own must
+//! carry its digest, so renaming or deleting the key cannot switch the check off.
+//!
+//! The header is serialized with its metadata in key order, so the same tensors and metadata
+//! always give the same bytes.
 use super::checkpoint::write_atomic_with;
 use crate::{Error, Result};
 use safetensors::tensor::{Metadata, TensorInfo, TensorView};
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
 pub const SHA256_KEY: &str = "lowbit.sha256";
+/// Metadata keys under this prefix are lowbit's: a file with any of them must carry `SHA256_KEY`.
+pub const LOWBIT_PREFIX: &str = "lowbit.";
 const ZEROS: [u8; 64] = [b'0'; 64];
 
 fn hex(d: &[u8]) -> String {
@@ -36,12 +44,32 @@ fn digest_at(header: &[u8], digest: &str) -> Option<usize> {
     Some(i + pat.len() - 65)
 }
 
+/// A safetensors header as lowbit writes it: `__metadata__` first, its keys in order (a
+/// `HashMap`, which safetensors' own `Metadata` serializes, would order them anew on each run),
+/// then the tensors in data order.
+struct Header<'a> {
+    meta: &'a BTreeMap<String, String>,
+    tensors: &'a [(String, TensorInfo)],
+}
+
+impl Serialize for Header<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.tensors.len() + 1))?;
+        map.serialize_entry("__metadata__", self.meta)?;
+        for (name, info) in self.tensors {
+            map.serialize_entry(name, info)?;
+        }
+        map.end()
+    }
+}
+
 /// Writes `tensors` and `meta` as a safetensors file carrying its `SHA256_KEY`, atomically.
-/// Tensor data streams from the views into the file: only the header is built in memory.
+/// Tensor data streams from the views into the file: only the header is built in memory. The
+/// same tensors and metadata give the same bytes.
 pub fn write(
     path: &Path,
     mut tensors: Vec<(String, TensorView<'_>)>,
-    mut meta: HashMap<String, String>,
+    mut meta: BTreeMap<String, String>,
 ) -> Result<()> {
     meta.insert(
         SHA256_KEY.to_string(),
@@ -62,9 +90,14 @@ pub fn write(
             };
             (name.clone(), info)
         })
-        .collect();
-    let header = Metadata::new(Some(meta), infos)
+        .collect::<Vec<_>>();
+    // safetensors' checks (offsets in order); its serialization is not used (see `Header`).
+    Metadata::new(None, infos.clone())
         .map_err(|e| Error::value(format!("cannot serialize: {e}")))?;
+    let header = Header {
+        meta: &meta,
+        tensors: &infos,
+    };
     let mut header = serde_json::to_vec(&header).expect("plain data serializes");
     header.resize(header.len().next_multiple_of(8), b' ');
     let at = 8 + digest_at(&header, std::str::from_utf8(&ZEROS).expect("ASCII"))
@@ -88,7 +121,12 @@ pub fn write(
 }
 
 /// Checks `bytes` (a whole safetensors file whose header is `header_len` bytes and whose
-/// metadata is `meta`) against its `SHA256_KEY`, when it has one.
+/// metadata is `meta`) against its `SHA256_KEY`. A file without the key passes only when no
+/// metadata key is lowbit's (`LOWBIT_PREFIX`): other tools' files load unchecked, but one lowbit
+/// marked as its own whose digest was removed or renamed is refused (except in fuzzing builds,
+/// `--cfg fuzzing`, whose unsealed seeds let mutations reach the parsers behind the digest,
+/// which anyone can recompute).
+#[allow(unexpected_cfgs)] // `fuzzing` is set by cargo-fuzz
 pub fn verify(
     bytes: &[u8],
     header_len: usize,
@@ -96,7 +134,23 @@ pub fn verify(
     path: &Path,
 ) -> Result<()> {
     let Some(want) = meta.get(SHA256_KEY) else {
-        return Ok(());
+        let mut marks: Vec<&str> = meta
+            .keys()
+            .map(String::as_str)
+            .filter(|k| k.starts_with(LOWBIT_PREFIX))
+            .collect();
+        if marks.is_empty() || cfg!(fuzzing) {
+            return Ok(());
+        }
+        marks.sort_unstable();
+        return Err(Error::format(format!(
+            "{}: the file carries lowbit metadata ({}) but no {SHA256_KEY}: every file lowbit \
+             writes has one, so the file was modified after lowbit wrote it and cannot be \
+             checked (save it again with lowbit, or remove lowbit's metadata keys to load it as \
+             a plain safetensors file)",
+            path.display(),
+            marks.join(", ")
+        )));
     };
     let well_formed = want.len() == 64
         && want
@@ -180,6 +234,73 @@ mod tests {
         std::fs::write(&path, safetensors::serialize([("x", t)], None).unwrap()).unwrap();
         let map = checkpoint::map_file(&path).unwrap();
         checkpoint::parse(&map, &path).unwrap();
+    }
+
+    #[test]
+    fn a_lowbit_file_without_its_digest_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        let entries = vec![("w".to_string(), raw(&[1.0, 2.0, 3.0]))];
+        checkpoint::save(&path, &entries, &BTreeMap::new()).unwrap();
+        // The key renamed (same length: the header stays valid) and a value set to +inf.
+        let mut b = std::fs::read(&path).unwrap();
+        let at = b
+            .windows(13)
+            .position(|w| w == SHA256_KEY.as_bytes())
+            .unwrap();
+        b[at + 12] = b'4';
+        let n = b.len();
+        b[n - 4..].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        let bad = dir.path().join("renamed.safetensors");
+        std::fs::write(&bad, &b).unwrap();
+        let err = checkpoint::load(&bad).unwrap_err();
+        assert!(matches!(err, Error::Format(_)), "{err}");
+        assert!(
+            err.to_string().contains("no lowbit.sha256")
+                && err.to_string().contains("lowbit.format"),
+            "{err}"
+        );
+        // Removed: any lowbit key marks the file, not only lowbit.format.
+        let data = [1f32, 2.0];
+        let t = TensorView::new(Dtype::F32, vec![2], bytemuck::cast_slice(&data)).unwrap();
+        let meta = HashMap::from([("lowbit.multitask".to_string(), "{}".to_string())]);
+        std::fs::write(
+            &bad,
+            safetensors::serialize([("x", t)], Some(meta)).unwrap(),
+        )
+        .unwrap();
+        let map = checkpoint::map_file(&bad).unwrap();
+        let err = checkpoint::parse(&map, &bad).unwrap_err();
+        assert!(err.to_string().contains("lowbit.multitask"), "{err}");
+    }
+
+    #[test]
+    fn the_same_input_gives_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let extra: BTreeMap<String, String> = (0..16)
+            .map(|i| (format!("key{i}"), format!("value{i}")))
+            .collect();
+        let entries = vec![
+            ("b".to_string(), raw(&[1.0, 2.0, 3.0])),
+            ("a".to_string(), raw(&[4.0])),
+        ];
+        let bytes: Vec<Vec<u8>> = (0..4)
+            .map(|i| {
+                let p = dir.path().join(format!("{i}.safetensors"));
+                checkpoint::save(&p, &entries, &extra).unwrap();
+                std::fs::read(&p).unwrap()
+            })
+            .collect();
+        assert!(bytes.windows(2).all(|w| w[0] == w[1]));
+        let text = String::from_utf8_lossy(&bytes[0]);
+        let keys: Vec<usize> = ["key0\"", "key1\"", "key10\"", "key2\"", SHA256_KEY]
+            .iter()
+            .map(|k| text.find(k).unwrap())
+            .collect();
+        assert!(
+            keys.windows(2).all(|w| w[0] < w[1]),
+            "metadata in key order"
+        );
     }
 
     #[test]

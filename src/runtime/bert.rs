@@ -68,16 +68,50 @@ pub struct BertEncoder {
     pooler: Option<Linear>,
 }
 
-/// The folder and the weights file of a checkpoint given as either.
+/// The folder and the weights file of a checkpoint given as either. A folder holds
+/// `model.safetensors` (what `save_pretrained` writes), or else exactly one `.safetensors` file
+/// (say, the `model.q4.safetensors` that `lowbit quantize` wrote beside `config.json`).
 fn locate(path: &Path) -> Result<(PathBuf, PathBuf)> {
     if path.is_dir() {
         let st = path.join("model.safetensors");
-        ensure!(
-            st.is_file(),
-            "{} has no model.safetensors (save with safe_serialization=True)",
+        if st.is_file() {
+            return Ok((path.to_path_buf(), st));
+        }
+        let mut names: Vec<String> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(format!("cannot list {}", path.display()), e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let weights: Vec<&String> = names
+            .iter()
+            .filter(|n| n.ends_with(".safetensors"))
+            .collect();
+        if let [one] = weights[..] {
+            return Ok((path.to_path_buf(), path.join(one)));
+        }
+        let found = if names.is_empty() {
+            "nothing".to_string()
+        } else {
+            names.join(", ")
+        };
+        let why = if weights.is_empty() {
+            "no .safetensors file (a PyTorch .bin checkpoint is not read: save it with \
+             save_pretrained(..., safe_serialization=True))"
+                .to_string()
+        } else {
+            format!(
+                "{} .safetensors files and no model.safetensors: give the path of the one to load",
+                weights.len()
+            )
+        };
+        Err(Error::value(format!(
+            "{} holds {found}: a BERT checkpoint folder needs config.json and model.safetensors, or \
+             config.json and a single .safetensors file (such as one lowbit quantize wrote); \
+             it has {why}",
             path.display()
-        );
-        Ok((path.to_path_buf(), st))
+        )))
     } else if path.is_file() {
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         Ok((dir, path.to_path_buf()))
@@ -89,15 +123,78 @@ fn locate(path: &Path) -> Result<(PathBuf, PathBuf)> {
     }
 }
 
+/// The largest size a config field may give: ids and offsets stay within 32-bit integers.
+const MAX_SIZE: u64 = i32::MAX as u64;
+
+/// The integer fields of a BERT config, in `BertConfig`'s order, with the least value each may
+/// take (0 for `num_hidden_layers`: an encoder of the embeddings only).
+const SIZE_FIELDS: [(&str, u64); 7] = [
+    ("vocab_size", 1),
+    ("hidden_size", 1),
+    ("num_hidden_layers", 0),
+    ("num_attention_heads", 1),
+    ("intermediate_size", 1),
+    ("max_position_embeddings", 1),
+    ("type_vocab_size", 1),
+];
+
+fn check_size(field: &str, v: u64, least: u64) -> Result<()> {
+    ensure!(
+        (least..=MAX_SIZE).contains(&v),
+        "BERT config: {field} must be an integer in {least}..={MAX_SIZE}, got {v}"
+    );
+    Ok(())
+}
+
+fn check_eps(eps: f64) -> Result<()> {
+    // Used in float32: a value that rounds to 0 there is 0.
+    ensure!(
+        eps.is_finite() && eps > 0.0 && (eps as f32) > 0.0 && (eps as f32).is_finite(),
+        "BERT config: layer_norm_eps must be a positive finite number (float32), got {eps}"
+    );
+    Ok(())
+}
+
 impl BertConfig {
+    /// Parses and validates a `config.json`; a numeric field of the wrong type or out of range
+    /// is named in the error.
     pub fn from_json(text: &str) -> Result<Self> {
-        let c: BertConfig = serde_json::from_str(text)
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::value(format!("bad BERT config.json: {e}")))?;
+        if let Some(obj) = v.as_object() {
+            for (field, least) in SIZE_FIELDS {
+                match obj.get(field) {
+                    None => {}
+                    Some(x) => match x.as_u64() {
+                        Some(n) => check_size(field, n, least)?,
+                        None => {
+                            return Err(Error::value(format!(
+                                "BERT config: {field} must be an integer in {least}..={MAX_SIZE}, \
+                                 got {x}"
+                            )))
+                        }
+                    },
+                }
+            }
+            if let Some(x) = obj.get("layer_norm_eps") {
+                match x.as_f64() {
+                    Some(e) => check_eps(e)?,
+                    None => {
+                        return Err(Error::value(format!(
+                            "BERT config: layer_norm_eps must be a positive finite number, got {x}"
+                        )))
+                    }
+                }
+            }
+        }
+        let c: BertConfig = serde_json::from_value(v)
             .map_err(|e| Error::value(format!("bad BERT config.json: {e}")))?;
         c.validate()?;
         Ok(c)
     }
 
-    /// Checks what the encoder supports and that the sizes fit together.
+    /// Checks what the encoder supports, that every size is sane (positive, at most 2^31 - 1),
+    /// `layer_norm_eps` positive and finite, and that the sizes fit together.
     pub fn validate(&self) -> Result<()> {
         let c = self;
         ensure!(
@@ -105,15 +202,24 @@ impl BertConfig {
             "only absolute position embeddings are supported, got {:?}",
             c.position_embedding_type
         );
+        let sizes = [
+            c.vocab_size,
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.intermediate_size,
+            c.max_position_embeddings,
+            c.type_vocab_size,
+        ];
+        for ((field, least), v) in SIZE_FIELDS.into_iter().zip(sizes) {
+            check_size(field, v as u64, least)?;
+        }
+        check_eps(c.layer_norm_eps)?;
         ensure!(
-            c.num_attention_heads > 0 && c.hidden_size % c.num_attention_heads == 0,
-            "hidden_size {} is not a multiple of num_attention_heads {}",
+            c.hidden_size % c.num_attention_heads == 0,
+            "BERT config: hidden_size {} is not a multiple of num_attention_heads {}",
             c.hidden_size,
             c.num_attention_heads
-        );
-        ensure!(
-            c.vocab_size > 0 && c.type_vocab_size > 0 && c.max_position_embeddings > 0,
-            "vocab_size, type_vocab_size and max_position_embeddings must be positive"
         );
         Activation::parse(&c.hidden_act)?;
         Ok(())
@@ -171,7 +277,10 @@ impl BertEncoder {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path)
             .map_err(|e| Error::io(format!("cannot read {}", cfg_path.display()), e))?;
-        let config = BertConfig::from_json(&text)?;
+        let config = BertConfig::from_json(&text).map_err(|e| match e {
+            Error::Value(m) => Error::Value(format!("{}: {m}", cfg_path.display())),
+            e => e,
+        })?;
         let w = Weights::load(&file)?;
         let prefix = if w.names().any(|n| n.starts_with("bert.")) {
             "bert."
@@ -372,5 +481,53 @@ impl BertEncoder {
         let mask = mask.slice(l);
         let hs = self.forward(ids.slice(l), mask, types.map(|t| t.slice_move(l)), None)?;
         mean_pool(&hs, Some(&mask.iter().copied().collect::<Vec<_>>()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 16}"#;
+
+    fn with(field: &str, value: &str) -> Result<BertConfig> {
+        let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+        v[field] = serde_json::from_str(value).unwrap();
+        BertConfig::from_json(&v.to_string())
+    }
+
+    #[test]
+    fn every_numeric_field_is_validated_by_name() {
+        assert!(BertConfig::from_json(GOOD).is_ok());
+        assert!(with("num_hidden_layers", "0").is_ok());
+        for (field, value) in [
+            ("layer_norm_eps", "-1"),
+            ("layer_norm_eps", "0"),
+            ("layer_norm_eps", "1e-50"),
+            ("layer_norm_eps", "1e300"),
+            ("layer_norm_eps", "\"small\""),
+            ("hidden_size", "0"),
+            ("hidden_size", "18446744073709551616"),
+            ("hidden_size", "4294967296"),
+            ("hidden_size", "-8"),
+            ("hidden_size", "8.5"),
+            ("vocab_size", "0"),
+            ("num_attention_heads", "0"),
+            ("num_attention_heads", "3"),
+            ("intermediate_size", "0"),
+            ("max_position_embeddings", "0"),
+            ("type_vocab_size", "0"),
+            ("num_hidden_layers", "18446744073709551615"),
+        ] {
+            let err = with(field, value).unwrap_err();
+            assert!(matches!(err, Error::Value(_)), "{field} = {value}: {err}");
+            let want = if value == "3" {
+                "num_attention_heads"
+            } else {
+                field
+            };
+            assert!(err.to_string().contains(want), "{field} = {value}: {err}");
+        }
     }
 }
