@@ -4,6 +4,7 @@ pub mod bitnet;
 pub mod calib;
 pub mod error;
 pub mod nas;
+pub mod pool;
 pub mod quant;
 pub mod runtime;
 

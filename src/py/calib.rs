@@ -1,6 +1,6 @@
 //! Bindings of `crate::calib`: one `Observer` core class; `lowbit.calib` gives it its names.
 use super::quant::{float_in, FloatIn};
-use super::{detach, to_pyerr, value_error};
+use super::{detach_locked, to_pyerr, value_error};
 use crate::calib::{search, Histogram, Method, MinMax, PerChannelMinMax};
 use crate::quant::affine::check_axis;
 use crate::quant::{Elem, QRange};
@@ -280,9 +280,7 @@ impl Observer {
         py: Python<'_>,
         f: impl FnOnce(&mut Inner) -> Result<T> + Send,
     ) -> PyResult<T> {
-        detach(py, || {
-            f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
-        })
+        detach_locked(py, &self.inner, f)
     }
 
     fn snapshot(&self, py: Python<'_>) -> PyResult<Inner> {

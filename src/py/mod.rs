@@ -109,9 +109,31 @@ pub(crate) fn shape_arg(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> 
         .collect()
 }
 
-/// Runs a core call with the GIL released; a core error becomes its Python exception and a
-/// panic (a lowbit bug) becomes `LowbitError` instead of `PanicException`.
+/// Runs a core call with the GIL released, where its parallel loops have threads (also in a
+/// forked child: `crate::pool`); a core error becomes its Python exception and a panic (a lowbit
+/// bug) becomes `LowbitError` instead of `PanicException`.
 pub(crate) fn detach<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    detach_with(py, || crate::pool::run(f))
+}
+
+/// `detach` for a call on state behind `lock`: the lock is taken on the calling thread, with
+/// the GIL released, before the work enters a pool (see `crate::pool::run`).
+pub(crate) fn detach_locked<I: Send, T: Send>(
+    py: Python<'_>,
+    lock: &std::sync::Mutex<I>,
+    f: impl FnOnce(&mut I) -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    detach_with(py, || {
+        let mut guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let state: &mut I = &mut guard;
+        crate::pool::run(|| f(state))
+    })
+}
+
+fn detach_with<T: Send>(
     py: Python<'_>,
     f: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
