@@ -72,6 +72,8 @@ def main() -> None:
     import lowbit
     import lowbit.bitnet as bn
 
+    lowbit.show_config()  # the machine and the kernel paths behind every figure below
+
     rng = np.random.default_rng(0)
     g = torch.from_numpy(rng.standard_normal((2048, 2048), dtype=np.float32))
     gemm = 2 * 2048**3 / best_time(lambda: torch.matmul(g, g), rep) / 1e9

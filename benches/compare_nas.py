@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from benchutil import best_time
 
+import lowbit
 import lowbit.nas as nas
 
 
@@ -195,6 +196,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the fit validation points here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    lowbit.show_config()  # the machine and the kernel paths behind every figure below
     host = nas.devices()["host"]
     print(f"lowbit {__import__('lowbit').__version__}, torch {torch.__version__}, threads {args.threads}; "
           f"ceiling (host profile): float32 GEMM {host.peak_gops['f32']} GFLOP/s, copy {host.bandwidth_gbs} GB/s\n")

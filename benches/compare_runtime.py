@@ -52,6 +52,7 @@ def main() -> None:
     import lowbit.crossval as cv
     import lowbit.nas as nas
     from lowbit.runtime import BertEncoder
+    lowbit.show_config()  # the machine and the kernel paths behind every figure below
 
     torch.manual_seed(0)
     h = args.hidden

@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    lowbit.show_config()  # the machine and the kernel paths behind every figure below
     n, rep = args.size, args.repeat
 
     bw = copy_bandwidth(rep)

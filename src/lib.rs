@@ -2,6 +2,7 @@
 
 pub mod bitnet;
 pub mod calib;
+pub mod config;
 pub mod error;
 pub mod nas;
 pub mod pool;

@@ -21,6 +21,7 @@ from lowbit._lowbit import (
     __version__,
 )
 from lowbit import bitnet, calib, crossval, nas, runtime
+from lowbit._config import show_config
 from lowbit.bitnet import activation_quant, binary_quantize, pack, pack_ternary, ternary_quantize, unpack, unpack_ternary
 from lowbit._quant import (
     checkpoint_metadata,
@@ -81,4 +82,5 @@ __all__ = [
     "ternary_quantize",
     "unpack",
     "unpack_ternary",
+    "show_config",
 ]

@@ -164,12 +164,58 @@ pub(crate) fn detach_on_pool<T: Send>(
     detach(py, || rayon::scope(|_| f()))
 }
 
+/// `lowbit.show_config()`'s facts: (section, key, value) rows.
+#[pyfunction]
+fn build_config() -> Vec<(String, String, String)> {
+    let mut rows = vec![];
+    let mut add = |s: &str, k: &str, v: String| rows.push((s.into(), k.into(), v));
+    add("lowbit", "version", env!("CARGO_PKG_VERSION").into());
+    add(
+        "build",
+        "target",
+        format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+    );
+    add(
+        "build",
+        "profile",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "optimized"
+        }
+        .into(),
+    );
+    add("build", "allocator", "mimalloc".into());
+    for (f, on) in crate::config::cpu_features() {
+        add("cpu", f, if on { "yes" } else { "no" }.into());
+    }
+    for (area, path) in crate::config::kernel_paths() {
+        add("kernels", area, path.into());
+    }
+    add(
+        "threads",
+        "rayon threads",
+        crate::pool::threads().to_string(),
+    );
+    for var in ["LOWBIT_SIMD", "LOWBIT_KERNEL", "RAYON_NUM_THREADS"] {
+        add(
+            "environment",
+            var,
+            std::env::var(var).unwrap_or_else(|_| "(unset)".into()),
+        );
+    }
+    rows
+}
+
 #[pymodule]
 mod _lowbit {
     use super::*;
 
     #[pymodule_export]
     use super::LowbitError;
+
+    #[pymodule_export]
+    use super::build_config;
 
     #[pymodule_export]
     use super::calib::Observer;

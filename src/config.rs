@@ -1,0 +1,62 @@
+//! What this build found on this machine and chose: the CPU's instruction sets, the kernel path
+//! of each area, threads, allocator. `lowbit.show_config()` prints it; benchmarks print it first,
+//! since a figure means little without the CPU it came from.
+
+/// Instruction sets the CPU reports, by name, each with whether it is present.
+pub fn cpu_features() -> Vec<(&'static str, bool)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! x86 {
+            ($($f:tt),*) => { vec![$(($f, std::arch::is_x86_feature_detected!($f))),*] };
+        }
+        x86!(
+            "sse4.1",
+            "avx2",
+            "fma",
+            "f16c",
+            "popcnt",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512dq",
+            "avx512vnni",
+            "avx512vpopcntdq",
+            "avx512bf16",
+            "avxvnni"
+        )
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        macro_rules! arm {
+            ($($f:tt),*) => { vec![$(($f, std::arch::is_aarch64_feature_detected!($f))),*] };
+        }
+        arm!("neon", "dotprod", "i8mm", "sve", "bf16")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        vec![]
+    }
+}
+
+/// The path each area's kernels take (after `LOWBIT_SIMD` / `LOWBIT_KERNEL` caps).
+pub fn kernel_paths() -> Vec<(&'static str, &'static str)> {
+    let vector = if cfg!(target_arch = "x86_64") {
+        match crate::quant::simd::simd_level() {
+            2 => "avx2+fma",
+            1 => "sse4.1",
+            _ => "scalar",
+        }
+    } else if cfg!(target_arch = "aarch64") {
+        "neon (portable code vectorized by the compiler)"
+    } else {
+        "scalar"
+    };
+    vec![
+        ("quant (fake-quant, quantize, observers)", vector),
+        (
+            "bitnet (ternary / binary GEMM)",
+            crate::bitnet::kernel_name(),
+        ),
+        ("runtime (GEMM epilogues, attention, norms)", vector),
+    ]
+}
