@@ -9,7 +9,7 @@
 //! split into batches or observers: `merge(a, b)` equals one histogram over both inputs.
 use crate::quant::Elem;
 use crate::{ensure, Error, Result};
-use ndarray::{ArrayViewD, Axis};
+use ndarray::ArrayViewD;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -29,8 +29,11 @@ pub struct Histogram {
     pub total: u64,
 }
 
-/// Values per parallel binning task.
-const TASK: usize = 1 << 16;
+/// Fewest values a parallel binning task takes.
+const TASK: usize = 1 << 14;
+
+/// Values whose cell indices are computed together before their counts are added.
+const BLOCK: usize = 256;
 
 /// `floor(g / 2^d)` for `d >= 0`, without overflowing the shift.
 fn shift_floor(g: i64, d: i32) -> i64 {
@@ -53,49 +56,270 @@ fn grid_index(x: f32, e: i32) -> i64 {
     (x as f64 * pow2(-e)).floor() as i64
 }
 
-/// Adds values to counts on a grid, vectorized: bin indices a block at a time, then the counts.
-struct Binner<'a, E> {
-    xs: &'a [E],
-    exp: i32,
-    start: i64,
-    counts: &'a mut [u64],
+/// A grid's cell index relative to its bin 0, `floor(x / 2^exp) - start`, computed exactly in
+/// the float type of its variant (an integer result is exact, a result outside `[0, bins)`
+/// stays outside; NaN stays NaN).
+trait Cells: Copy {
+    fn cell(self, v: f32) -> f32;
 }
 
-impl<E: Elem> crate::quant::simd::Kernel for Binner<'_, E> {
-    type Output = ();
+/// Bins no wider than 1 (and not tiny): `x * 2^-exp` is exact in float32 (a power-of-two
+/// scaling that cannot underflow) and so is its floor; `start` has at most 24 significant bits.
+#[derive(Clone, Copy)]
+struct Narrow {
+    inv: f32,
+    start: f32,
+}
+
+/// Wider bins, or tiny ones: float64 keeps the scaling exact.
+#[derive(Clone, Copy)]
+struct Wide {
+    inv: f64,
+    start: f64,
+}
+
+impl Cells for Narrow {
     #[inline(always)]
-    fn run<S: crate::quant::simd::Isa>(self) {
-        const BLOCK: usize = 256;
+    fn cell(self, v: f32) -> f32 {
+        (v * self.inv).floor() - self.start
+    }
+}
+
+impl Cells for Wide {
+    #[inline(always)]
+    fn cell(self, v: f32) -> f32 {
+        ((v as f64 * self.inv).floor() - self.start) as f32
+    }
+}
+
+/// The grid `(exp, start)` in the form `Cells` computes with.
+#[derive(Clone, Copy)]
+enum Grid {
+    Narrow(Narrow),
+    Wide(Wide),
+}
+
+impl Grid {
+    fn new(exp: i32, start: i64) -> Self {
+        if exp <= 0 && exp > -100 {
+            Grid::Narrow(Narrow {
+                inv: 2f32.powi(-exp),
+                start: start as f32,
+            })
+        } else {
+            // Only a grid of zeros has 2^-exp beyond float64 (exp = -1074): MAX still sends 0
+            // to cell 0 and every other float32 far outside.
+            Grid::Wide(Wide {
+                inv: pow2(-exp).min(f64::MAX),
+                start: start as f64,
+            })
+        }
+    }
+}
+
+/// Extremes of a batch in 8 lanes; `bad` turns NaN for any NaN or ±Inf (`v - v`).
+struct Extremes {
+    lo: [f32; 8],
+    hi: [f32; 8],
+    bad: [f32; 8],
+}
+
+impl Extremes {
+    fn new() -> Self {
+        Extremes {
+            lo: [f32::INFINITY; 8],
+            hi: [f32::NEG_INFINITY; 8],
+            bad: [0.0; 8],
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::eq_op)] // `v - v` is NaN exactly when v is NaN or ±Inf
+    fn add(&mut self, j: usize, v: f32) {
+        // Plain compares (vminps / vmaxps): NaN is caught by `bad`, not by min / max.
+        self.lo[j] = if v < self.lo[j] { v } else { self.lo[j] };
+        self.hi[j] = if v > self.hi[j] { v } else { self.hi[j] };
+        self.bad[j] += v - v;
+    }
+
+    /// `(min, max, any NaN or ±Inf)`.
+    fn finish(&self) -> (f32, f32, bool) {
+        let lo = self.lo.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+        let hi = self.hi.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        (lo, hi, self.bad.iter().any(|v| v.is_nan()))
+    }
+}
+
+/// One pass over a slice: the extremes, and counts of the values on `grid` in `LANES`
+/// interleaved count arrays of `bins + 1` cells (value `i` goes to lane `i % LANES`, so a run
+/// of equal values does not wait on its own increments). Cell `bins` of each lane counts the
+/// values not counted: those outside `grid`, and with `skip`, those inside the `skip` grid.
+struct Pass<'a, E> {
+    xs: &'a [E],
+    grid: Grid,
+    skip: Option<Grid>,
+    bins: usize,
+    counts: &'a mut [u32],
+}
+
+impl<E: Elem> Pass<'_, E> {
+    #[inline(always)]
+    fn go<const LANES: usize, G: Cells, S: Cells>(
+        self,
+        g: G,
+        skip: Option<S>,
+    ) -> (f32, f32, bool) {
+        let (bins, stride) = (self.bins, self.bins + 1);
+        let (top, out) = ((bins - 1) as f32, bins as f32);
+        assert_eq!(self.counts.len(), LANES * stride);
+        let mut ext = Extremes::new();
         let mut idx = [0u32; BLOCK];
-        let top = (self.counts.len() - 1) as f32;
-        // With bins no wider than 1, x * 2^-exp is exact in float32 (a power-of-two scaling
-        // that cannot underflow) and so is its floor; wider bins take float64 for the same
-        // exactness on tiny values. `start` has at most 24 significant bits either way.
-        let (inv32, start32) = (2f32.powi(-self.exp.clamp(-127, 127)), self.start as f32);
-        let (inv64, start64) = (pow2(-self.exp), self.start as f64);
-        let narrow = self.exp <= 0 && self.exp > -100;
-        for chunk in self.xs.chunks(BLOCK) {
-            let n = chunk.len();
-            if narrow {
-                for (d, v) in idx[..n].iter_mut().zip(chunk) {
-                    let k = ((v.to_f32() * inv32).floor() - start32).max(0.0).min(top);
-                    // SAFETY: k is an integer in [0, bins - 1].
-                    *d = unsafe { k.to_int_unchecked::<u32>() };
+        // The cell of `v`, or `bins` for a value that is not counted.
+        let index = |v: f32| -> u32 {
+            let k = g.cell(v);
+            let counted = match skip {
+                None => (k >= 0.0) & (k <= top),
+                Some(s) => {
+                    let old = s.cell(v);
+                    !((old >= 0.0) & (old <= top))
                 }
-            } else {
-                for (d, v) in idx[..n].iter_mut().zip(chunk) {
-                    let k = ((v.to_f32() as f64 * inv64).floor() - start64)
-                        .max(0.0)
-                        .min(top as f64);
-                    // SAFETY: as above.
-                    *d = unsafe { k.to_int_unchecked::<u32>() };
+            };
+            // Values outside the `skip` grid lie on `grid` (the caller's invariant); the clamp
+            // only keeps a broken invariant from indexing out of bounds.
+            let k = if k > 0.0 { k } else { 0.0 };
+            let k = if k < top { k } else { top };
+            let k = if counted { k } else { out };
+            // SAFETY: k is an integer in [0, bins].
+            unsafe { k.to_int_unchecked::<u32>() }
+        };
+        for block in self.xs.chunks(BLOCK) {
+            let n = block.len();
+            let groups = block.chunks_exact(8);
+            let rest = groups.remainder();
+            for (c, d) in groups.zip(idx.chunks_exact_mut(8)) {
+                for j in 0..8 {
+                    let v = c[j].to_f32();
+                    ext.add(j, v);
+                    d[j] = index(v);
                 }
             }
-            for &i in &idx[..n] {
-                self.counts[i as usize] += 1;
+            let done = n - rest.len();
+            for (j, (v, d)) in rest.iter().zip(&mut idx[done..n]).enumerate() {
+                let v = v.to_f32();
+                ext.add(j, v);
+                *d = index(v);
+            }
+            let whole = idx[..n].chunks_exact(LANES);
+            let tail = whole.remainder();
+            for ks in whole {
+                for (l, &k) in ks.iter().enumerate() {
+                    // SAFETY: k <= bins, so l * stride + k < LANES * stride = counts.len().
+                    unsafe { *self.counts.get_unchecked_mut(l * stride + k as usize) += 1 };
+                }
+            }
+            for &k in tail {
+                self.counts[k as usize] += 1;
+            }
+        }
+        ext.finish()
+    }
+}
+
+impl<E: Elem> crate::quant::simd::Kernel for Pass<'_, E> {
+    type Output = (f32, f32, bool);
+    #[inline(always)]
+    fn run<S: crate::quant::simd::Isa>(self) -> Self::Output {
+        macro_rules! lanes {
+            ($g:expr, $s:expr) => {
+                if self.counts.len() == 4 * (self.bins + 1) {
+                    self.go::<4, _, _>($g, $s)
+                } else {
+                    self.go::<1, _, _>($g, $s)
+                }
+            };
+        }
+        match (self.grid, self.skip) {
+            (Grid::Narrow(g), None) => lanes!(g, None::<Narrow>),
+            (Grid::Wide(g), None) => lanes!(g, None::<Narrow>),
+            (Grid::Narrow(g), Some(Grid::Narrow(s))) => lanes!(g, Some(s)),
+            (Grid::Narrow(g), Some(Grid::Wide(s))) => lanes!(g, Some(s)),
+            (Grid::Wide(g), Some(Grid::Narrow(s))) => lanes!(g, Some(s)),
+            (Grid::Wide(g), Some(Grid::Wide(s))) => lanes!(g, Some(s)),
+        }
+    }
+}
+
+/// What a parallel pass over a batch returns.
+struct Tally {
+    /// Per task, its `lanes * (bins + 1)` counts.
+    parts: Vec<Vec<u32>>,
+    lo: f32,
+    hi: f32,
+    bad: bool,
+}
+
+impl Tally {
+    /// Values not counted (cell `bins` of every lane).
+    fn uncounted(&self, bins: usize) -> u64 {
+        self.parts
+            .iter()
+            .flat_map(|p| p.chunks_exact(bins + 1).map(|l| l[bins] as u64))
+            .sum()
+    }
+
+    /// Adds the counted values to `counts` (`bins` cells).
+    fn add_to(&self, counts: &mut [u64]) {
+        for p in &self.parts {
+            for lane in p.chunks_exact(counts.len() + 1) {
+                counts
+                    .iter_mut()
+                    .zip(lane)
+                    .for_each(|(a, &b)| *a += b as u64);
             }
         }
     }
+}
+
+/// Runs `Pass` over `xs` in parallel tasks, each with its own counts. Tasks are few (a count
+/// array costs `bins` cells to clear and add up) and below 2^32 values (u32 counts).
+fn tally<E: Elem>(xs: &[E], bins: usize, grid: Grid, skip: Option<Grid>) -> Tally {
+    let n = xs.len();
+    // Four count arrays pay for themselves when they stay in L1/L2 and the batch is large.
+    let lanes = if bins <= 4096 && n >= 64 * bins { 4 } else { 1 };
+    let per_task = n
+        .div_ceil(2 * rayon::current_num_threads())
+        .max(TASK)
+        .max(4 * lanes * (bins + 1))
+        .min(1 << 31);
+    let run = |c: &[E]| {
+        let mut counts = vec![0u32; lanes * (bins + 1)];
+        let (lo, hi, bad) = crate::quant::simd::dispatch(Pass {
+            xs: c,
+            grid,
+            skip,
+            bins,
+            counts: &mut counts,
+        });
+        (counts, lo, hi, bad)
+    };
+    let parts: Vec<_> = if n <= per_task {
+        vec![run(xs)]
+    } else {
+        xs.par_chunks(per_task).map(run).collect()
+    };
+    let mut t = Tally {
+        parts: Vec::with_capacity(parts.len()),
+        lo: f32::INFINITY,
+        hi: f32::NEG_INFINITY,
+        bad: false,
+    };
+    for (c, lo, hi, bad) in parts {
+        t.parts.push(c);
+        t.lo = t.lo.min(lo);
+        t.hi = t.hi.max(hi);
+        t.bad |= bad;
+    }
+    t
 }
 
 impl Histogram {
@@ -178,52 +402,48 @@ impl Histogram {
         if x.is_empty() {
             return Ok(());
         }
-        let (lo, hi) = crate::quant::spec::finite_minmax(x)?;
-        let (lo, hi) = (lo.min(self.min), hi.max(self.max));
-        self.regrid(lo, hi, i32::MIN);
-        let bins = self.bins;
-        let bin = |h: &mut Vec<u64>, s: &[E]| {
-            crate::quant::simd::dispatch(Binner {
-                xs: s,
-                exp: self.exp,
-                start: self.start,
-                counts: h,
-            })
+        let x = x.as_standard_layout();
+        let xs = x.as_slice().expect("standard layout is contiguous");
+        let (lo, hi) = if self.is_empty() || self.counts.is_empty() {
+            let (lo, hi) = crate::quant::spec::finite_minmax(&x.view())?;
+            let (lo, hi) = (lo.min(self.min), hi.max(self.max));
+            self.regrid(lo, hi, i32::MIN);
+            let t = tally(xs, self.bins, Grid::new(self.exp, self.start), None);
+            debug_assert_eq!(t.uncounted(self.bins), 0, "the grid covers the batch");
+            t.add_to(&mut self.counts);
+            (lo, hi)
+        } else {
+            self.update_in_one_pass(xs)?
         };
-        let add = |mut a: Vec<u64>, b: Vec<u64>| {
-            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-            a
-        };
-        let local = match x.as_slice_memory_order() {
-            Some(s) => s
-                .par_chunks(TASK)
-                .fold(
-                    || vec![0u64; bins],
-                    |mut h, c| {
-                        bin(&mut h, c);
-                        h
-                    },
-                )
-                .reduce(|| vec![0u64; bins], add),
-            None => {
-                let lanes: Vec<_> = x.lanes(Axis(x.ndim() - 1)).into_iter().collect();
-                lanes
-                    .par_iter()
-                    .fold(
-                        || vec![0u64; bins],
-                        |mut h, l| {
-                            bin(&mut h, &l.to_vec());
-                            h
-                        },
-                    )
-                    .reduce(|| vec![0u64; bins], add)
-            }
-        };
-        self.counts = add(std::mem::take(&mut self.counts), local);
         self.min = lo;
         self.max = hi;
-        self.total += x.len() as u64;
+        self.total += xs.len() as u64;
         Ok(())
+    }
+
+    /// Counts a batch on the current grid while finding its extremes: when the batch keeps the
+    /// grid (the common case) that is the whole update. Otherwise the counted values move to
+    /// the new grid exactly (its cells are unions of the old ones, `regrid`) and a second pass
+    /// adds the values that fell outside the old grid. Returns the new `[min, max]`.
+    fn update_in_one_pass<E: Elem>(&mut self, xs: &[E]) -> Result<(f32, f32)> {
+        let old = Grid::new(self.exp, self.start);
+        let t = tally(xs, self.bins, old, None);
+        if t.bad {
+            // The same refusal, with the same message, as a batch that arrives first.
+            let v = ndarray::ArrayView1::from(xs).into_dyn();
+            return Err(match crate::quant::spec::finite_minmax(&v) {
+                Err(e) => e,
+                Ok(_) => Error::value("the input contains NaN or Inf"),
+            });
+        }
+        let (lo, hi) = (t.lo.min(self.min), t.hi.max(self.max));
+        t.add_to(&mut self.counts);
+        self.regrid(lo, hi, i32::MIN);
+        if t.uncounted(self.bins) > 0 {
+            let new = Grid::new(self.exp, self.start);
+            tally(xs, self.bins, new, Some(old)).add_to(&mut self.counts);
+        }
+        Ok((lo, hi))
     }
 
     /// Adds another histogram's counts: the result equals one histogram over both inputs.

@@ -29,7 +29,8 @@ impl QRange {
         );
         ensure!(
             quant_min >= -FAKE_QUANT_LIMIT && quant_max <= FAKE_QUANT_LIMIT,
-            "quant_min/quant_max ({quant_min}, {quant_max}) must lie within ±2^24"
+            "quant_min/quant_max ({quant_min}, {quant_max}) must lie within ±2^24: lowbit clamps in \
+             float32, exact only there (torch also takes qint32's range)"
         );
         Ok(QRange {
             min: quant_min as i32,
@@ -81,7 +82,8 @@ pub fn check_scale(what: &str, scale: f64) -> Result<f32> {
     let s = scale as f32;
     ensure!(
         s > 0.0 && s.is_finite(),
-        "{what} ({scale}) is outside the float32 range"
+        "{what} ({scale}) is 0 or Inf in float32, the precision the kernels (torch's too) compute \
+         in: torch would return zeros or NaN"
     );
     Ok(s)
 }
@@ -430,14 +432,13 @@ impl<C: Real> FakeQuant<C> {
     #[inline(always)]
     fn one(&self, x: C, inv: C, scale: C, zp: C) -> (C, bool) {
         let t = zp + (x * inv).rne();
-        let inside = t >= self.qmin && t <= self.qmax;
-        let q = if inside {
-            t
-        } else if t > self.qmax && t <= self.hi {
-            self.qmax
-        } else {
-            self.qmin // below the range, NaN, or an int64 overflow
-        };
+        let inside = (t >= self.qmin) & (t <= self.qmax);
+        // Three selects, no branch: a branch per element mispredicts whenever values clamp
+        // (10x slower at int4), and these compile to maxps / minps / blendv. NaN fails
+        // `t > qmin`, so it maps to qmin, as do values below the range and int64 overflows.
+        let q = if t > self.qmin { t } else { self.qmin };
+        let q = if q < self.qmax { q } else { self.qmax };
+        let q = if t > self.hi { self.qmin } else { q };
         let out = if self.product_f32 {
             C::from_f32((q - zp).to_f32() * scale.to_f32())
         } else {
@@ -487,9 +488,11 @@ impl<E: Elem> RunKernel<E, E> for FakeQuant<E::C> {
             &self.scale[c0..c0 + n],
             &self.zp[c0..c0 + n],
         );
+        // Equal lengths, visible to LLVM: no bounds check keeps the loop from vectorizing.
+        let o = &mut o[..n];
         match m {
             Some(m) => {
-                for (i, (o, m)) in o.iter_mut().zip(m.iter_mut()).enumerate() {
+                for (i, (o, m)) in o.iter_mut().zip(m[..n].iter_mut()).enumerate() {
                     let (v, inside) = self.one(x[i].load(), inv[i], s[i], zp[i]);
                     o.write(E::store(v));
                     m.write(inside);
@@ -795,7 +798,7 @@ impl<E: Elem, Q: Code> RunKernel<E, Q> for QuantChannel {
     ) {
         let n = x.len();
         let (inv, zp) = (&self.inv[c0..c0 + n], &self.zp[c0..c0 + n]);
-        for (i, o) in o.iter_mut().enumerate() {
+        for (i, o) in o[..n].iter_mut().enumerate() {
             o.write(Q::from_i32(self.one(x[i].to_f32(), inv[i], zp[i])));
         }
     }
@@ -886,7 +889,7 @@ impl<Q: Code> RunKernel<Q, f32> for Dequant {
     ) {
         let n = x.len();
         let (s, zp) = (&self.scale[c0..c0 + n], &self.zp[c0..c0 + n]);
-        for (i, o) in o.iter_mut().enumerate() {
+        for (i, o) in o[..n].iter_mut().enumerate() {
             o.write((x[i].to_i32() - zp[i]) as f32 * s[i]);
         }
     }
@@ -922,9 +925,50 @@ pub fn dequantize_per_channel<Q: Code>(
         min: i32::MIN,
         max: i32::MAX,
     };
-    let (s, zp) = channel_params(q.shape(), axis, scales, zero_points, wide)?;
-    let k = Dequant { scale: s, zp };
+    let (_, zp) = channel_params(q.shape(), axis, scales, zero_points, wide)?;
+    let k = DequantF64 {
+        scale: scales.to_vec(),
+        zp,
+    };
     Ok(drive(&q, &Layout::per_channel(q.shape(), axis), &k, false).0)
+}
+
+/// Per-channel dequantization as ATen's per-channel kernel computes it: `(q - zp)` in float32
+/// times the float64 scale, rounded once to float32 (per-tensor `torch.dequantize` multiplies
+/// by the scale rounded to float32 instead: `Dequant`).
+struct DequantF64 {
+    scale: Vec<f64>,
+    zp: Vec<i32>,
+}
+
+impl<Q: Code> RunKernel<Q, f32> for DequantF64 {
+    #[inline(always)]
+    fn uniform(
+        &self,
+        x: &[Q],
+        o: &mut [MaybeUninit<f32>],
+        _: Option<&mut [MaybeUninit<bool>]>,
+        c: usize,
+    ) {
+        let (s, zp) = (self.scale[c], self.zp[c]);
+        for (o, x) in o.iter_mut().zip(x) {
+            o.write(((x.to_i32() - zp) as f32 as f64 * s) as f32);
+        }
+    }
+    #[inline(always)]
+    fn varying(
+        &self,
+        x: &[Q],
+        o: &mut [MaybeUninit<f32>],
+        _: Option<&mut [MaybeUninit<bool>]>,
+        c0: usize,
+    ) {
+        let n = x.len();
+        let (s, zp) = (&self.scale[c0..c0 + n], &self.zp[c0..c0 + n]);
+        for (i, o) in o[..n].iter_mut().enumerate() {
+            o.write(((x[i].to_i32() - zp[i]) as f32 as f64 * s[i]) as f32);
+        }
+    }
 }
 
 #[cfg(test)]
