@@ -82,6 +82,9 @@ def main() -> None:
     e = n * n
     buf = np.empty_like(x)
     y = x.copy()
+    xn = x.copy()
+    xn.reshape(-1)[::2] = np.nan  # NaN-heavy: every other value
+    xnt = torch.from_numpy(xn)
     cases: list[tuple[str, Callable[[], Any], Callable[[], Any] | None, int]] = [
         ("fake_quant per_tensor 4b", lambda: lowbit.fake_quantize_per_tensor_affine(x, 0.03, 0, -8, 7),
          lambda: torch.fake_quantize_per_tensor_affine(xt, 0.03, 0, -8, 7), 8 * e),
@@ -89,6 +92,15 @@ def main() -> None:
          lambda: torch.fake_quantize_per_tensor_affine(xt, 0.03, 0, -8, 7), 8 * e),
         ("fake_quant per_tensor 4b in place", lambda: lowbit.fake_quantize_per_tensor_affine(y, 0.03, 0, -8, 7, out=y),
          lambda: torch.fake_quantize_per_tensor_affine(xt, 0.03, 0, -8, 7), 8 * e),
+        # The trust issue's clamp-heavy case: N(0, 1) at scale 0.05 in -8..7 (80% of values clamp).
+        ("fake_quant 4b s0.05 clamp-heavy", lambda: lowbit.fake_quantize_per_tensor_affine(x, 0.05, 0, -8, 7),
+         lambda: torch.fake_quantize_per_tensor_affine(xt, 0.05, 0, -8, 7), 8 * e),
+        ("fake_quant 4b clamp-heavy out=", lambda: lowbit.fake_quantize_per_tensor_affine(x, 0.05, 0, -8, 7, out=buf),
+         lambda: torch.fake_quantize_per_tensor_affine(xt, 0.05, 0, -8, 7), 8 * e),
+        ("fake_quant 4b half NaN", lambda: lowbit.fake_quantize_per_tensor_affine(xn, 0.05, 0, -8, 7),
+         lambda: torch.fake_quantize_per_tensor_affine(xnt, 0.05, 0, -8, 7), 8 * e),
+        ("fake_quant per_channel half NaN", lambda: lowbit.fake_quantize_per_channel_affine(xn, sc, zp, 0, -8, 7),
+         lambda: torch.fake_quantize_per_channel_affine(xnt, sc_t, zp_t, 0, -8, 7), 8 * e),
         ("fake_quant per_tensor 8b", lambda: lowbit.fake_quantize_per_tensor_affine(x, 0.03, 0, -128, 127),
          lambda: torch.fake_quantize_per_tensor_affine(xt, 0.03, 0, -128, 127), 8 * e),
         ("fake_quant per_tensor +mask", lambda: lowbit.fake_quantize_per_tensor_affine(x, 0.03, 0, -8, 7, True),
@@ -105,6 +117,8 @@ def main() -> None:
          lambda: torch.fake_quantize_per_tensor_affine(xt, 0.03, 0, -8, 7), 8 * e),
         ("quantize_per_tensor int8", lambda: lowbit.quantize_per_tensor(x, 0.03, 0, -128, 127),
          lambda: torch.quantize_per_tensor(xt, 0.03, 0, torch.qint8), 5 * e),
+        ("quantize_per_tensor half NaN", lambda: lowbit.quantize_per_tensor(xn, 0.03, 0, -128, 127),
+         lambda: torch.quantize_per_tensor(xnt, 0.03, 0, torch.qint8), 5 * e),
         ("quantize_per_channel int8", lambda: lowbit.quantize_per_channel(x, sc, zp, 0, -128, 127),
          lambda: torch.quantize_per_channel(xt, sc_t, zp_t64, 0, torch.qint8), 5 * e),
         ("dequantize_per_tensor int8", lambda: lowbit.dequantize_per_tensor(q, 0.03, 0), tq.dequantize, 5 * e),
@@ -152,7 +166,9 @@ def main() -> None:
     for name, want in [("fake_quant per_tensor 4b", 10.0), ("fake_quant per_tensor 4b out=", 10.0),
                        ("fake_quant per_tensor 8b", 10.0), ("fake_quant per_channel ax0", 10.0),
                        ("fake_quant per_channel ax0 out=", 10.0), ("fake_quant per_channel ax1", 10.0),
-                       ("fake_quant per_channel ax1 out=", 10.0), ("quantize_per_tensor int8", 1.5)]:
+                       ("fake_quant per_channel ax1 out=", 10.0), ("fake_quant 4b s0.05 clamp-heavy", 10.0),
+                       ("fake_quant 4b clamp-heavy out=", 10.0), ("fake_quant 4b half NaN", 10.0),
+                       ("fake_quant per_channel half NaN", 10.0), ("quantize_per_tensor int8", 1.5)]:
         r = by.get(name)
         if r is None or r.torch_s is None:
             print(f"  MISS {name}: no measurement (lowbit raised)")
