@@ -831,6 +831,7 @@ def _entries() -> list[Entry]:
                                                                               "rank+1": "raise"}),
           b=F(W40, over={"last-dim+1": "raise", "rank0": "raise", "rank+1": "raise"})),
         E("lowbit.bitnet.kernel", lambda c: bn.kernel()),
+        E("lowbit.show_config", f(lowbit.show_config), mode=CH("dicts")),
         E("lowbit.bitnet.pack", f(bn.pack), codes=CODES(U8, over={"int32": "raise"}), bits=B(2, 1, 8)),
         E("lowbit.bitnet.pack[int8]", f(bn.pack), codes=CODES(Q8 // 4), bits=B(4, 1, 8, over={"bits=1": "raise",
                                                                                               "bits=2": "raise",
