@@ -164,11 +164,7 @@ struct Pass<'a, E> {
 
 impl<E: Elem> Pass<'_, E> {
     #[inline(always)]
-    fn go<const LANES: usize, G: Cells, S: Cells>(
-        self,
-        g: G,
-        skip: Option<S>,
-    ) -> (f32, f32, bool) {
+    fn go<const LANES: usize, G: Cells, S: Cells>(self, g: G, skip: Option<S>) -> (f32, f32, bool) {
         let (bins, stride) = (self.bins, self.bins + 1);
         let (top, out) = ((bins - 1) as f32, bins as f32);
         assert_eq!(self.counts.len(), LANES * stride);
