@@ -153,18 +153,19 @@ impl Extremes {
 /// One pass over a slice: the extremes, and counts of the values on `grid` in `LANES`
 /// interleaved count arrays of `bins + 1` cells (value `i` goes to lane `i % LANES`, so a run
 /// of equal values does not wait on its own increments). Cell `bins` of each lane counts the
-/// values not counted: those outside `grid`, and with `skip`, those inside the `skip` grid.
+/// values outside `grid`, which are also collected in `outside` (they are rare: a batch that
+/// widens the range), so that only they need a second pass on the widened grid.
 struct Pass<'a, E> {
     xs: &'a [E],
     grid: Grid,
-    skip: Option<Grid>,
     bins: usize,
     counts: &'a mut [u32],
+    outside: &'a mut Vec<f32>,
 }
 
 impl<E: Elem> Pass<'_, E> {
     #[inline(always)]
-    fn go<const LANES: usize, G: Cells, S: Cells>(self, g: G, skip: Option<S>) -> (f32, f32, bool) {
+    fn go<const LANES: usize, G: Cells>(self, g: G) -> (f32, f32, bool) {
         let (bins, stride) = (self.bins, self.bins + 1);
         let (top, out) = ((bins - 1) as f32, bins as f32);
         assert_eq!(self.counts.len(), LANES * stride);
@@ -173,15 +174,7 @@ impl<E: Elem> Pass<'_, E> {
         // The cell of `v`, or `bins` for a value that is not counted.
         let index = |v: f32| -> u32 {
             let k = g.cell(v);
-            let counted = match skip {
-                None => (k >= 0.0) & (k <= top),
-                Some(s) => {
-                    let old = s.cell(v);
-                    !((old >= 0.0) & (old <= top))
-                }
-            };
-            // Values outside the `skip` grid lie on `grid` (the caller's invariant); the clamp
-            // only keeps a broken invariant from indexing out of bounds.
+            let counted = (k >= 0.0) & (k <= top); // false for NaN too
             let k = if k > 0.0 { k } else { 0.0 };
             let k = if k < top { k } else { top };
             let k = if counted { k } else { out };
@@ -205,6 +198,7 @@ impl<E: Elem> Pass<'_, E> {
                 ext.add(j, v);
                 *d = index(v);
             }
+            let before: u32 = (0..LANES).map(|l| self.counts[l * stride + bins]).sum();
             let whole = idx[..n].chunks_exact(LANES);
             let tail = whole.remainder();
             for ks in whole {
@@ -216,6 +210,17 @@ impl<E: Elem> Pass<'_, E> {
             for &k in tail {
                 self.counts[k as usize] += 1;
             }
+            let after: u32 = (0..LANES).map(|l| self.counts[l * stride + bins]).sum();
+            if after != before {
+                let o = bins as u32;
+                self.outside.extend(
+                    block
+                        .iter()
+                        .zip(&idx[..n])
+                        .filter(|(_, &k)| k == o)
+                        .map(|(v, _)| v.to_f32()),
+                );
+            }
         }
         ext.finish()
     }
@@ -226,21 +231,17 @@ impl<E: Elem> crate::quant::simd::Kernel for Pass<'_, E> {
     #[inline(always)]
     fn run<S: crate::quant::simd::Isa>(self) -> Self::Output {
         macro_rules! lanes {
-            ($g:expr, $s:expr) => {
+            ($g:expr) => {
                 if self.counts.len() == 4 * (self.bins + 1) {
-                    self.go::<4, _, _>($g, $s)
+                    self.go::<4, _>($g)
                 } else {
-                    self.go::<1, _, _>($g, $s)
+                    self.go::<1, _>($g)
                 }
             };
         }
-        match (self.grid, self.skip) {
-            (Grid::Narrow(g), None) => lanes!(g, None::<Narrow>),
-            (Grid::Wide(g), None) => lanes!(g, None::<Narrow>),
-            (Grid::Narrow(g), Some(Grid::Narrow(s))) => lanes!(g, Some(s)),
-            (Grid::Narrow(g), Some(Grid::Wide(s))) => lanes!(g, Some(s)),
-            (Grid::Wide(g), Some(Grid::Narrow(s))) => lanes!(g, Some(s)),
-            (Grid::Wide(g), Some(Grid::Wide(s))) => lanes!(g, Some(s)),
+        match self.grid {
+            Grid::Narrow(g) => lanes!(g),
+            Grid::Wide(g) => lanes!(g),
         }
     }
 }
@@ -249,6 +250,8 @@ impl<E: Elem> crate::quant::simd::Kernel for Pass<'_, E> {
 struct Tally {
     /// Per task, its `lanes * (bins + 1)` counts.
     parts: Vec<Vec<u32>>,
+    /// The values not counted (outside the grid).
+    outside: Vec<f32>,
     lo: f32,
     hi: f32,
     bad: bool,
@@ -278,7 +281,7 @@ impl Tally {
 
 /// Runs `Pass` over `xs` in parallel tasks, each with its own counts. Tasks are few (a count
 /// array costs `bins` cells to clear and add up) and below 2^32 values (u32 counts).
-fn tally<E: Elem>(xs: &[E], bins: usize, grid: Grid, skip: Option<Grid>) -> Tally {
+fn tally<E: Elem>(xs: &[E], bins: usize, grid: Grid) -> Tally {
     let n = xs.len();
     // Four count arrays pay for themselves when they stay in L1/L2 and the batch is large.
     let lanes = if bins <= 4096 && n >= 64 * bins { 4 } else { 1 };
@@ -289,14 +292,15 @@ fn tally<E: Elem>(xs: &[E], bins: usize, grid: Grid, skip: Option<Grid>) -> Tall
         .min(1 << 31);
     let run = |c: &[E]| {
         let mut counts = vec![0u32; lanes * (bins + 1)];
+        let mut outside = vec![];
         let (lo, hi, bad) = crate::quant::simd::dispatch(Pass {
             xs: c,
             grid,
-            skip,
             bins,
             counts: &mut counts,
+            outside: &mut outside,
         });
-        (counts, lo, hi, bad)
+        (counts, outside, lo, hi, bad)
     };
     let parts: Vec<_> = if n <= per_task {
         vec![run(xs)]
@@ -305,12 +309,14 @@ fn tally<E: Elem>(xs: &[E], bins: usize, grid: Grid, skip: Option<Grid>) -> Tall
     };
     let mut t = Tally {
         parts: Vec::with_capacity(parts.len()),
+        outside: vec![],
         lo: f32::INFINITY,
         hi: f32::NEG_INFINITY,
         bad: false,
     };
-    for (c, lo, hi, bad) in parts {
+    for (c, outside, lo, hi, bad) in parts {
         t.parts.push(c);
+        t.outside.extend(outside);
         t.lo = t.lo.min(lo);
         t.hi = t.hi.max(hi);
         t.bad |= bad;
@@ -404,7 +410,7 @@ impl Histogram {
             let (lo, hi) = crate::quant::spec::finite_minmax(&x.view())?;
             let (lo, hi) = (lo.min(self.min), hi.max(self.max));
             self.regrid(lo, hi, i32::MIN);
-            let t = tally(xs, self.bins, Grid::new(self.exp, self.start), None);
+            let t = tally(xs, self.bins, Grid::new(self.exp, self.start));
             debug_assert_eq!(t.uncounted(self.bins), 0, "the grid covers the batch");
             t.add_to(&mut self.counts);
             (lo, hi)
@@ -423,7 +429,7 @@ impl Histogram {
     /// adds the values that fell outside the old grid. Returns the new `[min, max]`.
     fn update_in_one_pass<E: Elem>(&mut self, xs: &[E]) -> Result<(f32, f32)> {
         let old = Grid::new(self.exp, self.start);
-        let t = tally(xs, self.bins, old, None);
+        let t = tally(xs, self.bins, old);
         if t.bad {
             // The same refusal, with the same message, as a batch that arrives first.
             let v = ndarray::ArrayView1::from(xs).into_dyn();
@@ -436,8 +442,13 @@ impl Histogram {
         t.add_to(&mut self.counts);
         self.regrid(lo, hi, i32::MIN);
         if t.uncounted(self.bins) > 0 {
+            // Only the values the old grid did not count, now on the widened grid (which
+            // covers them all).
+            debug_assert_eq!(t.outside.len() as u64, t.uncounted(self.bins));
             let new = Grid::new(self.exp, self.start);
-            tally(xs, self.bins, new, Some(old)).add_to(&mut self.counts);
+            let u = tally(&t.outside, self.bins, new);
+            debug_assert_eq!(u.uncounted(self.bins), 0, "the new grid covers the batch");
+            u.add_to(&mut self.counts);
         }
         Ok((lo, hi))
     }
