@@ -60,3 +60,45 @@ pub fn kernel_paths() -> Vec<(&'static str, &'static str)> {
         ("runtime (GEMM epilogues, attention, norms)", vector),
     ]
 }
+
+/// `lowbit.show_config()`'s facts as (section, key, value) rows: version, build, CPU features,
+/// kernel paths, threads and the environment variables that choose them.
+pub fn rows() -> Vec<(String, String, String)> {
+    let mut rows = vec![];
+    let mut add = |s: &str, k: &str, v: String| rows.push((s.into(), k.into(), v));
+    add("lowbit", "version", env!("CARGO_PKG_VERSION").into());
+    add(
+        "build",
+        "target",
+        format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+    );
+    add(
+        "build",
+        "profile",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "optimized"
+        }
+        .into(),
+    );
+    for (f, on) in crate::config::cpu_features() {
+        add("cpu", f, if on { "yes" } else { "no" }.into());
+    }
+    for (area, path) in crate::config::kernel_paths() {
+        add("kernels", area, path.into());
+    }
+    add(
+        "threads",
+        "rayon threads",
+        crate::pool::threads().to_string(),
+    );
+    for var in ["LOWBIT_SIMD", "LOWBIT_KERNEL", "RAYON_NUM_THREADS"] {
+        add(
+            "environment",
+            var,
+            std::env::var(var).unwrap_or_else(|_| "(unset)".into()),
+        );
+    }
+    rows
+}

@@ -3,8 +3,10 @@
 
 pub mod histogram;
 pub mod minmax;
+pub mod observer;
 pub mod search;
 
 pub use histogram::Histogram;
 pub use minmax::{MinMax, PerChannelMinMax};
+pub use observer::{Config as ObserverConfig, Observer, QParams};
 pub use search::{Method, SearchResult};

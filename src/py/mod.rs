@@ -1,9 +1,9 @@
 //! The Python module `lowbit._lowbit`: the only code that touches pyo3 and numpy.
 use crate::Error;
-use pyo3::exceptions::{PyException, PyOverflowError};
+use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyString, PyTuple, PyType};
+use pyo3::types::{PyDict, PyTuple, PyType};
 use std::panic::AssertUnwindSafe;
 
 /// Rust-side allocations of the extension (tensors handed to NumPy included: they are freed by
@@ -13,6 +13,8 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bitnet;
 mod calib;
+mod checkpoint;
+mod convert;
 mod nas;
 mod quant;
 mod runtime;
@@ -70,43 +72,6 @@ pub(crate) fn value_error(msg: impl Into<String>) -> PyErr {
 
 pub(crate) fn type_error(msg: impl Into<String>) -> PyErr {
     to_pyerr(Error::Type(msg.into()))
-}
-
-/// An integer argument named `what` (a Python int, a NumPy integer, anything with `__index__`).
-/// Out of `T`'s range it raises `LowbitValueError`, where pyo3 alone would raise `OverflowError`,
-/// which callers catching `ValueError` miss.
-pub(crate) fn int_arg<'py, T>(x: &Bound<'py, PyAny>, what: &str) -> PyResult<T>
-where
-    T: pyo3::conversion::FromPyObjectOwned<'py>,
-{
-    x.extract::<T>().map_err(|e| {
-        if e.into().is_instance_of::<PyOverflowError>(x.py()) {
-            value_error(format!("{what} is out of range, got {x}"))
-        } else {
-            type_error(format!(
-                "{what} must be an integer, got {}",
-                x.get_type()
-                    .name()
-                    .map_or_else(|_| "?".into(), |n| n.to_string())
-            ))
-        }
-    })
-}
-
-/// A shape argument named `what`: a sequence of non-negative integers (not a string).
-pub(crate) fn shape_arg(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
-    if x.is_instance_of::<PyString>() || x.is_instance_of::<PyDict>() {
-        return Err(type_error(format!(
-            "{what} must be a sequence of integers, got {}",
-            x.get_type()
-                .name()
-                .map_or_else(|_| "?".into(), |n| n.to_string())
-        )));
-    }
-    x.try_iter()
-        .map_err(|_| type_error(format!("{what} must be a sequence of integers, got {x}")))?
-        .map(|d| int_arg::<u64>(&d?, what))
-        .collect()
 }
 
 /// Runs a core call with the GIL released, where its parallel loops have threads (also in a
@@ -167,43 +132,10 @@ pub(crate) fn detach_on_pool<T: Send>(
 /// `lowbit.show_config()`'s facts: (section, key, value) rows.
 #[pyfunction]
 fn build_config() -> Vec<(String, String, String)> {
-    let mut rows = vec![];
-    let mut add = |s: &str, k: &str, v: String| rows.push((s.into(), k.into(), v));
-    add("lowbit", "version", env!("CARGO_PKG_VERSION").into());
-    add(
-        "build",
-        "target",
-        format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
-    );
-    add(
-        "build",
-        "profile",
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "optimized"
-        }
-        .into(),
-    );
-    add("build", "allocator", "mimalloc".into());
-    for (f, on) in crate::config::cpu_features() {
-        add("cpu", f, if on { "yes" } else { "no" }.into());
-    }
-    for (area, path) in crate::config::kernel_paths() {
-        add("kernels", area, path.into());
-    }
-    add(
-        "threads",
-        "rayon threads",
-        crate::pool::threads().to_string(),
-    );
-    for var in ["LOWBIT_SIMD", "LOWBIT_KERNEL", "RAYON_NUM_THREADS"] {
-        add(
-            "environment",
-            var,
-            std::env::var(var).unwrap_or_else(|_| "(unset)".into()),
-        );
-    }
+    let mut rows = crate::config::rows();
+    // The allocator is the extension's own (`ALLOC` above), not the core's.
+    let at = rows.iter().position(|r| r.0 == "cpu").unwrap_or(rows.len());
+    rows.insert(at, ("build".into(), "allocator".into(), "mimalloc".into()));
     rows
 }
 
@@ -234,10 +166,15 @@ mod _lowbit {
 
     #[pymodule_export]
     use super::quant::{
-        checkpoint_metadata, dequantize_checkpoint, dequantize_per_channel, dequantize_per_tensor,
-        fake_quantize_per_channel_affine, fake_quantize_per_tensor_affine, load_quantized,
-        pack_bits, quantize, quantize_checkpoint, quantize_per_channel, quantize_per_tensor,
-        save_checkpoint, unpack_bits, QuantSpec, QuantizedTensor,
+        dequantize_per_channel, dequantize_per_tensor, fake_quantize_per_channel_affine,
+        fake_quantize_per_tensor_affine, quantize, quantize_per_channel, quantize_per_tensor,
+        QuantSpec, QuantizedTensor,
+    };
+
+    #[pymodule_export]
+    use super::checkpoint::{
+        checkpoint_metadata, dequantize_checkpoint, load_quantized, quantize_checkpoint,
+        save_checkpoint,
     };
 
     #[pymodule_init]

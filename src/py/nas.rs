@@ -1,5 +1,6 @@
 //! Bindings of `crate::nas`. `lowbit.nas` adds the PyTorch capture, measurement and search.
-use super::{detach, int_arg, shape_arg, type_error, value_error};
+use super::convert::{int_arg, shape_arg};
+use super::{detach, type_error, value_error};
 use crate::nas::{cost, device, fit, graph, space};
 use numpy::{IntoPyArray, PyReadonlyArray2, PyReadonlyArray3};
 use pyo3::prelude::*;

@@ -1,111 +1,20 @@
-//! Bindings of `crate::quant`: convert arrays, release the GIL, call the core, convert back.
-use super::{detach, int_arg, type_error, value_error};
-use crate::quant::affine::FakeQuantOp;
-use crate::quant::affine::{self, Codes};
-use crate::quant::checkpoint::{self, Entry, Report};
+//! Bindings of `crate::quant`'s affine kernels and its `QuantSpec` / `QuantizedTensor`.
+use super::convert::{
+    codes_in, codes_out, dtype_str, float_in, int_arg, vec_f64, vec_i64, with_codes, with_float,
+    ToNumpy,
+};
+use super::{detach, to_pyerr, type_error, value_error};
+use crate::quant::affine::{self, FakeQuantOp};
+use crate::quant::checkpoint::{self, Entry};
 use crate::quant::spec::{self, Granularity};
-use crate::quant::{pack, Elem, Real};
-use half::{bf16, f16};
-use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use crate::quant::{Elem, Real};
+use half::f16;
+use ndarray::{ArrayD, IxDyn};
 use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 use std::path::PathBuf;
 
-/// A float input array; bfloat16 arrives as an int16 view with `bf16=True`.
-pub(crate) enum FloatIn<'py> {
-    F32(PyReadonlyArrayDyn<'py, f32>),
-    F64(PyReadonlyArrayDyn<'py, f64>),
-    F16(PyReadonlyArrayDyn<'py, f16>),
-    BF16(PyReadonlyArrayDyn<'py, i16>),
-}
-
-fn dtype_str(x: &Bound<'_, PyAny>) -> String {
-    x.getattr("dtype")
-        .map(|d| d.to_string())
-        .unwrap_or_else(|_| x.get_type().to_string())
-}
-
-pub(crate) fn float_in<'py>(
-    x: &Bound<'py, PyAny>,
-    bf16: bool,
-    what: &str,
-) -> PyResult<FloatIn<'py>> {
-    if bf16 {
-        if let Ok(a) = x.cast::<PyArrayDyn<i16>>() {
-            return Ok(FloatIn::BF16(a.try_readonly()?));
-        }
-    } else if let Ok(a) = x.cast::<PyArrayDyn<f32>>() {
-        return Ok(FloatIn::F32(a.try_readonly()?));
-    } else if let Ok(a) = x.cast::<PyArrayDyn<f64>>() {
-        return Ok(FloatIn::F64(a.try_readonly()?));
-    } else if let Ok(a) = x.cast::<PyArrayDyn<f16>>() {
-        return Ok(FloatIn::F16(a.try_readonly()?));
-    }
-    Err(type_error(format!(
-        "{what} must be a float32, float16 or float64 array (bfloat16 through lowbit.torch), got {}",
-        dtype_str(x)
-    )))
-}
-
-/// Reinterprets int16 bits as bfloat16 in place (same size and alignment).
-pub(crate) fn bf16_view<'a>(a: ArrayViewD<'a, i16>) -> ArrayViewD<'a, bf16> {
-    // SAFETY: bf16 is a transparent u16 with the size and alignment of i16; the view keeps
-    // the lifetime, shape and strides of `a`.
-    let raw = a.raw_view().cast::<bf16>();
-    unsafe { raw.deref_into_view() }
-}
-
-/// Hands an owned array to NumPy without copying; bfloat16 goes back as int16 bits.
-trait ToNumpy: Sized {
-    fn to_numpy(a: ArrayD<Self>, py: Python<'_>) -> Bound<'_, PyAny>;
-}
-macro_rules! to_numpy_direct {
-    ($($t:ty),*) => {$(
-        impl ToNumpy for $t {
-            fn to_numpy(a: ArrayD<$t>, py: Python<'_>) -> Bound<'_, PyAny> {
-                a.into_pyarray(py).into_any()
-            }
-        }
-    )*};
-}
-to_numpy_direct!(f32, f64, f16, bool, i8, u8);
-impl ToNumpy for bf16 {
-    fn to_numpy(a: ArrayD<bf16>, py: Python<'_>) -> Bound<'_, PyAny> {
-        let dim = a.raw_dim();
-        let (v, _) = a.into_raw_vec_and_offset();
-        let bits: Vec<i16> = bytemuck::allocation::cast_vec(v);
-        ArrayD::from_shape_vec(dim, bits)
-            .expect("same shape")
-            .into_pyarray(py)
-            .into_any()
-    }
-}
-
-/// Calls a generic kernel on the view of any float input.
-macro_rules! with_float {
-    ($x:expr, |$v:ident| $body:expr) => {
-        match $x {
-            FloatIn::F32(a) => {
-                let $v = a.as_array();
-                $body
-            }
-            FloatIn::F64(a) => {
-                let $v = a.as_array();
-                $body
-            }
-            FloatIn::F16(a) => {
-                let $v = a.as_array();
-                $body
-            }
-            FloatIn::BF16(a) => {
-                let $v = bf16_view(a.as_array());
-                $body
-            }
-        }
-    };
-}
-
+/// A fake-quant result: the array, or `(array, mask)`.
 fn fq_out<'py, E: Elem + ToNumpy>(
     py: Python<'py>,
     (out, mask): (ArrayD<E>, Option<ArrayD<bool>>),
@@ -114,31 +23,6 @@ fn fq_out<'py, E: Elem + ToNumpy>(
     Ok(match mask {
         Some(m) => (o, bool::to_numpy(m, py)).into_pyobject(py)?.into_any(),
         None => o,
-    })
-}
-
-fn codes_out(py: Python<'_>, c: Codes) -> Bound<'_, PyAny> {
-    match c {
-        Codes::I8(a) => i8::to_numpy(a, py),
-        Codes::U8(a) => u8::to_numpy(a, py),
-    }
-}
-
-fn vec_f64(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<f64>> {
-    x.extract::<Vec<f64>>().map_err(|_| {
-        type_error(format!(
-            "{what} must be a 1-D sequence of floats, got {}",
-            dtype_str(x)
-        ))
-    })
-}
-
-fn vec_i64(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
-    x.extract::<Vec<i64>>().map_err(|_| {
-        type_error(format!(
-            "{what} must be a 1-D sequence of integers, got {}",
-            dtype_str(x)
-        ))
     })
 }
 
@@ -209,7 +93,7 @@ fn fq_into<'py, E: Elem + numpy::Element>(
         return Err(value_error("out must be a C-contiguous array"));
     }
     let shape = ow.shape().to_vec();
-    let op = args.op::<E::C>(&shape).map_err(super::to_pyerr)?;
+    let op = args.op::<E::C>(&shape).map_err(to_pyerr)?;
     let mut mask = return_mask.then(|| ArrayD::<bool>::from_elem(IxDyn(&shape), false));
     let os = ow
         .as_slice_mut()
@@ -324,24 +208,6 @@ pub fn quantize_per_channel<'py>(
     Ok(codes_out(py, c))
 }
 
-enum CodesIn<'py> {
-    I8(PyReadonlyArrayDyn<'py, i8>),
-    U8(PyReadonlyArrayDyn<'py, u8>),
-}
-
-fn codes_in<'py>(q: &Bound<'py, PyAny>) -> PyResult<CodesIn<'py>> {
-    if let Ok(a) = q.cast::<PyArrayDyn<i8>>() {
-        Ok(CodesIn::I8(a.try_readonly()?))
-    } else if let Ok(a) = q.cast::<PyArrayDyn<u8>>() {
-        Ok(CodesIn::U8(a.try_readonly()?))
-    } else {
-        Err(type_error(format!(
-            "q must be an int8 or uint8 array of codes, got {}",
-            dtype_str(q)
-        )))
-    }
-}
-
 #[pyfunction]
 pub fn dequantize_per_tensor<'py>(
     py: Python<'py>,
@@ -349,16 +215,9 @@ pub fn dequantize_per_tensor<'py>(
     scale: f64,
     zero_point: i64,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let out = match codes_in(q)? {
-        CodesIn::I8(a) => {
-            let v = a.as_array();
-            detach(py, || affine::dequantize_per_tensor(v, scale, zero_point))?
-        }
-        CodesIn::U8(a) => {
-            let v = a.as_array();
-            detach(py, || affine::dequantize_per_tensor(v, scale, zero_point))?
-        }
-    };
+    let out = with_codes!(codes_in(q)?, |v| detach(py, || {
+        affine::dequantize_per_tensor(v, scale, zero_point)
+    })?);
     Ok(f32::to_numpy(out, py))
 }
 
@@ -374,51 +233,10 @@ pub fn dequantize_per_channel<'py>(
         vec_f64(scales, "scales")?,
         vec_i64(zero_points, "zero_points")?,
     );
-    let out = match codes_in(q)? {
-        CodesIn::I8(a) => {
-            let v = a.as_array();
-            detach(py, || affine::dequantize_per_channel(v, &s, &z, axis))?
-        }
-        CodesIn::U8(a) => {
-            let v = a.as_array();
-            detach(py, || affine::dequantize_per_channel(v, &s, &z, axis))?
-        }
-    };
+    let out = with_codes!(codes_in(q)?, |v| detach(py, || {
+        affine::dequantize_per_channel(v, &s, &z, axis)
+    })?);
     Ok(f32::to_numpy(out, py))
-}
-
-#[pyfunction]
-pub fn pack_bits<'py>(
-    py: Python<'py>,
-    codes: PyReadonlyArrayDyn<'py, u8>,
-    bits: u32,
-) -> PyResult<Bound<'py, PyAny>> {
-    let v = codes.as_array();
-    let packed = detach(py, || match v.as_slice() {
-        Some(s) => pack::pack(s, bits),
-        None => pack::pack(&v.iter().copied().collect::<Vec<_>>(), bits),
-    })?;
-    Ok(ndarray::Array1::from(packed)
-        .into_dyn()
-        .into_pyarray(py)
-        .into_any())
-}
-
-#[pyfunction]
-pub fn unpack_bits<'py>(
-    py: Python<'py>,
-    packed: PyReadonlyArrayDyn<'py, u8>,
-    bits: u32,
-    n: usize,
-) -> PyResult<Bound<'py, PyAny>> {
-    let v = packed.as_array();
-    let out = detach(py, || {
-        pack::unpack(&v.iter().copied().collect::<Vec<_>>(), bits, n)
-    })?;
-    Ok(ndarray::Array1::from(out)
-        .into_dyn()
-        .into_pyarray(py)
-        .into_any())
 }
 
 /// Constructor arguments of a `QuantSpec`, for pickling.
@@ -442,9 +260,9 @@ impl QuantSpec {
     ) -> PyResult<Self> {
         let bits = int_arg(bits, "bits")?;
         let group_size = group_size.map(|g| int_arg(g, "group_size")).transpose()?;
-        let g: Granularity = granularity.parse().map_err(super::to_pyerr)?;
+        let g: Granularity = granularity.parse().map_err(to_pyerr)?;
         Ok(QuantSpec(
-            spec::QuantSpec::new(bits, symmetric, g, axis, group_size).map_err(super::to_pyerr)?,
+            spec::QuantSpec::new(bits, symmetric, g, axis, group_size).map_err(to_pyerr)?,
         ))
     }
     #[getter]
@@ -588,118 +406,4 @@ pub fn quantize<'py>(
     let sp = spec.0;
     let q = with_float!(x, |v| detach(py, || spec::quantize(v, sp, qp))?);
     Ok(QuantizedTensor(q))
-}
-
-fn reports(py: Python<'_>, rs: Vec<Report>) -> PyResult<Vec<Bound<'_, PyDict>>> {
-    rs.into_iter()
-        .map(|r| {
-            let d = PyDict::new(py);
-            d.set_item("name", r.name)?;
-            d.set_item("shape", r.shape)?;
-            d.set_item("dtype", r.dtype)?;
-            d.set_item("bits", r.bits)?;
-            d.set_item("sqnr_db", r.sqnr_db)?;
-            d.set_item("bytes_before", r.bytes_before)?;
-            d.set_item("bytes_after", r.bytes_after)?;
-            Ok(d)
-        })
-        .collect()
-}
-
-#[pyfunction]
-#[pyo3(signature = (src, dst, spec, include=Vec::new(), exclude=Vec::new()))]
-pub fn quantize_checkpoint<'py>(
-    py: Python<'py>,
-    src: PathBuf,
-    dst: PathBuf,
-    spec: &QuantSpec,
-    include: Vec<String>,
-    exclude: Vec<String>,
-) -> PyResult<Vec<Bound<'py, PyDict>>> {
-    let sp = spec.0;
-    let filter = checkpoint::TensorFilter { include, exclude };
-    let rs = detach(py, || {
-        checkpoint::quantize_file_filtered(&src, &dst, sp, &filter)
-    })?;
-    reports(py, rs)
-}
-
-#[pyfunction]
-pub fn dequantize_checkpoint<'py>(
-    py: Python<'py>,
-    src: PathBuf,
-    dst: PathBuf,
-) -> PyResult<Vec<Bound<'py, PyDict>>> {
-    let rs = detach(py, || checkpoint::dequantize_file(&src, &dst))?;
-    reports(py, rs)
-}
-
-/// Loads a quantized checkpoint: `{name: QuantizedTensor}` for the quantized tensors and
-/// `{name: (dtype, shape, bytes)}` for the others.
-#[pyfunction]
-pub fn load_quantized<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
-    let entries = detach(py, || checkpoint::load(&path))?;
-    let d = PyDict::new(py);
-    for (name, e) in entries {
-        match e {
-            Entry::Quantized { tensor, .. } => d.set_item(name, QuantizedTensor(tensor))?,
-            Entry::Raw { dtype, shape, data } => d.set_item(
-                name,
-                (
-                    format!("{dtype:?}"),
-                    shape,
-                    pyo3::types::PyBytes::new(py, &data),
-                ),
-            )?,
-        }
-    }
-    Ok(d)
-}
-
-/// Writes `{name: QuantizedTensor | (dtype, shape, bytes)}` as a lowbit checkpoint with
-/// `metadata`, atomically (the core of `lowbit.save_checkpoint`).
-#[pyfunction]
-#[pyo3(signature = (path, tensors, metadata=None))]
-pub fn save_checkpoint(
-    py: Python<'_>,
-    path: PathBuf,
-    tensors: &Bound<'_, PyDict>,
-    metadata: Option<std::collections::BTreeMap<String, String>>,
-) -> PyResult<()> {
-    let mut entries = Vec::with_capacity(tensors.len());
-    for (k, v) in tensors.iter() {
-        let name: String = k.extract()?;
-        let entry = if let Ok(q) = v.cast::<QuantizedTensor>() {
-            Entry::Quantized {
-                tensor: q.borrow().0.clone(),
-                dtype: safetensors::Dtype::F32,
-            }
-        } else {
-            let (dtype, shape, data): (String, Vec<usize>, Vec<u8>) =
-                v.extract().map_err(|_| {
-                    type_error(format!(
-                        "tensor {name:?} must be a QuantizedTensor or (dtype, shape, bytes)"
-                    ))
-                })?;
-            Entry::Raw {
-                dtype: checkpoint::dtype_from_name(&dtype).ok_or_else(|| {
-                    value_error(format!("tensor {name:?}: unknown dtype {dtype:?}"))
-                })?,
-                shape,
-                data,
-            }
-        };
-        entries.push((name, entry));
-    }
-    let meta = metadata.unwrap_or_default();
-    detach(py, || checkpoint::save(&path, &entries, &meta))
-}
-
-/// The string metadata of a safetensors file's header.
-#[pyfunction]
-pub fn checkpoint_metadata(
-    py: Python<'_>,
-    path: PathBuf,
-) -> PyResult<std::collections::BTreeMap<String, String>> {
-    detach(py, || checkpoint::metadata(&path))
 }
