@@ -2,12 +2,55 @@
 accept lists and torch tensors and document each function with examples."""
 
 import os
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence, final
 
 import numpy as np
 import numpy.typing as npt
 
 __version__: str
+__all__ = [
+    "LowbitError",
+    "build_config",
+    "Observer",
+    "activation_quant",
+    "binary_matmul_packed",
+    "binary_quantize",
+    "bitnet_kernel",
+    "pack_rows",
+    "pack_tq1",
+    "ternary_quantize",
+    "unpack_rows",
+    "unpack_tq1",
+    "PackedSigns",
+    "TernaryLinear",
+    "BertCore",
+    "MultiTaskCore",
+    "builtin_devices",
+    "estimate_json",
+    "fit_device",
+    "DeviceProfile",
+    "Graph",
+    "SpaceCore",
+    "dequantize_per_channel",
+    "dequantize_per_tensor",
+    "fake_quantize_per_channel_affine",
+    "fake_quantize_per_tensor_affine",
+    "quantize",
+    "quantize_per_channel",
+    "quantize_per_tensor",
+    "QuantSpec",
+    "QuantizedTensor",
+    "checkpoint_metadata",
+    "dequantize_checkpoint",
+    "load_quantized",
+    "quantize_checkpoint",
+    "save_checkpoint",
+    "LowbitValueError",
+    "LowbitTypeError",
+    "LowbitIOError",
+    "LowbitFormatError",
+    "__version__",
+]
 
 class LowbitError(Exception):
     """Base class of every error lowbit raises."""
@@ -24,6 +67,7 @@ class LowbitIOError(LowbitError, OSError):
 class LowbitFormatError(LowbitError, ValueError):
     """A corrupt, truncated or foreign file."""
 
+@final
 class QuantSpec:
     """How to quantize: ``bits`` (2..8), symmetric (signed codes, zero point 0) or asymmetric
     (unsigned codes), and one scale per tensor, per channel along ``axis`` or per ``group_size``
@@ -35,14 +79,14 @@ class QuantSpec:
     (-8, 7)
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         bits: int,
         symmetric: bool = True,
         granularity: Literal["tensor", "channel", "group"] = "tensor",
         axis: int = 0,
         group_size: int | None = None,
-    ) -> None: ...
+    ) -> QuantSpec: ...
     @property
     def bits(self) -> int: ...
     @property
@@ -58,6 +102,7 @@ class QuantSpec:
     @property
     def quant_max(self) -> int: ...
 
+@final
 class QuantizedTensor:
     """Packed codes (``code - quant_min`` at ``bits`` bits each, little-endian bit stream in C
     order) with float32 scales and integer zero points shaped by the spec."""
@@ -117,15 +162,14 @@ def quantize_checkpoint(
 ) -> list[dict[str, Any]]: ...
 def dequantize_checkpoint(src: str, dst: str) -> list[dict[str, Any]]: ...
 def load_quantized(path: str) -> dict[str, Any]: ...
-def pack_bits(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]: ...
-def unpack_bits(packed: npt.NDArray[np.uint8], bits: int, n: int) -> npt.NDArray[np.uint8]: ...
 
+@final
 class Observer:
     """State and settings of one calibration observer; ``lowbit.calib`` wraps it in the
     ``MinMaxObserver`` / ``HistogramObserver`` / ... classes."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         kind: Literal["minmax", "moving_average", "per_channel", "histogram", "per_channel_histogram"],
         bits: int = 8,
         symmetric: bool = False,
@@ -134,7 +178,7 @@ class Observer:
         method: Literal["mse", "sqnr", "percentile", "entropy"] = "mse",
         percentile: float = 99.99,
         bins: int = 2048,
-    ) -> None: ...
+    ) -> Observer: ...
     @property
     def observed(self) -> bool: ...
     @property
@@ -150,8 +194,53 @@ class Observer:
     def from_json(s: str) -> Observer: ...
     def histogram(self) -> tuple[npt.NDArray[np.uint64], float, float, float, float]: ...
 
+# ---- lowbit.bitnet ------------------------------------------------------------------------
+
+def ternary_quantize(w: npt.NDArray[np.float32], per_channel: bool, threads: int = 1) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
+    """``threads``: torch's thread count, which decides the order it adds the mean in."""
+def activation_quant(x: npt.NDArray[np.float32], bits: int) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]: ...
+def binary_quantize(w: npt.NDArray[np.float32], center: bool) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]: ...
+@final
+class PackedSigns:
+    """Signs of a float matrix packed one bit per value (sign(0) = +1)."""
+
+    def __new__(cls, x: npt.NDArray[np.float32]) -> PackedSigns: ...
+    @property
+    def shape(self) -> tuple[int, int]: ...
+    @property
+    def nbytes(self) -> int: ...
+
+def binary_matmul_packed(a: PackedSigns, b: PackedSigns) -> npt.NDArray[np.int32]:
+    """``sign(a) @ sign(b).T`` in int32 by XNOR + popcount."""
+
+@final
+class TernaryLinear:
+    """A ternary linear layer: packed 2-bit weights, per-row int8 activations, integer GEMM."""
+
+    def __new__(cls, codes: npt.NDArray[np.int8], scale: npt.NDArray[np.float32], bias: npt.NDArray[np.float32] | None = None) -> TernaryLinear: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def codes(self) -> npt.NDArray[np.int8]: ...
+    def int_matmul(self, q: npt.NDArray[np.int8]) -> npt.NDArray[np.int32]:
+        """Integer product ``q @ codes.T`` for int8 activations."""
+    def forward(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """``(q_x @ codes.T) * (scale_w / s_x) + bias``, computed in float64 and rounded to float32."""
+
+def bitnet_kernel() -> str:
+    """The kernel path in use, chosen by the CPU and ``LOWBIT_KERNEL``."""
+def pack_rows(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]: ...
+def unpack_rows(packed: npt.NDArray[np.uint8], bits: int, k: int) -> npt.NDArray[np.uint8]: ...
+def pack_tq1(codes: npt.NDArray[np.int8]) -> npt.NDArray[np.uint8]: ...
+def unpack_tq1(packed: npt.NDArray[np.uint8], k: int) -> npt.NDArray[np.int8]: ...
+
 # ---- lowbit.nas ---------------------------------------------------------------------------
 
+@final
 class Graph:
     """Ops in execution order over buffers (inputs, weights, constants, activations), with exact
     FLOP counts (the formulas of ``torch.utils.flop_counter``: FLOPs = 2 x MACs).
@@ -197,6 +286,7 @@ class Graph:
         """Parameters: weight buffers plus parameters of the model that no op read."""
     def __len__(self) -> int: ...
 
+@final
 class DeviceProfile:
     """Peak compute by precision (G ops/s, 1 MAC = 2 ops; keys ``f32``, ``f16``, ``int8``,
     ``int4``; a missing precision runs at the next wider one), sustained bandwidth (GB/s),
@@ -210,8 +300,8 @@ class DeviceProfile:
     (True, 400.0)
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         name: str,
         peak_gops: Mapping[str, float],
         bandwidth_gbs: float,
@@ -222,9 +312,9 @@ class DeviceProfile:
         view_overhead_us: float = 0.0,
         energy_scale: float = 1.0,
         dram_pj_per_byte: float = 243.75,
-        description: str = "",
+        description: str = ...,
         sources: Mapping[str, str] | None = None,
-    ) -> None: ...
+    ) -> DeviceProfile: ...
     @staticmethod
     def from_json(text: str) -> DeviceProfile: ...
     def to_json(self) -> str: ...
@@ -259,8 +349,9 @@ class DeviceProfile:
     @property
     def sources(self) -> dict[str, str]: ...
 
+@final
 class SpaceCore:
-    def __init__(self, costs: npt.NDArray[np.float64], choices: list[int], base: list[float]) -> None: ...
+    def __new__(cls, costs: npt.NDArray[np.float64], choices: list[int], base: list[float]) -> SpaceCore: ...
     def evaluate(self, choices: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]: ...
     def expected(self, probs: npt.NDArray[np.float64], metric: str) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 
@@ -270,6 +361,7 @@ def fit_device(graphs: list[Graph], measured_ms: list[float], base: DeviceProfil
 
 # ---- lowbit.runtime -----------------------------------------------------------------------
 
+@final
 class BertCore:
     """The Rust BERT encoder; ``lowbit.runtime.BertEncoder`` wraps it."""
 
@@ -293,6 +385,7 @@ class BertCore:
 def save_checkpoint(path: str, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None: ...
 def checkpoint_metadata(path: str) -> dict[str, str]: ...
 
+@final
 class MultiTaskCore:
     """The Rust multi-task model; ``lowbit.runtime.MultiTaskModel`` wraps it."""
 
@@ -313,4 +406,5 @@ class MultiTaskCore:
     def caption(self, images: npt.NDArray[np.float32], max_len: int, beam: int) -> list[list[int]]: ...
     def ocr(self, images: npt.NDArray[np.float32]) -> list[list[int]]: ...
 
-def build_config() -> list[tuple[str, str, str]]: ...
+def build_config() -> list[tuple[str, str, str]]:
+    """``lowbit.show_config()``'s facts: (section, key, value) rows."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -57,12 +57,17 @@ def _as_input(x: Any) -> tuple[np.ndarray, bool]:
     return np.asarray(x), False
 
 
+_Kind = Literal["minmax", "moving_average", "per_channel", "histogram", "per_channel_histogram"]
+
+
 class Observer:
     """Base class: ``update(x)`` (or call it), ``qparams()``, ``merge``, ``state_dict``."""
 
-    _kind = ""
+    _kind: _Kind
 
     def __init__(self, **settings: Any) -> None:
+        if not hasattr(self, "_kind"):
+            raise LowbitTypeError("Observer is the base class: use MinMaxObserver, MovingAverageMinMaxObserver, PerChannelMinMaxObserver or HistogramObserver")
         for k, v in settings.items():
             if k == "bits":
                 settings[k] = _int(v, k, 2, 8)
@@ -163,7 +168,7 @@ class MinMaxObserver(Observer):
     (0.007843137718737125, 0)
     """
 
-    _kind = "minmax"
+    _kind: _Kind = "minmax"
     _state_kinds = ("MinMax",)
 
     def __init__(self, bits: int = 8, symmetric: bool = False) -> None:
@@ -174,7 +179,7 @@ class MovingAverageMinMaxObserver(Observer):
     """Moving average of each batch's min and max (``torch.ao``'s, bit for bit). ``merge`` takes
     the batch-weighted mean of the two running ranges: an exponential average has no exact merge."""
 
-    _kind = "moving_average"
+    _kind: _Kind = "moving_average"
     _state_kinds = ("MovingAverage",)
 
     def __init__(self, averaging_constant: float = 0.01, bits: int = 8, symmetric: bool = False) -> None:
@@ -185,7 +190,7 @@ class PerChannelMinMaxObserver(Observer):
     """Running min and max per index of ``axis`` (``torch.ao``'s ``PerChannelMinMaxObserver``,
     whose ``ch_axis`` this is); ``qparams()`` returns arrays."""
 
-    _kind = "per_channel"
+    _kind: _Kind = "per_channel"
     _state_kinds = ("PerChannel",)
 
     def __init__(self, axis: int = 0, bits: int = 8, symmetric: bool = False) -> None:
@@ -203,7 +208,7 @@ class HistogramObserver(Observer):
     computed exactly from the histogram (uniform within bins), and returns the best.
     """
 
-    _kind = "histogram"
+    _kind: _Kind = "histogram"
     _state_kinds = ("Histogram", "PerChannelHistogram")
 
     def __init__(

@@ -281,6 +281,10 @@ def _xnor_linear(lin: Any) -> Any:
     import torch
 
     class XnorLinear(torch.nn.Module):
+        signs: torch.Tensor
+        scales: torch.Tensor
+        bias: torch.Tensor | None
+
         def __init__(self, lin: torch.nn.Linear) -> None:
             super().__init__()
             from lowbit.bitnet import binary_quantize

@@ -686,7 +686,7 @@ def multitask_loss(model: MultiTaskVLM, b: dict[str, torch.Tensor],
     target = b["same"] / b["same"].sum(1, keepdim=True)
     l_ret = (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
     parts = {"caption": l_cap, "ocr": l_ocr, "vqa": l_vqa, "retrieval": l_ret}
-    total = sum(w[k] * v for k, v in parts.items())
+    total = torch.stack([w[k] * v for k, v in parts.items()]).sum()
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 

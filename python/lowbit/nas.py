@@ -357,7 +357,7 @@ class _Recorder:
             wi = qkv_w[i * e:(i + 1) * e]
             bi = qkv_b[i * e:(i + 1) * e] if qkv_b is not None else None
             parts.append(self._linear(x, wi, bi, target))
-        a = self._attention(*parts, int(heads), target)
+        a = self._attention(parts[0], parts[1], parts[2], int(heads), target)
         self._linear(a, proj_w, proj_b, target, self.ref(outs[0], True))
         for o in outs[1:]:
             self.ref(o, True)
@@ -380,7 +380,7 @@ class _Recorder:
 
         h = norm(x, n1w, n1b) if norm_first else x
         parts = [self._linear(h, qkv_w[i * e:(i + 1) * e], qkv_b[i * e:(i + 1) * e], target) for i in range(3)]
-        a = self._linear(self._attention(*parts, int(heads), target), proj_w, proj_b, target)
+        a = self._linear(self._attention(parts[0], parts[1], parts[2], int(heads), target), proj_w, proj_b, target)
         x = add(x, a)
         if not norm_first:
             x = norm(x, n1w, n1b)
@@ -553,6 +553,8 @@ def measure(model: Any, example_inputs: Any, repeats: int = 20, warmup: int = 3,
         names: list[tuple[str, str]] = []
 
         class Mode(TorchDispatchMode):
+            i = 0
+
             def __torch_dispatch__(self, func, types, a=(), kw=None):  # noqa: ANN001, ANN204
                 t = time.perf_counter()
                 out = func(*a, **(kw or {}))
@@ -877,7 +879,7 @@ def evolve(
             v += np.maximum(m[k] - bound, 0) / max(abs(bound), 1e-12)
         return f, m, v
 
-    pop = space.random(population, seed=rng.integers(2**32))
+    pop = space.random(population, seed=int(rng.integers(2**32)))
     f, m, v = score(pop)
     seen_c, seen_f, seen_m, seen_v = [pop], [f], [m], [v]
     steps: Iterable[int] = range(generations)
@@ -897,7 +899,10 @@ def evolve(
         mutate = rng.random((population, nb)) < p_mut
         child = np.where(mutate, (rng.random((population, nb)) * sizes).astype(np.int64), child)
         cf, cm, cv = score(child)
-        seen_c.append(child), seen_f.append(cf), seen_m.append(cm), seen_v.append(cv)
+        seen_c.append(child)
+        seen_f.append(cf)
+        seen_m.append(cm)
+        seen_v.append(cv)
         allc = np.concatenate([pop, child])
         allf, allv = np.concatenate([f, cf]), np.concatenate([v, cv])
         allm = {k: np.concatenate([m[k], cm[k]]) for k in m}

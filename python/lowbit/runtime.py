@@ -86,7 +86,7 @@ class BertEncoder:
     def config(self) -> dict[str, Any]:
         return self._core.config
 
-    def _inputs(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> tuple:
+    def _inputs(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         ids = _ids(input_ids, "input_ids")
         mask = np.ones_like(ids) if attention_mask is None else _ids(attention_mask, "attention_mask", ids.shape)
         types = None if token_type_ids is None else _ids(token_type_ids, "token_type_ids", ids.shape)
@@ -100,13 +100,11 @@ class BertEncoder:
         modules (``"embeddings"``, ``"encoder.layer.0.attention"``, ``"encoder.layer.0"``, ...,
         ``"pooler"``) to their outputs. A torch tensor in gives torch tensors out."""
         torch_in = _is_tensor(input_ids)
-        out, rec = self._core.forward(*self._inputs(input_ids, attention_mask, token_type_ids), bool(record))
-        if torch_in:
-            import torch
-
-            out = torch.from_numpy(out)
-            rec = None if rec is None else {k: torch.from_numpy(v) for k, v in rec.items()}
-        return (out, rec) if record else out
+        hidden, rec = self._core.forward(*self._inputs(input_ids, attention_mask, token_type_ids), bool(record))
+        out = _torch_out(hidden, torch_in)
+        if rec is not None:
+            return out, {k: _torch_out(v, torch_in) for k, v in rec.items()}
+        return out
 
     __call__ = forward
 
@@ -253,11 +251,11 @@ class MultiTaskModel:
         if needs_ids and ids is None:
             raise LowbitValueError("this task needs ids")
         a_ids = _ids(ids, "ids") if needs_ids else None
-        a_mask = _ids(mask, "mask", a_ids.shape) if mask is not None and task in ("vqa", "text") else None
+        a_mask = _ids(mask, "mask", a_ids.shape) if a_ids is not None and mask is not None and task in ("vqa", "text") else None
         a_img = None if task == "text" else self._images(images)
         out, rec = self._core.forward(task, a_img, a_ids, a_mask, bool(record))
         out = _torch_out(out, torch_in)
-        if record:
+        if rec is not None:
             return out, {k: _torch_out(v, torch_in) for k, v in rec.items()}
         return out
 

@@ -14,7 +14,7 @@ tensor([1., 1., 1., 0.])
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -110,13 +110,13 @@ def _fake_quant(x: torch.Tensor, qargs: tuple, return_mask: bool, out: torch.Ten
         from lowbit._quant import _out
 
         o, inplace = _out(a, o)
-        fn = _lowbit.fake_quantize_per_tensor_affine if qargs[0] == "tensor" else _lowbit.fake_quantize_per_channel_affine
+        fn: Callable[..., Any] = _lowbit.fake_quantize_per_tensor_affine if qargs[0] == "tensor" else _lowbit.fake_quantize_per_channel_affine
         r = fn(a, *qargs[1:], return_mask, False, out=o, inplace=inplace)
         return (out, torch.from_numpy(r[1])) if return_mask else out
     if return_mask or not (torch.is_grad_enabled() and x.requires_grad):
         a, bf16 = _to_numpy(x, "x")
-        fn = _lowbit.fake_quantize_per_tensor_affine if qargs[0] == "tensor" else _lowbit.fake_quantize_per_channel_affine
-        r = fn(a, *qargs[1:], return_mask, bf16)
+        fq: Callable[..., Any] = _lowbit.fake_quantize_per_tensor_affine if qargs[0] == "tensor" else _lowbit.fake_quantize_per_channel_affine
+        r = fq(a, *qargs[1:], return_mask, bf16)
         if return_mask:
             return _from_numpy(r[0], bf16), torch.from_numpy(r[1])
         return _from_numpy(r, bf16)
@@ -308,10 +308,10 @@ def sync_observers(observers: Any, group: Any = None) -> None:
     if any(len(g) != len(obs) for g in gathered):
         raise LowbitValueError("ranks passed different numbers of observers to sync_observers")
     for i, o in enumerate(obs):
-        total = type(o).__new__(type(o))
+        total = o.__class__.__new__(o.__class__)
         total.load_state_dict(gathered[0][i])
         for g in gathered[1:]:
-            other = type(o).__new__(type(o))
+            other = o.__class__.__new__(o.__class__)
             other.load_state_dict(g[i])
             total.merge(other)
         o.load_state_dict(total.state_dict())
@@ -382,6 +382,7 @@ def calibrate(
     hooks = []
     for name, mod in layers.items():
         act = HistogramObserver(bits=spec.bits, symmetric=spec.symmetric, method=method)
+        w: MinMaxObserver | PerChannelMinMaxObserver
         if weight_spec.granularity == "channel":
             w = PerChannelMinMaxObserver(axis=weight_spec.axis, bits=weight_spec.bits, symmetric=weight_spec.symmetric)
         else:
