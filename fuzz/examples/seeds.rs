@@ -1,6 +1,6 @@
 //! Writes small valid inputs for every fuzz target into `<dir>/<target>/seed-*`, made by lowbit
 //! itself so that they follow the formats exactly as lowbit writes them (`fuzz/run.sh` runs it).
-use lowbit::calib::{Histogram, MinMax, PerChannelMinMax};
+use lowbit::calib::{Histogram, MinMax, Observer, ObserverConfig, PerChannelMinMax};
 use lowbit::nas::device::builtin;
 use lowbit::nas::graph::from_layers;
 use lowbit::quant::checkpoint::{self, Entry, QuantizedInfo, TERNARY_KEY};
@@ -280,12 +280,33 @@ fn observers() -> Vec<Vec<u8>> {
     mm.update(&x.view()).unwrap();
     let mut pc = PerChannelMinMax::new(0);
     pc.update(&x.view()).unwrap();
-    vec![
+    let mut seeds = vec![
         empty,
         serde_json::to_vec(&h).unwrap(),
         serde_json::to_vec(&mm).unwrap(),
         serde_json::to_vec(&pc).unwrap(),
-    ]
+    ];
+    // Whole observer states (settings + data), one per kind, empty and after a batch.
+    let x2 = ndarray::arr2(&[[-1.5f32, 0.0, 3.0], [0.5, 0.75, 1.0]]).into_dyn();
+    for kind in [
+        "minmax",
+        "moving_average",
+        "per_channel",
+        "histogram",
+        "per_channel_histogram",
+    ] {
+        let config = ObserverConfig {
+            bits: 4,
+            symmetric: kind.starts_with("per"),
+            method: "mse".into(),
+            percentile: 99.99,
+        };
+        let mut o = Observer::new(kind, config, 0.01, 0, 32).unwrap();
+        seeds.push(o.to_json().into_bytes());
+        o.update(x2.view()).unwrap();
+        seeds.push(o.to_json().into_bytes());
+    }
+    seeds
 }
 
 fn write(dir: &Path, target: &str, seeds: Vec<Vec<u8>>) {

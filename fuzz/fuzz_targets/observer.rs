@@ -1,9 +1,13 @@
 //! Observer state JSON (what `Observer.from_json` and `load_state_dict` read): histograms,
 //! min-max and per-channel min-max. A histogram state that validates gives finite qparams by
-//! every search method, merges with itself into a valid state, and takes more data.
+//! every search method, merges with itself into a valid state, and takes more data. A whole
+//! observer state (settings + data, `calib::Observer::from_json`) that loads gives qparams or a
+//! clear error, merges with itself, takes a batch and writes back the same JSON it read.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use lowbit::calib::{search::search, Histogram, Method, MinMax, PerChannelMinMax};
+use lowbit::calib::{
+    search::search, Histogram, Method, MinMax, Observer, PerChannelMinMax, QParams,
+};
 use lowbit::quant::QRange;
 use ndarray::arr1;
 
@@ -31,7 +35,8 @@ fn observe_raw(data: &[u8]) {
         return;
     }
     let mut h = Histogram::new(64).unwrap();
-    h.update(&arr1(&xs).into_dyn().view()).expect("finite data is accepted");
+    h.update(&arr1(&xs).into_dyn().view())
+        .expect("finite data is accepted");
     h.validate().expect("an updated histogram is valid");
     for (r, sym) in ranges() {
         let (lo, hi) = (h.min as f64, h.max as f64);
@@ -46,11 +51,43 @@ fn observe_raw(data: &[u8]) {
     }
 }
 
+/// A whole observer state: everything `from_json` accepts behaves like a state `new` + `update`
+/// made.
+fn observer_state(text: &str) {
+    let Ok(o) = Observer::from_json(text) else {
+        return;
+    };
+    let back = o.to_json();
+    assert_eq!(Observer::from_json(&back).expect("to_json reloads"), o);
+    let r = o.range();
+    match o.qparams() {
+        Ok(QParams::Tensor(s, z)) => check_qparams(r, (s, z)),
+        Ok(QParams::Channel(s, z)) => {
+            assert_eq!(s.len(), z.len());
+            s.into_iter().zip(z).for_each(|q| check_qparams(r, q));
+        }
+        Err(_) => {} // e.g. no data yet, or a range past float32: a clear error, not a panic
+    }
+    let _ = o.search();
+    let mut m = o.clone();
+    if m.merge(&o).is_err() {
+        assert_eq!(m, o, "a failed merge changes nothing");
+    }
+    Observer::from_json(&m.to_json()).expect("a merged state reloads");
+    let mut u = o.clone();
+    let x = arr1(&[-1.0f32, 0.25, 2.0]).into_dyn();
+    if u.update(x.view()).is_err() {
+        assert_eq!(u, o, "a refused batch changes nothing");
+    }
+    Observer::from_json(&u.to_json()).expect("an updated state reloads");
+}
+
 fuzz_target!(|data: &[u8]| {
     observe_raw(data);
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    observer_state(text);
     if let Ok(h) = serde_json::from_str::<Histogram>(text) {
         if h.validate().is_ok() {
             if !h.is_empty() {

@@ -2,122 +2,22 @@
 
 from __future__ import annotations
 
-import operator
 import os
 from typing import Any
 
 import numpy as np
 
 from lowbit import _lowbit
+from lowbit._array import as_array, numpy_of, out_arg, tensor_view
 from lowbit._lowbit import LowbitTypeError, LowbitValueError, QuantizedTensor, QuantSpec
+from lowbit._validate import float_arg, int_arg, is_tensor, path_arg, vector_arg
 
 
-def _is_tensor(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+def _tensor() -> Any:
+    """The torch versions of these functions (imports torch: only called for a tensor)."""
+    from lowbit import _tensor as t
 
-
-def _torch() -> Any:
-    from lowbit import torch as lt
-
-    return lt
-
-
-def _array(x: Any, what: str = "x") -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    if isinstance(x, (str, bytes, dict, set)) or x is None:
-        raise LowbitTypeError(f"{what} must be an array, got {type(x).__name__}")
-    return np.asarray(x)
-
-
-def _bounds(v: Any, what: str, lo: Any, hi: Any) -> None:
-    if lo is None and hi is None:
-        return
-    if (lo is not None and not v >= lo) or (hi is not None and not v <= hi):  # NaN is out of any range
-        want = (f"between {lo} and {hi}" if lo is not None and hi is not None
-                else f">= {lo}" if lo is not None else f"<= {hi}")
-        raise LowbitValueError(f"{what} must be {want}, got {v}")
-
-
-def _float(v: Any, what: str, lo: float | None = None, hi: float | None = None, finite: bool = False) -> float:
-    """A real number (Python, NumPy or a one-element array / tensor); optionally finite and in ``[lo, hi]``."""
-    if _is_tensor(v) or isinstance(v, np.ndarray):
-        if (v.numel() if _is_tensor(v) else v.size) != 1:
-            raise LowbitTypeError(f"{what} must be a single number")
-        v = v.item()
-    if isinstance(v, (bool, str, bytes)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise LowbitTypeError(f"{what} must be a float, got {type(v).__name__}")
-    try:
-        f = float(v)
-    except OverflowError:
-        raise LowbitValueError(f"{what} is too large for a float, got {v}") from None
-    if finite and not np.isfinite(f):
-        raise LowbitValueError(f"{what} must be finite, got {f}")
-    _bounds(f, what, lo, hi)
-    return f
-
-
-_I64 = (-(2**63), 2**63 - 1)
-
-
-def _int(v: Any, what: str, lo: int | None = _I64[0], hi: int | None = _I64[1]) -> int:
-    """An integer (Python, NumPy or a one-element array / tensor, not bool) in ``[lo, hi]``: by
-    default the int64 range the core takes, so that no argument overflows on its way in."""
-    if _is_tensor(v) or isinstance(v, np.ndarray):
-        if (v.numel() if _is_tensor(v) else v.size) != 1:
-            raise LowbitTypeError(f"{what} must be a single integer")
-        v = v.item()
-    if isinstance(v, (bool, np.bool_)):
-        raise LowbitTypeError(f"{what} must be an integer, got bool")
-    try:
-        i = operator.index(v)
-    except TypeError:
-        raise LowbitTypeError(f"{what} must be an integer, got {type(v).__name__}") from None
-    _bounds(i, what, lo, hi)
-    return i
-
-
-def _path(p: Any, what: str) -> str:
-    """``os.fspath(p)``, naming the argument when ``p`` is not a path."""
-    try:
-        path = os.fspath(p)
-    except TypeError:
-        raise LowbitTypeError(f"{what} must be a path (str or os.PathLike), got {type(p).__name__}") from None
-    return os.fsdecode(path)
-
-
-def _vector(v: Any, what: str, integer: bool) -> list:
-    if _is_tensor(v):
-        v = v.detach().cpu()
-        a = (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()  # bf16 -> f32 is exact
-    else:
-        a = np.asarray(v)
-    if a.ndim != 1:
-        raise LowbitTypeError(f"{what} must be one-dimensional, got shape {a.shape}")
-    if a.size == 0:  # np.asarray([]) is float64: an empty list holds no wrong type
-        return []
-    if integer and a.dtype.kind not in "iu":
-        raise LowbitTypeError(f"{what} must hold integers, got {a.dtype} (torch's float zero points, "
-                              "added before rounding as in its learnable fake-quant, are not supported: round them)")
-    if not integer and a.dtype.kind not in "fiu":
-        raise LowbitTypeError(f"{what} must hold floats, got {a.dtype}")
-    return a.tolist()
-
-
-def _out(x: np.ndarray, out: Any) -> tuple[Any, bool]:
-    """Validates ``out=`` and tells whether it is ``x`` itself (an in-place call)."""
-    if out is None:
-        return None, False
-    if not isinstance(out, np.ndarray):
-        raise LowbitTypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.shape != x.shape:
-        raise LowbitValueError(f"out has shape {out.shape}, x has {x.shape}")
-    if out.dtype != x.dtype:
-        raise LowbitTypeError(f"out has dtype {out.dtype}, x has {x.dtype}")
-    same = out.__array_interface__["data"][0] == x.__array_interface__["data"][0] and out.strides == x.strides
-    if not same and np.may_share_memory(x, out):
-        raise LowbitValueError("out overlaps x without being x; pass out=x to work in place")
-    return out, same
+    return t
 
 
 def fake_quantize_per_tensor_affine(
@@ -153,16 +53,16 @@ def fake_quantize_per_tensor_affine(
     >>> x
     array([0.1, 0.2, 0.4, 0.7], dtype=float32)
     """
-    if _is_tensor(x):
-        return _torch().fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max, return_mask, out)
-    x = _array(x)
-    o, inplace = _out(x, out)
+    if is_tensor(x):
+        return _tensor().fake_quantize_per_tensor_affine(x, scale, zero_point, quant_min, quant_max, return_mask, out)
+    x = as_array(x)
+    o, inplace = out_arg(x, out)
     return _lowbit.fake_quantize_per_tensor_affine(
         x,
-        _float(scale, "scale"),
-        _int(zero_point, "zero_point"),
-        _int(quant_min, "quant_min"),
-        _int(quant_max, "quant_max"),
+        float_arg(scale, "scale"),
+        int_arg(zero_point, "zero_point"),
+        int_arg(quant_min, "quant_min"),
+        int_arg(quant_max, "quant_max"),
         bool(return_mask),
         out=o,
         inplace=inplace,
@@ -195,17 +95,17 @@ def fake_quantize_per_channel_affine(
     array([[ 0.25, -0.5 ],
            [ 1.  ,  1.  ]], dtype=float32)
     """
-    if _is_tensor(x):
-        return _torch().fake_quantize_per_channel_affine(x, scale, zero_point, axis, quant_min, quant_max, return_mask, out)
-    x = _array(x)
-    o, inplace = _out(x, out)
+    if is_tensor(x):
+        return _tensor().fake_quantize_per_channel_affine(x, scale, zero_point, axis, quant_min, quant_max, return_mask, out)
+    x = as_array(x)
+    o, inplace = out_arg(x, out)
     return _lowbit.fake_quantize_per_channel_affine(
         x,
-        _vector(scale, "scale", integer=False),
-        _vector(zero_point, "zero_point", integer=True),
-        _int(axis, "axis"),
-        _int(quant_min, "quant_min"),
-        _int(quant_max, "quant_max"),
+        vector_arg(scale, "scale", integer=False),
+        vector_arg(zero_point, "zero_point", integer=True),
+        int_arg(axis, "axis"),
+        int_arg(quant_min, "quant_min"),
+        int_arg(quant_max, "quant_max"),
         bool(return_mask),
         out=o,
         inplace=inplace,
@@ -223,10 +123,10 @@ def quantize_per_tensor(x: Any, scale: Any, zero_point: Any, quant_min: int, qua
     >>> lowbit.quantize_per_tensor(np.array([-1.0, 0.3, 2.0], dtype=np.float32), 0.1, 3, 0, 15)
     array([ 0,  6, 15], dtype=uint8)
     """
-    if _is_tensor(x):
-        return _torch().quantize_per_tensor(x, scale, zero_point, quant_min, quant_max)
+    if is_tensor(x):
+        return _tensor().quantize_per_tensor(x, scale, zero_point, quant_min, quant_max)
     return _lowbit.quantize_per_tensor(
-        _array(x), _float(scale, "scale"), _int(zero_point, "zero_point"), _int(quant_min, "quant_min"), _int(quant_max, "quant_max")
+        as_array(x), float_arg(scale, "scale"), int_arg(zero_point, "zero_point"), int_arg(quant_min, "quant_min"), int_arg(quant_max, "quant_max")
     )
 
 
@@ -239,15 +139,15 @@ def quantize_per_channel(x: Any, scales: Any, zero_points: Any, axis: int, quant
     array([[ 2, -2],
            [ 3,  1]], dtype=int8)
     """
-    if _is_tensor(x):
-        return _torch().quantize_per_channel(x, scales, zero_points, axis, quant_min, quant_max)
+    if is_tensor(x):
+        return _tensor().quantize_per_channel(x, scales, zero_points, axis, quant_min, quant_max)
     return _lowbit.quantize_per_channel(
-        _array(x),
-        _vector(scales, "scales", integer=False),
-        _vector(zero_points, "zero_points", integer=True),
-        _int(axis, "axis"),
-        _int(quant_min, "quant_min"),
-        _int(quant_max, "quant_max"),
+        as_array(x),
+        vector_arg(scales, "scales", integer=False),
+        vector_arg(zero_points, "zero_points", integer=True),
+        int_arg(axis, "axis"),
+        int_arg(quant_min, "quant_min"),
+        int_arg(quant_max, "quant_max"),
     )
 
 
@@ -258,9 +158,9 @@ def dequantize_per_tensor(q: Any, scale: Any, zero_point: Any) -> Any:
     >>> lowbit.dequantize_per_tensor(np.array([0, 6, 15], dtype=np.uint8), 0.1, 3)
     array([-0.3,  0.3,  1.2], dtype=float32)
     """
-    if _is_tensor(q):
-        return _torch().dequantize_per_tensor(q, scale, zero_point)
-    return _lowbit.dequantize_per_tensor(_array(q, "q"), _float(scale, "scale"), _int(zero_point, "zero_point"))
+    if is_tensor(q):
+        return _tensor().dequantize_per_tensor(q, scale, zero_point)
+    return _lowbit.dequantize_per_tensor(as_array(q, "q"), float_arg(scale, "scale"), int_arg(zero_point, "zero_point"))
 
 
 def dequantize_per_channel(q: Any, scales: Any, zero_points: Any, axis: int) -> Any:
@@ -271,10 +171,10 @@ def dequantize_per_channel(q: Any, scales: Any, zero_points: Any, axis: int) -> 
     array([[ 0.5, -0.5],
            [ 3. ,  1. ]], dtype=float32)
     """
-    if _is_tensor(q):
-        return _torch().dequantize_per_channel(q, scales, zero_points, axis)
+    if is_tensor(q):
+        return _tensor().dequantize_per_channel(q, scales, zero_points, axis)
     return _lowbit.dequantize_per_channel(
-        _array(q, "q"), _vector(scales, "scales", integer=False), _vector(zero_points, "zero_points", integer=True), _int(axis, "axis")
+        as_array(q, "q"), vector_arg(scales, "scales", integer=False), vector_arg(zero_points, "zero_points", integer=True), int_arg(axis, "axis")
     )
 
 
@@ -295,14 +195,14 @@ def quantize(x: Any, spec: QuantSpec, scales: Any = None, zero_points: Any = Non
     """
     if not isinstance(spec, QuantSpec):
         raise LowbitTypeError(f"spec must be a lowbit.QuantSpec, got {type(spec).__name__}")
-    if _is_tensor(x):
-        x, bf16 = _torch()._to_numpy(x, "x")
+    if is_tensor(x):
+        x, bf16 = tensor_view(x, "x")
         if bf16:
             x = x.view(np.uint16).astype(np.uint32) << 16
             x = x.view(np.float32)
     s = None if scales is None else _qparams(scales, "scales", integer=False)
     z = None if zero_points is None else _qparams(zero_points, "zero_points", integer=True)
-    return _lowbit.quantize(_array(x), spec, s, z)
+    return _lowbit.quantize(as_array(x), spec, s, z)
 
 
 def _qparams(v: Any, what: str, integer: bool) -> np.ndarray:
@@ -310,17 +210,13 @@ def _qparams(v: Any, what: str, integer: bool) -> np.ndarray:
     drop an imaginary part or wrap an integer)."""
     if v is None or isinstance(v, (str, bytes, dict)):
         raise LowbitTypeError(f"{what} must be an array, got {type(v).__name__}")
-    a = _to_np(v)
+    a = numpy_of(v)
     if a.dtype.kind not in ("iu" if integer else "fiu"):
         raise LowbitTypeError(f"{what} must hold {'integers' if integer else 'floats'}, got {a.dtype}")
     if integer and a.size and (a.min() < -(2**31) or a.max() >= 2**31):
         raise LowbitValueError(f"{what} must fit in int32, got values in [{a.min()}, {a.max()}]")
     # np.array, not np.ascontiguousarray: the latter turns per-tensor 0-d qparams into shape (1,).
     return np.array(a, dtype=np.int32 if integer else np.float32, order="C")
-
-
-def _to_np(v: Any) -> np.ndarray:
-    return v.detach().cpu().numpy() if _is_tensor(v) else np.asarray(v)
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, spec: QuantSpec, *,
@@ -342,7 +238,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, spec: Qu
     """
     if not isinstance(spec, QuantSpec):
         raise LowbitTypeError(f"spec must be a lowbit.QuantSpec, got {type(spec).__name__}")
-    return _lowbit.quantize_checkpoint(_path(src, "src"), _path(dst, "dst"), spec,
+    return _lowbit.quantize_checkpoint(path_arg(src, "src"), path_arg(dst, "dst"), spec,
                                        _patterns(include, "include"), _patterns(exclude, "exclude"))
 
 
@@ -360,7 +256,7 @@ def _patterns(v: Any, what: str) -> list[str]:
 def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> list[dict]:
     """Write a plain safetensors file with every quantized tensor of ``src`` restored to its dtype
     (atomically, with a ``lowbit.sha256``)."""
-    return _lowbit.dequantize_checkpoint(_path(src, "src"), _path(dst, "dst"))
+    return _lowbit.dequantize_checkpoint(path_arg(src, "src"), path_arg(dst, "dst"))
 
 
 def load_quantized(path: str | os.PathLike) -> dict[str, Any]:
@@ -369,7 +265,7 @@ def load_quantized(path: str | os.PathLike) -> dict[str, Any]:
     not match their bytes, raise ``LowbitFormatError``.
     """
     out: dict[str, Any] = {}
-    for name, v in _lowbit.load_quantized(_path(path, "path")).items():
+    for name, v in _lowbit.load_quantized(path_arg(path, "path")).items():
         if isinstance(v, QuantizedTensor):
             out[name] = v
         else:
@@ -395,7 +291,7 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], metadata: 
     >>> sorted(lowbit.load_quantized(path)), lowbit.checkpoint_metadata(path)["note"]
     (['b', 'w'], 'demo')
     """
-    path = _path(path, "path")
+    path = path_arg(path, "path")
     if not isinstance(tensors, dict):
         raise LowbitTypeError(f"tensors must be a dict, got {type(tensors).__name__}")
     if metadata is not None and not (isinstance(metadata, dict)
@@ -408,7 +304,7 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], metadata: 
         if isinstance(v, QuantizedTensor):
             out[name] = v
             continue
-        if _is_tensor(v):
+        if is_tensor(v):
             import torch
 
             v = v.detach().cpu()
@@ -431,7 +327,7 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, Any], metadata: 
 def checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata in a safetensors file's header (only the header is read, so its
     ``lowbit.sha256`` is not checked; :func:`load_quantized` does)."""
-    return dict(_lowbit.checkpoint_metadata(_path(path, "path")))
+    return dict(_lowbit.checkpoint_metadata(path_arg(path, "path")))
 
 
 _NP = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BF16": "<u2"}

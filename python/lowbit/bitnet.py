@@ -31,7 +31,8 @@ import numpy as np
 
 from lowbit import _lowbit
 from lowbit._lowbit import LowbitTypeError, LowbitValueError, PackedSigns
-from lowbit._quant import _float, _int, _is_tensor, _to_np
+from lowbit._array import float32, numpy_of
+from lowbit._validate import float_arg, int_arg, is_tensor
 
 __all__ = [
     "BinaryLinear",
@@ -48,24 +49,6 @@ __all__ = [
     "unpack",
     "unpack_ternary",
 ]
-
-
-def _f32(x: Any, what: str, ndim: int | None = 2) -> np.ndarray:
-    """A float32 NumPy view of an array or CPU tensor (float16/float64 are converted)."""
-    if _is_tensor(x):
-        if x.device.type != "cpu":
-            raise LowbitTypeError(f"{what} is on {x.device}; lowbit's kernels run on CPU tensors (use .cpu())")
-        x = x.detach().float().numpy()
-    if x is None or isinstance(x, (str, bytes, dict)):
-        raise LowbitTypeError(f"{what} must be a float array, got {type(x).__name__}")
-    a = np.asarray(x)
-    if a.dtype.kind != "f":
-        raise LowbitTypeError(f"{what} must be a float array, got {a.dtype}")
-    if a.dtype != np.float32:
-        a = a.astype(np.float32)
-    if ndim is not None and a.ndim != ndim:
-        raise LowbitValueError(f"{what} must be {ndim}-D, got shape {a.shape}")
-    return a
 
 
 def _torch_threads() -> int:
@@ -94,7 +77,7 @@ def ternary_quantize(w: Any, per_channel: bool = False) -> tuple[np.ndarray, Any
     >>> codes, round(scale, 4)
     (array([[ 0, -1,  0,  1]], dtype=int8), 0.9125)
     """
-    a = _f32(w, "w", None)
+    a = float32(w, "w", None)
     per_channel = bool(per_channel)
     if per_channel and a.ndim < 2:
         raise LowbitValueError(f"per_channel needs w with at least 2 dimensions (one scale per row), got shape {a.shape}")
@@ -111,7 +94,7 @@ def ternary_quantize(w: Any, per_channel: bool = False) -> tuple[np.ndarray, Any
 def binary_quantize(w: Any, center: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """BitNet 1-bit / XNOR-Net weights: signs (int8 ±1) of ``w - mean(w)`` (the whole tensor's
     mean; 0 without ``center``), sign(0) = +1, and per-row scales ``mean(|w|)``."""
-    return _lowbit.binary_quantize(_f32(w, "w"), bool(center))
+    return _lowbit.binary_quantize(float32(w, "w"), bool(center))
 
 
 def activation_quant(x: Any, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -125,16 +108,16 @@ def activation_quant(x: Any, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     >>> q.tolist(), s.shape, float(s[0, 0])
     ([[[127, -127, -127, 127]]], (1, 1), 127.0)
     """
-    a = _f32(x, "x", None)
+    a = float32(x, "x", None)
     if a.ndim == 0:
         raise LowbitValueError("x must have at least 1 dimension (the last is quantized per row)")
-    q, s = _lowbit.activation_quant(a if a.ndim == 2 else _rows2d(a), _int(bits, "bits", 2, 8))
+    q, s = _lowbit.activation_quant(a if a.ndim == 2 else _rows2d(a), int_arg(bits, "bits", 2, 8))
     return q.reshape(a.shape), s.reshape(a.shape[:-1])
 
 
 def pack_signs(x: Any) -> PackedSigns:
     """Pack the signs of a float (rows, K) matrix, 1 bit per value (sign(0) = +1)."""
-    return PackedSigns(_f32(x, "x"))
+    return PackedSigns(float32(x, "x"))
 
 
 def binary_matmul(a: Any, b: Any) -> np.ndarray:
@@ -145,8 +128,8 @@ def binary_matmul(a: Any, b: Any) -> np.ndarray:
     >>> bn.binary_matmul(np.array([[1.0, -2.0, 0.0]], np.float32), np.array([[3.0, 1.0, -1.0]], np.float32))
     array([[-1]], dtype=int32)
     """
-    pa = a if isinstance(a, PackedSigns) else PackedSigns(_f32(a, "a"))
-    pb = b if isinstance(b, PackedSigns) else PackedSigns(_f32(b, "b"))
+    pa = a if isinstance(a, PackedSigns) else PackedSigns(float32(a, "a"))
+    pb = b if isinstance(b, PackedSigns) else PackedSigns(float32(b, "b"))
     if pa.shape[1] != pb.shape[1]:
         raise LowbitValueError(f"a and b must have the same number of columns (the inner dimension), "
                                f"got {pa.shape[1]} and {pb.shape[1]}")
@@ -159,8 +142,8 @@ def kernel() -> str:
 
 
 def _rows(x: Any, k: int) -> tuple[np.ndarray, tuple[int, ...], bool]:
-    torch_in = _is_tensor(x)
-    a = _f32(x, "x", ndim=None)
+    torch_in = is_tensor(x)
+    a = float32(x, "x", ndim=None)
     if a.ndim == 0 or a.shape[-1] != k:
         raise LowbitValueError(f"x must have shape (..., {k}), got {a.shape}")
     # The row count spelled out: reshape(-1, 0) cannot infer it.
@@ -186,11 +169,11 @@ class TernaryLinear:
     """
 
     def __init__(self, codes: np.ndarray, scale: Any, bias: Any = None) -> None:
-        codes = _to_np(codes)
+        codes = numpy_of(codes)
         if codes.dtype != np.int8 or codes.ndim != 2:
             raise LowbitTypeError(f"codes must be a 2-D int8 array, got {codes.dtype} with shape {codes.shape}")
         s = _scales(scale, "scale")
-        b = None if bias is None else _f32(bias, "bias", ndim=1)
+        b = None if bias is None else float32(bias, "bias", ndim=1)
         self._core = _lowbit.TernaryLinear(codes, s, b)
         self.scale = s if s.size > 1 else float(s[0])
         self.bias = b
@@ -198,7 +181,7 @@ class TernaryLinear:
     @classmethod
     def from_float(cls, w: Any, bias: Any = None, per_channel: bool = False) -> TernaryLinear:
         """Quantize float weights (out_features, in_features) with :func:`ternary_quantize` and pack them."""
-        codes, scale = ternary_quantize(_f32(w, "w"), per_channel)
+        codes, scale = ternary_quantize(float32(w, "w"), per_channel)
         return cls(codes, scale, bias)
 
     @property
@@ -241,14 +224,14 @@ class BinaryLinear:
     products by XNOR + popcount."""
 
     def __init__(self, signs: np.ndarray, scales: np.ndarray, bias: Any = None) -> None:
-        signs = _to_np(signs)
+        signs = numpy_of(signs)
         if signs.dtype != np.int8 or signs.ndim != 2 or not np.all(np.abs(signs) == 1):
             raise LowbitValueError("signs must be a 2-D int8 array of +1 / -1")
         self._w = PackedSigns(signs.astype(np.float32))
-        self.scales = _f32(scales, "scales", ndim=1)
+        self.scales = float32(scales, "scales", ndim=1)
         if self.scales.shape[0] != signs.shape[0] or not np.isfinite(self.scales).all():
             raise LowbitValueError(f"scales must be {signs.shape[0]} finite numbers, got {self.scales}")
-        self.bias = None if bias is None else _f32(bias, "bias", ndim=1)
+        self.bias = None if bias is None else float32(bias, "bias", ndim=1)
         if self.bias is not None and (self.bias.shape[0] != signs.shape[0] or not np.isfinite(self.bias).all()):
             raise LowbitValueError(f"bias must be {signs.shape[0]} finite numbers, got {self.bias}")
         self.out_features, self.in_features = signs.shape
@@ -279,24 +262,24 @@ class BinaryLinear:
 
 def _scales(scale: Any, what: str) -> np.ndarray:
     """A scale or per-row scales as a float32 vector (refusing what float32 cannot hold)."""
-    if _is_tensor(scale) or isinstance(scale, (np.ndarray, list, tuple)):
-        a = _to_np(scale)
+    if is_tensor(scale) or isinstance(scale, (np.ndarray, list, tuple)):
+        a = numpy_of(scale)
         if a.dtype.kind not in "fiu":
             raise LowbitTypeError(f"{what} must hold floats, got {a.dtype}")
         return np.atleast_1d(a.astype(np.float32))
-    return np.array([_float(scale, what)], dtype=np.float32)
+    return np.array([float_arg(scale, what)], dtype=np.float32)
 
 
 def _shape(shape: Any, what: str = "shape") -> tuple[int, ...]:
     if shape is None or isinstance(shape, (str, bytes, dict)) or not hasattr(shape, "__iter__"):
         raise LowbitTypeError(f"{what} must be a tuple of integers, got {type(shape).__name__}")
-    return tuple(_int(s, what, 0, None) for s in shape)
+    return tuple(int_arg(s, what, 0, None) for s in shape)
 
 
 def _codes(x: Any, what: str) -> np.ndarray:
     if x is None or isinstance(x, (str, bytes, dict)):
         raise LowbitTypeError(f"{what} must be an integer array, got {type(x).__name__}")
-    a = _to_np(x)
+    a = numpy_of(x)
     if a.ndim == 0:
         raise LowbitValueError(f"{what} must have at least one dimension")
     return a
@@ -322,7 +305,7 @@ def pack(codes: Any, bits: int) -> np.ndarray:
     (array([[57,  1]], dtype=uint8), array([[1, 2, 3, 0, 1]], dtype=uint8))
     """
     a = _codes(codes, "codes")
-    bits = _int(bits, "bits", 1, 8)
+    bits = int_arg(bits, "bits", 1, 8)
     if a.dtype == np.int8:
         half = 1 << (bits - 1)
         if a.size and (a.min() < -half or a.max() >= half):
@@ -338,7 +321,7 @@ def unpack(packed: Any, bits: int, shape: tuple[int, ...], signed: bool = False)
     """Reverse :func:`pack`: ``shape`` is the codes' shape; ``signed=True`` gives int8 codes."""
     p = _codes(packed, "packed")
     shape = _shape(shape)
-    bits = _int(bits, "bits", 1, 8)
+    bits = int_arg(bits, "bits", 1, 8)
     if p.dtype != np.uint8:
         raise LowbitTypeError(f"packed must be uint8, got {p.dtype}")
     if not shape or p.shape != shape[:-1] + (-(-shape[-1] * bits // 8),):

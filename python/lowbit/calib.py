@@ -33,7 +33,8 @@ import numpy as np
 
 from lowbit import _lowbit
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
-from lowbit._quant import _float, _int, _is_tensor
+from lowbit._array import view
+from lowbit._validate import float_arg, int_arg
 
 __all__ = [
     "HistogramObserver",
@@ -42,19 +43,6 @@ __all__ = [
     "Observer",
     "PerChannelMinMaxObserver",
 ]
-
-
-def _as_input(x: Any) -> tuple[np.ndarray, bool]:
-    """A NumPy view of ``x`` (no copy) and whether it holds bfloat16 bits."""
-    if _is_tensor(x):
-        from lowbit.torch import _to_numpy
-
-        return _to_numpy(x, "x")
-    if isinstance(x, np.ndarray):
-        return x, False
-    if x is None or isinstance(x, (str, bytes, dict)):
-        raise LowbitTypeError(f"x must be an array, got {type(x).__name__}")
-    return np.asarray(x), False
 
 
 _Kind = Literal["minmax", "moving_average", "per_channel", "histogram", "per_channel_histogram"]
@@ -70,13 +58,13 @@ class Observer:
             raise LowbitTypeError("Observer is the base class: use MinMaxObserver, MovingAverageMinMaxObserver, PerChannelMinMaxObserver or HistogramObserver")
         for k, v in settings.items():
             if k == "bits":
-                settings[k] = _int(v, k, 2, 8)
+                settings[k] = int_arg(v, k, 2, 8)
             elif k == "bins":
-                settings[k] = _int(v, k, 16, 1 << 20)
+                settings[k] = int_arg(v, k, 16, 1 << 20)
             elif k == "axis":
-                settings[k] = _int(v, k)
+                settings[k] = int_arg(v, k)
             elif k in ("averaging_constant", "percentile"):
-                settings[k] = _float(v, k)
+                settings[k] = float_arg(v, k)
             elif k == "method" and not isinstance(v, str):
                 raise LowbitTypeError(f"method must be a string, got {type(v).__name__}")
             elif k == "symmetric":
@@ -94,7 +82,7 @@ class Observer:
     def update(self, x: Any) -> None:
         """Observe a batch (any shape). NaN or Inf refuses the batch with ``LowbitValueError``
         and leaves the state unchanged; empty batches are ignored."""
-        a, bf16 = _as_input(x)
+        a, bf16 = view(x)
         self._core.update(a, bf16)
 
     def __call__(self, x: Any) -> Any:

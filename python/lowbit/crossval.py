@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
-from lowbit._quant import _float, _int
+from lowbit._validate import float_arg, int_arg
 
 __all__ = ["LayerReport", "Report", "Tolerances", "assert_close", "compare", "simulate"]
 
@@ -42,10 +42,10 @@ class Tolerances:
 
     def __post_init__(self) -> None:
         for mode in ("inference", "quantization", "perplexity"):
-            object.__setattr__(self, mode, _float(getattr(self, mode), mode, lo=0.0, finite=True))
+            object.__setattr__(self, mode, float_arg(getattr(self, mode), mode, lo=0.0, finite=True))
         if not isinstance(self.layers, Mapping) or not all(isinstance(k, str) for k in self.layers):
             raise LowbitTypeError(f"layers must map layer names (str) to tolerances, got {self.layers!r}")
-        object.__setattr__(self, "layers", {k: _float(v, f"layers[{k!r}]", lo=0.0, finite=True)
+        object.__setattr__(self, "layers", {k: float_arg(v, f"layers[{k!r}]", lo=0.0, finite=True)
                                             for k, v in self.layers.items()})
 
     def tolerance(self, layer: str, mode: str) -> float:
@@ -327,7 +327,7 @@ def simulate(torch_module: Any, weights: str, exclude: Sequence[str] = ("pooler"
     if act_bits is not None and weights in ("ternary", "binary"):
         raise LowbitValueError(f"act_bits does not apply to {weights!r} layers, which quantize their own inputs")
     if act_bits is not None:
-        act_bits = _int(act_bits, "act_bits", 2, 8)
+        act_bits = int_arg(act_bits, "act_bits", 2, 8)
     sim = copy.deepcopy(torch_module).eval()
     targets = [(n, m) for n, m in sim.named_modules()
                if isinstance(m, torch.nn.Linear) and not any(n.startswith(e) for e in exclude)]

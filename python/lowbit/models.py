@@ -476,7 +476,7 @@ def _decode(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: i
 
 
 def _spec(weights: str) -> Any:
-    from lowbit import QuantSpec
+    from lowbit._lowbit import QuantSpec
 
     return {
         "int8": QuantSpec(8, symmetric=True, granularity="channel", axis=0),
@@ -496,7 +496,8 @@ def _linear_weights(model: nn.Module) -> set[str]:
 
 def _ternary_tensor(w: np.ndarray) -> Any:
     """BitNet absmean ternary codes of ``w`` as a 2-bit per-tensor QuantizedTensor (scale = absmean)."""
-    from lowbit import QuantSpec, quantize
+    from lowbit._lowbit import QuantSpec
+    from lowbit._quant import quantize
     from lowbit.bitnet import ternary_quantize
 
     codes, s = ternary_quantize(w)
@@ -515,7 +516,8 @@ def save(model: MultiTaskVLM, path: str | os.PathLike[str], weights: str = "f32"
     packed ternary kernel). Embeddings, positions and the patch embedding are then stored int8
     per row / channel, norms and biases float16. Returns ``{"bytes": file size, "tensors": n}``.
     """
-    from lowbit import QuantSpec, quantize, save_checkpoint
+    from lowbit._lowbit import QuantSpec
+    from lowbit._quant import quantize, save_checkpoint
 
     _check_weights(weights)
     state = {k: v.detach().float().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
@@ -542,7 +544,8 @@ def save(model: MultiTaskVLM, path: str | os.PathLike[str], weights: str = "f32"
 def load(path: str | os.PathLike[str]) -> MultiTaskVLM:
     """The PyTorch model of a file :func:`save` wrote (quantized tensors dequantized: a float
     model with the deployed weights; ternary layers then run as float products, not BitLinear)."""
-    from lowbit import QuantizedTensor, checkpoint_metadata, load_quantized
+    from lowbit._lowbit import QuantizedTensor
+    from lowbit._quant import checkpoint_metadata, load_quantized
 
     meta = checkpoint_metadata(path)
     if CONFIG_KEY not in meta:
@@ -568,7 +571,7 @@ def load(path: str | os.PathLike[str]) -> MultiTaskVLM:
 class _QuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, w: torch.Tensor, spec: Any) -> torch.Tensor:  # noqa: ANN401
-        from lowbit import quantize
+        from lowbit._quant import quantize
 
         return torch.from_numpy(quantize(w.detach().float().cpu().numpy(), spec).dequantize()).to(w)
 

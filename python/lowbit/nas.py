@@ -32,7 +32,7 @@ import numpy as np
 
 from lowbit import _lowbit
 from lowbit._lowbit import DeviceProfile, Graph, LowbitTypeError, LowbitValueError
-from lowbit._quant import _float, _int
+from lowbit._validate import float_arg, int_arg
 
 __all__ = [
     "Cost",
@@ -188,7 +188,7 @@ def estimate(
 
 def _bits(b: Any, name: str) -> int:
     try:
-        return _int(b, name, 1, 32)
+        return int_arg(b, name, 1, 32)
     except LowbitTypeError as e:  # lowbit.nas has always raised ValueError for any bad bit width
         raise LowbitValueError(str(e)) from None
 
@@ -536,7 +536,7 @@ def measure(model: Any, example_inputs: Any, repeats: int = 20, warmup: int = 3,
 
     if not callable(model):
         raise LowbitTypeError(f"model must be callable (a torch.nn.Module), got {type(model).__name__}")
-    repeats, warmup = _int(repeats, "repeats", 1, None), _int(warmup, "warmup", 0, None)
+    repeats, warmup = int_arg(repeats, "repeats", 1, None), int_arg(warmup, "warmup", 0, None)
     args = _as_args(example_inputs)
     samples = []
     with torch.no_grad():
@@ -615,7 +615,7 @@ class CostModel:
             raise LowbitTypeError("graphs must be lowbit.nas.Graph objects")
         if isinstance(measured_ms, (str, bytes, dict)) or not hasattr(measured_ms, "__iter__"):
             raise LowbitTypeError(f"measured_ms must be a list of floats, got {type(measured_ms).__name__}")
-        measured = [_float(m, "measured_ms") for m in measured_ms]
+        measured = [float_arg(m, "measured_ms") for m in measured_ms]
         if len(measured) != len(graphs):
             raise LowbitValueError(f"measured_ms has {len(measured)} measurements for {len(graphs)} graphs")
         fitted = _lowbit.fit_device(graphs, measured, _device(device),
@@ -648,7 +648,7 @@ def _metrics_of(choice: Any, device: DeviceProfile, wb: int, ab: int) -> list[fl
         unknown = set(choice) - set(METRICS)
         if unknown:
             raise LowbitValueError(f"unknown metrics {sorted(map(str, unknown))} in a choice; known: {list(METRICS)}")
-        return [_float(choice.get(m, 0.0), f"a choice's {m}") for m in METRICS]
+        return [float_arg(choice.get(m, 0.0), f"a choice's {m}") for m in METRICS]
     raise LowbitTypeError(f"a choice must be a Graph, a Cost or a dict of metrics, got {type(choice).__name__}")
 
 
@@ -753,7 +753,7 @@ class SearchSpace:
     def random(self, n: int, seed: int | None = None) -> np.ndarray:
         """``n`` uniformly random candidates, (n, blocks) int64."""
         rng = np.random.default_rng(_seed(seed))
-        n = _int(n, "n", 0, None)
+        n = int_arg(n, "n", 0, None)
         if n * self.n_blocks * 8 > _MAX_BYTES:
             raise LowbitValueError(f"n={n} candidates of {self.n_blocks} blocks would take {n * self.n_blocks * 8} bytes")
         return np.stack([rng.integers(0, k, size=n) for k in self.n_choices], axis=1).astype(np.int64)
@@ -774,7 +774,7 @@ _MAX_BYTES = 1 << 40
 
 
 def _seed(seed: Any) -> Any:
-    return None if seed is None else _int(seed, "seed", 0, None)
+    return None if seed is None else int_arg(seed, "seed", 0, None)
 
 
 @dataclass(frozen=True)
@@ -854,17 +854,17 @@ def evolve(
         raise LowbitTypeError(f"fitness must be callable, got {type(fitness).__name__}")
     if constraints is not None and not isinstance(constraints, Mapping):
         raise LowbitTypeError(f"constraints must be a dict of metric bounds, got {type(constraints).__name__}")
-    constraints = {_metric(m, "constraints key"): _float(b, f"constraints[{m!r}]", finite=True)
+    constraints = {_metric(m, "constraints key"): float_arg(b, f"constraints[{m!r}]", finite=True)
                    for m, b in (constraints or {}).items()}
     _metric(objective, "objective")
-    population = _int(population, "population", 2, None)
-    generations = _int(generations, "generations", 0, None)
+    population = int_arg(population, "population", 2, None)
+    generations = int_arg(generations, "generations", 0, None)
     if population * space.n_blocks * 8 * 4 > _MAX_BYTES:
         raise LowbitValueError(f"population={population} is too large")
     rng = np.random.default_rng(_seed(seed))
     nb = space.n_blocks
     sizes = np.array(space.n_choices)
-    p_mut = 1.0 / nb if mutation is None else _float(mutation, "mutation", 0.0, 1.0)
+    p_mut = 1.0 / nb if mutation is None else float_arg(mutation, "mutation", 0.0, 1.0)
 
     def score(c: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
         f = np.asarray(fitness(c))

@@ -18,13 +18,13 @@ import numpy as np
 
 from lowbit import _lowbit
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
-from lowbit._quant import _int, _is_tensor, _path
+from lowbit._validate import int_arg, is_tensor, path_arg
 
 __all__ = ["BertEncoder", "MultiTaskModel"]
 
 
 def _ids(x: Any, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    if _is_tensor(x):
+    if is_tensor(x):
         x = x.detach().cpu().numpy()
     if x is None or isinstance(x, (str, bytes, dict)):
         raise LowbitTypeError(f"{name} must be an integer array, got {type(x).__name__}")
@@ -99,7 +99,7 @@ class BertEncoder:
         ``(hidden, layers)`` where ``layers`` maps the names of the matching ``transformers``
         modules (``"embeddings"``, ``"encoder.layer.0.attention"``, ``"encoder.layer.0"``, ...,
         ``"pooler"``) to their outputs. A torch tensor in gives torch tensors out."""
-        torch_in = _is_tensor(input_ids)
+        torch_in = is_tensor(input_ids)
         hidden, rec = self._core.forward(*self._inputs(input_ids, attention_mask, token_type_ids), bool(record))
         out = _torch_out(hidden, torch_in)
         if rec is not None:
@@ -114,7 +114,7 @@ class BertEncoder:
         no row attends to are not computed, so a batch padded far beyond its longest text costs
         what its longest text costs."""
         out = self._core.embed(*self._inputs(input_ids, attention_mask, token_type_ids))
-        if _is_tensor(input_ids):
+        if is_tensor(input_ids):
             import torch
 
             return torch.from_numpy(out)
@@ -129,7 +129,7 @@ class BertEncoder:
 def _load_args(path: Any, weights: Any, act_bits: Any) -> tuple[str, int | None]:
     if not isinstance(weights, str):
         raise LowbitTypeError(f"weights must be a string, got {type(weights).__name__}")
-    return _path(path, "path"), None if act_bits is None else _int(act_bits, "act_bits", 2, 8)
+    return path_arg(path, "path"), None if act_bits is None else int_arg(act_bits, "act_bits", 2, 8)
 
 
 def _strings(texts: Any, what: str) -> list[str]:
@@ -219,7 +219,7 @@ class MultiTaskModel:
         return self._core.logit_scale
 
     def _images(self, images: Any) -> np.ndarray:
-        if _is_tensor(images):
+        if is_tensor(images):
             images = images.detach().cpu().float().numpy()
         if images is None or isinstance(images, (str, bytes, dict)):
             raise LowbitTypeError(f"images must be a float array, got {type(images).__name__}")
@@ -246,7 +246,7 @@ class MultiTaskModel:
         """
         if task not in self.TASKS:
             raise LowbitValueError(f"task must be one of {self.TASKS}, got {task!r}")
-        torch_in = _is_tensor(ids) or (task != "text" and _is_tensor(images))
+        torch_in = is_tensor(ids) or (task != "text" and is_tensor(images))
         needs_ids = task in ("caption", "vqa", "text")
         if needs_ids and ids is None:
             raise LowbitValueError("this task needs ids")
@@ -265,8 +265,8 @@ class MultiTaskModel:
         """Captions by greedy (``beam=1``) or beam search decoding, with the rules of
         :meth:`lowbit.models.MultiTaskVLM.caption` (``max_len`` new tokens at most, default
         ``max_caption_len``)."""
-        max_len = _int(self._cfg["max_caption_len"] if max_len is None else max_len, "max_len", 1)
-        ids = self._core.caption(self._images(images), max_len, _int(beam, "beam", 1))
+        max_len = int_arg(self._cfg["max_caption_len"] if max_len is None else max_len, "max_len", 1)
+        ids = self._core.caption(self._images(images), max_len, int_arg(beam, "beam", 1))
         return [self.tokenizer.decode(s) for s in ids]
 
     def ocr(self, images: Any) -> list[str]:
@@ -298,10 +298,10 @@ class MultiTaskModel:
         texts = _strings(texts, "texts")
         if not texts:
             raise LowbitValueError("retrieve needs at least one text in texts")
-        k = _int(k, "k", 1, None)
+        k = int_arg(k, "k", 1, None)
         sim = np.asarray(self.embed_images(self._images(images))) @ np.asarray(self.embed_texts(texts)).T
         top = np.argsort(-sim, axis=-1, kind="stable")[:, : min(k, len(texts))]
-        return _torch_out(np.ascontiguousarray(top), _is_tensor(images))
+        return _torch_out(np.ascontiguousarray(top), is_tensor(images))
 
     def encode_questions(self, questions: Any) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) int64 (len(questions), max_question_len), ``[CLS]`` first."""

@@ -14,14 +14,21 @@ tensor([1., 1., 1., 0.])
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from lowbit import _lowbit
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
-from lowbit._quant import _float, _int, _vector
+from lowbit._tensor import (
+    dequantize_per_channel,
+    dequantize_per_tensor,
+    fake_quantize_per_channel_affine,
+    fake_quantize_per_tensor_affine,
+    quantize_per_channel,
+    quantize_per_tensor,
+)
+from lowbit._validate import float_arg, int_arg, vector_arg
 
 __all__ = [
     "BitLinear",
@@ -37,175 +44,6 @@ __all__ = [
     "quantize_per_tensor",
     "sync_observers",
 ]
-
-_FLOATS = (torch.float32, torch.float16, torch.float64)
-
-
-def _to_numpy(t: torch.Tensor, what: str) -> tuple[np.ndarray, bool]:
-    """A NumPy view of a CPU tensor (no copy) and whether it holds bfloat16 bits."""
-    if not isinstance(t, torch.Tensor):
-        raise LowbitTypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise LowbitTypeError(f"{what} is on {t.device}; lowbit's kernels run on CPU tensors (use .cpu())")
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy(), True
-    if t.dtype in _FLOATS:
-        return t.numpy(), False
-    raise LowbitTypeError(f"{what} must be a float32, float16, bfloat16 or float64 tensor, got {t.dtype}")
-
-
-def _from_numpy(a: np.ndarray, bf16: bool) -> torch.Tensor:
-    t = torch.from_numpy(a)
-    return t.view(torch.bfloat16) if bf16 else t
-
-
-class _FakeQuant(torch.autograd.Function):
-    """Fake-quant forward in Rust; backward passes the gradient where the code was in range,
-    exactly like ATen's ``fake_quantize_*_affine_cachemask_backward``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, qargs: tuple) -> torch.Tensor:  # type: ignore[override]
-        a, bf16 = _to_numpy(x, "x")
-        if qargs[0] == "tensor":
-            _, scale, zp, qmin, qmax = qargs
-            out, mask = _lowbit.fake_quantize_per_tensor_affine(a, scale, zp, qmin, qmax, True, bf16)
-        else:
-            _, scale, zp, axis, qmin, qmax = qargs
-            out, mask = _lowbit.fake_quantize_per_channel_affine(a, scale, zp, axis, qmin, qmax, True, bf16)
-        mask_t = torch.from_numpy(mask)
-        ctx.save_for_backward(mask_t)
-        return _from_numpy(out, bf16)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad * mask.to(grad.device), None
-
-
-def _no_qparam_grad(op: str, **qparams: Any) -> None:
-    """torch's fake-quant ops are not differentiable in their qparams and say so; neither are
-    lowbit's (a scale with ``requires_grad`` would otherwise silently get no gradient)."""
-    if torch.is_grad_enabled():
-        for name, v in qparams.items():
-            if isinstance(v, torch.Tensor) and v.requires_grad:
-                raise LowbitValueError(
-                    f"{op} is not differentiable with respect to argument '{name}': it cannot have "
-                    "requires_grad=True (as in torch; detach it, or learn scales with "
-                    "torch._fake_quantize_learnable_per_tensor_affine / _per_channel_affine)")
-
-
-def _fake_quant(x: torch.Tensor, qargs: tuple, return_mask: bool, out: torch.Tensor | None = None) -> Any:
-    if not isinstance(x, torch.Tensor):
-        raise LowbitTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if out is not None and not isinstance(out, torch.Tensor):
-        raise LowbitTypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out is not None:
-        if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
-            raise LowbitValueError("out= does not support autograd; call it under torch.no_grad()")
-        a, bf16 = _to_numpy(x, "x")
-        o, obf16 = _to_numpy(out, "out")
-        if bf16 or obf16:
-            raise LowbitTypeError("out= is not supported for bfloat16 tensors")
-        from lowbit._quant import _out
-
-        o, inplace = _out(a, o)
-        fn: Callable[..., Any] = _lowbit.fake_quantize_per_tensor_affine if qargs[0] == "tensor" else _lowbit.fake_quantize_per_channel_affine
-        r = fn(a, *qargs[1:], return_mask, False, out=o, inplace=inplace)
-        return (out, torch.from_numpy(r[1])) if return_mask else out
-    if return_mask or not (torch.is_grad_enabled() and x.requires_grad):
-        a, bf16 = _to_numpy(x, "x")
-        fq: Callable[..., Any] = _lowbit.fake_quantize_per_tensor_affine if qargs[0] == "tensor" else _lowbit.fake_quantize_per_channel_affine
-        r = fq(a, *qargs[1:], return_mask, bf16)
-        if return_mask:
-            return _from_numpy(r[0], bf16), torch.from_numpy(r[1])
-        return _from_numpy(r, bf16)
-    return _FakeQuant.apply(x, qargs)
-
-
-def fake_quantize_per_tensor_affine(
-    x: torch.Tensor,
-    scale: Any,
-    zero_point: Any,
-    quant_min: int,
-    quant_max: int,
-    return_mask: bool = False,
-    out: torch.Tensor | None = None,
-) -> Any:
-    """Drop-in for ``torch.fake_quantize_per_tensor_affine`` on CPU tensors: same bits, same
-    straight-through gradient. ``out=`` (no autograd) writes into a contiguous tensor, ``out=x``
-    in place. See :func:`lowbit.fake_quantize_per_tensor_affine`."""
-    _no_qparam_grad("fake_quantize_per_tensor_affine", scale=scale, zero_point=zero_point)
-    qargs = ("tensor", _float(scale, "scale"), _int(zero_point, "zero_point"), _int(quant_min, "quant_min"), _int(quant_max, "quant_max"))
-    return _fake_quant(x, qargs, return_mask, out)
-
-
-def fake_quantize_per_channel_affine(
-    x: torch.Tensor,
-    scale: Any,
-    zero_point: Any,
-    axis: int,
-    quant_min: int,
-    quant_max: int,
-    return_mask: bool = False,
-    out: torch.Tensor | None = None,
-) -> Any:
-    """Drop-in for ``torch.fake_quantize_per_channel_affine`` on CPU tensors (``out=`` as per tensor)."""
-    _no_qparam_grad("fake_quantize_per_channel_affine", scale=scale, zero_point=zero_point)
-    qargs = (
-        "channel",
-        _vector(scale, "scale", integer=False),
-        _vector(zero_point, "zero_point", integer=True),
-        _int(axis, "axis"),
-        _int(quant_min, "quant_min"),
-        _int(quant_max, "quant_max"),
-    )
-    return _fake_quant(x, qargs, return_mask, out)
-
-
-def _float32_numpy(x: torch.Tensor) -> np.ndarray:
-    a, bf16 = _to_numpy(x, "x")
-    return a.view(np.uint16).astype(np.uint32).__lshift__(16).view(np.float32) if bf16 else a
-
-
-def quantize_per_tensor(x: torch.Tensor, scale: Any, zero_point: Any, quant_min: int, quant_max: int) -> torch.Tensor:
-    """Integer codes as an int8/uint8 tensor; see :func:`lowbit.quantize_per_tensor`."""
-    q = _lowbit.quantize_per_tensor(_float32_numpy(x), _float(scale, "scale"), _int(zero_point, "zero_point"), _int(quant_min, "quant_min"), _int(quant_max, "quant_max"))
-    return torch.from_numpy(q)
-
-
-def quantize_per_channel(x: torch.Tensor, scales: Any, zero_points: Any, axis: int, quant_min: int, quant_max: int) -> torch.Tensor:
-    """Per-channel integer codes as a tensor; see :func:`lowbit.quantize_per_channel`."""
-    q = _lowbit.quantize_per_channel(
-        _float32_numpy(x),
-        _vector(scales, "scales", integer=False),
-        _vector(zero_points, "zero_points", integer=True),
-        _int(axis, "axis"),
-        _int(quant_min, "quant_min"),
-        _int(quant_max, "quant_max"),
-    )
-    return torch.from_numpy(q)
-
-
-def _codes_numpy(q: torch.Tensor) -> np.ndarray:
-    if not isinstance(q, torch.Tensor) or q.device.type != "cpu" or q.dtype not in (torch.int8, torch.uint8):
-        raise LowbitTypeError(f"q must be a CPU int8 or uint8 tensor, got {getattr(q, 'dtype', type(q).__name__)}")
-    return q.detach().numpy()
-
-
-def dequantize_per_tensor(q: torch.Tensor, scale: Any, zero_point: Any) -> torch.Tensor:
-    """Float32 tensor ``(q - zero_point) * scale``."""
-    return torch.from_numpy(_lowbit.dequantize_per_tensor(_codes_numpy(q), _float(scale, "scale"), _int(zero_point, "zero_point")))
-
-
-def dequantize_per_channel(q: torch.Tensor, scales: Any, zero_points: Any, axis: int) -> torch.Tensor:
-    """Float32 tensor ``(q - zero_points[c]) * scales[c]`` along ``axis``."""
-    return torch.from_numpy(
-        _lowbit.dequantize_per_channel(
-            _codes_numpy(q), _vector(scales, "scales", integer=False), _vector(zero_points, "zero_points", integer=True), _int(axis, "axis")
-        )
-    )
-
 
 class FakeQuantize(torch.nn.Module):
     """Fake-quantization layer for quantization-aware training, per tensor or per channel.
@@ -238,13 +76,13 @@ class FakeQuantize(torch.nn.Module):
         enabled: bool = True,
     ) -> None:
         super().__init__()
-        self.quant_min, self.quant_max = _int(quant_min, "quant_min"), _int(quant_max, "quant_max")
-        self.axis = None if axis is None else _int(axis, "axis")
+        self.quant_min, self.quant_max = int_arg(quant_min, "quant_min"), int_arg(quant_max, "quant_max")
+        self.axis = None if axis is None else int_arg(axis, "axis")
         self.enabled = enabled
         if axis is None:
-            scale, zero_point = [_float(scale, "scale")], [_int(zero_point, "zero_point", -(2**31), 2**31 - 1)]
+            scale, zero_point = [float_arg(scale, "scale")], [int_arg(zero_point, "zero_point", -(2**31), 2**31 - 1)]
         else:
-            scale, zero_point = _vector(scale, "scale", integer=False), _vector(zero_point, "zero_point", integer=True)
+            scale, zero_point = vector_arg(scale, "scale", integer=False), vector_arg(zero_point, "zero_point", integer=True)
             if any(not -(2**31) <= z < 2**31 for z in zero_point):
                 raise LowbitValueError(f"zero_point must fit in int32, got {zero_point}")
         shape = () if axis is None else (-1,)
@@ -254,7 +92,8 @@ class FakeQuantize(torch.nn.Module):
     @classmethod
     def from_tensor(cls, x: torch.Tensor, bits: int = 8, symmetric: bool = True, axis: int | None = None) -> FakeQuantize:
         """A layer whose qparams come from the min-max of ``x`` (torch.ao's MinMaxObserver formula)."""
-        from lowbit import QuantSpec, quantize
+        from lowbit._lowbit import QuantSpec
+        from lowbit._quant import quantize
 
         spec = QuantSpec(bits, symmetric=symmetric, granularity="tensor" if axis is None else "channel", axis=axis or 0)
         q = quantize(x, spec)
@@ -361,7 +200,7 @@ def calibrate(
     (['0', '2'], ['input', 'weight'])
     >>> y = cal["0"]["input"](torch.randn(3, 8))  # a FakeQuantize, ready to use
     """
-    from lowbit import QuantSpec
+    from lowbit._lowbit import QuantSpec
     from lowbit.calib import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
 
     if not isinstance(model, torch.nn.Module):
@@ -458,7 +297,7 @@ class BitLinear(torch.nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None, dtype: Any = None) -> None:
-        in_features, out_features = _int(in_features, "in_features", 0), _int(out_features, "out_features", 0)
+        in_features, out_features = int_arg(in_features, "in_features", 0), int_arg(out_features, "out_features", 0)
         if in_features * out_features > 2**40:
             raise LowbitValueError(f"in_features x out_features = {in_features * out_features} weights is too large")
         super().__init__(in_features, out_features, bias, device, dtype)
@@ -590,7 +429,7 @@ def expected_latency(
             f"logits must be ({space.n_blocks}, {max(space.n_choices)}) or (batch, {space.n_blocks}, "
             f"{max(space.n_choices)}), got {tuple(logits.shape)}"
         )
-    if _float(tau, "tau", finite=True) <= 0:
+    if float_arg(tau, "tau", finite=True) <= 0:
         raise LowbitValueError(f"tau must be a positive number, got {tau!r}")
     mask = torch.zeros(logits.shape[-2:], dtype=torch.bool, device=logits.device)
     for b, n in enumerate(space.n_choices):
