@@ -53,7 +53,7 @@ def _best_ms(fn: Callable[[], Any], repeat: int, budget_s: float = 0.3) -> float
     """Shortest call in ms, after one warm-up call: of ``repeat`` calls, or of as many as fit in
     ``budget_s`` when that is more (a call of a millisecond on a shared machine needs hundreds
     of tries before one runs undisturbed)."""
-    from lowbit.nas import _best_of
+    from lowbit.nas.device import _best_of
 
     fn()
     return 1e3 * _best_of(repeat, fn, budget_s)

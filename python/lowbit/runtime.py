@@ -209,8 +209,8 @@ class MultiTaskModel:
 
     @property
     def config(self) -> Any:
-        """The :class:`lowbit.models.MultiTaskConfig` of the file (imports PyTorch)."""
-        from lowbit.models import MultiTaskConfig
+        """The :class:`lowbit.models.MultiTaskConfig` of the file."""
+        from lowbit._multitask import MultiTaskConfig
 
         return MultiTaskConfig.from_json(self._core.config_json)
 

@@ -99,13 +99,13 @@ def test_beam_search_finds_what_greedy_misses():
         table[(b, 10, i)] = dist(**{f"t{e}": 1.0})
     table[(b, 11, 6)] = dist(**{f"t{e}": 1.0})
     table[(b, 11, 12, 7)] = dist(**{f"t{e}": 1.0})
-    greedy = models._decode(_fake_step(table), 1, c, 5, 1)[0]
+    greedy = models.modules._decode(_fake_step(table), 1, c, 5, 1)[0]
     assert greedy[0] == 10 and greedy[-1] == e
-    assert models._decode(_fake_step(table), 1, c, 5, 2)[0] == [11, 12, e]
+    assert models.modules._decode(_fake_step(table), 1, c, 5, 2)[0] == [11, 12, e]
     with pytest.raises(lowbit.LowbitValueError, match="beam"):
-        models._decode(_fake_step(table), 1, c, 5, 0)
+        models.modules._decode(_fake_step(table), 1, c, 5, 0)
     with pytest.raises(lowbit.LowbitValueError, match="max_len"):
-        models._decode(_fake_step(table), 1, c, c.max_caption_len + 1, 1)
+        models.modules._decode(_fake_step(table), 1, c, c.max_caption_len + 1, 1)
 
 
 def test_greedy_caption_is_the_argmax_chain(tiny):
@@ -124,9 +124,9 @@ def test_greedy_caption_is_the_argmax_chain(tiny):
 
 def test_ctc_collapse():
     cs = "ABC"
-    assert models._ctc_string([0, 1, 1, 0, 1, 2, 2, 0, 3], cs) == "AABC"
-    assert models._ctc_string([0, 0, 0], cs) == ""
-    assert models._ctc_string([3, 3, 3], cs) == "C"
+    assert models.modules._ctc_string([0, 1, 1, 0, 1, 2, 2, 0, 3], cs) == "AABC"
+    assert models.modules._ctc_string([0, 0, 0], cs) == ""
+    assert models.modules._ctc_string([3, 3, 3], cs) == "C"
 
 
 def test_save_load_round_trip_f32(tiny, tmp_path):
@@ -146,7 +146,7 @@ def test_quantized_files_store_what_the_layers_deploy(tiny, tmp_path, weights):
     models.save(tiny, f32)
     models.save(tiny, q, weights=weights)
     stored = lowbit.load_quantized(q)
-    linear = models._linear_weights(tiny)
+    linear = models.files._linear_weights(tiny)
     sd = tiny.state_dict()
     for name in linear:
         w = sd[name].numpy()
@@ -156,7 +156,7 @@ def test_quantized_files_store_what_the_layers_deploy(tiny, tmp_path, weights):
             np.testing.assert_array_equal(t.int_repr(), codes)
             assert t.scales.item() == np.float32(s)
         else:
-            ref = lowbit.quantize(w, models._spec(weights))
+            ref = lowbit.quantize(w, models.files._spec(weights))
             np.testing.assert_array_equal(t.int_repr(), ref.int_repr())
     assert isinstance(stored["retrieval.text.embeddings.word_embeddings.weight"], lowbit.QuantizedTensor)
     norm = stored["vision.blocks.0.norm1.weight"]
@@ -204,7 +204,7 @@ def test_qat_layers_use_the_deployed_weights_and_pass_gradients(tiny):
     q = models.quantize_for_training(tiny, "int4")
     lin = q.vision.blocks[0].mlp.fc1
     x = torch.randn(5, lin.in_features)
-    wq = torch.from_numpy(lowbit.quantize(lin.weight.detach().numpy(), models._spec("int4")).dequantize())
+    wq = torch.from_numpy(lowbit.quantize(lin.weight.detach().numpy(), models.files._spec("int4")).dequantize())
     torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, wq, lin.bias), rtol=0, atol=0)
     lin(x).sum().backward()
     torch.testing.assert_close(lin.weight.grad, torch.ones(lin.out_features, 5) @ x)
@@ -215,7 +215,7 @@ def test_training_lowers_the_loss():
     cfg = MultiTaskConfig(**TINY)
     torch.manual_seed(0)
     start = MultiTaskVLM(cfg)
-    b = models._Batches(data, cfg)
+    b = models.training._Batches(data, cfg)
     batch = b.sample(torch.arange(24), np.random.default_rng(0))
     with torch.no_grad():
         before = models.multitask_loss(start.eval(), batch)[0].item()
