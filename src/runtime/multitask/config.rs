@@ -1,0 +1,254 @@
+//! The model's sizes (`lowbit.models.MultiTaskConfig`), the names and shapes of its tensors,
+//! and the tasks it runs.
+use super::super::bert::BertConfig;
+use crate::{ensure, Error, Result};
+use serde::Deserialize;
+
+/// Metadata key of the config in a saved model file (`lowbit.models.CONFIG_KEY`).
+pub const CONFIG_KEY: &str = "lowbit.multitask";
+
+/// The sizes of the model: the fields of `lowbit.models.MultiTaskConfig`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultiTaskConfig {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub channels: usize,
+    pub width: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp_ratio: usize,
+    pub decoder_depth: usize,
+    pub vqa_depth: usize,
+    pub vocab_size: usize,
+    pub max_caption_len: usize,
+    pub max_question_len: usize,
+    pub max_text_len: usize,
+    pub charset: String,
+    pub ocr_steps: usize,
+    pub answers: Vec<String>,
+    pub embed_dim: usize,
+    pub layer_norm_eps: f64,
+    pub pad_id: i64,
+    pub bos_id: i64,
+    pub eos_id: i64,
+    pub cls_id: i64,
+    pub text: BertConfig,
+}
+
+impl MultiTaskConfig {
+    /// Parses and validates `MultiTaskConfig.to_json()` (the same checks as the dataclass).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let c: MultiTaskConfig = serde_json::from_str(text)
+            .map_err(|e| Error::format(format!("bad {CONFIG_KEY} config JSON: {e}")))?;
+        for (name, v) in [
+            ("image_size", c.image_size),
+            ("patch_size", c.patch_size),
+            ("channels", c.channels),
+            ("width", c.width),
+            ("depth", c.depth),
+            ("heads", c.heads),
+            ("mlp_ratio", c.mlp_ratio),
+            ("decoder_depth", c.decoder_depth),
+            ("vqa_depth", c.vqa_depth),
+            ("vocab_size", c.vocab_size),
+            ("max_caption_len", c.max_caption_len),
+            ("max_question_len", c.max_question_len),
+            ("max_text_len", c.max_text_len),
+            ("ocr_steps", c.ocr_steps),
+            ("embed_dim", c.embed_dim),
+        ] {
+            ensure!(
+                v >= 1,
+                "MultiTaskConfig.{name} must be a positive int, got {v}"
+            );
+        }
+        ensure!(
+            c.image_size % c.patch_size == 0,
+            "image_size {} is not a multiple of patch_size {}",
+            c.image_size,
+            c.patch_size
+        );
+        ensure!(
+            c.width % c.heads == 0,
+            "width {} is not a multiple of heads {}",
+            c.width,
+            c.heads
+        );
+        ensure!(
+            !c.charset.is_empty() && !c.answers.is_empty(),
+            "charset and answers must not be empty"
+        );
+        let eps_positive = c.layer_norm_eps > 0.0;
+        ensure!(
+            eps_positive,
+            "layer_norm_eps must be positive, got {}",
+            c.layer_norm_eps
+        );
+        for (name, id) in [
+            ("pad_id", c.pad_id),
+            ("bos_id", c.bos_id),
+            ("eos_id", c.eos_id),
+            ("cls_id", c.cls_id),
+        ] {
+            ensure!(
+                (0..c.vocab_size as i64).contains(&id),
+                "{name} {id} is outside the vocabulary 0..{}",
+                c.vocab_size
+            );
+        }
+        c.text.validate()?;
+        Ok(c)
+    }
+
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// CTC classes: the characters and the blank (0).
+    pub fn ocr_classes(&self) -> usize {
+        self.charset.chars().count() + 1
+    }
+
+    /// Every tensor of `MultiTaskVLM().state_dict()`, with its shape.
+    pub fn expected(&self) -> Vec<(String, Vec<usize>)> {
+        let (w, p, g) = (self.width, self.patch_size, self.grid());
+        let mut v: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut add = |n: String, s: Vec<usize>| v.push((n, s));
+        let lin = |add: &mut dyn FnMut(String, Vec<usize>), n: &str, out: usize, inp: usize| {
+            add(format!("{n}.weight"), vec![out, inp]);
+            add(format!("{n}.bias"), vec![out]);
+        };
+        let norm = |add: &mut dyn FnMut(String, Vec<usize>), n: &str| {
+            add(format!("{n}.weight"), vec![w]);
+            add(format!("{n}.bias"), vec![w]);
+        };
+        let block = |add: &mut dyn FnMut(String, Vec<usize>), b: &str, cross: bool| {
+            norm(add, &format!("{b}.norm1"));
+            let attns: &[&str] = if cross { &["attn", "cross"] } else { &["attn"] };
+            for a in attns {
+                for proj in ["q", "k", "v", "out"] {
+                    lin(add, &format!("{b}.{a}.{proj}"), w, w);
+                }
+            }
+            if cross {
+                norm(add, &format!("{b}.norm_cross"));
+            }
+            norm(add, &format!("{b}.norm2"));
+            lin(add, &format!("{b}.mlp.fc1"), w * self.mlp_ratio, w);
+            lin(add, &format!("{b}.mlp.fc2"), w, w * self.mlp_ratio);
+        };
+        add(
+            "vision.patch.proj.weight".into(),
+            vec![w, self.channels, p, p],
+        );
+        add("vision.patch.proj.bias".into(), vec![w]);
+        add("vision.pos_embed".into(), vec![1, g * g, w]);
+        for i in 0..self.depth {
+            block(&mut add, &format!("vision.blocks.{i}"), false);
+        }
+        norm(&mut add, "vision.norm");
+        for (head, depth, max_len, out) in [
+            (
+                "caption_head",
+                self.decoder_depth,
+                self.max_caption_len,
+                self.vocab_size,
+            ),
+            (
+                "vqa_head",
+                self.vqa_depth,
+                self.max_question_len,
+                self.answers.len(),
+            ),
+        ] {
+            add(format!("{head}.embed.weight"), vec![self.vocab_size, w]);
+            add(format!("{head}.pos.weight"), vec![max_len, w]);
+            for i in 0..depth {
+                block(&mut add, &format!("{head}.blocks.{i}"), true);
+            }
+            norm(&mut add, &format!("{head}.norm"));
+            lin(&mut add, &format!("{head}.head"), out, w);
+        }
+        lin(
+            &mut add,
+            "ocr_head.head",
+            self.ocr_steps * self.ocr_classes(),
+            g * w,
+        );
+        lin(&mut add, "retrieval.image_proj", self.embed_dim, w);
+        lin(
+            &mut add,
+            "retrieval.text_proj",
+            self.embed_dim,
+            self.text.hidden_size,
+        );
+        add("retrieval.logit_scale".into(), vec![]);
+        v.extend(self.text.expected(TEXT));
+        v
+    }
+}
+
+/// Name prefix of the BERT text tower.
+pub(super) const TEXT: &str = "retrieval.text.";
+
+/// The tasks of `MultiTaskVLM.forward`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    Caption,
+    Ocr,
+    Vqa,
+    Image,
+    Text,
+}
+
+impl std::str::FromStr for Task {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "caption" => Task::Caption,
+            "ocr" => Task::Ocr,
+            "vqa" => Task::Vqa,
+            "image" => Task::Image,
+            "text" => Task::Text,
+            _ => {
+                return Err(Error::value(format!(
+                    "task must be one of ('caption', 'ocr', 'vqa', 'image', 'text'), got {s:?}"
+                )))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::config_json;
+    use super::*;
+
+    #[test]
+    fn config_is_validated() {
+        let c = MultiTaskConfig::from_json(&config_json("")).unwrap();
+        assert_eq!((c.grid(), c.ocr_classes(), c.text.hidden_size), (4, 3, 8));
+        let err = |extra: &str| {
+            MultiTaskConfig::from_json(&config_json(extra))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(r#", "colour": 1"#).contains("unknown field `colour`"));
+        assert!(err(r#", "width": 7"#).contains("duplicate field"));
+        let bad = config_json("").replace(r#""heads": 2"#, r#""heads": 3"#);
+        assert!(MultiTaskConfig::from_json(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("not a multiple of heads"));
+        let bad = config_json("").replace(r#""depth": 1,"#, r#""depth": 0,"#);
+        assert!(MultiTaskConfig::from_json(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("depth must be a positive int"));
+        let bad = config_json("").replace(r#""eos_id": 3"#, r#""eos_id": 11"#);
+        assert!(MultiTaskConfig::from_json(&bad).is_err());
+        assert!(MultiTaskConfig::from_json("[]").is_err());
+    }
+}
