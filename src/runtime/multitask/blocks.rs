@@ -1,86 +1,80 @@
 //! The layers the encoder and both decoders are built from: attention with its output
 //! projection, the pre-LN block, the token decoder; and the loader that builds them.
+use super::super::inputs::{check_tokens, MULTITASK};
 use super::super::layers::{
     mask_bias, Activation, Embedding, LayerNorm, Linear, MultiHeadAttention, WeightMode,
 };
 use super::super::ops::add;
-use super::super::weights::Weights;
+use super::super::weights::{Scope, Weights};
 use super::super::{ce, Recorder};
-use crate::{ensure, Error, Result};
+use crate::{ensure, Result};
 use candle_core::Tensor;
 use ndarray::ArrayView2;
 
-/// Everything the model builds its layers with.
-pub(super) struct Loader<'a> {
-    pub(super) w: &'a Weights,
+/// How the model builds its layers: every `nn.Linear` with `mode` and `act_bits`.
+pub(super) struct Loader {
     pub(super) mode: WeightMode,
     pub(super) act_bits: Option<u32>,
     pub(super) eps: f64,
 }
 
-impl Loader<'_> {
-    pub(super) fn linear(&self, n: &str) -> Result<Linear> {
-        self.w.linear(
-            &format!("{n}.weight"),
-            Some(&format!("{n}.bias")),
-            self.mode,
-            self.act_bits,
-        )
+impl Loader {
+    pub(super) fn linear(&self, s: &Scope<'_>) -> Result<Linear> {
+        s.linear(self.mode, self.act_bits)
     }
 
-    pub(super) fn norm(&self, n: &str) -> Result<LayerNorm> {
-        LayerNorm::new(
-            &self.w.get(&format!("{n}.weight"))?,
-            &self.w.get(&format!("{n}.bias"))?,
-            self.eps,
-        )
+    pub(super) fn norm(&self, s: &Scope<'_>) -> Result<LayerNorm> {
+        s.layer_norm(self.eps)
     }
 
-    pub(super) fn attention(&self, n: &str, heads: usize) -> Result<Attention> {
+    pub(super) fn attention(&self, s: &Scope<'_>, heads: usize) -> Result<Attention> {
         Ok(Attention {
             mha: MultiHeadAttention::new(
-                self.linear(&format!("{n}.q"))?,
-                self.linear(&format!("{n}.k"))?,
-                self.linear(&format!("{n}.v"))?,
+                self.linear(&s.pp("q"))?,
+                self.linear(&s.pp("k"))?,
+                self.linear(&s.pp("v"))?,
                 heads,
             )?,
-            out: self.linear(&format!("{n}.out"))?,
+            out: self.linear(&s.pp("out"))?,
         })
     }
 
-    pub(super) fn block(&self, name: String, heads: usize, cross: bool) -> Result<Block> {
+    pub(super) fn block(&self, s: &Scope<'_>, heads: usize, cross: bool) -> Result<Block> {
         Ok(Block {
-            norm1: self.norm(&format!("{name}.norm1"))?,
-            attn: self.attention(&format!("{name}.attn"), heads)?,
+            norm1: self.norm(&s.pp("norm1"))?,
+            attn: self.attention(&s.pp("attn"), heads)?,
             cross: if cross {
                 Some((
-                    self.norm(&format!("{name}.norm_cross"))?,
-                    self.attention(&format!("{name}.cross"), heads)?,
+                    self.norm(&s.pp("norm_cross"))?,
+                    self.attention(&s.pp("cross"), heads)?,
                 ))
             } else {
                 None
             },
-            norm2: self.norm(&format!("{name}.norm2"))?,
-            fc1: self.linear(&format!("{name}.mlp.fc1"))?,
-            fc2: self.linear(&format!("{name}.mlp.fc2"))?,
-            name,
+            norm2: self.norm(&s.pp("norm2"))?,
+            fc1: self.linear(&s.pp("mlp").pp("fc1"))?,
+            fc2: self.linear(&s.pp("mlp").pp("fc2"))?,
+            name: s.prefix().module(),
         })
     }
 
+    /// The decoder `name` of `w`.
     pub(super) fn decoder(
         &self,
+        w: &Weights,
         name: &'static str,
         depth: usize,
         heads: usize,
     ) -> Result<Decoder> {
+        let s = w.pp(name);
         Ok(Decoder {
-            embed: Embedding::new(self.w.get(&format!("{name}.embed.weight"))?)?,
-            pos: Embedding::new(self.w.get(&format!("{name}.pos.weight"))?)?,
+            embed: s.pp("embed").embedding()?,
+            pos: s.pp("pos").embedding()?,
             blocks: (0..depth)
-                .map(|i| self.block(format!("{name}.blocks.{i}"), heads, true))
+                .map(|i| self.block(&s.pp("blocks").pp(i), heads, true))
                 .collect::<Result<_>>()?,
-            norm: self.norm(&format!("{name}.norm"))?,
-            head: self.linear(&format!("{name}.head"))?,
+            norm: self.norm(&s.pp("norm"))?,
+            head: self.linear(&s.pp("head"))?,
             name,
         })
     }
@@ -179,34 +173,7 @@ impl Decoder {
         ids: ArrayView2<'_, i64>,
         mask: Option<ArrayView2<'_, i64>>,
     ) -> Result<()> {
-        let (b, l) = ids.dim();
-        ensure!(b > 0 && l > 0, "ids are empty: shape ({b}, {l})");
-        ensure!(
-            l <= self.pos.rows,
-            "{l} tokens exceed the maximum of {}",
-            self.pos.rows
-        );
-        if let Some(bad) = ids
-            .iter()
-            .find(|&&i| i < 0 || i as usize >= self.embed.rows)
-        {
-            return Err(Error::value(format!(
-                "ids contain {bad}, outside the vocabulary 0..{}",
-                self.embed.rows
-            )));
-        }
-        if let Some(m) = mask {
-            ensure!(
-                m.dim() == (b, l),
-                "mask has shape {:?}, ids ({b}, {l})",
-                m.dim()
-            );
-            ensure!(
-                m.iter().all(|&v| v == 0 || v == 1),
-                "mask must contain only 0 and 1"
-            );
-        }
-        Ok(())
+        check_tokens(ids, mask, self.embed.rows, self.pos.rows, &MULTITASK)
     }
 
     /// The normed hidden states (batch, len, width) of `ids` attending to the image tokens.

@@ -1,6 +1,7 @@
 //! The model's sizes (`lowbit.models.MultiTaskConfig`), the names and shapes of its tensors,
 //! and the tasks it runs.
 use super::super::bert::BertConfig;
+use super::super::weights::Prefix;
 use crate::{ensure, Error, Result};
 use serde::Deserialize;
 
@@ -115,40 +116,39 @@ impl MultiTaskConfig {
     pub fn expected(&self) -> Vec<(String, Vec<usize>)> {
         let (w, p, g) = (self.width, self.patch_size, self.grid());
         let mut v: Vec<(String, Vec<usize>)> = Vec::new();
-        let mut add = |n: String, s: Vec<usize>| v.push((n, s));
-        let lin = |add: &mut dyn FnMut(String, Vec<usize>), n: &str, out: usize, inp: usize| {
-            add(format!("{n}.weight"), vec![out, inp]);
-            add(format!("{n}.bias"), vec![out]);
+        let lin = |v: &mut Vec<_>, m: &Prefix, out: usize, inp: usize| {
+            v.push((m.name("weight"), vec![out, inp]));
+            v.push((m.name("bias"), vec![out]));
         };
-        let norm = |add: &mut dyn FnMut(String, Vec<usize>), n: &str| {
-            add(format!("{n}.weight"), vec![w]);
-            add(format!("{n}.bias"), vec![w]);
+        let norm = |v: &mut Vec<_>, m: &Prefix| {
+            v.push((m.name("weight"), vec![w]));
+            v.push((m.name("bias"), vec![w]));
         };
-        let block = |add: &mut dyn FnMut(String, Vec<usize>), b: &str, cross: bool| {
-            norm(add, &format!("{b}.norm1"));
+        let block = |v: &mut Vec<_>, b: &Prefix, cross: bool| {
+            norm(v, &b.pp("norm1"));
             let attns: &[&str] = if cross { &["attn", "cross"] } else { &["attn"] };
             for a in attns {
                 for proj in ["q", "k", "v", "out"] {
-                    lin(add, &format!("{b}.{a}.{proj}"), w, w);
+                    lin(v, &b.pp(a).pp(proj), w, w);
                 }
             }
             if cross {
-                norm(add, &format!("{b}.norm_cross"));
+                norm(v, &b.pp("norm_cross"));
             }
-            norm(add, &format!("{b}.norm2"));
-            lin(add, &format!("{b}.mlp.fc1"), w * self.mlp_ratio, w);
-            lin(add, &format!("{b}.mlp.fc2"), w, w * self.mlp_ratio);
+            norm(v, &b.pp("norm2"));
+            lin(v, &b.pp("mlp").pp("fc1"), w * self.mlp_ratio, w);
+            lin(v, &b.pp("mlp").pp("fc2"), w, w * self.mlp_ratio);
         };
-        add(
-            "vision.patch.proj.weight".into(),
-            vec![w, self.channels, p, p],
-        );
-        add("vision.patch.proj.bias".into(), vec![w]);
-        add("vision.pos_embed".into(), vec![1, g * g, w]);
+        let root = Prefix::default();
+        let vision = root.pp("vision");
+        let patch = vision.pp("patch").pp("proj");
+        v.push((patch.name("weight"), vec![w, self.channels, p, p]));
+        v.push((patch.name("bias"), vec![w]));
+        v.push((vision.name("pos_embed"), vec![1, g * g, w]));
         for i in 0..self.depth {
-            block(&mut add, &format!("vision.blocks.{i}"), false);
+            block(&mut v, &vision.pp("blocks").pp(i), false);
         }
-        norm(&mut add, "vision.norm");
+        norm(&mut v, &vision.pp("norm"));
         for (head, depth, max_len, out) in [
             (
                 "caption_head",
@@ -163,28 +163,30 @@ impl MultiTaskConfig {
                 self.answers.len(),
             ),
         ] {
-            add(format!("{head}.embed.weight"), vec![self.vocab_size, w]);
-            add(format!("{head}.pos.weight"), vec![max_len, w]);
+            let head = root.pp(head);
+            v.push((head.pp("embed").name("weight"), vec![self.vocab_size, w]));
+            v.push((head.pp("pos").name("weight"), vec![max_len, w]));
             for i in 0..depth {
-                block(&mut add, &format!("{head}.blocks.{i}"), true);
+                block(&mut v, &head.pp("blocks").pp(i), true);
             }
-            norm(&mut add, &format!("{head}.norm"));
-            lin(&mut add, &format!("{head}.head"), out, w);
+            norm(&mut v, &head.pp("norm"));
+            lin(&mut v, &head.pp("head"), out, w);
         }
         lin(
-            &mut add,
-            "ocr_head.head",
+            &mut v,
+            &root.pp("ocr_head").pp("head"),
             self.ocr_steps * self.ocr_classes(),
             g * w,
         );
-        lin(&mut add, "retrieval.image_proj", self.embed_dim, w);
+        let retrieval = root.pp("retrieval");
+        lin(&mut v, &retrieval.pp("image_proj"), self.embed_dim, w);
         lin(
-            &mut add,
-            "retrieval.text_proj",
+            &mut v,
+            &retrieval.pp("text_proj"),
             self.embed_dim,
             self.text.hidden_size,
         );
-        add("retrieval.logit_scale".into(), vec![]);
+        v.push((retrieval.name("logit_scale"), vec![]));
         v.extend(self.text.expected(TEXT));
         v
     }

@@ -82,36 +82,34 @@ impl MultiTaskModel {
         })?;
         let c = &config;
         let ld = Loader {
-            w,
             mode,
             act_bits,
             eps: c.layer_norm_eps,
         };
+        let (vision, retrieval) = (w.pp("vision"), w.pp("retrieval"));
         let (p, g) = (c.patch_size, c.grid());
         // The convolution is not an nn.Linear: float unless the file stores it quantized.
-        let proj = w.linear(
-            "vision.patch.proj.weight",
-            Some("vision.patch.proj.bias"),
-            WeightMode::F32,
-            None,
-        )?;
-        let scale = w.get("retrieval.logit_scale")?;
+        let proj = vision
+            .pp("patch")
+            .pp("proj")
+            .linear(WeightMode::F32, None)?;
+        let scale = retrieval.get("logit_scale")?;
         Ok(MultiTaskModel {
             patch: Conv2d::from_linear(proj, c.channels, (p, p), (p, p), (0, 0))?,
-            pos_embed: w
-                .get("vision.pos_embed")?
+            pos_embed: vision
+                .get("pos_embed")?
                 .reshape((g * g, c.width))
                 .map_err(ce)?,
             blocks: (0..c.depth)
-                .map(|i| ld.block(format!("vision.blocks.{i}"), c.heads, false))
+                .map(|i| ld.block(&vision.pp("blocks").pp(i), c.heads, false))
                 .collect::<Result<_>>()?,
-            norm: ld.norm("vision.norm")?,
-            caption_head: ld.decoder("caption_head", c.decoder_depth, c.heads)?,
-            vqa_head: ld.decoder("vqa_head", c.vqa_depth, c.heads)?,
-            ocr_head: ld.linear("ocr_head.head")?,
-            image_proj: ld.linear("retrieval.image_proj")?,
+            norm: ld.norm(&vision.pp("norm"))?,
+            caption_head: ld.decoder(w, "caption_head", c.decoder_depth, c.heads)?,
+            vqa_head: ld.decoder(w, "vqa_head", c.vqa_depth, c.heads)?,
+            ocr_head: ld.linear(&w.pp("ocr_head").pp("head"))?,
+            image_proj: ld.linear(&retrieval.pp("image_proj"))?,
             text: BertEncoder::from_weights(c.text.clone(), w, TEXT, mode, act_bits)?,
-            text_proj: ld.linear("retrieval.text_proj")?,
+            text_proj: ld.linear(&retrieval.pp("text_proj"))?,
             logit_scale: to_vec(&scale)?[0],
             config_json,
             config,
