@@ -2,6 +2,7 @@
 //! and the tasks it runs.
 use super::super::bert::BertConfig;
 use super::super::weights::Prefix;
+use crate::names::string_enum;
 use crate::{ensure, Error, Result};
 use serde::Deserialize;
 
@@ -205,23 +206,13 @@ pub enum Task {
     Text,
 }
 
-impl std::str::FromStr for Task {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "caption" => Task::Caption,
-            "ocr" => Task::Ocr,
-            "vqa" => Task::Vqa,
-            "image" => Task::Image,
-            "text" => Task::Text,
-            _ => {
-                return Err(Error::value(format!(
-                    "task must be one of ('caption', 'ocr', 'vqa', 'image', 'text'), got {s:?}"
-                )))
-            }
-        })
-    }
-}
+string_enum!(Task, "task", {
+    "caption" => Caption,
+    "ocr" => Ocr,
+    "vqa" => Vqa,
+    "image" => Image,
+    "text" => Text,
+});
 
 #[cfg(test)]
 mod tests {
