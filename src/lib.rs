@@ -4,6 +4,7 @@ pub mod bitnet;
 pub mod calib;
 pub mod config;
 pub mod error;
+pub mod names;
 pub mod nas;
 pub mod pool;
 pub mod quant;

@@ -1,9 +1,10 @@
 //! Choosing (scale, zero point) from a histogram: the clip range that minimises the expected
 //! quantization MSE over integer affine grids, a percentile of |x|, or TensorRT's KL divergence.
 use super::Histogram;
+use crate::names::string_enum;
 use crate::quant::spec::qparams_from_minmax;
 use crate::quant::QRange;
-use crate::{ensure, Error, Result};
+use crate::{ensure, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Method {
@@ -18,22 +19,12 @@ pub enum Method {
     Entropy,
 }
 
-impl std::str::FromStr for Method {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "mse" => Method::Mse,
-            "sqnr" => Method::Sqnr,
-            "percentile" => Method::Percentile(99.99),
-            "entropy" => Method::Entropy,
-            _ => {
-                return Err(Error::value(format!(
-                    "method must be 'mse', 'sqnr', 'percentile' or 'entropy', got {s:?}"
-                )))
-            }
-        })
-    }
-}
+string_enum!(Method, "method", {
+    "mse" => Mse,
+    "sqnr" => Sqnr,
+    "percentile" => Percentile(99.99),
+    "entropy" => Entropy,
+});
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SearchResult {

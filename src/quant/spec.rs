@@ -2,6 +2,7 @@
 use super::affine::{self, check_axis, Codes, QRange};
 use super::elem::Elem;
 use super::pack;
+use crate::names::string_enum;
 use crate::{ensure, Error, Result};
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
 use rayon::prelude::*;
@@ -15,29 +16,11 @@ pub enum Granularity {
     Group,
 }
 
-impl std::str::FromStr for Granularity {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "tensor" => Ok(Granularity::Tensor),
-            "channel" => Ok(Granularity::Channel),
-            "group" => Ok(Granularity::Group),
-            _ => Err(Error::value(format!(
-                "granularity must be 'tensor', 'channel' or 'group', got {s:?}"
-            ))),
-        }
-    }
-}
-
-impl Granularity {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Granularity::Tensor => "tensor",
-            Granularity::Channel => "channel",
-            Granularity::Group => "group",
-        }
-    }
-}
+string_enum!(Granularity, "granularity", {
+    "tensor" => Tensor,
+    "channel" => Channel,
+    "group" => Group,
+});
 
 /// How to quantize: `bits` wide codes, symmetric (signed codes, zero point 0) or asymmetric
 /// (unsigned codes), one scale per tensor, per channel along `axis`, or per `group_size`
@@ -400,6 +383,18 @@ fn derive_qparams<E: Elem>(
 mod tests {
     use super::*;
     use ndarray::Array2;
+
+    /// The JSON state (serde) and the Python strings (`string_enum!`) use the same names.
+    #[test]
+    fn granularity_names_agree_with_serde() {
+        for name in Granularity::NAMES {
+            let g: Granularity = name.parse().unwrap();
+            assert_eq!(serde_json::to_string(&g).unwrap(), format!("{name:?}"));
+            assert_eq!(g.to_string(), *name);
+        }
+        let err = "row".parse::<Granularity>().unwrap_err().to_string();
+        assert!(err.contains("'tensor', 'channel' or 'group'"), "{err}");
+    }
 
     /// Group quantization equals per-tensor quantization of every group on its own, for
     /// contiguous and strided input and a short last group.

@@ -1,11 +1,12 @@
 //! A BERT text encoder (post-LayerNorm, absolute positions, token types) that loads Hugging Face
 //! `BertModel` checkpoints and matches `transformers` to float32 rounding.
+use super::inputs::{self, check_tokens};
 use super::layers::{
     l2_normalize, mask_bias, mean_pool, to_vec, used_len, Activation, Embedding, LayerNorm, Linear,
     MultiHeadAttention, WeightMode,
 };
 use super::ops::add;
-use super::weights::Weights;
+use super::weights::{Prefix, Scope, Weights};
 use super::{ce, Record, Recorder};
 use crate::{ensure, Error, Result};
 use candle_core::Tensor;
@@ -228,24 +229,26 @@ impl BertConfig {
     /// Every tensor a `BertModel` checkpoint holds (without the pooler), with its shape.
     pub fn expected(&self, prefix: &str) -> Vec<(String, Vec<usize>)> {
         let (h, i) = (self.hidden_size, self.intermediate_size);
+        let p = Prefix::new(prefix);
+        let emb = p.pp("embeddings");
         let mut v = vec![
             (
-                "embeddings.word_embeddings.weight".to_string(),
+                emb.pp("word_embeddings").name("weight"),
                 vec![self.vocab_size, h],
             ),
             (
-                "embeddings.position_embeddings.weight".into(),
+                emb.pp("position_embeddings").name("weight"),
                 vec![self.max_position_embeddings, h],
             ),
             (
-                "embeddings.token_type_embeddings.weight".into(),
+                emb.pp("token_type_embeddings").name("weight"),
                 vec![self.type_vocab_size, h],
             ),
-            ("embeddings.LayerNorm.weight".into(), vec![h]),
-            ("embeddings.LayerNorm.bias".into(), vec![h]),
+            (emb.pp("LayerNorm").name("weight"), vec![h]),
+            (emb.pp("LayerNorm").name("bias"), vec![h]),
         ];
         for l in 0..self.num_hidden_layers {
-            let p = format!("encoder.layer.{l}.");
+            let layer = p.pp("encoder.layer").pp(l);
             for (name, out, inp) in [
                 ("attention.self.query", h, h),
                 ("attention.self.key", h, h),
@@ -254,17 +257,15 @@ impl BertConfig {
                 ("intermediate.dense", i, h),
                 ("output.dense", h, i),
             ] {
-                v.push((format!("{p}{name}.weight"), vec![out, inp]));
-                v.push((format!("{p}{name}.bias"), vec![out]));
+                v.push((layer.pp(name).name("weight"), vec![out, inp]));
+                v.push((layer.pp(name).name("bias"), vec![out]));
             }
             for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-                v.push((format!("{p}{ln}.weight"), vec![h]));
-                v.push((format!("{p}{ln}.bias"), vec![h]));
+                v.push((layer.pp(ln).name("weight"), vec![h]));
+                v.push((layer.pp(ln).name("bias"), vec![h]));
             }
         }
-        v.into_iter()
-            .map(|(n, s)| (format!("{prefix}{n}"), s))
-            .collect()
+        v
     }
 }
 
@@ -299,64 +300,49 @@ impl BertEncoder {
         mode: WeightMode,
         act_bits: Option<u32>,
     ) -> Result<Self> {
-        let pooler = [
-            format!("{prefix}pooler.dense.weight"),
-            format!("{prefix}pooler.dense.bias"),
-        ];
-        let has_pooler = w.get_opt(&pooler[0]).is_some();
+        let s = w.scope(prefix);
+        let pooler = s.pp("pooler.dense");
+        let has_pooler = pooler.get_opt("weight").is_some();
         w.ensure_layers(config.num_hidden_layers)?;
         let mut expected = config.expected(prefix);
         if has_pooler {
             let h = config.hidden_size;
-            expected.push((pooler[0].clone(), vec![h, h]));
-            expected.push((pooler[1].clone(), vec![h]));
+            expected.push((pooler.name("weight"), vec![h, h]));
+            expected.push((pooler.name("bias"), vec![h]));
         }
         w.check(&expected, |n| {
             !n.starts_with(prefix) || n.ends_with("position_ids")
         })?;
-        let get = |n: &str| w.get(&format!("{prefix}{n}"));
-        let ln = |n: &str| -> Result<LayerNorm> {
-            LayerNorm::new(
-                &get(&format!("{n}.weight"))?,
-                &get(&format!("{n}.bias"))?,
-                config.layer_norm_eps,
-            )
-        };
-        let lin = |n: &str| -> Result<Linear> {
-            w.linear(
-                &format!("{prefix}{n}.weight"),
-                Some(&format!("{prefix}{n}.bias")),
-                mode,
-                act_bits,
-            )
-        };
+        let ln = |m: Scope<'_>| m.layer_norm(config.layer_norm_eps);
+        let lin = |m: Scope<'_>| m.linear(mode, act_bits);
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
-                let p = format!("encoder.layer.{l}.");
+                let p = s.pp("encoder.layer").pp(l);
                 Ok(Layer {
                     attn: MultiHeadAttention::new(
-                        lin(&format!("{p}attention.self.query"))?,
-                        lin(&format!("{p}attention.self.key"))?,
-                        lin(&format!("{p}attention.self.value"))?,
+                        lin(p.pp("attention.self.query"))?,
+                        lin(p.pp("attention.self.key"))?,
+                        lin(p.pp("attention.self.value"))?,
                         config.num_attention_heads,
                     )?,
-                    attn_out: lin(&format!("{p}attention.output.dense"))?,
-                    attn_ln: ln(&format!("{p}attention.output.LayerNorm"))?,
-                    inter: lin(&format!("{p}intermediate.dense"))?,
-                    out: lin(&format!("{p}output.dense"))?,
-                    out_ln: ln(&format!("{p}output.LayerNorm"))?,
+                    attn_out: lin(p.pp("attention.output.dense"))?,
+                    attn_ln: ln(p.pp("attention.output.LayerNorm"))?,
+                    inter: lin(p.pp("intermediate.dense"))?,
+                    out: lin(p.pp("output.dense"))?,
+                    out_ln: ln(p.pp("output.LayerNorm"))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let emb = s.pp("embeddings");
         Ok(BertEncoder {
             act: Activation::parse(&config.hidden_act)?,
-            word: Embedding::new(get("embeddings.word_embeddings.weight")?)?,
-            pos: Embedding::new(get("embeddings.position_embeddings.weight")?)?,
-            tok: Embedding::new(get("embeddings.token_type_embeddings.weight")?)?,
-            emb_ln: ln("embeddings.LayerNorm")?,
+            word: emb.pp("word_embeddings").embedding()?,
+            pos: emb.pp("position_embeddings").embedding()?,
+            tok: emb.pp("token_type_embeddings").embedding()?,
+            emb_ln: ln(emb.pp("LayerNorm"))?,
             pooler: if has_pooler {
                 // The pooler stays float: it is one small layer on one token.
-                Some(w.linear(&pooler[0], Some(&pooler[1]), WeightMode::F32, None)?)
+                Some(pooler.linear(WeightMode::F32, None)?)
             } else {
                 None
             },
@@ -371,28 +357,15 @@ impl BertEncoder {
         mask: &ArrayView2<'_, i64>,
         types: Option<&ArrayView2<'_, i64>>,
     ) -> Result<()> {
+        let c = &self.config;
+        check_tokens(
+            *ids,
+            Some(*mask),
+            c.vocab_size,
+            c.max_position_embeddings,
+            &inputs::BERT,
+        )?;
         let (b, l) = ids.dim();
-        ensure!(b > 0 && l > 0, "input_ids is empty: shape ({b}, {l})");
-        ensure!(
-            l <= self.config.max_position_embeddings,
-            "sequences of {l} tokens exceed max_position_embeddings = {}",
-            self.config.max_position_embeddings
-        );
-        ensure!(
-            mask.dim() == (b, l),
-            "attention_mask has shape {:?}, input_ids ({b}, {l})",
-            mask.dim()
-        );
-        let v = self.config.vocab_size as i64;
-        if let Some(bad) = ids.iter().find(|&&i| i < 0 || i >= v) {
-            return Err(Error::value(format!(
-                "input_ids contains {bad}, outside the vocabulary 0..{v}"
-            )));
-        }
-        ensure!(
-            mask.iter().all(|&m| m == 0 || m == 1),
-            "attention_mask must contain only 0 and 1"
-        );
         if let Some(t) = types {
             ensure!(
                 t.dim() == (b, l),

@@ -7,6 +7,7 @@ use super::ops::{self, tensor, with_f32, AttnShape};
 use crate::bitnet::linear::{BinaryLinear, TernaryLinear};
 use crate::bitnet::quant::activation_quant;
 use crate::bitnet::ternary::{Acts, RowFn};
+use crate::names::string_enum;
 use crate::quant::spec::{self, Granularity, QuantSpec};
 use crate::{ensure, Error, Result};
 use candle_core::Tensor;
@@ -27,23 +28,13 @@ pub enum WeightMode {
     Binary,
 }
 
-impl std::str::FromStr for WeightMode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "f32" => WeightMode::F32,
-            "int8" => WeightMode::Int8,
-            "int4" => WeightMode::Int4,
-            "ternary" => WeightMode::Ternary,
-            "binary" => WeightMode::Binary,
-            _ => {
-                return Err(Error::value(format!(
-                    "weights must be 'f32', 'int8', 'int4', 'ternary' or 'binary', got {s:?}"
-                )))
-            }
-        })
-    }
-}
+string_enum!(WeightMode, "weights", {
+    "f32" => F32,
+    "int8" => Int8,
+    "int4" => Int4,
+    "ternary" => Ternary,
+    "binary" => Binary,
+});
 
 impl WeightMode {
     /// The QuantSpec of the integer modes (what `lowbit.QuantSpec` calls the same thing).

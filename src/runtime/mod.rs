@@ -1,6 +1,7 @@
 //! The Rust runtime: models on candle-core tensors, loaded from safetensors, with quantized
 //! linear layers chosen at load time and a record of every layer's output for cross-validation.
 pub mod bert;
+mod inputs;
 pub mod layers;
 pub mod multitask;
 pub mod ops;

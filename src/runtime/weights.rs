@@ -3,7 +3,7 @@
 //! `lowbit quantize` load too: their tensors are dequantized once from the stored codes, and
 //! those `checkpoint::TERNARY_KEY` lists keep their ternary codes for the packed kernel.
 use super::ce;
-use super::layers::{Linear, WeightMode};
+use super::layers::{Embedding, LayerNorm, Linear, WeightMode};
 use crate::bitnet::linear::TernaryLinear;
 use crate::quant::affine::Codes;
 use crate::quant::checkpoint::{
@@ -16,6 +16,7 @@ use candle_core::{Device, Tensor};
 use ndarray::Array2;
 use safetensors::tensor::TensorView;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Display;
 use std::path::Path;
 
 pub struct Weights {
@@ -263,6 +264,102 @@ impl Weights {
 
     pub fn get_opt(&self, name: &str) -> Option<Tensor> {
         self.tensors.get(name).cloned()
+    }
+
+    /// The tensors whose names start with `prefix` (`"bert."`; `""` for all), by the rest of
+    /// their names.
+    pub fn scope(&self, prefix: &str) -> Scope<'_> {
+        Scope {
+            w: self,
+            prefix: Prefix::new(prefix),
+        }
+    }
+
+    /// The tensors of module `part` (`w.pp("vision").pp("blocks").pp(0)`).
+    pub fn pp(&self, part: impl Display) -> Scope<'_> {
+        self.scope("").pp(part)
+    }
+}
+
+/// A tensor name prefix, empty or ending in `.`: the names of one module's tensors, built one
+/// path segment at a time as torch's `state_dict()` joins them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Prefix(String);
+
+impl Prefix {
+    /// `prefix` as given (empty, or ending in `.`).
+    pub fn new(prefix: &str) -> Self {
+        Prefix(prefix.to_string())
+    }
+
+    /// The prefix of submodule `part`.
+    pub fn pp(&self, part: impl Display) -> Self {
+        Prefix(format!("{}{part}.", self.0))
+    }
+
+    /// The full name of this module's tensor `name`.
+    pub fn name(&self, name: &str) -> String {
+        format!("{}{name}", self.0)
+    }
+
+    /// The module's own name (the prefix without its trailing `.`), as recorded layers are named.
+    pub fn module(&self) -> String {
+        self.0.trim_end_matches('.').to_string()
+    }
+}
+
+/// The tensors of one module of a `Weights` (candle-nn's `VarBuilder::pp`): names relative to
+/// the module, the errors of `Weights` with the full names.
+#[derive(Clone)]
+pub struct Scope<'a> {
+    w: &'a Weights,
+    prefix: Prefix,
+}
+
+impl<'a> Scope<'a> {
+    /// The tensors of submodule `part`.
+    pub fn pp(&self, part: impl Display) -> Scope<'a> {
+        Scope {
+            w: self.w,
+            prefix: self.prefix.pp(part),
+        }
+    }
+
+    pub fn prefix(&self) -> &Prefix {
+        &self.prefix
+    }
+
+    /// The full name of this module's tensor `name`.
+    pub fn name(&self, name: &str) -> String {
+        self.prefix.name(name)
+    }
+
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        self.w.get(&self.name(name))
+    }
+
+    pub fn get_opt(&self, name: &str) -> Option<Tensor> {
+        self.w.get_opt(&self.name(name))
+    }
+
+    /// This module as a linear layer of `weight` and `bias` (see `Weights::linear`).
+    pub fn linear(&self, mode: WeightMode, act_bits: Option<u32>) -> Result<Linear> {
+        self.w.linear(
+            &self.name("weight"),
+            Some(&self.name("bias")),
+            mode,
+            act_bits,
+        )
+    }
+
+    /// This module as a layer norm of `weight` and `bias`.
+    pub fn layer_norm(&self, eps: f64) -> Result<LayerNorm> {
+        LayerNorm::new(&self.get("weight")?, &self.get("bias")?, eps)
+    }
+
+    /// This module as an embedding table `weight`.
+    pub fn embedding(&self) -> Result<Embedding> {
+        Embedding::new(self.get("weight")?)
     }
 }
 

@@ -1,0 +1,268 @@
+//! GEMM: the `gemm` crate called on operands in place (linear layers, attention's general
+//! case) and register-tiled kernels for attention's many small products.
+
+fn parallelism(flops: usize) -> gemm::Parallelism {
+    let n = rayon::current_num_threads();
+    if n > 1 && flops >= 1 << 20 {
+        gemm::Parallelism::Rayon(n)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// A row-major or transposed operand: element (i, j) at `ptr[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(super) struct Mat {
+    pub(super) ptr: *const f32,
+    pub(super) rs: isize,
+    pub(super) cs: isize,
+}
+
+/// `dst (m, n; row stride dst_rs) = [dst +] scale * a (m, k) · b (k, n)`.
+///
+/// # Safety
+/// Every element the strides address must lie inside the caller's buffers, and `dst` must not
+/// alias `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    par: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+/// `x (rows, k) @ w.T + bias` with `w` stored (n, k) as PyTorch keeps it.
+pub fn linear(x: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    assert!(k > 0 && x.len() % k == 0 && w.len() == n * k);
+    let rows = x.len() / k;
+    let mut out = match bias {
+        Some(b) => {
+            assert_eq!(b.len(), n);
+            let mut o = Vec::with_capacity(rows * n);
+            for _ in 0..rows {
+                o.extend_from_slice(b);
+            }
+            o
+        }
+        None => vec![0.0; rows * n],
+    };
+    if rows == 0 || n == 0 {
+        return out;
+    }
+    // SAFETY: x is (rows, k) row-major, w is (n, k) row-major read as its transpose (k, n),
+    // out is (rows, n) row-major and a fresh allocation.
+    unsafe {
+        gemm_into(
+            rows,
+            n,
+            k,
+            out.as_mut_ptr(),
+            n,
+            bias.is_some(),
+            Mat {
+                ptr: x.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            },
+            Mat {
+                ptr: w.as_ptr(),
+                rs: 1,
+                cs: k as isize,
+            },
+            1.0,
+            parallelism(rows * n * k),
+        )
+    };
+    out
+}
+
+/// Register-tiled float32 products for attention's many small matrices (one pair per batch
+/// and head, 128 x 128 x 32 in BERT-small): a general GEMM's packing and dispatch cost more
+/// than such a product itself.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod small_gemm {
+    use std::arch::x86_64::*;
+
+    /// Rows per register tile (6 x 16 accumulators, 2 vectors of `b` and a broadcast: 15 of
+    /// the 16 vector registers).
+    const MR: usize = 6;
+
+    /// `c[i * crs + j] = alpha * Σ_k a[i * ars + k] b[k * brs + j]` for `i < m`, `j < n`, from
+    /// `(slice, row stride)` operands; `b`'s rows must hold `n` rounded up to 8 readable columns
+    /// (zero padding).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gemm(
+        m: usize,
+        n: usize,
+        kc: usize,
+        (a, ars): (&[f32], usize),
+        (b, brs): (&[f32], usize),
+        alpha: f32,
+        (c, crs): (&mut [f32], usize),
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        let n8 = n.next_multiple_of(8);
+        // Every load and store below stays inside these bounds.
+        assert!(kc == 0 || (m - 1) * ars + kc <= a.len());
+        assert!(brs >= n8 && (kc == 0 || (kc - 1) * brs + n8 <= b.len()));
+        assert!(crs >= n && (m - 1) * crs + n <= c.len());
+        let mut j = 0;
+        while j < n {
+            let nv = if n - j > 8 { 2 } else { 1 };
+            let w = (n - j).min(8 * nv);
+            let mut i = 0;
+            while i < m {
+                let r = (m - i).min(MR);
+                let (ap, bp) = (a.as_ptr().add(i * ars), b.as_ptr().add(j));
+                let mut buf = [[0f32; 16]; MR];
+                macro_rules! run {
+                    ($($r:literal)*) => {
+                        match (r, nv) {
+                            $(($r, 2) => tile::<$r, 2>(ap, ars, bp, brs, kc, alpha, &mut buf),
+                              ($r, _) => tile::<$r, 1>(ap, ars, bp, brs, kc, alpha, &mut buf),)*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                run!(1 2 3 4 5 6);
+                for (rr, row) in buf.iter().take(r).enumerate() {
+                    c[(i + rr) * crs + j..][..w].copy_from_slice(&row[..w]);
+                }
+                i += r;
+            }
+            j += 8 * nv;
+        }
+    }
+
+    /// `dst[j * drs + i] = src[i * srs + j]` for `i < rows`, `j < cols`, in 8 x 8 blocks of
+    /// register shuffles (element by element, one of the two sides strides across cache lines
+    /// and the transpose cost a third as much as attention's products).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn transpose(
+        rows: usize,
+        cols: usize,
+        (src, srs): (&[f32], usize),
+        (dst, drs): (&mut [f32], usize),
+    ) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        // Every load and store below stays inside these bounds.
+        assert!(srs >= cols && (rows - 1) * srs + cols <= src.len());
+        assert!(drs >= rows && (cols - 1) * drs + rows <= dst.len());
+        let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+        for i in (0..r8).step_by(8) {
+            for j in (0..c8).step_by(8) {
+                let p = src.as_ptr().add(i * srs + j);
+                let r: [__m256; 8] = std::array::from_fn(|x| _mm256_loadu_ps(p.add(x * srs)));
+                // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves.
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let out = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                let q = dst.as_mut_ptr().add(j * drs + i);
+                for (x, v) in out.into_iter().enumerate() {
+                    _mm256_storeu_ps(q.add(x * drs), v);
+                }
+            }
+        }
+        // The edges, element by element.
+        for i in 0..rows {
+            let from = if i < r8 { c8 } else { 0 };
+            for j in from..cols {
+                dst[j * drs + i] = src[i * srs + j];
+            }
+        }
+    }
+
+    /// `R` rows by `8 NV` columns, accumulated over `kc` in registers, scaled into `buf`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // `acc[r][v]` reads best as the register block it is
+    unsafe fn tile<const R: usize, const NV: usize>(
+        a: *const f32,
+        ars: usize,
+        b: *const f32,
+        brs: usize,
+        kc: usize,
+        alpha: f32,
+        buf: &mut [[f32; 16]; MR],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); NV]; R];
+        for k in 0..kc {
+            let mut bv = [_mm256_setzero_ps(); NV];
+            for v in 0..NV {
+                bv[v] = _mm256_loadu_ps(b.add(k * brs + 8 * v));
+            }
+            for r in 0..R {
+                let av = _mm256_broadcast_ss(&*a.add(r * ars + k));
+                for v in 0..NV {
+                    acc[r][v] = _mm256_fmadd_ps(av, bv[v], acc[r][v]);
+                }
+            }
+        }
+        let al = _mm256_set1_ps(alpha);
+        for r in 0..R {
+            for v in 0..NV {
+                _mm256_storeu_ps(buf[r][8 * v..].as_mut_ptr(), _mm256_mul_ps(acc[r][v], al));
+            }
+        }
+    }
+}
