@@ -7,6 +7,7 @@ pub mod error;
 pub mod names;
 pub mod nas;
 pub mod pool;
+pub mod ptq;
 pub mod quant;
 pub mod runtime;
 

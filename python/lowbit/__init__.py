@@ -20,7 +20,7 @@ from lowbit._lowbit import (
     QuantSpec,
     __version__,
 )
-from lowbit import bitnet, calib, crossval, nas, runtime
+from lowbit import bitnet, calib, crossval, nas, ptq, runtime
 from lowbit._config import show_config
 from lowbit.bitnet import activation_quant, binary_quantize, pack, pack_ternary, ternary_quantize, unpack, unpack_ternary
 from lowbit._quant import (

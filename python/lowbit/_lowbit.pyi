@@ -40,6 +40,8 @@ __all__ = [
     "quantize_per_tensor",
     "QuantSpec",
     "QuantizedTensor",
+    "gptq",
+    "output_error",
     "checkpoint_metadata",
     "dequantize_checkpoint",
     "load_quantized",
@@ -237,6 +239,15 @@ def pack_rows(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]:
 def unpack_rows(packed: npt.NDArray[np.uint8], bits: int, k: int) -> npt.NDArray[np.uint8]: ...
 def pack_tq1(codes: npt.NDArray[np.int8]) -> npt.NDArray[np.uint8]: ...
 def unpack_tq1(packed: npt.NDArray[np.uint8], k: int) -> npt.NDArray[np.int8]: ...
+
+# ---- lowbit.ptq --------------------------------------------------------------------------
+
+def gptq(
+    w: npt.NDArray[np.float32], h: npt.NDArray[np.float64], spec: QuantSpec, damp: float = 0.01, act_order: bool = True
+) -> tuple[QuantizedTensor, npt.NDArray[np.float32], int]:
+    """GPTQ on one layer: ``(QuantizedTensor, dequantized float32 weight, dead input count)``."""
+def output_error(w: npt.NDArray[np.float32], q: npt.NDArray[np.float32], h: npt.NDArray[np.float64]) -> float:
+    """``Σ_rows (w - q) H (w - q)ᵀ``."""
 
 # ---- lowbit.nas ---------------------------------------------------------------------------
 

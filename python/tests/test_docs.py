@@ -16,7 +16,7 @@ MODULES = sorted(
 )
 # The public modules, each of which shows how it is used.
 PUBLIC = {"lowbit._quant", "lowbit.bitnet", "lowbit.calib", "lowbit.crossval", "lowbit.data", "lowbit.demo",
-          "lowbit.models", "lowbit.nas", "lowbit.runtime", "lowbit.torch"}
+          "lowbit.models", "lowbit.nas", "lowbit.ptq", "lowbit.runtime", "lowbit.torch"}
 
 
 def test_every_module_is_walked():

@@ -16,6 +16,7 @@ mod calib;
 mod checkpoint;
 mod convert;
 mod nas;
+mod ptq;
 mod quant;
 mod runtime;
 
@@ -170,6 +171,9 @@ mod _lowbit {
         fake_quantize_per_tensor_affine, quantize, quantize_per_channel, quantize_per_tensor,
         QuantSpec, QuantizedTensor,
     };
+
+    #[pymodule_export]
+    use super::ptq::{gptq, output_error};
 
     #[pymodule_export]
     use super::checkpoint::{

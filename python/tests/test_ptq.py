@@ -1,0 +1,205 @@
+"""lowbit.ptq: GPTQ against a plain NumPy transcription of the published algorithm (Frantar et
+al. 2022, Algorithm 1 with lazy batch updates; grids from torch.ao's observers), on random and
+degenerate layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit.ptq import Hessian, gptq
+
+
+def _grid(w: np.ndarray, qmin: int, qmax: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row scale and zero point of ``w`` by torch.ao's PerChannelMinMaxObserver."""
+    obs = torch.ao.quantization.PerChannelMinMaxObserver(
+        ch_axis=0,
+        dtype=torch.qint8 if qmin < 0 else torch.quint8,
+        qscheme=torch.per_channel_symmetric if symmetric else torch.per_channel_affine,
+        quant_min=qmin,
+        quant_max=qmax,
+    )
+    obs(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+    s, z = obs.calculate_qparams()
+    return s.double().numpy(), z.double().numpy()
+
+
+def _tensor_grid(w, qmin, qmax, symmetric):
+    obs = torch.ao.quantization.MinMaxObserver(
+        dtype=torch.qint8 if qmin < 0 else torch.quint8,
+        qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine,
+        quant_min=qmin, quant_max=qmax)
+    obs(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+    s, z = obs.calculate_qparams()
+    return np.full(w.shape[0], float(s)), np.full(w.shape[0], float(z))
+
+
+def reference_gptq(W, H, bits, symmetric, group_size=None, per_tensor=False, act_order=True,
+                   percdamp=0.01, blocksize=128):
+    """The published GPTQ loop (``fasterquant``), in float64 NumPy."""
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    W = W.astype(np.float64).copy()
+    H = H.astype(np.float64).copy()
+    rows, cols = W.shape
+    W0 = W.copy()
+    static = per_tensor or group_size is None or act_order
+    gs = cols if group_size is None else group_size
+    if per_tensor:
+        grid = _tensor_grid(W0, qmin, qmax, symmetric)
+    elif group_size is None:
+        grid = _grid(W0, qmin, qmax, symmetric)
+    elif static:
+        groups = [_grid(W0[:, g:g + gs], qmin, qmax, symmetric) for g in range(0, cols, gs)]
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H[np.diag_indices(cols)] += percdamp * np.mean(np.diag(H))
+    L = np.linalg.cholesky(H)
+    Linv = np.linalg.inv(L)
+    Hinv = np.linalg.cholesky(Linv.T @ Linv).T
+    Q = np.zeros_like(W)
+    codes = np.zeros(W.shape, dtype=np.int64)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].copy()
+        Err1 = np.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = perm[i1 + i]
+            if not static and col % gs == 0:
+                grid = _grid(W[:, i1 + i:i1 + i + gs], qmin, qmax, symmetric)
+            elif static and group_size is not None and not per_tensor:
+                grid = groups[col // gs]
+            s, z = grid
+            w = W1[:, i]
+            q = np.clip(np.round(w / s) + z, qmin, qmax)
+            codes[:, i1 + i] = q
+            Q[:, i1 + i] = (q - z) * s
+            err = (w - Q[:, i1 + i]) / Hinv1[i, i]
+            W1[:, i:] -= np.outer(err, Hinv1[i, i:])
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    inv = np.argsort(perm)
+    return codes[:, inv], Q[:, inv]
+
+
+def _layer(rows, cols, samples, seed, correlated=True):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((samples, cols))
+    if correlated:
+        x = x + 2 * rng.standard_normal((samples, 1)) + x @ rng.standard_normal((cols, cols)) * 0.3
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    return w, x.T @ x
+
+
+CASES = [
+    # bits, symmetric, granularity, group size, act_order
+    (4, True, "channel", None, True),
+    (4, False, "channel", None, False),
+    (3, False, "group", 16, True),
+    (2, False, "group", 32, True),
+    (4, True, "group", 16, False),
+    (8, False, "tensor", None, True),
+    (2, True, "channel", None, True),
+]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("bits,sym,gran,gs,act_order", CASES)
+def test_gptq_equals_the_published_algorithm(bits, sym, gran, gs, act_order, seed):
+    w, h = _layer(24, 64, 300, seed)
+    spec = lowbit.QuantSpec(bits, symmetric=sym, granularity=gran, group_size=gs)
+    r = gptq(w, h, spec, act_order=act_order)
+    # Dynamic groups read the weights as error feedback left them at the group's first column:
+    # the published loop does so exactly when groups start at block starts (block = group).
+    block = gs if (gs is not None and not act_order) else 128
+    codes, q = reference_gptq(w, h, bits, sym, gs, gran == "tensor", act_order, blocksize=block)
+    assert np.array_equal(r.tensor.int_repr(), codes)
+    np.testing.assert_allclose(r.weight, q.astype(np.float32), rtol=1e-6, atol=1e-7)
+    err = float(np.einsum("ij,jk,ik->", w - q, h, w - q))
+    assert r.error == pytest.approx(err, rel=1e-6)
+    assert r.error < r.rtn_error
+
+
+def test_the_hessian_accumulates_any_leading_shape_and_merges():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 10, 8)).astype(np.float32)
+    a, b, whole = Hessian(8), Hessian(8), Hessian(8)
+    a.update(torch.from_numpy(x[:2]))
+    b.update(x[2:])
+    whole.update(x)
+    a.merge(b)
+    np.testing.assert_allclose(a.matrix, whole.matrix, rtol=1e-12)
+    flat = x.reshape(-1, 8).astype(np.float64)
+    np.testing.assert_allclose(whole.matrix, flat.T @ flat, rtol=1e-12)
+    assert whole.samples == 40
+    with pytest.raises(lowbit.LowbitValueError, match="NaN"):
+        whole.update(np.full((2, 8), np.nan))
+    assert whole.samples == 40
+    with pytest.raises(lowbit.LowbitValueError, match="8 features"):
+        whole.update(np.zeros((2, 7)))
+    with pytest.raises(lowbit.LowbitValueError):
+        a.merge(Hessian(7))
+    with pytest.raises(lowbit.LowbitTypeError):
+        a.update(np.ones((2, 8), dtype=np.int64))
+    with pytest.raises(lowbit.LowbitTypeError):
+        a.update(torch.ones(2, 8, dtype=torch.int64))
+    a.update(torch.ones(2, 8, dtype=torch.bfloat16))
+    assert a.samples == 42
+    empty = Hessian(8)
+    empty.update(np.zeros((0, 8), np.float32))
+    assert empty.samples == 0 and not empty.matrix.any()
+
+
+def test_degenerate_layers():
+    spec = lowbit.QuantSpec(4, symmetric=False, granularity="channel")
+    w, h = _layer(8, 16, 64, 0)
+    # A dead input (never active): weight 0, like the reference.
+    h2 = h.copy()
+    h2[5, :] = h2[:, 5] = 0
+    r = gptq(w, h2, spec)
+    assert r.dead == 1 and np.all(r.weight[:, 5] == 0)
+    codes, _ = reference_gptq(w, h2, 4, False)
+    assert np.array_equal(r.tensor.int_repr(), codes)
+    # Duplicated features (rank one): damping solves it; without damping a clear error.
+    ones = np.ones((16, 16))
+    assert np.isfinite(gptq(w, ones, spec).weight).all()
+    with pytest.raises(lowbit.LowbitValueError, match="not positive definite.*raise damp"):
+        gptq(w, ones, spec, damp=0.0)
+    # Constant and zero weights, an uncorrelated (diagonal) Hessian: GPTQ is round-to-nearest.
+    for wc in (np.full((4, 16), 0.3, np.float32), np.zeros((4, 16), np.float32)):
+        r = gptq(wc, h, spec)
+        np.testing.assert_array_equal(r.weight, lowbit.quantize(wc, spec).dequantize())
+    diag = np.diag(np.arange(1.0, 17.0))
+    r = gptq(w, diag, spec)
+    np.testing.assert_array_equal(r.weight, lowbit.quantize(w, spec).dequantize())
+    # Non-contiguous weights and torch tensors in, the same kind out.
+    wt = torch.from_numpy(np.asfortranarray(w))
+    rt = gptq(wt, torch.from_numpy(h), spec)
+    assert isinstance(rt.weight, torch.Tensor)
+    np.testing.assert_array_equal(rt.weight.numpy(), gptq(w, h, spec).weight)
+
+
+def test_bad_input_is_refused():
+    w, h = _layer(4, 8, 32, 0)
+    spec = lowbit.QuantSpec(4)
+    with pytest.raises(lowbit.LowbitValueError, match="Hessian must be"):
+        gptq(w, h[:4, :4], spec)
+    with pytest.raises(lowbit.LowbitValueError, match="NaN"):
+        gptq(np.where(w > 0, np.nan, w).astype(np.float32), h, spec)
+    bad = h.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(lowbit.LowbitValueError, match="NaN or Inf"):
+        gptq(w, bad, spec)
+    with pytest.raises(lowbit.LowbitValueError, match="damp"):
+        gptq(w, h, spec, damp=-1)
+    with pytest.raises(lowbit.LowbitTypeError):
+        gptq(w, h, "int4")
+    with pytest.raises(lowbit.LowbitValueError, match="axis"):
+        gptq(w, h, lowbit.QuantSpec(4, granularity="channel", axis=1))
+    with pytest.raises(lowbit.LowbitValueError):
+        gptq(w[0], h, spec)

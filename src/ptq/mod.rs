@@ -1,0 +1,6 @@
+//! Post-training quantization solvers: GPTQ's Hessian-guided error feedback, on the dense
+//! float64 linear algebra it needs.
+pub mod gptq;
+pub mod linalg;
+
+pub use gptq::{gptq, output_error, Config as GptqConfig, Solution as GptqSolution};

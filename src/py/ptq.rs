@@ -1,0 +1,39 @@
+//! Bindings of `crate::ptq`. `lowbit.ptq` checks dtypes and shapes first.
+use super::detach;
+use super::quant::{QuantSpec, QuantizedTensor};
+use crate::ptq;
+use numpy::{IntoPyArray, PyReadonlyArray2};
+use pyo3::prelude::*;
+
+/// GPTQ on one layer: `(QuantizedTensor, dequantized float32 weight, dead input count)`.
+#[pyfunction]
+#[pyo3(signature = (w, h, spec, damp=0.01, act_order=true))]
+pub fn gptq<'py>(
+    py: Python<'py>,
+    w: PyReadonlyArray2<'py, f32>,
+    h: PyReadonlyArray2<'py, f64>,
+    spec: &QuantSpec,
+    damp: f64,
+    act_order: bool,
+) -> PyResult<(QuantizedTensor, Bound<'py, PyAny>, usize)> {
+    let (w, h, spec) = (w.as_array(), h.as_array(), spec.0);
+    let cfg = ptq::GptqConfig { damp, act_order };
+    let s = detach(py, || ptq::gptq(w, h, spec, &cfg))?;
+    Ok((
+        QuantizedTensor(s.tensor),
+        s.dequantized.into_pyarray(py).into_any(),
+        s.dead,
+    ))
+}
+
+/// `Σ_rows (w - q) H (w - q)ᵀ`.
+#[pyfunction]
+pub fn output_error(
+    py: Python<'_>,
+    w: PyReadonlyArray2<'_, f32>,
+    q: PyReadonlyArray2<'_, f32>,
+    h: PyReadonlyArray2<'_, f64>,
+) -> PyResult<f64> {
+    let (w, q, h) = (w.as_array(), q.as_array(), h.as_array());
+    detach(py, || ptq::output_error(w, q, h))
+}
