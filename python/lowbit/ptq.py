@@ -22,8 +22,10 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import fnmatch
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -32,7 +34,7 @@ from lowbit._array import as_array, float32
 from lowbit._lowbit import LowbitTypeError, LowbitValueError, QuantizedTensor, QuantSpec
 from lowbit._validate import float_arg, int_arg, is_tensor
 
-__all__ = ["GPTQResult", "Hessian", "gptq"]
+__all__ = ["GPTQResult", "Hessian", "LayerResult", "PTQResult", "gptq", "quantize_model"]
 
 
 class Hessian:
@@ -117,3 +119,191 @@ def gptq(weight: Any, hessian: Hessian | Any, spec: QuantSpec, damp: float = 0.0
 
         out = torch.from_numpy(deq)
     return GPTQResult(qt, out, dead, err, rtn_err)
+
+
+# ------------------------------------------------------------------------------------------
+# Whole models
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One layer of :func:`quantize_model`: its quantized weight, the layer's output error on the
+    calibration inputs ``Σ (w - q) H (w - q)ᵀ`` and round-to-nearest's on the same grid (both
+    measured on the inputs the layer saw when it was quantized), and the seconds it took."""
+
+    tensor: QuantizedTensor
+    error: float
+    rtn_error: float
+    dead: int
+    seconds: float
+
+
+@dataclass
+class PTQResult:
+    """What :func:`quantize_model` did: ``layers`` maps each quantized module's name to its
+    :class:`LayerResult`, in the order they were quantized; ``seconds`` is the whole call."""
+
+    method: str
+    layers: dict[str, LayerResult] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def tensors(self) -> dict[str, QuantizedTensor]:
+        """``{"<module>.weight": QuantizedTensor}``, for :func:`lowbit.save_checkpoint`."""
+        return {f"{name}.weight": r.tensor for name, r in self.layers.items()}
+
+    def __repr__(self) -> str:
+        worse = sum(r.error > r.rtn_error for r in self.layers.values())
+        return (f"PTQResult(method={self.method!r}, {len(self.layers)} layers, {self.seconds:.2f} s, "
+                f"{worse} with an error above round-to-nearest's)")
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer being calibrated has seen its input."""
+
+
+def _call(model: Any, batch: Any) -> None:
+    if isinstance(batch, Mapping):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def _spec_for(name: str, spec: Any) -> QuantSpec | None:
+    if isinstance(spec, QuantSpec):
+        return spec
+    for pattern, s in spec.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return s
+    return None
+
+
+def quantize_model(
+    model: Any,
+    data: Iterable[Any],
+    spec: QuantSpec | Mapping[str, QuantSpec],
+    method: str = "gptq",
+    exclude: str | Sequence[str] = (),
+    damp: float = 0.01,
+    act_order: bool = True,
+    sequential: bool = True,
+) -> PTQResult:
+    """Quantize every ``torch.nn.Linear`` of ``model`` in place (its weight becomes the
+    dequantized quantized weight, so torch runs the model as it will be deployed) and return
+    a :class:`PTQResult` with each layer's :class:`lowbit.QuantizedTensor`.
+
+    ``data`` yields calibration batches as :func:`lowbit.torch.calibrate` takes them (a tensor,
+    a tuple of positional inputs or a dict of keyword inputs). ``spec`` is a
+    :class:`lowbit.QuantSpec`, or a dict of module-name glob to ``QuantSpec`` (mixed precision;
+    the first match wins, unmatched layers stay float). ``exclude`` names globs of modules to
+    keep in float (embeddings, heads). ``method``: ``"gptq"`` or ``"rtn"`` (round to nearest on
+    the same grid). With ``sequential`` (GPTQ's usual recipe) layers are quantized in the order
+    the model runs them, each calibrated on the outputs of the layers already quantized; the
+    forward pass stops at the layer being calibrated, so the cost is about half a pass over
+    ``data`` per layer. ``sequential=False`` gathers every layer's statistics in one pass.
+
+    >>> import torch, lowbit
+    >>> from lowbit.ptq import quantize_model
+    >>> _ = torch.manual_seed(0)
+    >>> net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    >>> data = [torch.randn(16, 32) for _ in range(8)]
+    >>> r = quantize_model(net, data, lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=16))
+    >>> list(r.layers), all(l.error <= l.rtn_error for l in r.layers.values())
+    (['0', '2'], True)
+    """
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise LowbitTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if method not in ("gptq", "rtn"):
+        raise LowbitValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
+    if not isinstance(spec, (QuantSpec, Mapping)) or (isinstance(spec, Mapping) and not all(
+            isinstance(v, QuantSpec) for v in spec.values())):
+        raise LowbitTypeError("spec must be a QuantSpec or a dict of module-name glob to QuantSpec")
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    d = float_arg(damp, "damp", 0.0, None, finite=True)
+    batches = list(data)
+    if not batches:
+        raise LowbitValueError("data yielded no batches to calibrate on")
+    t0 = time.perf_counter()
+    chosen = {name: (m, _spec_for(name, spec)) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+    chosen = {n: ms for n, ms in chosen.items() if ms[1] is not None}
+    if not chosen:
+        raise LowbitValueError("the model has no Linear layers to quantize (after spec and exclude)")
+
+    was_training = model.training
+    model.eval()
+    order: list[str] = []
+    hessians: dict[str, Hessian] = {}
+
+    def hook_for(name: str, stop: bool) -> Any:
+        def hook(_mod: Any, args: tuple) -> None:
+            if name not in hessians:
+                hessians[name] = Hessian(chosen[name][0].in_features)
+                order.append(name)
+            hessians[name].update(args[0].detach())
+            if stop:
+                raise _Stop
+
+        return hook
+
+    def gather(names: Sequence[str], stop: bool) -> None:
+        handles = [chosen[n][0].register_forward_pre_hook(hook_for(n, stop)) for n in names]
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    try:
+                        _call(model, b)
+                    except _Stop:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+
+    result = PTQResult(method)
+    try:
+        if method == "rtn" or not sequential:
+            gather(list(chosen), stop=False)
+            todo = list(order)
+        else:
+            # The execution order, from one batch.
+            probe: list[str] = []
+            handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: probe.append(n) if n not in probe else None)
+                       for n, (m, _) in chosen.items()]
+            try:
+                with torch.no_grad():
+                    _call(model, batches[0])
+            finally:
+                for h in handles:
+                    h.remove()
+            todo = probe
+        for name in todo:
+            mod, s = chosen[name]
+            if method == "gptq" and sequential and name not in hessians:
+                gather([name], stop=True)
+            if name not in hessians:
+                continue  # never ran on the calibration data
+            t = time.perf_counter()
+            w = mod.weight.detach().float().cpu().numpy()
+            hs = hessians.pop(name)
+            assert s is not None
+            try:
+                if method == "gptq":
+                    r = gptq(w, hs, s, damp=d, act_order=act_order)
+                    qt, deq, err, rtn_err, dead = r.tensor, r.weight, r.error, r.rtn_error, r.dead
+                else:
+                    qt = _lowbit.quantize(np.ascontiguousarray(w), s)
+                    deq = qt.dequantize()
+                    err = rtn_err = _lowbit.output_error(np.ascontiguousarray(w), deq, hs.matrix)
+                    dead = 0
+            except LowbitValueError as e:
+                raise LowbitValueError(f"layer {name!r}: {e}") from None
+            with torch.no_grad():
+                mod.weight.copy_(torch.from_numpy(np.asarray(deq)).to(mod.weight.dtype))
+            result.layers[name] = LayerResult(qt, err, rtn_err, dead, time.perf_counter() - t)
+    finally:
+        model.train(was_training)
+    result.seconds = time.perf_counter() - t0
+    return result

