@@ -39,6 +39,8 @@ __all__ = ["GPTQResult", "Hessian", "LayerResult", "PTQResult", "gptq", "quantiz
 
 class Hessian:
     """``Σ x xᵀ`` over the rows of every batch (float64), for a layer with ``features`` inputs.
+    The products of a torch tensor are formed in float32 on its device (as the reference GPTQ
+    does), those of a NumPy array in float64; both are summed in float64.
 
     ``update(x)`` takes an array or tensor whose last axis is the features (leading axes are
     samples: (batch, seq, features) works); ``merge`` adds another's statistics, so the sum over
@@ -54,12 +56,12 @@ class Hessian:
         if is_tensor(x):
             if not x.is_floating_point():
                 raise LowbitTypeError(f"x must hold floats, got {x.dtype}")
-            a = x.detach().cpu().double().numpy()
-        else:
-            a = as_array(x)
-            if a.dtype.kind != "f":
-                raise LowbitTypeError(f"x must hold floats, got {a.dtype}")
-            a = a.astype(np.float64, copy=False)
+            self._update_tensor(x.detach())
+            return
+        a = as_array(x)
+        if a.dtype.kind != "f":
+            raise LowbitTypeError(f"x must hold floats, got {a.dtype}")
+        a = a.astype(np.float64, copy=False)
         if a.ndim == 0 or a.shape[-1] != self.features:
             raise LowbitValueError(f"x must end in {self.features} features, got shape {a.shape}")
         a = a.reshape(-1, self.features)
@@ -67,6 +69,17 @@ class Hessian:
             raise LowbitValueError("x holds NaN or Inf; nothing was added")
         self.matrix += a.T @ a
         self.samples += a.shape[0]
+
+    def _update_tensor(self, t: Any) -> None:
+        """A tensor's products in float32 on its own device (as the reference GPTQ forms them),
+        summed into the float64 matrix."""
+        if t.ndim == 0 or t.shape[-1] != self.features:
+            raise LowbitValueError(f"x must end in {self.features} features, got shape {tuple(t.shape)}")
+        t = t.reshape(-1, self.features).float()
+        if not bool(t.isfinite().all()):
+            raise LowbitValueError("x holds NaN or Inf; nothing was added")
+        self.matrix += (t.T @ t).cpu().double().numpy()
+        self.samples += t.shape[0]
 
     def merge(self, other: Hessian) -> None:
         if not isinstance(other, Hessian) or other.features != self.features:
@@ -238,22 +251,35 @@ def quantize_model(
     order: list[str] = []
     hessians: dict[str, Hessian] = {}
 
-    def hook_for(name: str, stop: bool) -> Any:
-        def hook(_mod: Any, args: tuple) -> None:
-            if name not in hessians:
-                hessians[name] = Hessian(chosen[name][0].in_features)
-                order.append(name)
-            hessians[name].update(args[0].detach())
-            if stop:
-                raise _Stop
+    def gather(names: Sequence[str], target: str | None = None) -> None:
+        """Hessians of ``names`` over every batch. With a ``target`` (the first of ``names`` the
+        model runs), each pass stops at the first of ``names`` after it whose input is not the
+        target's very input tensor: layers that share it (attention's q, k, v) are gathered in
+        the same pass, before the target is quantized, which leaves their input unchanged."""
+        seen: dict[str, Any] = {}
 
-        return hook
+        def hook_for(name: str) -> Any:
+            def hook(_mod: Any, args: tuple) -> None:
+                x = args[0]
+                if target is not None:
+                    if name == target:
+                        seen["x"] = x
+                    elif "x" not in seen:
+                        return  # ran before the target in this batch: gathered in a later pass
+                    elif x is not seen["x"]:
+                        raise _Stop
+                if name not in hessians:
+                    hessians[name] = Hessian(chosen[name][0].in_features)
+                    order.append(name)
+                hessians[name].update(x.detach())
 
-    def gather(names: Sequence[str], stop: bool) -> None:
-        handles = [chosen[n][0].register_forward_pre_hook(hook_for(n, stop)) for n in names]
+            return hook
+
+        handles = [chosen[n][0].register_forward_pre_hook(hook_for(n)) for n in names]
         try:
             with torch.no_grad():
                 for b in batches:
+                    seen.clear()
                     try:
                         _call(model, b)
                     except _Stop:
@@ -261,11 +287,18 @@ def quantize_model(
         finally:
             for h in handles:
                 h.remove()
+        if target is not None:
+            # A layer that shared the target's input in some batches only has a partial sum:
+            # it is gathered again when its turn comes.
+            full = hessians[target].samples if target in hessians else -1
+            for n in list(hessians):
+                if n != target and hessians[n].samples != full:
+                    del hessians[n]
 
     result = PTQResult(method)
     try:
         if method == "rtn" or not sequential:
-            gather(list(chosen), stop=False)
+            gather(list(chosen))
             todo = list(order)
         else:
             # The execution order, from one batch.
@@ -279,10 +312,10 @@ def quantize_model(
                 for h in handles:
                     h.remove()
             todo = probe
-        for name in todo:
+        for i, name in enumerate(todo):
             mod, s = chosen[name]
             if method == "gptq" and sequential and name not in hessians:
-                gather([name], stop=True)
+                gather(todo[i:], target=name)
             if name not in hessians:
                 continue  # never ran on the calibration data
             t = time.perf_counter()

@@ -129,7 +129,7 @@ def test_the_hessian_accumulates_any_leading_shape_and_merges():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 10, 8)).astype(np.float32)
     a, b, whole = Hessian(8), Hessian(8), Hessian(8)
-    a.update(torch.from_numpy(x[:2]))
+    a.update(x[:2])
     b.update(x[2:])
     whole.update(x)
     a.merge(b)
@@ -279,3 +279,61 @@ def test_quantize_model_refuses_bad_input():
         quantize_model(net, data, {"up": "int4"})
     with pytest.raises(lowbit.LowbitValueError, match="layer 'up'.*not positive definite"):
         quantize_model(net, [torch.zeros(4, 12, dtype=torch.long)], spec, damp=0.0)
+
+
+def test_tensor_hessians_are_float32_products_summed_in_float64():
+    x = torch.randn(3, 50, 16)
+    h = Hessian(16)
+    h.update(x)
+    flat = x.reshape(-1, 16).double().numpy()
+    np.testing.assert_allclose(h.matrix, flat.T @ flat, rtol=1e-5, atol=1e-4)
+    with pytest.raises(lowbit.LowbitValueError, match="NaN"):
+        h.update(torch.full((2, 16), float("inf")))
+    with pytest.raises(lowbit.LowbitValueError, match="16 features"):
+        h.update(torch.zeros(2, 15))
+    assert h.samples == 150
+
+
+class _Attn(torch.nn.Module):
+    """q, k and v read one input tensor; o reads their mix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ self.v(x)
+        return self.o(a)
+
+
+def test_layers_sharing_an_input_are_gathered_in_one_pass_with_full_statistics():
+    torch.manual_seed(0)
+    net = _Attn()
+    data = [torch.randn(2, 8, 16) for _ in range(5)]
+    ref = _Attn()
+    ref.load_state_dict(net.state_dict())
+    spec = lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=8)
+    r = quantize_model(net, data, spec)
+    assert list(r.layers) == ["q", "k", "v", "o"]
+    # q, k and v see the float input: their Hessian is the data's own.
+    h = Hessian(16)
+    for d in data:
+        h.update(d)
+    for name in ("q", "k", "v"):
+        want = gptq(ref.get_submodule(name).weight.detach(), h, spec)
+        np.testing.assert_array_equal(r.layers[name].tensor.int_repr(), want.tensor.int_repr())
+    # o is calibrated on the outputs of the quantized q, k, v.
+    x_o = []
+    hook = ref.o.register_forward_pre_hook(lambda _m, a: x_o.append(a[0].detach()))
+    for name in ("q", "k", "v"):
+        with torch.no_grad():
+            ref.get_submodule(name).weight.copy_(torch.from_numpy(r.layers[name].tensor.dequantize()))
+    with torch.no_grad():
+        for d in data:
+            ref(d)
+    hook.remove()
+    ho = Hessian(16)
+    for x in x_o:
+        ho.update(x)
+    want = gptq(ref.o.weight.detach(), ho, spec)
+    np.testing.assert_array_equal(r.layers["o"].tensor.int_repr(), want.tensor.int_repr())
