@@ -53,33 +53,19 @@ class Hessian:
         self.samples = 0
 
     def update(self, x: Any) -> None:
-        if is_tensor(x):
-            if not x.is_floating_point():
-                raise LowbitTypeError(f"x must hold floats, got {x.dtype}")
-            self._update_tensor(x.detach())
-            return
-        a = as_array(x)
-        if a.dtype.kind != "f":
+        tensor = is_tensor(x)
+        a: Any = x.detach() if tensor else as_array(x)  # a tensor or an ndarray: the same calls below
+        if not (a.is_floating_point() if tensor else a.dtype.kind == "f"):
             raise LowbitTypeError(f"x must hold floats, got {a.dtype}")
-        a = a.astype(np.float64, copy=False)
         if a.ndim == 0 or a.shape[-1] != self.features:
-            raise LowbitValueError(f"x must end in {self.features} features, got shape {a.shape}")
-        a = a.reshape(-1, self.features)
-        if not np.isfinite(a).all():
+            raise LowbitValueError(f"x must end in {self.features} features, got shape {tuple(a.shape)}")
+        # A tensor's products in float32 on its own device, as the reference GPTQ forms them.
+        a = a.reshape(-1, self.features).float() if tensor else a.reshape(-1, self.features).astype(np.float64)
+        if not (bool(a.isfinite().all()) if tensor else np.isfinite(a).all()):
             raise LowbitValueError("x holds NaN or Inf; nothing was added")
-        self.matrix += a.T @ a
+        product = a.T @ a
+        self.matrix += product.cpu().double().numpy() if tensor else product
         self.samples += a.shape[0]
-
-    def _update_tensor(self, t: Any) -> None:
-        """A tensor's products in float32 on its own device (as the reference GPTQ forms them),
-        summed into the float64 matrix."""
-        if t.ndim == 0 or t.shape[-1] != self.features:
-            raise LowbitValueError(f"x must end in {self.features} features, got shape {tuple(t.shape)}")
-        t = t.reshape(-1, self.features).float()
-        if not bool(t.isfinite().all()):
-            raise LowbitValueError("x holds NaN or Inf; nothing was added")
-        self.matrix += (t.T @ t).cpu().double().numpy()
-        self.samples += t.shape[0]
 
     def merge(self, other: Hessian) -> None:
         if not isinstance(other, Hessian) or other.features != self.features:

@@ -15,7 +15,8 @@
 use super::linalg::inverse_cholesky_upper;
 use crate::ensure;
 use crate::quant::affine::QRange;
-use crate::quant::spec::{qparams_from_minmax, quantize, Granularity, QuantSpec, QuantizedTensor};
+use crate::quant::pack::pack;
+use crate::quant::spec::{qparams_from_minmax, Granularity, QuantSpec, QuantizedTensor};
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2, Axis};
 use rayon::prelude::*;
@@ -222,8 +223,8 @@ pub fn gptq(
             }
         });
 
-    // The grid tables in the spec's shape, then the tensor built through lowbit's own quantize
-    // from the dequantized values (which lie on the grid, so the codes come back unchanged).
+    // The grid tables in the spec's shape, and the codes packed as stored (offsets from the
+    // range's minimum, as `quant::spec::quantize` packs them).
     let (scales, zero_points) = match spec.granularity {
         Granularity::Tensor => {
             let (s, z) = tensor_grid.unwrap_or((1.0, 0));
@@ -235,15 +236,15 @@ pub fn gptq(
         ),
         Granularity::Group => (grids.into_dyn(), zps.into_dyn()),
     };
-    let deq = Array2::from_shape_fn((rows, cols), |(i, j)| {
-        let (s, z) = match spec.granularity {
-            Granularity::Tensor => (scales[[]], zero_points[[]]),
-            Granularity::Channel => (scales[[i]], zero_points[[i]]),
-            Granularity::Group => (scales[[i, j / gs]], zero_points[[i, j / gs]]),
-        };
-        (codes[[i, j]] - z) as f32 * s
-    });
-    let tensor = quantize(deq.view().into_dyn(), spec, Some((scales, zero_points)))?;
+    let offsets: Vec<u8> = codes.iter().map(|&q| (q - r.min) as u8).collect();
+    let tensor = QuantizedTensor {
+        spec,
+        shape: vec![rows, cols],
+        codes: pack(&offsets, spec.bits)?,
+        scales,
+        zero_points,
+    };
+    tensor.validate()?;
     let dequantized = tensor
         .dequantize()?
         .into_dimensionality()
@@ -281,6 +282,7 @@ pub fn output_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::spec::quantize;
     use ndarray::Array2;
 
     fn data(rows: usize, cols: usize, samples: usize, seed: u64) -> (Array2<f32>, Array2<f64>) {

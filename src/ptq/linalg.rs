@@ -1,6 +1,6 @@
-//! The dense linear algebra GPTQ needs, in float64 on row-major `n x n` matrices: a Cholesky
-//! factorisation that reports where positive definiteness fails, and the upper Cholesky factor
-//! of a symmetric positive definite matrix's inverse.
+//! The dense linear algebra GPTQ needs, in float64 on row-major `n x n` matrices: the upper
+//! Cholesky factor of a symmetric positive definite matrix's inverse, by one Cholesky
+//! factorisation (which reports where positive definiteness fails) and one triangular inverse.
 use crate::{Error, Result};
 use ndarray::{Array2, Axis};
 
@@ -24,19 +24,14 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
-/// Lower-triangular `L` with `L Lᵀ = a` (the upper triangle of the result is zero). Fails at
-/// the first pivot that is not positive and finite, naming its index.
-pub fn cholesky_lower(a: &Array2<f64>) -> Result<Array2<f64>> {
-    factor(a).map_err(|(j, d)| not_definite(j, d))
-}
-
 fn not_definite(j: usize, d: f64) -> Error {
     Error::value(format!(
         "the Hessian is not positive definite (pivot {j} is {d:e})"
     ))
 }
 
-/// `cholesky_lower`, failing with the pivot's index and value.
+/// Lower-triangular `L` with `L Lᵀ = a` (the upper triangle is zero), or the index and value
+/// of the first pivot that is not positive and finite.
 fn factor(a: &Array2<f64>) -> std::result::Result<Array2<f64>, (usize, f64)> {
     let n = a.nrows();
     debug_assert_eq!(n, a.ncols());
@@ -122,7 +117,7 @@ mod tests {
     #[test]
     fn factors_reproduce_the_matrix_and_its_inverse() {
         let a = spd(17, 3);
-        let l = cholesky_lower(&a).unwrap();
+        let l = factor(&a).unwrap();
         assert!((l.dot(&l.t()) - &a).iter().all(|v| v.abs() < 1e-10));
         let u = inverse_cholesky_upper(&a).unwrap();
         for i in 0..17 {
@@ -141,12 +136,13 @@ mod tests {
     fn an_indefinite_matrix_is_refused_not_nan() {
         let mut a = spd(5, 1);
         a[[3, 3]] = -1.0;
-        let e = cholesky_lower(&a).unwrap_err().to_string();
-        assert!(e.contains("not positive definite"), "{e}");
+        assert_eq!(factor(&a).unwrap_err().0, 3);
+        let e = inverse_cholesky_upper(&a).unwrap_err().to_string();
+        assert!(e.contains("not positive definite (pivot 3 is"), "{e}");
         let z = Array2::<f64>::zeros((3, 3));
         assert!(inverse_cholesky_upper(&z).is_err());
         let mut n = spd(4, 2);
         n[[1, 1]] = f64::NAN;
-        assert!(cholesky_lower(&n).is_err());
+        assert!(inverse_cholesky_upper(&n).is_err());
     }
 }
