@@ -62,3 +62,34 @@ pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 pub fn threads() -> usize {
     run(rayon::current_num_threads)
 }
+
+/// `f` of each `chunk`-sized piece of `xs`, in order, in parallel: the first piece on the
+/// calling thread while the pool's threads take the others, so that a caller from outside the
+/// pool (Python's thread) works instead of sleeping until they finish, and the pool's wake-up
+/// is hidden behind its work. For loops of a few tasks, called many times (observer batches).
+pub fn map_chunks<T: Sync, R: Send>(
+    xs: &[T],
+    chunk: usize,
+    f: impl Fn(&[T]) -> R + Sync,
+) -> Vec<R> {
+    let mut pieces = xs.chunks(chunk.max(1));
+    let Some(first) = pieces.next() else {
+        return vec![];
+    };
+    let rest: Vec<&[T]> = pieces.collect();
+    if rest.is_empty() {
+        return vec![f(first)];
+    }
+    let mut out: Vec<Option<R>> = (0..=rest.len()).map(|_| None).collect();
+    let (head, tail) = out.split_first_mut().expect("at least two pieces");
+    let f = &f;
+    rayon::in_place_scope(|s| {
+        for (o, &p) in tail.iter_mut().zip(&rest) {
+            s.spawn(move |_| *o = Some(f(p)));
+        }
+        *head = Some(f(first));
+    });
+    out.into_iter()
+        .map(|r| r.expect("every piece ran"))
+        .collect()
+}

@@ -7,10 +7,10 @@
 //! pairs of bins exactly. The grid is canonical: `exp` is the smallest exponent whose grid covers
 //! `[min, max]` in `bins` bins, so the state depends only on the data seen, not on how it was
 //! split into batches or observers: `merge(a, b)` equals one histogram over both inputs.
+use crate::quant::extremes::{Blocks, Extremes, BLOCK};
 use crate::quant::Elem;
 use crate::{ensure, Error, Result};
 use ndarray::ArrayViewD;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -31,9 +31,6 @@ pub struct Histogram {
 
 /// Fewest values a parallel binning task takes.
 const TASK: usize = 1 << 14;
-
-/// Values whose cell indices are computed together before their counts are added.
-const BLOCK: usize = 256;
 
 /// `floor(g / 2^d)` for `d >= 0`, without overflowing the shift.
 fn shift_floor(g: i64, d: i32) -> i64 {
@@ -117,39 +114,6 @@ impl Grid {
     }
 }
 
-/// Extremes of a batch in 8 lanes; `bad` turns NaN for any NaN or ±Inf (`v - v`).
-struct Extremes {
-    lo: [f32; 8],
-    hi: [f32; 8],
-    bad: [f32; 8],
-}
-
-impl Extremes {
-    fn new() -> Self {
-        Extremes {
-            lo: [f32::INFINITY; 8],
-            hi: [f32::NEG_INFINITY; 8],
-            bad: [0.0; 8],
-        }
-    }
-
-    #[inline(always)]
-    #[allow(clippy::eq_op)] // `v - v` is NaN exactly when v is NaN or ±Inf
-    fn add(&mut self, j: usize, v: f32) {
-        // Plain compares (vminps / vmaxps): NaN is caught by `bad`, not by min / max.
-        self.lo[j] = if v < self.lo[j] { v } else { self.lo[j] };
-        self.hi[j] = if v > self.hi[j] { v } else { self.hi[j] };
-        self.bad[j] += v - v;
-    }
-
-    /// `(min, max, any NaN or ±Inf)`.
-    fn finish(&self) -> (f32, f32, bool) {
-        let lo = self.lo.iter().fold(f32::INFINITY, |a, &b| a.min(b));
-        let hi = self.hi.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        (lo, hi, self.bad.iter().any(|v| v.is_nan()))
-    }
-}
-
 /// One pass over a slice: the extremes, and counts of the values on `grid` in `LANES`
 /// interleaved count arrays of `bins + 1` cells (value `i` goes to lane `i % LANES`, so a run
 /// of equal values does not wait on its own increments). Cell `bins` of each lane counts the
@@ -178,24 +142,14 @@ impl<E: Elem> Pass<'_, E> {
             let k = if k > 0.0 { k } else { 0.0 };
             let k = if k < top { k } else { top };
             let k = if counted { k } else { out };
-            // SAFETY: k is an integer in [0, bins].
-            unsafe { k.to_int_unchecked::<u32>() }
+            // SAFETY: k is an integer in [0, bins], within i32.
+            unsafe { k.to_int_unchecked::<i32>() as u32 }
         };
-        for block in self.xs.chunks(BLOCK) {
-            let n = block.len();
-            let groups = block.chunks_exact(8);
-            let rest = groups.remainder();
-            for (c, d) in groups.zip(idx.chunks_exact_mut(8)) {
-                for j in 0..8 {
-                    let v = c[j].to_f32();
-                    ext.add(j, v);
-                    d[j] = index(v);
-                }
-            }
-            let done = n - rest.len();
-            for (j, (v, d)) in rest.iter().zip(&mut idx[done..n]).enumerate() {
-                let v = v.to_f32();
-                ext.add(j, v);
+        let mut blocks = Blocks::new(self.xs);
+        while let Some(vs) = blocks.next() {
+            let n = vs.len();
+            ext.add(vs);
+            for (d, &v) in idx.iter_mut().zip(vs) {
                 *d = index(v);
             }
             let before: u32 = (0..LANES).map(|l| self.counts[l * stride + bins]).sum();
@@ -214,15 +168,16 @@ impl<E: Elem> Pass<'_, E> {
             if after != before {
                 let o = bins as u32;
                 self.outside.extend(
-                    block
-                        .iter()
+                    vs.iter()
                         .zip(&idx[..n])
                         .filter(|(_, &k)| k == o)
-                        .map(|(v, _)| v.to_f32()),
+                        .map(|(&v, _)| v),
                 );
             }
         }
-        ext.finish()
+        let (lo, hi) = ext.finish();
+        let bad = ext.nan() || !lo.is_finite() || !hi.is_finite();
+        (lo, hi, bad)
     }
 }
 
@@ -286,7 +241,7 @@ fn tally<E: Elem>(xs: &[E], bins: usize, grid: Grid) -> Tally {
     // Four count arrays pay for themselves when they stay in L1/L2 and the batch is large.
     let lanes = if bins <= 4096 && n >= 64 * bins { 4 } else { 1 };
     let per_task = n
-        .div_ceil(2 * rayon::current_num_threads())
+        .div_ceil(rayon::current_num_threads())
         .max(TASK)
         .max(4 * lanes * (bins + 1))
         .min(1 << 31);
@@ -302,11 +257,7 @@ fn tally<E: Elem>(xs: &[E], bins: usize, grid: Grid) -> Tally {
         });
         (counts, outside, lo, hi, bad)
     };
-    let parts: Vec<_> = if n <= per_task {
-        vec![run(xs)]
-    } else {
-        xs.par_chunks(per_task).map(run).collect()
-    };
+    let parts = crate::pool::map_chunks(xs, per_task, run);
     let mut t = Tally {
         parts: Vec::with_capacity(parts.len()),
         outside: vec![],
@@ -407,7 +358,7 @@ impl Histogram {
         let x = x.as_standard_layout();
         let xs = x.as_slice().expect("standard layout is contiguous");
         let (lo, hi) = if self.is_empty() || self.counts.is_empty() {
-            let (lo, hi) = crate::quant::spec::finite_minmax(&x.view())?;
+            let (lo, hi) = crate::quant::extremes::finite_minmax(&x.view())?;
             let (lo, hi) = (lo.min(self.min), hi.max(self.max));
             self.regrid(lo, hi, i32::MIN);
             let t = tally(xs, self.bins, Grid::new(self.exp, self.start));
@@ -433,7 +384,7 @@ impl Histogram {
         if t.bad {
             // The same refusal, with the same message, as a batch that arrives first.
             let v = ndarray::ArrayView1::from(xs).into_dyn();
-            return Err(match crate::quant::spec::finite_minmax(&v) {
+            return Err(match crate::quant::extremes::finite_minmax(&v) {
                 Err(e) => e,
                 Ok(_) => Error::value("the input contains NaN or Inf"),
             });

@@ -1,5 +1,6 @@
 //! Min-max state with the arithmetic of torch.ao's MinMaxObserver family.
-use crate::quant::spec::{finite_minmax, qparams_from_minmax};
+use crate::quant::extremes::finite_minmax;
+use crate::quant::spec::qparams_from_minmax;
 use crate::quant::{Elem, QRange};
 use crate::{ensure, Result};
 use ndarray::{ArrayViewD, Axis};

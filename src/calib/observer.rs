@@ -335,7 +335,7 @@ fn update_channels<E: Elem>(
     // Every channel is checked before any changes, so a bad batch leaves all histograms intact.
     x.axis_iter(Axis(a))
         .into_par_iter()
-        .try_for_each(|v| crate::quant::spec::finite_minmax(&v).map(|_| ()))?;
+        .try_for_each(|v| crate::quant::extremes::finite_minmax(&v).map(|_| ()))?;
     if channels.is_empty() {
         *channels = (0..c)
             .map(|_| Histogram::new(bins))

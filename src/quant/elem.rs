@@ -64,10 +64,19 @@ pub trait Elem: Copy + Send + Sync + 'static {
     fn load(self) -> Self::C;
     fn store(c: Self::C) -> Self;
     fn to_f32(self) -> f32;
+    /// The slice itself when the elements are already float32 (no copy needed).
+    #[inline(always)]
+    fn as_f32s(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl Elem for f32 {
     type C = f32;
+    #[inline(always)]
+    fn as_f32s(xs: &[f32]) -> Option<&[f32]> {
+        Some(xs)
+    }
     #[inline(always)]
     fn load(self) -> f32 {
         self

@@ -4,6 +4,7 @@
 pub mod affine;
 pub mod checkpoint;
 pub mod elem;
+pub mod extremes;
 pub mod integrity;
 pub mod pack;
 pub mod simd;

@@ -1,6 +1,7 @@
 //! `QuantSpec` (bits, symmetric, granularity) and `QuantizedTensor` (packed codes + qparams).
 use super::affine::{self, check_axis, Codes, QRange};
 use super::elem::Elem;
+use super::extremes::{self, finite_minmax};
 use super::pack;
 use crate::names::string_enum;
 use crate::{ensure, Error, Result};
@@ -135,64 +136,6 @@ pub fn qparams_from_minmax(min: f32, max: f32, r: QRange, symmetric: bool) -> (f
         let zp = (r.min as f32 - (lo / s).round_ties_even()) as i32;
         (s, zp.clamp(r.min, r.max))
     }
-}
-
-/// Min, max and whether any value is NaN or ±Inf, in one pass. Eight independent lanes let
-/// LLVM vectorize it; `v - v` is 0 for finite values and NaN otherwise, and NaN sticks in a sum.
-#[inline]
-#[allow(clippy::eq_op)] // `v - v` is the point: it is NaN exactly when v is NaN or ±Inf
-fn minmax_slice<E: Elem>(s: &[E]) -> (f32, f32, bool) {
-    const L: usize = 8;
-    let (mut lo, mut hi, mut nan) = ([f32::INFINITY; L], [f32::NEG_INFINITY; L], [0f32; L]);
-    let chunks = s.chunks_exact(L);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for j in 0..L {
-            let v = c[j].to_f32();
-            lo[j] = lo[j].min(v);
-            hi[j] = hi[j].max(v);
-            nan[j] += v - v;
-        }
-    }
-    for (j, v) in rest.iter().enumerate() {
-        let v = v.to_f32();
-        lo[j] = lo[j].min(v);
-        hi[j] = hi[j].max(v);
-        nan[j] += v - v;
-    }
-    let lo = lo.iter().fold(f32::INFINITY, |a, &b| a.min(b));
-    let hi = hi.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    (lo, hi, nan.iter().any(|v| v.is_nan()))
-}
-
-fn finish_minmax((lo, hi, bad): (f32, f32, bool)) -> Result<(f32, f32)> {
-    ensure!(
-        !bad,
-        "the input contains NaN or Inf: no quantization range can be derived from it (pass scales explicitly)"
-    );
-    Ok(if lo > hi { (0.0, 0.0) } else { (lo, hi) })
-}
-
-/// Min and max of a view, refusing NaN and ±Inf (no range can be derived from them).
-pub fn finite_minmax<E: Elem>(x: &ArrayViewD<'_, E>) -> Result<(f32, f32)> {
-    let merge = |a: (f32, f32, bool), b: (f32, f32, bool)| (a.0.min(b.0), a.1.max(b.1), a.2 || b.2);
-    let init = (f32::INFINITY, f32::NEG_INFINITY, false);
-    finish_minmax(match x.as_slice_memory_order() {
-        Some(s) => s
-            .par_chunks(super::CHUNK)
-            .map(minmax_slice)
-            .reduce(|| init, merge),
-        None => x
-            .lanes(Axis(x.ndim().max(1) - 1))
-            .into_iter()
-            .fold(init, |a, l| {
-                merge(
-                    a,
-                    l.as_slice()
-                        .map_or_else(|| minmax_slice(&l.to_vec()), minmax_slice),
-                )
-            }),
-    })
 }
 
 /// A quantized array: codes packed at `spec.bits` bits (stored as `code - quant_min`, see
@@ -353,9 +296,7 @@ fn derive_qparams<E: Elem>(
             let g = spec.group_size.unwrap_or(1);
             let k = x.shape()[x.ndim() - 1];
             let per_row = |row: &[E]| -> Vec<Result<(f32, f32)>> {
-                row.chunks(g)
-                    .map(|c| finish_minmax(minmax_slice(c)))
-                    .collect()
+                row.chunks(g).map(extremes::finite).collect()
             };
             let rows: Vec<Vec<Result<(f32, f32)>>> = match x.as_slice() {
                 Some(xs) if k > 0 => xs.par_chunks(k).map(per_row).collect(),

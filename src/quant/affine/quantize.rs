@@ -8,10 +8,13 @@ use std::mem::MaybeUninit;
 
 /// A byte-wide integer code type.
 pub trait Code: Copy + Send + Sync + 'static {
+    /// int8 (packed from int16 with signed saturation) or uint8 (unsigned saturation).
+    const SIGNED: bool;
     fn from_i32(v: i32) -> Self;
     fn to_i32(self) -> i32;
 }
 impl Code for i8 {
+    const SIGNED: bool = true;
     #[inline(always)]
     fn from_i32(v: i32) -> i8 {
         v as i8
@@ -22,6 +25,7 @@ impl Code for i8 {
     }
 }
 impl Code for u8 {
+    const SIGNED: bool = false;
     #[inline(always)]
     fn from_i32(v: i32) -> u8 {
         v as u8
@@ -65,7 +69,53 @@ impl QuantTensor {
         let t = t.rne().max(-2_147_483_648.0);
         // SAFETY: t is finite and within [-2^31, 2^31 - 128].
         let v: i32 = unsafe { t.to_int_unchecked() };
-        v.wrapping_add(self.zp).clamp(self.r.min, self.r.max)
+        // max/min, not Ord::clamp: its min <= max assert keeps the loop from vectorizing.
+        v.wrapping_add(self.zp).max(self.r.min).min(self.r.max)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl QuantTensor {
+    /// `one` on 32 values at a time, packed to bytes with saturating packs (exact: the codes are
+    /// already clamped to a byte range) and stored as one vector. Returns how many it wrote;
+    /// the caller does the rest with `one`.
+    #[target_feature(enable = "avx2")]
+    fn avx2<Q: Code>(&self, xs: &[f32], o: &mut [MaybeUninit<Q>]) -> usize {
+        use std::arch::x86_64::*;
+        assert!(std::mem::size_of::<Q>() == 1 && o.len() >= xs.len());
+        let n = xs.len() / 32 * 32;
+        let (inv, cap) = (_mm256_set1_ps(self.inv), _mm256_set1_ps(FBGEMM_CAP));
+        let floor = _mm256_set1_ps(-2_147_483_648.0);
+        let zp = _mm256_set1_epi32(self.zp);
+        let (lo, hi) = (_mm256_set1_epi32(self.r.min), _mm256_set1_epi32(self.r.max));
+        // packs work within 128-bit halves: this puts the 8 groups of 4 codes back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let code = |p: *const f32| {
+            // SAFETY (for the caller): p points at 8 readable floats.
+            let t = _mm256_mul_ps(unsafe { _mm256_loadu_ps(p) }, inv);
+            // min(t, cap) is `t < cap ? t : cap`: NaN becomes the cap, as in `one`.
+            let t = _mm256_min_ps(t, cap);
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+            let v = _mm256_cvtps_epi32(_mm256_max_ps(t, floor));
+            _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(v, zp), lo), hi)
+        };
+        let out = o.as_mut_ptr().cast::<u8>();
+        for i in (0..n).step_by(32) {
+            // SAFETY: i + 32 <= n <= xs.len() <= o.len().
+            unsafe {
+                let p = xs.as_ptr().add(i);
+                let (a, b, c, d) = (code(p), code(p.add(8)), code(p.add(16)), code(p.add(24)));
+                let (ab, cd) = (_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+                let bytes = if Q::SIGNED {
+                    _mm256_packs_epi16(ab, cd)
+                } else {
+                    _mm256_packus_epi16(ab, cd)
+                };
+                let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+                _mm256_storeu_si256(out.add(i).cast(), bytes);
+            }
+        }
+        n
     }
 }
 
@@ -108,7 +158,15 @@ impl<E: Elem, Q: Code> RunKernel<E, Q> for QuantTensor {
         _: Option<&mut [MaybeUninit<bool>]>,
         _: usize,
     ) {
-        for (o, x) in o.iter_mut().zip(x) {
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(xs) = E::as_f32s(x) {
+            if crate::quant::simd::simd_level() >= 2 {
+                // SAFETY: the CPU has AVX2; `o` holds one byte-wide code per element of `xs`.
+                done = unsafe { self.avx2::<Q>(xs, o) };
+            }
+        }
+        for (o, x) in o[done..].iter_mut().zip(&x[done..]) {
             o.write(Q::from_i32(self.one(x.to_f32())));
         }
     }
@@ -352,6 +410,67 @@ mod tests {
             panic!()
         };
         assert_eq!(q.as_slice().unwrap(), &[0, 127, -128, 127, 127, 2, 0]);
+    }
+
+    /// The AVX2 path equals `one`, value by value, for int8 and uint8 ranges, narrow ranges,
+    /// zero points that wrap, and every special value (whatever `LOWBIT_SIMD` says).
+    #[test]
+    fn avx2_path_equals_the_scalar_rule() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !std::is_x86_feature_detected!("avx2") {
+                eprintln!("skipped the AVX2 path: this CPU lacks AVX2");
+                return;
+            }
+            let mut xs: Vec<f32> = (0..1000)
+                .map(|i| ((i * 7919) % 2001) as f32 * 0.37 - 370.0)
+                .collect();
+            let specials = [
+                f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                1e30,
+                -1e30,
+                3e9,
+                -3e9,
+                0.5,
+                -0.5,
+                1.5,
+                -0.0,
+            ];
+            for (i, v) in specials.iter().enumerate() {
+                xs[i * 37] = *v;
+            }
+            for (scale, zp, lo, hi) in [
+                (1.0f32, 3, 0, 255),
+                (1.0, 200, 0, 255),
+                (0.05, 0, -128, 127),
+                (3.0, -100, -8, 7),
+                (1e-3, 127, -128, 127),
+                (7.0, 1 << 30, 0, 15),
+            ] {
+                let k = QuantTensor {
+                    inv: 1.0 / scale,
+                    zp,
+                    r: QRange::codes(lo, hi).unwrap(),
+                };
+                let want: Vec<i32> = xs.iter().map(|&x| k.one(x)).collect();
+                let mut o8 = vec![MaybeUninit::<i8>::uninit(); xs.len()];
+                let mut u8s = vec![MaybeUninit::<u8>::uninit(); xs.len()];
+                // SAFETY: the CPU has AVX2.
+                let (n8, nu) = unsafe { (k.avx2::<i8>(&xs, &mut o8), k.avx2::<u8>(&xs, &mut u8s)) };
+                assert_eq!((n8, nu), (992, 992));
+                for i in 0..n8 {
+                    // SAFETY: the first n8 codes were written.
+                    let (a, b) = unsafe { (o8[i].assume_init(), u8s[i].assume_init()) };
+                    if lo < 0 {
+                        assert_eq!(a as i32, want[i], "x={} scale={scale} zp={zp}", xs[i]);
+                    } else {
+                        assert_eq!(b as i32, want[i], "x={} scale={scale} zp={zp}", xs[i]);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
