@@ -20,8 +20,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("areas: affine quantization, BitNet, calibration, NAS cost models, the Rust runtime",
      {"lowbit._quant", "lowbit.bitnet", "lowbit.calib", "lowbit.ptq", "lowbit._multitask", "lowbit.nas", "lowbit.nas.*",
       "lowbit.runtime"}),
-    ("PyTorch integration and the reference models",
-     {"lowbit.torch", "lowbit.models", "lowbit.models.*", "lowbit.crossval"}),
+    ("PyTorch integration, the reference models, and the way out (ONNX, GGUF)",
+     {"lowbit.torch", "lowbit.models", "lowbit.models.*", "lowbit.crossval", "lowbit.export", "lowbit.export.*"}),
     ("the public face: the package root, the demo, the command line",
      {"lowbit", "lowbit.demo", "lowbit.cli"}),
 ]
