@@ -1,0 +1,242 @@
+"""lowbit.export.onnx, checked by ONNX Runtime itself: every export passes onnx.checker, its
+integer codes read back with onnx.numpy_helper equal lowbit's exactly, and ONNX Runtime's
+outputs equal the torch model that lowbit's quantization left (its fake-quant simulation)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from onnx import numpy_helper  # noqa: E402
+
+import lowbit  # noqa: E402
+import lowbit.ptq  # noqa: E402
+import lowbit.torch as lt  # noqa: E402
+from lowbit.export import onnx as export_onnx  # noqa: E402
+from lowbit.export import session  # noqa: E402
+
+RTOL = 1e-5
+
+
+def _mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.GELU(), torch.nn.Linear(48, 32), torch.nn.ReLU(),
+                               torch.nn.Linear(32, 8))
+
+
+def _run(path: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return session(path).run(None, feeds)
+
+
+def _close(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal within float32 rounding of a different summation order: 1e-5 of the output's scale."""
+    scale = max(float(np.abs(want).max()), 1e-6)
+    err = float(np.abs(got - want).max())
+    assert err <= RTOL * scale, f"max error {err:.3g} on outputs of scale {scale:.3g}"
+
+
+def _initializers(path: str) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+
+
+SPECS = [
+    ("int8 per channel", lowbit.QuantSpec(8, symmetric=True, granularity="channel"), "int8", 13),
+    ("uint8 per tensor", lowbit.QuantSpec(8, symmetric=False, granularity="tensor"), "uint8", 13),
+    ("int4 g32", lowbit.QuantSpec(4, symmetric=True, granularity="group", group_size=32), "int4", 21),
+    ("uint4 g16", lowbit.QuantSpec(4, symmetric=False, granularity="group", group_size=16), "uint4", 21),
+    ("3-bit g16 (4-bit storage)", lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=16), "uint4", 21),
+    ("int2 per channel", lowbit.QuantSpec(2, symmetric=True, granularity="channel"), "int2", 25),
+    ("uint2 g32", lowbit.QuantSpec(2, symmetric=False, granularity="group", group_size=32), "uint2", 25),
+]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("label,spec,kind,opset", SPECS, ids=[s[0] for s in SPECS])
+def test_ptq_weights(tmp_path, label, spec, kind, opset, method):
+    net = _mlp()
+    data = [torch.randn(24, 64) for _ in range(3)]
+    result = lowbit.ptq.quantize_model(net, data, spec, method=method)
+    path = str(tmp_path / "mlp.onnx")
+    report = export_onnx(net, data[0], path, quantized=result)
+    assert report.opset == opset and set(report.weights.values()) == {kind}
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    inits = _initializers(path)
+    for name, r in result.layers.items():
+        codes = inits[f"{name}.weight_quantized"].astype(np.int32)
+        np.testing.assert_array_equal(codes, r.tensor.int_repr().astype(np.int32).T)
+        assert f"{name}.weight" not in inits  # the float weights are not stored
+    x = torch.randn(5, 64)
+    _close(_run(path, {"input": x.numpy()})[0], net(x).detach().numpy())
+
+
+def test_file_size_follows_the_bits(tmp_path):
+    torch.manual_seed(1)
+    net = torch.nn.Linear(1024, 512, bias=False)
+    data = [torch.randn(4, 1024)]
+    sizes = {}
+    for bits in (8, 4, 2):
+        m = torch.nn.Linear(1024, 512, bias=False)
+        m.load_state_dict(net.state_dict())
+        r = lowbit.ptq.quantize_model(m, data, lowbit.QuantSpec(bits, symmetric=False, granularity="group", group_size=128),
+                                      method="rtn")
+        sizes[bits] = export_onnx(m, data[0], str(tmp_path / f"w{bits}.onnx"), quantized=r).nbytes
+    codes = 1024 * 512
+    # codes at bits / 8 bytes each, plus a float32 scale and a zero point per group of 128
+    for bits in (8, 4, 2):
+        assert codes * bits / 8 <= sizes[bits] <= codes * bits / 8 + codes / 128 * 5 + 4096, (bits, sizes)
+
+
+def test_calibration_result(tmp_path):
+    net = _mlp(2)
+    data = [torch.randn(32, 64) for _ in range(4)]
+    cal = lt.calibrate(net, data, progress=False)
+    path = str(tmp_path / "cal.onnx")
+    report = export_onnx(net, data[0], path, calibration=cal)
+    assert report.activations == 3 and report.opset == 13
+    # The simulation: every Linear's input and weight through its calibrated fake-quant.
+    sim = _mlp(2)
+    sim.load_state_dict(net.state_dict())
+    for name, fqs in cal.items():
+        lin = sim.get_submodule(name)
+        with torch.no_grad():
+            lin.weight.copy_(fqs["weight"](lin.weight))
+        lin.register_forward_pre_hook(lambda m, a, fq=fqs["input"]: (fq(a[0]),))
+    nodes = [n.op_type for n in onnx.load(path).graph.node]
+    assert nodes.count("QuantizeLinear") == 3 and nodes.count("DequantizeLinear") == 6
+    x = torch.randn(7, 64) * 1.5  # some values beyond the calibrated ranges: saturation
+    _close(_run(path, {"input": x.numpy()})[0], sim(x).detach().numpy())
+
+
+@pytest.mark.parametrize("qmin,qmax,axis", [(-8, 7, None), (0, 15, None), (-7, 7, None), (-128, 127, 1), (0, 255, None),
+                                            (-2, 1, None), (-100, 100, None)])
+def test_fake_quantize_modules(tmp_path, qmin, qmax, axis):
+    torch.manual_seed(3)
+    if axis is None:
+        fq = lt.FakeQuantize(qmin, qmax, scale=0.05, zero_point=(qmin + qmax + 1) // 2 if qmin >= 0 else 0)
+    else:
+        fq = lt.FakeQuantize(qmin, qmax, scale=torch.linspace(0.01, 0.05, 16), zero_point=torch.zeros(16, dtype=torch.int32),
+                             axis=axis)
+    net = torch.nn.Sequential(fq, torch.nn.Linear(16, 4))
+    x = torch.randn(9, 16) * 2
+    x[0, :4] = torch.tensor([-1e9, 1e9, 3e9, -3e9])
+    if axis is None:
+        x[1, :2] = torch.tensor([float("inf"), float("-inf")])
+    path = str(tmp_path / "fq.onnx")
+    export_onnx(net, x, path)
+    got = _run(path, {"input": x.numpy()})[0]
+    want = net(x).detach().numpy()
+    _close(got, want)
+
+
+def test_per_channel_infinity_is_the_documented_difference(tmp_path):
+    """torch's per-channel fake-quant (and lowbit's, equal to it bit for bit) sends +inf to
+    quant_min (its float-to-integer conversion overflows); ONNX's QuantizeLinear saturates it
+    to quant_max, as the ONNX specification says."""
+    fq = lt.FakeQuantize(-128, 127, scale=torch.full((2,), 0.5), zero_point=torch.zeros(2, dtype=torch.int32), axis=1)
+    x = torch.tensor([[float("inf"), 1.0]])
+    path = str(tmp_path / "inf.onnx")
+    export_onnx(torch.nn.Sequential(fq), x, path)
+    assert fq(x).tolist() == [[-64.0, 1.0]]
+    assert _run(path, {"input": x.numpy()})[0].tolist() == [[63.5, 1.0]]
+
+
+def test_bitlinear_is_ternary_int2(tmp_path):
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(lt.BitLinear(64, 32), torch.nn.ReLU(), lt.BitLinear(32, 16, bias=False))
+    x = torch.randn(2, 5, 64)
+    path = str(tmp_path / "bit.onnx")
+    report = export_onnx(net, x, path)
+    assert report.opset == 25 and set(report.weights.values()) == {"int2"}
+    inits = _initializers(path)
+    for name in ("0", "2"):
+        codes = inits[f"{name}.weight_quantized"].astype(np.int32)
+        w = net.get_submodule(name).weight.detach()
+        want = (w / w.abs().mean().clamp(min=1e-5)).round().clamp(-1, 1).to(torch.int32).numpy()
+        np.testing.assert_array_equal(codes, want.T)
+    with torch.no_grad():
+        want = net.train()(x).numpy()  # the recipe's forward (STE value)
+    _close(_run(path, {"input": x.numpy()})[0], want)
+
+
+def test_transformers_bert_int8_and_int4(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    bert = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 120, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    data = [{"input_ids": torch.randint(0, 120, (4, 12))} for _ in range(3)]
+    for bits, kind in ((8, "int8"), (4, "uint4")):
+        model = transformers.BertModel(cfg).eval()
+        model.load_state_dict(bert.state_dict())
+        spec = (lowbit.QuantSpec(8, granularity="channel") if bits == 8 else
+                lowbit.QuantSpec(4, symmetric=False, granularity="group", group_size=32))
+        result = lowbit.ptq.quantize_model(model, data, spec, method="gptq", exclude=["pooler.*"])
+        path = str(tmp_path / f"bert{bits}.onnx")
+        report = export_onnx(model, {"input_ids": ids, "attention_mask": mask}, path, quantized=result,
+                             output_names=["last_hidden_state", "pooler_output"],
+                             dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})
+        assert len(report.weights) == 12 and set(report.weights.values()) == {kind}
+        ids2 = torch.randint(0, 120, (2, 9))
+        mask2 = torch.ones_like(ids2)
+        got = _run(path, {"input_ids": ids2.numpy(), "attention_mask": mask2.numpy()})[0]
+        with torch.no_grad():
+            want = model(input_ids=ids2, attention_mask=mask2).last_hidden_state.numpy()
+        _close(got, want)
+
+
+def test_multitask_vlm_qat_heads(tmp_path):
+    from lowbit import models
+
+    cfg = models.MultiTaskConfig(width=32, depth=1, heads=2, decoder_depth=1, vqa_depth=1, embed_dim=16,
+                                 text={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                       "intermediate_size": 64})
+    torch.manual_seed(6)
+    vlm = models.quantize_for_training(models.MultiTaskVLM(cfg), "int4").eval()
+    images = torch.rand(2, cfg.channels, cfg.image_size, cfg.image_size)
+    for task in ("ocr", "image"):
+        path = str(tmp_path / f"{task}.onnx")
+        report = export_onnx(vlm, {"images": images, "task": task}, path)
+        assert report.weights and set(report.weights.values()) <= {"int4", "uint4"}
+        with torch.no_grad():
+            want = vlm(images, task=task).numpy()
+        _close(_run(path, {"images": images.numpy()})[0], want)
+
+
+def test_bad_input_leaves_the_old_file(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"old")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    w = lowbit.quantize(np.random.randn(4, 3, 3, 3).astype(np.float32), lowbit.QuantSpec(8))
+    with pytest.raises(lowbit.LowbitTypeError, match=r"0 \(Conv2d\)"):
+        export_onnx(net, torch.randn(1, 3, 8, 8), path, quantized={"0.weight": w})
+    with pytest.raises(lowbit.LowbitValueError, match="no module 'nope'"):
+        export_onnx(net, torch.randn(1, 3, 8, 8), path, quantized={"nope.weight": w})
+    with pytest.raises(lowbit.LowbitTypeError, match="torch.nn.Module"):
+        export_onnx("model", torch.randn(1, 3), path)
+    with pytest.raises(lowbit.LowbitTypeError, match="example_inputs"):
+        export_onnx(net, 3.0, path)
+    wrong = lowbit.quantize(np.random.randn(2, 5).astype(np.float32), lowbit.QuantSpec(8))
+    with pytest.raises(lowbit.LowbitValueError, match="shape"):
+        export_onnx(net, torch.randn(1, 3, 8, 8), path, quantized={"2.weight": wrong})
+
+    class NoOnnxForm(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.special.zeta(x, x)
+
+    with pytest.raises(lowbit.LowbitValueError, match="special_zeta"):
+        export_onnx(NoOnnxForm(), torch.randn(3), path)
+    with pytest.raises(lowbit.LowbitValueError, match="do not fit"):
+        export_onnx(net, {"nonsense": torch.randn(3)}, path)
+    assert path.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+    # The model's own forward is back after a failed export.
+    out = net(torch.randn(1, 3, 8, 8))
+    assert out.shape == (1, 2)
