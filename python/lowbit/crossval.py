@@ -131,6 +131,25 @@ class Report:
 INPUT = ":input"
 
 
+def _runtime_side(model: Any) -> Any:
+    """A lowbit runtime model as it is; an ONNX file (a path, an ``onnx.ModelProto`` or an
+    ONNX Runtime session of a file) as a :class:`lowbit.export.OrtModel`."""
+    import os
+
+    if isinstance(model, (str, os.PathLike)) or hasattr(model, "graph"):
+        from lowbit.export.ort import OrtModel
+
+        return OrtModel(model)
+    if type(model).__name__ == "InferenceSession" and getattr(model, "_model_path", None):
+        from lowbit.export.ort import OrtModel
+
+        return OrtModel(model._model_path)
+    if not callable(getattr(model, "forward", None)):
+        raise LowbitTypeError(f"runtime_model must be a lowbit runtime model, an .onnx path or an ONNX Runtime "
+                              f"session, got {type(model).__name__}")
+    return model
+
+
 def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu()
@@ -172,7 +191,9 @@ def compare(
 ) -> Report:
     """Run ``torch_module(**inputs)`` and ``runtime_model.forward(**inputs, record=True)`` and
     compare every layer the runtime records that is also a submodule of ``torch_module`` (by
-    name), in the runtime's order, then the final output (``"output"``).
+    name), in the runtime's order, then the final output (``"output"``). ``runtime_model`` may
+    also be an ONNX file (a path, an ``onnx.ModelProto`` or an ONNX Runtime session): its layers
+    are the modules whose outputs the graph holds (see :class:`lowbit.export.OrtModel`).
 
     ``mode="quantization"`` is for a quantized runtime against a torch model that simulates the
     same quantization (see :func:`simulate`).
@@ -191,8 +212,7 @@ def compare(
 
     if not isinstance(torch_module, torch.nn.Module):
         raise LowbitTypeError(f"torch_module must be a torch.nn.Module, got {type(torch_module).__name__}")
-    if not callable(getattr(runtime_model, "forward", None)):
-        raise LowbitTypeError(f"runtime_model must be a lowbit runtime model, got {type(runtime_model).__name__}")
+    runtime_model = _runtime_side(runtime_model)
     if tolerances is not None and not isinstance(tolerances, Tolerances):
         raise LowbitTypeError(f"tolerances must be a Tolerances, got {type(tolerances).__name__}")
     tol = tolerances or Tolerances()

@@ -240,3 +240,38 @@ def test_bad_input_leaves_the_old_file(tmp_path):
     # The model's own forward is back after a failed export.
     out = net(torch.randn(1, 3, 8, 8))
     assert out.shape == (1, 2)
+
+
+def test_crossval_layer_by_layer_on_onnx_runtime(tmp_path):
+    """lowbit.crossval.compare with the ONNX file as the runtime side: every module whose
+    output the graph holds is compared with torch's, for a path, a ModelProto and a session."""
+    import onnxruntime
+
+    import lowbit.crossval
+    from lowbit.export import OrtModel
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(7)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)
+    bert = transformers.BertModel(cfg).eval()
+    data = [{"input_ids": torch.randint(0, 100, (4, 10))} for _ in range(2)]
+    result = lowbit.ptq.quantize_model(bert, data, lowbit.QuantSpec(8, granularity="channel"), method="rtn",
+                                       exclude=["pooler.*"])
+    path = str(tmp_path / "bert.onnx")
+    ids = torch.randint(0, 100, (2, 10))
+    mask = torch.ones_like(ids)
+    export_onnx(bert, {"input_ids": ids, "attention_mask": mask}, path, quantized=result,
+                dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}})
+    inputs = {"input_ids": torch.randint(0, 100, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    tol = lowbit.crossval.Tolerances(inference=1e-5)
+    for side in (path, onnx.load(path), onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])):
+        report = lowbit.crossval.compare(bert, side, inputs, tol)
+        names = [layer.name for layer in report.layers]
+        assert "encoder.layer.1.attention.self.query" in names and "encoder.layer.0.output.dense" in names
+        assert report.passed, str(report)
+    model = OrtModel(path)
+    with pytest.raises(lowbit.LowbitValueError, match="attention_mask"):
+        model.forward(input_ids=inputs["input_ids"])
+    with pytest.raises(lowbit.LowbitTypeError, match="onnx"):
+        OrtModel(42)

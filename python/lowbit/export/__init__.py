@@ -2,13 +2,16 @@
 
 * :func:`onnx` (``lowbit.export.qdq``): a quantized torch model as ONNX QDQ, integer weights
   behind ``DequantizeLinear`` and activations as ``QuantizeLinear`` → ``DequantizeLinear``
-  pairs, for ONNX Runtime; :func:`session` opens one in ONNX Runtime with the file's numbers.
+  pairs, for ONNX Runtime.
+* :func:`session` (``lowbit.export.ort``) opens such a file in ONNX Runtime with the file's
+  numbers; :class:`OrtModel` runs it for :func:`lowbit.crossval.compare`, layer by layer.
 
 >>> import lowbit.export
 >>> lowbit.export.onnx.__name__
 'onnx'
 """
 
-from lowbit.export.qdq import ExportReport, onnx, session
+from lowbit.export.ort import OrtModel, session
+from lowbit.export.qdq import ExportReport, onnx
 
-__all__ = ["ExportReport", "onnx", "session"]
+__all__ = ["ExportReport", "OrtModel", "onnx", "session"]

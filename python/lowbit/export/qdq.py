@@ -24,8 +24,8 @@ Where ONNX and torch differ: torch's per-channel fake-quant sends +inf to ``quan
 float-to-integer conversion overflows; lowbit equals torch there), ONNX's ``QuantizeLinear``
 saturates it to ``quant_max``. ONNX Runtime's default optimizations turn 4- and 8-bit
 ``DequantizeLinear`` → ``MatMul`` pairs into its ``MatMulNBits`` kernel with activations
-quantized to int8 on the fly (accuracy level 4): fast, and about 1% off; :func:`session` opens
-the file with float accumulation instead, which gives the file's numbers.
+quantized to int8 on the fly (accuracy level 4): fast, and about 1% off;
+:func:`lowbit.export.session` opens the file with float accumulation instead, which gives the file's numbers.
 
 The opset is the smallest that holds the types used (13; 21 for 4-bit types and blocked
 quantization; 25 for 2-bit types) unless ``opset`` asks for more.
@@ -48,7 +48,7 @@ from lowbit._io import write_atomic
 from lowbit._lowbit import LowbitTypeError, LowbitValueError, QuantizedTensor
 from lowbit._validate import int_arg, path_arg
 
-__all__ = ["ExportReport", "onnx", "session"]
+__all__ = ["ExportReport", "onnx"]
 
 _DOMAIN = "lowbit"
 # The TorchScript exporter's newest opset; the file's is raised to what its types need.
@@ -405,14 +405,18 @@ def _rewrite(model_proto: Any, plan: _Plan, opset: int | None) -> tuple[int, dic
 
 
 def _strip_prefix(graph: Any, prefix: str) -> None:
-    """Renames the initializers ``prefix<name>`` (a wrapper's parameters) to ``<name>``."""
+    """Renames the initializers ``prefix<name>`` (a wrapper's parameters) to ``<name>``, and the
+    nodes of its scope (``/m/encoder/...``) after the wrapped model's modules."""
     renames = {t.name: t.name[len(prefix):] for t in graph.initializer if t.name.startswith(prefix)}
     for t in graph.initializer:
         t.name = renames.get(t.name, t.name)
+    scope = "/" + prefix.rstrip(".") + "/"
     for n in graph.node:
         for i, v in enumerate(n.input):
             if v in renames:
                 n.input[i] = renames[v]
+        if n.name.startswith(scope):
+            n.name = n.name[len(scope) - 1:]
 
 
 class _Bound(torch.nn.Module):
@@ -540,26 +544,3 @@ def onnx(
     write_atomic(dest, data)
     return ExportReport(dest, final, kinds, len(plan.activations), len(data))
 
-
-def session(path: str | os.PathLike[str], threads: int | None = None, exact: bool = True) -> Any:
-    """An ONNX Runtime CPU session for ``path``. ``exact=True`` keeps ONNX Runtime from running
-    4- and 8-bit ``DequantizeLinear`` → ``MatMul`` pairs with activations it quantizes to int8 on
-    the fly (its default for QDQ models it turns into ``MatMulNBits``: accuracy level 4), so that
-    its outputs are the file's numbers; ``exact=False`` is ONNX Runtime's default, faster and
-    approximate (about 1% on a random MLP).
-
-    >>> import torch, tempfile, os
-    >>> from lowbit.export import onnx, session
-    >>> path = os.path.join(tempfile.mkdtemp(), "lin.onnx")
-    >>> _ = onnx(torch.nn.Linear(4, 2), torch.randn(3, 4), path)
-    >>> [i.name for i in session(path).get_inputs()]
-    ['input']
-    """
-    import onnxruntime  # type: ignore[import-untyped]
-
-    so = onnxruntime.SessionOptions()
-    if threads is not None:
-        so.intra_op_num_threads = int_arg(threads, "threads", 1, 1024)
-    if exact:
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    return onnxruntime.InferenceSession(path_arg(path, "path"), so, providers=["CPUExecutionProvider"])

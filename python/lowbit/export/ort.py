@@ -1,0 +1,109 @@
+"""ONNX Runtime as the other side: a session that keeps an exported file's numbers, and a model
+whose ``forward(record=True)`` returns every torch module's output the graph exposes, so that
+:func:`lowbit.crossval.compare` checks an ONNX file layer by layer like lowbit's runtime."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from lowbit._lowbit import LowbitTypeError, LowbitValueError
+from lowbit._validate import int_arg, path_arg
+
+__all__ = ["OrtModel", "session"]
+
+
+def session(path: str | os.PathLike[str] | bytes, threads: int | None = None, exact: bool = True) -> Any:
+    """An ONNX Runtime CPU session for the file at ``path`` (or a serialized model).
+    ``exact=True`` keeps ONNX Runtime from running 4- and 8-bit ``DequantizeLinear`` →
+    ``MatMul`` pairs with activations it quantizes to int8 on the fly (its default for QDQ
+    models it turns into ``MatMulNBits``: accuracy level 4), so that its outputs are the file's
+    numbers; ``exact=False`` is ONNX Runtime's default, faster and approximate (about 1% on a
+    random MLP).
+
+    >>> import torch, tempfile, os
+    >>> from lowbit.export import onnx, session
+    >>> path = os.path.join(tempfile.mkdtemp(), "lin.onnx")
+    >>> _ = onnx(torch.nn.Linear(4, 2), torch.randn(3, 4), path)
+    >>> [i.name for i in session(path).get_inputs()]
+    ['input']
+    """
+    import onnxruntime  # type: ignore[import-untyped]
+
+    so = onnxruntime.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = int_arg(threads, "threads", 1, 1024)
+    if exact:
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    model = path if isinstance(path, bytes) else path_arg(path, "path")
+    return onnxruntime.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def _module_of(node_name: str) -> str:
+    """The torch module a node of torch's exporter belongs to: ``/encoder/layer.0/output/Add``
+    -> ``encoder.layer.0.output``."""
+    return node_name.rpartition("/")[0].strip("/").replace("/", ".")
+
+
+class OrtModel:
+    """An exported ONNX file (or a path to one) run by ONNX Runtime, with the interface
+    :func:`lowbit.crossval.compare` expects of a runtime model: ``forward(**inputs,
+    record=True)`` returns the first output and ``{module name: output}`` for every module
+    whose output the graph holds as a float tensor (the last float tensor computed in the
+    module's scope, which torch's exporter writes into every node's name).
+
+    >>> import torch, tempfile, os, lowbit.crossval
+    >>> from lowbit.export import OrtModel, onnx
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> path = os.path.join(tempfile.mkdtemp(), "net.onnx")
+    >>> _ = onnx(net, torch.randn(3, 8), path)
+    >>> report = lowbit.crossval.compare(net, OrtModel(path), {"input": torch.randn(4, 8)})
+    >>> [layer.name for layer in report.layers], report.passed
+    (['0', '1', '2', 'output'], True)
+    """
+
+    def __init__(self, model: Any, threads: int | None = None) -> None:
+        import onnx
+
+        if isinstance(model, (str, os.PathLike)):
+            proto = onnx.load(path_arg(model, "model"))
+        elif hasattr(model, "graph"):
+            proto = model
+        else:
+            raise LowbitTypeError(f"model must be a path to an .onnx file or an onnx.ModelProto, got {type(model).__name__}")
+        proto = onnx.shape_inference.infer_shapes(proto)
+        floats = {v.name for v in list(proto.graph.value_info) + list(proto.graph.output)
+                  if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+        outputs = {o.name for o in proto.graph.output}
+        last: dict[str, str] = {}
+        for node in proto.graph.node:
+            module = _module_of(node.name)
+            for out in (o for o in node.output if o in floats):
+                # The node's module and every module around it: a module's output is the last
+                # float its subtree computes.
+                parts = module.split(".") if module else []
+                for k in range(1, len(parts) + 1):
+                    last[".".join(parts[:k])] = out
+        self.inputs = [i.name for i in proto.graph.input]
+        self.recorded = dict(last)
+        for tensor in set(last.values()) - outputs:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+        self._first = proto.graph.output[0].name
+        self._session = session(proto.SerializeToString(), threads)
+
+    def forward(self, record: bool = False, **inputs: Any) -> Any:  # noqa: ANN401
+        """The graph's first output for ``inputs`` (torch tensors or arrays, by input name);
+        with ``record=True`` also ``{module name: output}``."""
+        missing = [n for n in self.inputs if n not in inputs]
+        if missing:
+            raise LowbitValueError(f"the ONNX graph needs the inputs {missing}, got {sorted(inputs)}")
+        feeds = {n: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for n, v in inputs.items()
+                 if n in self.inputs}
+        names = [o.name for o in self._session.get_outputs()]
+        values = dict(zip(names, self._session.run(names, feeds)))
+        out = values[self._first]
+        if not record:
+            return out
+        return out, {m: values[t] for m, t in self.recorded.items()}
