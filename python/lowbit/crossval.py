@@ -136,7 +136,11 @@ def _runtime_side(model: Any) -> Any:
     ONNX Runtime session of a file) as a :class:`lowbit.export.OrtModel`."""
     import os
 
-    if isinstance(model, (str, os.PathLike)) or hasattr(model, "graph"):
+    if isinstance(model, (str, os.PathLike)):
+        from lowbit.export.ort import OrtModel, _load
+
+        return OrtModel(_load(model, "runtime_model"))
+    if hasattr(model, "graph"):
         from lowbit.export.ort import OrtModel
 
         return OrtModel(model)
@@ -227,12 +231,16 @@ def compare(
     hooks = []
 
     def recorded_like(name: str, ref: Any) -> Any:
-        return torch.as_tensor(_np(rec[name])).to(device=ref.device, dtype=ref.dtype)
+        # A copy: the torch side may change it in place, and the record must stay as recorded.
+        return torch.as_tensor(_np(rec[name])).to(device=ref.device, dtype=ref.dtype, copy=True)
 
     def hook(name: str, o: Any) -> Any:
         if name in caught:  # a module run twice: the runtime recorded its first call
             return None
-        caught[name] = first = _first(o)
+        first = _first(o)
+        # A copy: a later in-place op (ResNet's ReLU(inplace=True) after a BatchNorm) would
+        # overwrite the output torch handed the hook.
+        caught[name] = first.clone() if isinstance(first, torch.Tensor) else first
         if not isolate or not isinstance(first, torch.Tensor):
             return None
         got = recorded_like(name, first)
@@ -248,7 +256,8 @@ def compare(
         # A name ending in ":input" is what the runtime fed that module (see INPUT).
         if name in caught or not args or not isinstance(args[0], torch.Tensor):
             return None
-        caught[name] = x = args[0]
+        x = args[0]
+        caught[name] = x.clone()
         got = recorded_like(name, x)
         return (got, *args[1:]) if isolate and got.shape == x.shape else None
 

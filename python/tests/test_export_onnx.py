@@ -15,6 +15,7 @@ pytest.importorskip("onnxruntime")
 from onnx import numpy_helper  # noqa: E402
 
 import lowbit  # noqa: E402
+import lowbit.crossval  # noqa: E402
 import lowbit.ptq  # noqa: E402
 import lowbit.torch as lt  # noqa: E402
 from lowbit.export import onnx as export_onnx  # noqa: E402
@@ -210,13 +211,105 @@ def test_multitask_vlm_qat_heads(tmp_path):
         _close(_run(path, {"images": images.numpy()})[0], want)
 
 
+def _cnn(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),  # depthwise
+        torch.nn.Conv2d(8, 16, 3, stride=2, dilation=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5))
+
+
+def _simulated(net: torch.nn.Module, cal: dict, make: object) -> torch.nn.Module:
+    """A copy of ``net`` whose calibrated layers run their weights and inputs through the
+    calibrated fake-quants: what the export must compute."""
+    sim = make()  # type: ignore[operator]
+    sim.load_state_dict(net.state_dict())
+    for name, fqs in cal.items():
+        layer = sim.get_submodule(name)
+        with torch.no_grad():
+            layer.weight.copy_(fqs["weight"](layer.weight))
+        layer.register_forward_pre_hook(lambda m, a, fq=fqs["input"]: (fq(a[0]),))
+    return sim
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_calibrated_cnn_conv_weights_per_channel(tmp_path, bits):
+    net = _cnn(5)
+    data = [torch.randn(4, 3, 12, 12) for _ in range(3)]
+    cal = lt.calibrate(net, data, spec=lowbit.QuantSpec(bits, symmetric=False), progress=False)
+    assert set(cal) == {"0", "2", "3", "7"}
+    path = str(tmp_path / "cnn.onnx")
+    report = export_onnx(net, data[0], path, calibration=cal)
+    assert set(report.weights) == {"0", "2", "3", "7"} and report.activations == 4
+    model = onnx.load(path)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 3
+    inits = _initializers(path)
+    for name in ("0", "2", "3"):
+        codes = inits[f"{name}.weight_quantized"]
+        layer = net.get_submodule(name)
+        fq = cal[name]["weight"]
+        want = torch.fake_quantize_per_channel_affine(layer.weight, fq.scale, fq.zero_point, 0, fq.quant_min, fq.quant_max)
+        s = inits[f"{name}.weight_scale"].reshape(-1, 1, 1, 1)
+        z = inits[f"{name}.weight_zero_point"].astype(np.float32).reshape(-1, 1, 1, 1)
+        assert codes.shape == tuple(layer.weight.shape)
+        np.testing.assert_array_equal((codes.astype(np.float32) - z) * s, want.detach().numpy())
+    x = torch.randn(2, 3, 12, 12) * 1.3
+    _close(_run(path, {"input": x.numpy()})[0], _simulated(net, cal, lambda: _cnn(5))(x).detach().numpy())
+
+
+def test_conv1d_and_conv3d_ptq_weights(tmp_path):
+    torch.manual_seed(8)
+    for net, x in ((torch.nn.Sequential(torch.nn.Conv1d(4, 6, 3), torch.nn.ReLU(), torch.nn.Conv1d(6, 2, 1)), torch.randn(2, 4, 9)),
+                   (torch.nn.Sequential(torch.nn.Conv3d(2, 3, 2)), torch.randn(1, 2, 4, 4, 4))):
+        spec = lowbit.QuantSpec(4, symmetric=True, granularity="channel")
+        quantized = {f"{n}.weight": lowbit.quantize(m.weight.detach().numpy(), spec) for n, m in net.named_modules()
+                     if isinstance(m, torch.nn.modules.conv._ConvNd)}
+        path = str(tmp_path / "conv.onnx")
+        report = export_onnx(net, x, path, quantized=quantized)
+        assert set(report.weights.values()) == {"int4"} and report.opset == 21
+        with torch.no_grad():
+            for k, qt in quantized.items():
+                net.get_submodule(k[: -len(".weight")]).weight.copy_(torch.from_numpy(qt.dequantize()))
+        _close(_run(path, {"input": x.numpy()})[0], net(x).detach().numpy())
+
+
+def test_torchvision_resnet18_calibrated(tmp_path):
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = tv.models.resnet18(num_classes=10).eval()
+    data = [torch.randn(2, 3, 64, 64) for _ in range(2)]
+    cal = lt.calibrate(net, data, progress=False)
+    path = str(tmp_path / "resnet18.onnx")
+    report = export_onnx(net, data[0], path, calibration=cal)
+    assert len(report.weights) == len(cal) == 21 and report.activations == 21
+    sim = _simulated(net, cal, lambda: tv.models.resnet18(num_classes=10).eval())
+    x = torch.randn(1, 3, 64, 64)
+    # Layer by layer, each torch layer fed what ONNX Runtime computed before it: every layer
+    # (convolutions, BatchNorms before in-place ReLUs, residual blocks) within 1e-4.
+    report = lowbit.crossval.compare(sim, path, {"x": x}, isolate=True)
+    names = [layer.name for layer in report.layers]
+    assert {"layer1.0.conv1", "layer2.0.downsample.0", "layer4.1.bn2", "fc"} <= set(names)
+    assert report.passed, str(report)
+    # End to end a one-ulp difference before a quantizer can move a code by one step, and the
+    # step travels: close, not equal.
+    end = lowbit.crossval.compare(sim, path, {"x": x})
+    assert end.layers[-1].cosine > 0.9999 and [layer.name for layer in end.layers][:4] == ["conv1", "bn1", "relu", "maxpool"]
+    assert all(layer.passed for layer in end.layers[:4]), str(end)
+
+
 def test_bad_input_leaves_the_old_file(tmp_path):
     path = tmp_path / "m.onnx"
     path.write_bytes(b"old")
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
-    w = lowbit.quantize(np.random.randn(4, 3, 3, 3).astype(np.float32), lowbit.QuantSpec(8))
-    with pytest.raises(lowbit.LowbitTypeError, match=r"0 \(Conv2d\)"):
+    net = torch.nn.Sequential(torch.nn.ConvTranspose2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 10 * 10, 2))
+    w = lowbit.quantize(np.random.randn(3, 4, 3, 3).astype(np.float32), lowbit.QuantSpec(8))
+    with pytest.raises(lowbit.LowbitTypeError, match=r"0 \(ConvTranspose2d\)"):
         export_onnx(net, torch.randn(1, 3, 8, 8), path, quantized={"0.weight": w})
+    conv = torch.nn.Sequential(torch.nn.Conv1d(2, 2, 1))
+    g3 = lowbit.quantize(np.random.randn(2, 2, 32).astype(np.float32), lowbit.QuantSpec(4, granularity="group", group_size=32))
+    with pytest.raises(lowbit.LowbitValueError, match="group-quantized"):
+        export_onnx(conv, torch.randn(1, 2, 5), path, quantized={"0.weight": g3})
     with pytest.raises(lowbit.LowbitValueError, match="no module 'nope'"):
         export_onnx(net, torch.randn(1, 3, 8, 8), path, quantized={"nope.weight": w})
     with pytest.raises(lowbit.LowbitTypeError, match="torch.nn.Module"):
@@ -275,3 +368,38 @@ def test_crossval_layer_by_layer_on_onnx_runtime(tmp_path):
         model.forward(input_ids=inputs["input_ids"])
     with pytest.raises(lowbit.LowbitTypeError, match="onnx"):
         OrtModel(42)
+    with pytest.raises(lowbit.LowbitIOError, match="cannot read"):
+        OrtModel(str(tmp_path / "missing.onnx"))
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x07junk")
+    with pytest.raises(lowbit.LowbitFormatError):
+        OrtModel(str(tmp_path / "junk.onnx"))
+    with pytest.raises(lowbit.LowbitFormatError, match="ONNX Runtime cannot load"):
+        session(str(tmp_path / "junk.onnx"))
+
+
+def test_crossval_nested_containers_and_in_place_ops(tmp_path):
+    """A module inside containers (``/block/block.0/lin/MatMul`` in the graph) is found under
+    its torch name, and an in-place ReLU after it does not change what either side recorded."""
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+            self.act = torch.nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.lin(x)) + x
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(inplace=True),
+                              torch.nn.Sequential(Block(), Block()), torch.nn.Linear(8, 2)).eval()
+    path = str(tmp_path / "nested.onnx")
+    export_onnx(net, torch.randn(2, 8), path)
+    x = {"input": torch.randn(5, 8)}
+    for isolate in (False, True):
+        report = lowbit.crossval.compare(net, path, x, isolate=isolate)
+        names = [layer.name for layer in report.layers]
+        assert {"0", "2.0.lin", "2.1.lin", "2.1", "3"} <= set(names), names
+        assert report.passed, str(report)
+        # Both sides of "0" are its output before the in-place ReLU: with negative values.
+        assert report.layers[names.index("0")].max_abs < 1e-5

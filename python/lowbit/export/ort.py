@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from lowbit._lowbit import LowbitTypeError, LowbitValueError
+from lowbit._lowbit import LowbitFormatError, LowbitIOError, LowbitTypeError, LowbitValueError
 from lowbit._validate import int_arg, path_arg
 
 __all__ = ["OrtModel", "session"]
@@ -17,11 +17,13 @@ __all__ = ["OrtModel", "session"]
 
 def session(path: str | os.PathLike[str] | bytes, threads: int | None = None, exact: bool = True) -> Any:
     """An ONNX Runtime CPU session for the file at ``path`` (or a serialized model).
-    ``exact=True`` keeps ONNX Runtime from running 4- and 8-bit ``DequantizeLinear`` →
-    ``MatMul`` pairs with activations it quantizes to int8 on the fly (its default for QDQ
-    models it turns into ``MatMulNBits``: accuracy level 4), so that its outputs are the file's
-    numbers; ``exact=False`` is ONNX Runtime's default, faster and approximate (about 1% on a
-    random MLP).
+    ``exact=True`` keeps two of ONNX Runtime's QDQ rewrites from changing the file's numbers:
+    running 4- and 8-bit ``DequantizeLinear`` → ``MatMul`` pairs with activations it quantizes
+    to int8 on the fly (its default for the ``MatMulNBits`` kernel it makes of them: accuracy
+    level 4; about 1% off on a random MLP), and rounding a convolution's float bias to int32
+    codes at the scale ``input_scale * weight_scale`` (its ``WeightBiasQuantization``
+    transformer; about 1e-3 of the output at 4-bit activations). ``exact=False`` is ONNX
+    Runtime's default, faster and approximate.
 
     >>> import torch, tempfile, os
     >>> from lowbit.export import onnx, session
@@ -37,14 +39,53 @@ def session(path: str | os.PathLike[str] | bytes, threads: int | None = None, ex
         so.intra_op_num_threads = int_arg(threads, "threads", 1, 1024)
     if exact:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    model = path if isinstance(path, bytes) else path_arg(path, "path")
-    return onnxruntime.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else _read(path, "path")
+    disabled = ["WeightBiasQuantization"] if exact else None
+    try:
+        return onnxruntime.InferenceSession(model, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    except Exception as e:  # ORT raises its own exception types for a file it cannot load
+        if isinstance(path, bytes) or not type(e).__module__.startswith("onnxruntime"):
+            raise
+        raise LowbitFormatError(f"ONNX Runtime cannot load {os.fspath(path)!r}: {e}") from None
+
+
+def _read(path: object, what: str) -> str:
+    """``path`` as a string, after checking it names a readable file (``LowbitIOError``)."""
+    p = path_arg(path, what)
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise LowbitIOError(f"{what}: cannot read {p!r}: {e.strerror or e}") from None
+    return p
+
+
+def _load(path: object, what: str) -> Any:
+    """The ``onnx.ModelProto`` in the file at ``path``: ``LowbitIOError`` when it cannot be read,
+    ``LowbitFormatError`` when it is not an ONNX model."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    p = _read(path, what)
+    try:
+        return onnx.load(p)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise LowbitFormatError(f"{what}: {p!r} is not an ONNX model: {e}") from None
 
 
 def _module_of(node_name: str) -> str:
     """The torch module a node of torch's exporter belongs to: ``/encoder/layer.0/output/Add``
-    -> ``encoder.layer.0.output``."""
-    return node_name.rpartition("/")[0].strip("/").replace("/", ".")
+    -> ``encoder.layer.0.output``. A scope inside a container repeats the container's name
+    (``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1``)."""
+    path: list[str] = []
+    for part in node_name.rpartition("/")[0].strip("/").split("/"):
+        if not part:
+            continue
+        if path and part.startswith(path[-1] + "."):
+            path[-1] = part
+        else:
+            path.append(part)
+    return ".".join(path)
 
 
 class OrtModel:
@@ -68,7 +109,7 @@ class OrtModel:
         import onnx
 
         if isinstance(model, (str, os.PathLike)):
-            proto = onnx.load(path_arg(model, "model"))
+            proto = _load(model, "model")
         elif hasattr(model, "graph"):
             proto = model
         else:

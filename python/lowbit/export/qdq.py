@@ -12,6 +12,11 @@ int2 / uint2; 3-bit codes take 4-bit storage), feeding ``DequantizeLinear`` stra
 * ``quantized=``: a :class:`lowbit.ptq.PTQResult` or ``{"<module>.weight": QuantizedTensor}``
   (any bits, per tensor, per channel or per group: groups become ``DequantizeLinear``'s
   blocked form, ``block_size`` along the input axis).
+
+Linear layers and Conv1d / Conv2d / Conv3d layers (any stride, padding, dilation, groups)
+carry quantized weights: a Linear's codes are stored ``(in, out)`` for the ``MatMul`` that
+reads them, a convolution's in its own layout ``(out, in / groups, *kernel)`` with per-channel
+scales along axis 0; group quantization is for Linear weights.
 * ``calibration=``: a :func:`lowbit.torch.calibrate` result: each layer's weight as its weight
   fake-quant codes it, its input as a ``QuantizeLinear`` → ``DequantizeLinear`` pair with the
   calibrated scale and zero point.
@@ -24,8 +29,10 @@ Where ONNX and torch differ: torch's per-channel fake-quant sends +inf to ``quan
 float-to-integer conversion overflows; lowbit equals torch there), ONNX's ``QuantizeLinear``
 saturates it to ``quant_max``. ONNX Runtime's default optimizations turn 4- and 8-bit
 ``DequantizeLinear`` → ``MatMul`` pairs into its ``MatMulNBits`` kernel with activations
-quantized to int8 on the fly (accuracy level 4): fast, and about 1% off;
-:func:`lowbit.export.session` opens the file with float accumulation instead, which gives the file's numbers.
+quantized to int8 on the fly (accuracy level 4): fast, and about 1% off; and they round a
+convolution's float bias to int32 codes at ``input_scale * weight_scale``, which at 4-bit
+activations is about 1e-3 off. :func:`lowbit.export.session` opens the file without either,
+which gives the file's numbers.
 
 The opset is the smallest that holds the types used (13; 21 for 4-bit types and blocked
 quantization; 25 for 2-bit types) unless ``opset`` asks for more.
@@ -118,8 +125,11 @@ def _tensor(name: str, values: Any, kind: str) -> Any:
 
 def _from_quantized(qt: QuantizedTensor, name: str) -> _Weight:
     spec = qt.spec
-    if len(qt.shape) != 2:
-        raise LowbitValueError(f"{name}: only 2-D (Linear) weights are exported, got shape {qt.shape}")
+    if len(qt.shape) < 2:
+        raise LowbitValueError(f"{name}: a weight has at least 2 dimensions, got shape {qt.shape}")
+    if spec.granularity == "group" and len(qt.shape) != 2:
+        raise LowbitValueError(f"{name}: group-quantized weights are exported for Linear layers (2-D), got shape "
+                               f"{qt.shape}")
     if spec.granularity == "channel" and spec.axis != 0:
         raise LowbitValueError(f"{name}: per-channel weights must be quantized along the output axis 0, got axis {spec.axis}")
     return _Weight(qt.int_repr(), qt.scales, qt.zero_points, spec.group_size if spec.granularity == "group" else None,
@@ -191,7 +201,7 @@ def _dequantized(wq: _Weight, dtype: torch.dtype) -> torch.Tensor:
     if wq.group is not None:
         s, z = (np.repeat(a, wq.group, axis=1)[:, : c.shape[1]] for a in (s, z))
     elif s.ndim == 1:
-        s, z = s[:, None], z[:, None]
+        s, z = (a.reshape((-1,) + (1,) * (c.ndim - 1)) for a in (s, z))
     return torch.from_numpy(((c - z) * s).astype(np.float32)).to(dtype)
 
 
@@ -216,13 +226,16 @@ class _Plan:
     """The placeholders of one export: weights and activations by key."""
 
     def __init__(self) -> None:
-        self.weights: dict[str, tuple[str, _Weight]] = {}
+        self.weights: dict[str, tuple[str, _Weight, bool]] = {}
         self.activations: dict[str, _Activation] = {}
 
-    def weight(self, module_name: str, wq: _Weight, like: torch.Tensor) -> Any:
+    def weight(self, module_name: str, wq: _Weight, like: torch.Tensor, matmul: bool) -> Any:
+        """A placeholder for the weight: transposed to ``(in, out)`` for a ``MatMul`` (a Linear),
+        in the module's own layout otherwise (a convolution's ``(out, in / groups, *kernel)``)."""
         key = f"w{len(self.weights)}"
-        self.weights[key] = (module_name, wq)
-        value = _dequantized(wq, like.dtype).t()
+        self.weights[key] = (module_name, wq, matmul)
+        value = _dequantized(wq, like.dtype)
+        value = value.t() if matmul else value
 
         def place(w: torch.Tensor) -> torch.Tensor:
             return _PlaceWeight.apply(w, key, value.to(w.device))
@@ -245,6 +258,24 @@ def _linear_forward(weight: Any, act: Any) -> Any:
         return y if self.bias is None else y + self.bias
 
     return forward
+
+
+def _conv_forward(weight: Any, act: Any) -> Any:
+    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(act(x), weight(self.weight), self.bias)
+
+    return forward
+
+
+def _layer_kind(name: str, m: torch.nn.Module) -> str:
+    """``"linear"`` or ``"conv"``: the layers whose weights a QDQ export can carry."""
+    conv = torch.nn.modules.conv
+    if isinstance(m, torch.nn.Linear):
+        return "linear"
+    if isinstance(m, (conv.Conv1d, conv.Conv2d, conv.Conv3d)):
+        return "conv"
+    raise LowbitTypeError(f"{name or 'the model'} ({type(m).__name__}): only Linear and Conv1d/2d/3d layers can carry "
+                          "quantized weights in an ONNX QDQ export")
 
 
 def _quantized_map(quantized: Any) -> dict[str, QuantizedTensor]:
@@ -286,9 +317,7 @@ def _placeholders(model: torch.nn.Module, quantized: dict[str, QuantizedTensor],
         for name, m in modules.items():
             cal = calibration.get(name) or {}
             if name in quantized or cal or isinstance(m, (BitLinear, QATLinear)):
-                if not isinstance(m, torch.nn.Linear):
-                    raise LowbitTypeError(f"{name or 'the model'} ({type(m).__name__}): only Linear layers can carry "
-                                          "quantized weights in an ONNX QDQ export")
+                kind = _layer_kind(name, m)
                 shape = tuple(m.weight.shape)
                 if name in quantized:
                     wq = _from_quantized(quantized[name], name)
@@ -304,14 +333,19 @@ def _placeholders(model: torch.nn.Module, quantized: dict[str, QuantizedTensor],
                     wq = None
                 if wq is not None and tuple(wq.codes.shape) != shape:
                     raise LowbitValueError(f"{name}: quantized weight has shape {tuple(wq.codes.shape)}, the module's is {shape}")
-                weight = plan.weight(name, wq, m.weight) if wq is not None else (lambda w: w.t())
+                matmul = kind == "linear"
+                if wq is not None:
+                    weight = plan.weight(name, wq, m.weight, matmul)
+                else:
+                    weight = (lambda w: w.t()) if matmul else (lambda w: w)
                 if "input" in cal:
                     act = plan.activation(_activation(cal["input"]))
                 elif isinstance(m, BitLinear):
                     act = _bitnet_activation
                 else:
                     act = identity
-                m.forward = types.MethodType(_linear_forward(weight, act), m)  # type: ignore[method-assign]
+                make = _linear_forward if matmul else _conv_forward
+                m.forward = types.MethodType(make(weight, act), m)  # type: ignore[method-assign]
                 swapped.append(m)
             elif isinstance(m, FakeQuantize):
                 place = plan.activation(_activation(m)) if m.enabled else identity
@@ -342,11 +376,11 @@ def _rewrite(model_proto: Any, plan: _Plan, opset: int | None) -> tuple[int, dic
         key = next(a.s.decode() for a in node.attribute if a.name == "key")
         out = node.output[0]
         if node.op_type == "Weight":
-            mod, w = plan.weights[key]
+            mod, w, matmul = plan.weights[key]
             kind, _, _, op = _onnx_type(w.quant_min, w.quant_max)
             need = max(need, op)
             base = mod or "weight"
-            codes = w.codes.T  # (in, out), as MatMul reads it
+            codes = w.codes.T if matmul else w.codes  # (in, out), as MatMul reads it
             attrs: dict[str, Any] = {}
             if w.group is not None:
                 need = max(need, 21)
@@ -354,7 +388,7 @@ def _rewrite(model_proto: Any, plan: _Plan, opset: int | None) -> tuple[int, dic
                 attrs = {"axis": 0, "block_size": w.group}
             elif w.scales.ndim == 1:
                 scales, zps = w.scales, w.zero_points
-                attrs = {"axis": 1}
+                attrs = {"axis": 1 if matmul else 0}
             else:
                 scales, zps = w.scales.reshape(()), w.zero_points.reshape(())
             names = (f"{base}.weight_quantized", f"{base}.weight_scale", f"{base}.weight_zero_point")
