@@ -9,6 +9,8 @@ import secrets
 import tempfile
 from typing import IO, Callable
 
+from lowbit._lowbit import LowbitIOError
+
 _PREFIX, _SUFFIX = ".lowbit-", ".tmp"
 
 
@@ -24,10 +26,15 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str | Callable[[IO[
     """
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise LowbitIOError(f"cannot write {path!r}: it is a directory")
     mode = _mode(path)
     fd = _unnamed(folder)
     if fd is None:
-        fd, tmp = tempfile.mkstemp(prefix=_PREFIX, suffix=_SUFFIX, dir=folder)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=_PREFIX, suffix=_SUFFIX, dir=folder)
+        except OSError as e:
+            raise LowbitIOError(f"cannot write {path!r}: {e.strerror or e}") from None
     else:
         tmp = None
     try:

@@ -48,6 +48,7 @@ import lowbit
 import lowbit.bitnet as bn
 import lowbit.calib as lc
 import lowbit.crossval as cv
+import lowbit.export as export
 import lowbit.data as ld
 import lowbit.nas as nas
 import lowbit.runtime as rt
@@ -60,7 +61,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),
 HANG_S = 120  # a case still running after this long is a hang: the watchdog ends the process
 HUGE_S = 10.0  # a huge request must be refused well within this (refusing takes microseconds)
 MODULES = ["lowbit", "lowbit.bitnet", "lowbit.calib", "lowbit.crossval", "lowbit.nas", "lowbit.runtime",
-           "lowbit.torch", "lowbit.data"]
+           "lowbit.torch", "lowbit.data", "lowbit.export"]
 BIG = 2**40
 
 # ---------------------------------------------------------------------------------------------
@@ -667,6 +668,9 @@ class Ctx:
         self.space = nas.SearchSpace([[{"latency_ms": 1.0, "params": 1.0}, {"latency_ms": 2.0, "params": 3.0}]] * 3)
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         self.report = cv.compare(self.bert_torch, self.bert, {"input_ids": torch.tensor([[1, 2, 3]])})
+        self.onnx_path = tmp / "net.onnx"
+        export.onnx(self.net, torch.randn(2, 8), self.onnx_path)
+        self.ort_model = export.OrtModel(self.onnx_path)
 
     def out(self, name: str = "out.safetensors") -> pathlib.Path:
         self.n_out += 1
@@ -917,6 +921,18 @@ def _entries() -> list[Entry]:
           ])),
         E("lowbit.calib.HistogramObserver.clip_range", lambda c: hist(c).clip_range()),
         E("lowbit.calib.HistogramObserver.histogram", lambda c: hist(c).histogram()),
+        # ---- lowbit.export
+        E("lowbit.export.onnx", lambda c, **kw: export.onnx(**kw).opset, model=MOD(V(lambda c: c.net)),
+          example_inputs=ANY(V(lambda c: torch.randn(2, 8))), path=OP(V(lambda c: c.out("net.onnx"))),
+          quantized=OBJ(None, optional=True), calibration=OBJ(None, optional=True),
+          opset=N(None, lo=13, hi=28, optional=True), external_data=FLAG(False)),
+        E("lowbit.export.ExportReport", f(export.ExportReport), path=ANY("x.onnx"), opset=ANY(13)),
+        E("lowbit.export.session", lambda c, **kw: len(export.session(**kw).get_inputs()),
+          path=P(V(lambda c: c.onnx_path)), threads=N(None, lo=1, hi=1024, optional=True), exact=FLAG(True)),
+        E("lowbit.export.OrtModel", lambda c, **kw: export.OrtModel(**kw).inputs, model=P(V(lambda c: c.onnx_path)),
+          threads=N(None, lo=1, hi=1024, optional=True)),
+        E("lowbit.export.OrtModel.forward", lambda c, **kw: c.ort_model.forward(**kw),
+          input=ANY(V(lambda c: np.ones((2, 8), np.float32)))),
         # ---- lowbit.crossval
         E("lowbit.crossval.Tolerances", f(cv.Tolerances), inference=FL(1e-4, lo=0.0), quantization=FL(1e-5, lo=0.0),
           layers=M({"pooler": 1e-2}, extra=[_c("str-values", _const({"pooler": "x"}), "raise")])),

@@ -403,3 +403,45 @@ def test_crossval_nested_containers_and_in_place_ops(tmp_path):
         assert report.passed, str(report)
         # Both sides of "0" are its output before the in-place ReLU: with negative values.
         assert report.layers[names.index("0")].max_abs < 1e-5
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["asked", "over the protobuf limit"])
+def test_external_data(tmp_path, monkeypatch, big):
+    """Initializers in one data file named by its content, written before the .onnx that names
+    it; a new export replaces both and removes the old data file; ORT loads it with the same
+    numbers. ``big`` stands in for a model over 2 GB by lowering the limit."""
+    from lowbit.export import qdq
+
+    if big:
+        monkeypatch.setattr(qdq, "_PROTOBUF_LIMIT", 4096)
+    net = _mlp(4)
+    spec = lowbit.QuantSpec(4, symmetric=False, granularity="group", group_size=16)
+    q = {f"{n}.weight": lowbit.quantize(m.weight.detach().numpy(), spec) for n, m in net.named_modules()
+         if isinstance(m, torch.nn.Linear)}
+    path = tmp_path / "m.onnx"
+    ask = None if big else True
+    report = export_onnx(net, torch.randn(2, 64), str(path), quantized=q, external_data=ask)
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and files[0] == "m.onnx" and files[1].startswith("m.onnx.") and files[1].endswith(".data")
+    assert report.nbytes == sum(os.path.getsize(tmp_path / f) for f in files)
+    onnx.checker.check_model(str(path), full_check=True)
+    for k, qt in q.items():
+        assert np.array_equal(_initializers(str(path))[f"{k[:-7]}.weight_quantized"].T, qt.int_repr())
+    sim = _mlp(4)
+    with torch.no_grad():
+        for k, qt in q.items():
+            sim.get_submodule(k[:-7]).weight.copy_(torch.from_numpy(qt.dequantize()))
+    x = torch.randn(5, 64)
+    _close(_run(str(path), {"input": x.numpy()})[0], sim(x).detach().numpy())
+    # Exported again with other weights: a new data file, the old one gone.
+    q["0.weight"] = lowbit.quantize(torch.randn(48, 64).numpy(), spec)
+    export_onnx(net, torch.randn(2, 64), str(path), quantized=q, external_data=ask)
+    again = sorted(os.listdir(tmp_path))
+    assert len(again) == 2 and again[1] != files[1]
+    if big:
+        with pytest.raises(lowbit.LowbitValueError, match="external_data=True"):
+            export_onnx(net, torch.randn(2, 64), str(path), quantized=q, external_data=False)
+        assert sorted(os.listdir(tmp_path)) == again
+    else:
+        export_onnx(net, torch.randn(2, 64), str(path), quantized=q)
+        assert os.listdir(tmp_path) == ["m.onnx"]

@@ -44,9 +44,10 @@ def session(path: str | os.PathLike[str] | bytes, threads: int | None = None, ex
     try:
         return onnxruntime.InferenceSession(model, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
     except Exception as e:  # ORT raises its own exception types for a file it cannot load
-        if isinstance(path, bytes) or not type(e).__module__.startswith("onnxruntime"):
+        if not type(e).__module__.startswith("onnxruntime"):
             raise
-        raise LowbitFormatError(f"ONNX Runtime cannot load {os.fspath(path)!r}: {e}") from None
+        what = "the serialized model (bytes)" if isinstance(path, bytes) else repr(os.fspath(path))
+        raise LowbitFormatError(f"ONNX Runtime cannot load {what}: {e}") from None
 
 
 def _read(path: object, what: str) -> str:
@@ -113,6 +114,8 @@ class OrtModel:
             proto = model
         else:
             raise LowbitTypeError(f"model must be a path to an .onnx file or an onnx.ModelProto, got {type(model).__name__}")
+        if not proto.graph.output:
+            raise LowbitFormatError("model: the ONNX graph has no outputs (an empty or truncated file?)")
         proto = onnx.shape_inference.infer_shapes(proto)
         floats = {v.name for v in list(proto.graph.value_info) + list(proto.graph.output)
                   if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}

@@ -41,8 +41,8 @@ quantization; 25 for 2-bit types) unless ``opset`` asks for more.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
+import tempfile
 import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -305,6 +305,10 @@ def _placeholders(model: torch.nn.Module, quantized: dict[str, QuantizedTensor],
     plan = _Plan()
     modules = dict(model.named_modules())
     calibration = {} if calibration is None else calibration
+    if not isinstance(calibration, Mapping) or not all(
+            isinstance(v, Mapping) and all(isinstance(fq, FakeQuantize) for fq in v.values()) for v in calibration.values()):
+        raise LowbitTypeError("calibration must be a lowbit.torch.calibrate result: {module name: {'input' / 'weight': "
+                              "FakeQuantize}}")
     for name in list(quantized) + list(calibration):
         if name not in modules:
             raise LowbitValueError(f"the model has no module {name!r} (named by quantized= or calibration=)")
@@ -511,6 +515,7 @@ def onnx(
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
+    external_data: bool | None = None,
 ) -> ExportReport:
     """Write ``model`` as an ONNX QDQ file at ``path`` (atomically) and return an
     :class:`ExportReport`. ``example_inputs`` is a tensor, a tuple of positional inputs or a
@@ -518,6 +523,12 @@ def onnx(
     the module docs). Inputs are named after the forward's parameters unless ``input_names``
     says otherwise, and their first axis is dynamic (``"batch"``) unless ``dynamic_axes``
     (torch's form) says otherwise. ``onnx.checker`` passes on the file before it is written.
+
+    A model whose file would pass 2 GB (protobuf's limit), or any model with
+    ``external_data=True``, keeps its initializers in one data file beside it,
+    ``<path>.<digest>.data`` (named by its content), written completely before the ``.onnx``
+    file that names it; an earlier export's data file is removed once the new ``.onnx`` is in
+    place, so a reader never sees a model without its data.
 
     >>> import torch, tempfile, os, lowbit, lowbit.ptq
     >>> from lowbit.export import onnx, session
@@ -547,34 +558,128 @@ def onnx(
     qmap = _quantized_map(quantized)
     was_training = model.training
     model.eval()
-    buf = io.BytesIO()
+    if external_data is not None:
+        if not isinstance(external_data, (bool, np.bool_)):
+            raise LowbitTypeError(f"external_data must be True, False or None, got {external_data!r}")
+        external_data = bool(external_data)
     try:
-        with _placeholders(model, qmap, calibration) as plan, torch.no_grad():
+        with _placeholders(model, qmap, calibration) as plan, torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
             import warnings
 
+            # Traced into a file: torch keeps a model over 2 GB in external data files there.
+            traced_path = os.path.join(tmp, "traced.onnx")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(traced, args, buf,  # type: ignore[arg-type]  # torch takes a file object too
+                torch.onnx.export(traced, args, traced_path,
                                   dynamo=False, opset_version=_TRACE_OPSET,
                                   custom_opsets={_DOMAIN: 1} if plan.weights or plan.activations else None,
                                   input_names=input_names, output_names=output_names,
                                   dynamic_axes=dynamic_axes, do_constant_folding=True)
+            proto = onnx_pkg.load(traced_path)
     except (LowbitTypeError, LowbitValueError):
         raise
     except Exception as e:  # torch's exporter: an op with no ONNX form, an untraceable forward
         raise LowbitValueError(f"torch.onnx.export could not trace the model: {e}") from e
     finally:
         model.train(was_training)
-    proto = onnx_pkg.load_from_string(buf.getvalue())
     if traced is not model:
         _strip_prefix(proto.graph, "m.")
     final, kinds = _rewrite(proto, plan, opset)
     proto.producer_name = "lowbit"
+    big = proto.ByteSize() > _PROTOBUF_LIMIT
+    if big and external_data is False:
+        raise LowbitValueError(f"the model takes {proto.ByteSize() / 2**30:.1f} GiB, more than one ONNX file holds "
+                               "(2 GiB): export it with external_data=True or None")
+    if not big:
+        _check(proto)
+    data = _External(proto, dest) if big or external_data else None
+    old = _data_files(dest)
+    graph = proto.SerializeToString()
+    if data is not None:
+        data.write()
     try:
-        onnx_pkg.checker.check_model(proto, full_check=True)
+        if big:  # the checker reads a model this size from its file, beside its data
+            with tempfile.NamedTemporaryFile(dir=os.path.dirname(dest) or ".", suffix=".onnx") as f:
+                f.write(graph)
+                f.flush()
+                _check(f.name)
+        write_atomic(dest, graph)
+    except BaseException:
+        if data is not None and data.path not in old:
+            with contextlib.suppress(OSError):
+                os.unlink(data.path)
+        raise
+    for f in old - _data_files(dest):
+        with contextlib.suppress(OSError):
+            os.unlink(f)
+    return ExportReport(dest, final, kinds, len(plan.activations), len(graph) + (data.size if data else 0))
+
+
+def _check(model: Any) -> None:
+    import onnx as onnx_pkg
+
+    try:
+        onnx_pkg.checker.check_model(model, full_check=True)
     except Exception as e:
         raise LowbitValueError(f"the exported graph fails onnx.checker: {e}") from e
-    data = proto.SerializeToString()
-    write_atomic(dest, data)
-    return ExportReport(dest, final, kinds, len(plan.activations), len(data))
 
+
+# protobuf refuses to serialize a message over 2 GiB; below it with room for the graph itself.
+_PROTOBUF_LIMIT = 2**31 - 2**26
+_DATA_SUFFIX = ".data"
+
+
+def _data_files(dest: str) -> set[str]:
+    """The external data files that the ONNX file at ``dest`` names (none when it does not exist
+    or is not one of ours)."""
+    import onnx as onnx_pkg
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        model = onnx_pkg.load(dest, load_external_data=False)
+    except Exception:  # no file yet, or not a model: nothing of ours to clean up
+        return set()
+    folder = os.path.dirname(dest) or "."
+    prefix = os.path.basename(dest) + "."
+    names = {e.value for t in model.graph.initializer if uses_external_data(t) for e in t.external_data
+             if e.key == "location"}
+    return {os.path.join(folder, n) for n in names if n.startswith(prefix) and n.endswith(_DATA_SUFFIX) and "/" not in n}
+
+
+class _External:
+    """Every initializer's bytes (1 KiB and more) moved out of ``proto`` into one data file
+    beside ``dest``, named by a digest of its content: the proto names it at once, and
+    :meth:`write` writes it (atomically)."""
+
+    def __init__(self, proto: Any, dest: str) -> None:
+        import hashlib
+
+        from onnx.external_data_helper import set_external_data
+
+        tensors = [t for t in proto.graph.initializer if t.HasField("raw_data") and len(t.raw_data) >= 1024]
+        digest = hashlib.sha256()
+        self.chunks: list[tuple[int, bytes]] = []
+        offset = 0
+        for t in tensors:
+            offset += -offset % 64  # aligned for a memory map
+            raw = t.raw_data
+            self.chunks.append((offset, raw))
+            digest.update(t.name.encode() + b"\0" + len(raw).to_bytes(8, "little"))
+            digest.update(raw)
+            offset += len(raw)
+        self.size = offset
+        location = f"{os.path.basename(dest)}.{digest.hexdigest()[:16]}{_DATA_SUFFIX}"
+        self.path = os.path.join(os.path.dirname(dest) or ".", location)
+        for t, (at, raw) in zip(tensors, self.chunks):
+            set_external_data(t, location, offset=at, length=len(raw))
+            t.ClearField("raw_data")
+
+    def write(self) -> None:
+        def write(f: Any) -> None:
+            pos = 0
+            for at, raw in self.chunks:
+                f.write(b"\0" * (at - pos))
+                f.write(raw)
+                pos = at + len(raw)
+
+        write_atomic(self.path, write)
