@@ -252,9 +252,12 @@ class _Plan:
         return place
 
 
-def _linear_forward(weight: Any, act: Any) -> Any:
+def _linear_forward(weight: Any, act: Any, gemm: bool) -> Any:
     def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(act(x), weight(self.weight))
+        x = act(x)
+        if gemm and x.dim() == 2 and self.bias is not None:
+            return torch.addmm(self.bias, x, weight(self.weight))  # one Gemm: its bias becomes int32 codes
+        y = torch.matmul(x, weight(self.weight))
         return y if self.bias is None else y + self.bias
 
     return forward
@@ -296,9 +299,10 @@ def _quantized_map(quantized: Any) -> dict[str, QuantizedTensor]:
 
 
 @contextlib.contextmanager
-def _placeholders(model: torch.nn.Module, quantized: dict[str, QuantizedTensor], calibration: Any) -> Iterator[_Plan]:
+def _placeholders(model: torch.nn.Module, quantized: dict[str, QuantizedTensor], calibration: Any,
+                  gemm: bool = False) -> Iterator[_Plan]:
     """Swaps the forward of every lowbit-quantized module for one with placeholders (restored
-    on exit, whatever happens)."""
+    on exit, whatever happens); ``gemm`` traces a Linear on 2-D inputs as one ``Gemm``."""
     from lowbit.models.qat import QATLinear
     from lowbit.torch import BitLinear, FakeQuantize
 
@@ -348,8 +352,8 @@ def _placeholders(model: torch.nn.Module, quantized: dict[str, QuantizedTensor],
                     act = _bitnet_activation
                 else:
                     act = identity
-                make = _linear_forward if matmul else _conv_forward
-                m.forward = types.MethodType(make(weight, act), m)  # type: ignore[method-assign]
+                forward = _linear_forward(weight, act, gemm) if matmul else _conv_forward(weight, act)
+                m.forward = types.MethodType(forward, m)  # type: ignore[method-assign]
                 swapped.append(m)
             elif isinstance(m, FakeQuantize):
                 place = plan.activation(_activation(m)) if m.enabled else identity
@@ -516,6 +520,8 @@ def onnx(
     output_names: list[str] | None = None,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
     external_data: bool | None = None,
+    target: str = "cpu",
+    calibration_data: Any = None,
 ) -> ExportReport:
     """Write ``model`` as an ONNX QDQ file at ``path`` (atomically) and return an
     :class:`ExportReport`. ``example_inputs`` is a tensor, a tuple of positional inputs or a
@@ -523,6 +529,11 @@ def onnx(
     the module docs). Inputs are named after the forward's parameters unless ``input_names``
     says otherwise, and their first axis is dynamic (``"batch"``) unless ``dynamic_axes``
     (torch's form) says otherwise. ``onnx.checker`` passes on the file before it is written.
+
+    ``target="qnn"`` writes the form ONNX Runtime's QNN execution provider runs on Qualcomm's
+    HTP (Hexagon) backend (see :mod:`lowbit.export.qnn`): every activation quantized, the ones
+    lowbit quantized with lowbit's scales and zero points, the rest calibrated on
+    ``calibration_data`` (example inputs like ``example_inputs``).
 
     A model whose file would pass 2 GB (protobuf's limit), or any model with
     ``external_data=True``, keeps its initializers in one data file beside it,
@@ -553,17 +564,22 @@ def onnx(
     traced, args, names = _bind(model, example_inputs)
     if input_names is None:
         input_names = names
-    if dynamic_axes is None and input_names:
+    if dynamic_axes is None and input_names and target != "qnn":  # QNN's HTP compiles for fixed shapes
         dynamic_axes = {n: {0: "batch"} for n in input_names}
     qmap = _quantized_map(quantized)
-    was_training = model.training
-    model.eval()
     if external_data is not None:
         if not isinstance(external_data, (bool, np.bool_)):
             raise LowbitTypeError(f"external_data must be True, False or None, got {external_data!r}")
         external_data = bool(external_data)
+    if target not in ("cpu", "qnn"):
+        raise LowbitValueError(f"target must be 'cpu' or 'qnn', got {target!r}")
+    if target == "qnn" and calibration_data is None:
+        raise LowbitValueError("target='qnn' quantizes every activation (QNN's HTP backend runs integer graphs): "
+                               "pass calibration_data=, a few example inputs like example_inputs")
+    was_training = model.training
+    model.eval()
     try:
-        with _placeholders(model, qmap, calibration) as plan, torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        with _placeholders(model, qmap, calibration, gemm=target == "qnn") as plan, torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
             import warnings
 
             # Traced into a file: torch keeps a model over 2 GB in external data files there.
@@ -584,7 +600,13 @@ def onnx(
         model.train(was_training)
     if traced is not model:
         _strip_prefix(proto.graph, "m.")
-    final, kinds = _rewrite(proto, plan, opset)
+    placed = sum(n.domain == _DOMAIN and n.op_type == "QDQ" for n in proto.graph.node)
+    if target == "qnn":
+        from lowbit.export.qnn import complete
+
+        proto, final, kinds = complete(proto, plan, [_bind(model, b)[1] for b in calibration_data], opset)
+    else:
+        final, kinds = _rewrite(proto, plan, opset)
     proto.producer_name = "lowbit"
     big = proto.ByteSize() > _PROTOBUF_LIMIT
     if big and external_data is False:
@@ -612,7 +634,7 @@ def onnx(
     for f in old - _data_files(dest):
         with contextlib.suppress(OSError):
             os.unlink(f)
-    return ExportReport(dest, final, kinds, len(plan.activations), len(graph) + (data.size if data else 0))
+    return ExportReport(dest, final, kinds, placed, len(graph) + (data.size if data else 0))
 
 
 def _check(model: Any) -> None:
