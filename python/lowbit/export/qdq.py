@@ -631,9 +631,9 @@ def onnx(
             with contextlib.suppress(OSError):
                 os.unlink(data.path)
         raise
-    for f in old - _data_files(dest):
+    for stale in old - _data_files(dest):
         with contextlib.suppress(OSError):
-            os.unlink(f)
+            os.unlink(stale)
     return ExportReport(dest, final, kinds, placed, len(graph) + (data.size if data else 0))
 
 

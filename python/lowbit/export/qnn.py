@@ -163,7 +163,7 @@ def complete(proto: Any, plan: _Plan, batches: list[tuple], opset: int | None) -
     """The QNN form of a traced model: (ModelProto, opset, {module: weight type})."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config  # type: ignore[import-untyped]
 
     overrides = _float_graph(proto, plan)
     need = 21 if any(r[0]["quant_type"] in (QuantType.QInt4, QuantType.QUInt4) for r in overrides.values()) else 13
