@@ -213,6 +213,7 @@ def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = DEFAULTS["step
         metrics = models.evaluate(rt, held_out)
         rt_ms = timings(rt)
         row: dict[str, Any] = {"format": fmt, "bits": wb, "size_mb": size / 1e6, **metrics}
+        row.update(_onnx_side(path, fmt, out, held_out, images, repeat))
         row["crossval"] = _verdict(reports)
         row["crossval_reports"] = {t: json.loads(r.to_json()) for t, r in reports.items()}
         for t in (f"{t}{b}" for b in timed for t in TASKS):
@@ -233,6 +234,56 @@ def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = DEFAULTS["step
     except ImportError:
         log(f"wrote {out / 'results.json'} and {out / 'results.txt'} (install matplotlib for the plot)")
     return rows
+
+
+def _onnx_side(path: Path, fmt: str, out: Path, held_out: list, images: np.ndarray, repeat: int) -> dict[str, Any]:
+    """The same deployed model as ONNX QDQ files run by ONNX Runtime (when onnx and onnxruntime
+    are installed): the OCR and image-embedding paths exported with the file's integer weights,
+    ONNX Runtime's OCR accuracy, recall@1 and latency, and the OCR path cross-checked layer by
+    layer against the PyTorch model with the deployed weights."""
+    try:
+        import onnxruntime  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        return {}
+    import torch
+
+    from lowbit import crossval, export, models
+    from lowbit._lowbit import QuantizedTensor
+    from lowbit._quant import load_quantized
+    from lowbit.models.evaluation import _edit_distance, _np_rows
+    from lowbit.models.files import _linear_weights
+    from lowbit.models.modules import _ctc_string
+
+    twin = models.load(path).eval()  # the deployed weights, dequantized: what the files compute
+    linear = _linear_weights(twin)
+    quantized = {n: v for n, v in load_quantized(path).items() if n in linear and isinstance(v, QuantizedTensor)}
+    x1 = torch.from_numpy(images[:1])
+    sessions, nbytes = {}, 0
+    for task in ("ocr", "image"):
+        onnx_path = out / f"multitask-{fmt}-{task}.onnx"
+        nbytes += export.onnx(twin, {"images": x1, "task": task}, onnx_path, quantized=quantized or None).nbytes
+        sessions[task] = export.session(onnx_path)
+
+    def run(task: str, x: np.ndarray) -> np.ndarray:
+        return sessions[task].run(None, {"images": x})[0]
+
+    chars = 0.0
+    embeddings = []
+    for s in range(0, len(held_out), 64):
+        chunk = held_out[s:s + 64]
+        x = np.stack([c["image"] for c in chunk])
+        for frames, c in zip(run("ocr", x).argmax(-1).tolist(), chunk):
+            chars += max(0.0, 1 - _edit_distance(_ctc_string(frames, twin.config.charset), c["text"]) / len(c["text"]))
+        embeddings.append(_np_rows(run("image", x)))
+    captions = [c["caption"] for c in held_out]
+    uniq = sorted(set(captions))
+    best = (np.concatenate(embeddings) @ _np_rows(twin.embed_texts(uniq)).T).argmax(1)
+    report = crossval.compare(twin, out / f"multitask-{fmt}-ocr.onnx", {"images": torch.from_numpy(images[:4]), "task": "ocr"})
+    return {"onnx_mb": nbytes / 1e6, "ort_ocr_char_acc": 100 * chars / len(held_out),
+            "ort_retrieval_r1": 100 * sum(uniq[b] == c for b, c in zip(best, captions)) / len(held_out),
+            "ort_ms_ocr": _best_ms(lambda: run("ocr", images[:1]), repeat),
+            "ort_ms_image": _best_ms(lambda: run("image", images[:1]), repeat),
+            "onnx_crossval": "pass" if report.passed else f"FAIL ({report.layers[-1].max_abs:.2g})"}
 
 
 def _verdict(reports: dict[str, Any]) -> str:
@@ -291,8 +342,10 @@ def _crossval_inputs(model: Any, images: np.ndarray, questions: list[str]) -> di
 
 
 def format_table(rows: list[dict[str, Any]], batch: int) -> str:
+    onnx = all("ort_ms_ocr" in r for r in rows)
     head = ["format", "MB", "caption EM", "OCR char", "VQA", "R@1", "crossval",
-            *(f"{t} ms rt/torch" for t in TASKS), f"x{batch} speedup c/o/v/r", *(f"{p} ms/mJ" for p in PHONES)]
+            *(f"{t} ms rt/torch" for t in TASKS), f"x{batch} speedup c/o/v/r", *(f"{p} ms/mJ" for p in PHONES),
+            *(["ONNX MB", "ORT OCR/R@1", "ORT ms ocr/img", "ONNX check"] if onnx else [])]
     body = []
     for r in rows:
         body.append([
@@ -301,6 +354,8 @@ def format_table(rows: list[dict[str, Any]], batch: int) -> str:
             *(f"{r[f'runtime_ms_{t}']:.2f}/{r[f'torch_ms_{t}']:.2f}" for t in TASKS),
             "/".join(f"{r[f'torch_ms_{t}_batch'] / r[f'runtime_ms_{t}_batch']:.1f}" for t in TASKS),
             *(f"{r[f'{p}_ms']:.2f}/{r[f'{p}_mj']:.2f}" for p in PHONES),
+            *([f"{r['onnx_mb']:.2f}", f"{r['ort_ocr_char_acc']:.1f}/{r['ort_retrieval_r1']:.1f}",
+               f"{r['ort_ms_ocr']:.2f}/{r['ort_ms_image']:.2f}", r["onnx_crossval"]] if onnx else []),
         ])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -314,6 +369,9 @@ def format_table(rows: list[dict[str, Any]], batch: int) -> str:
         "crossval: the runtime against PyTorch layer by layer (f32: the float model, 1e-4; int8 / int4 / "
         "ternary: PyTorch's fake-quant simulation of the same format); n/a: not cross-validated, as the "
         "runtime has no load-time int2 mode to compare with (int2 is still evaluated and timed)",
+        *(["ONNX: the same deployed weights as ONNX QDQ (lowbit.export.onnx: OCR and image-embedding paths) run by "
+           "ONNX Runtime's CPU provider: its OCR / R@1, its latency for one image, and its OCR path against PyTorch "
+           "with the deployed weights, layer by layer (1e-4)"] if onnx else []),
         line(head), "  ".join("-" * w for w in widths), *map(line, body)])
 
 

@@ -188,3 +188,26 @@ def test_demo_retrain_flag_reaches_the_demo(monkeypatch):
     monkeypatch.setattr(demo, "run", lambda out, **kw: seen.update(kw, out=out))
     assert main(["demo", "--retrain", "--out", "x"]) == 0
     assert seen["retrain"] is True and seen["out"] == "x" and seen["steps"] == demo.DEFAULTS["steps"]
+
+
+def test_demo_onnx_rows_are_the_deployed_models_numbers(tmp_path, monkeypatch):
+    """`lowbit demo`'s ONNX columns: the deployed file's weights as ONNX QDQ, run by ONNX
+    Runtime, give the OCR accuracy and recall@1 of the PyTorch model with the same weights."""
+    pytest.importorskip("onnxruntime")
+    from lowbit import demo, models
+    from lowbit.data import SyntheticScenes
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    d = demo.DEFAULTS
+    f32, qat = demo._trained(d["steps"], d["qat_steps"], d["n_train"], d["seed"], False, False, lambda s: None)
+    held = list(SyntheticScenes(seed=7, n=64, image_size=f32.config.image_size))
+    images = np.stack([s["image"] for s in held[:4]])
+    for fmt, src in (("int4", f32), ("ternary", qat)):
+        path = tmp_path / f"m-{fmt}.safetensors"
+        models.save(src, path, weights=fmt)
+        row = demo._onnx_side(path, fmt, tmp_path, held, images, 1)
+        want = models.evaluate(models.load(path), held)
+        assert row["onnx_crossval"] == "pass"
+        assert abs(row["ort_ocr_char_acc"] - want["ocr_char_acc"]) < 1.0 and want["ocr_char_acc"] > 50
+        assert abs(row["ort_retrieval_r1"] - want["retrieval_r1"]) < 2.0
+        assert row["onnx_mb"] > 0 and (tmp_path / f"multitask-{fmt}-ocr.onnx").exists()
