@@ -202,12 +202,12 @@ def test_demo_onnx_rows_are_the_deployed_models_numbers(tmp_path, monkeypatch):
     f32, qat = demo._trained(d["steps"], d["qat_steps"], d["n_train"], d["seed"], False, False, lambda s: None)
     held = list(SyntheticScenes(seed=7, n=64, image_size=f32.config.image_size))
     images = np.stack([s["image"] for s in held[:4]])
-    for fmt, src in (("int4", f32), ("ternary", qat)):
+    for fmt, src in (("int4", f32), ("int2", f32), ("ternary", qat)):  # int2: ORT 1.32 2-bit MatMulNBits bug
         path = tmp_path / f"m-{fmt}.safetensors"
         models.save(src, path, weights=fmt)
         row = demo._onnx_side(path, fmt, tmp_path, held, images, 1)
         want = models.evaluate(models.load(path), held)
         assert row["onnx_crossval"] == "pass"
-        assert abs(row["ort_ocr_char_acc"] - want["ocr_char_acc"]) < 1.0 and want["ocr_char_acc"] > 50
+        assert abs(row["ort_ocr_char_acc"] - want["ocr_char_acc"]) < 1.0 and want["ocr_char_acc"] > 30
         assert abs(row["ort_retrieval_r1"] - want["retrieval_r1"]) < 2.0
         assert row["onnx_mb"] > 0 and (tmp_path / f"multitask-{fmt}-ocr.onnx").exists()

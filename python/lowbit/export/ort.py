@@ -22,8 +22,10 @@ def session(path: str | os.PathLike[str] | bytes, threads: int | None = None, ex
     to int8 on the fly (its default for the ``MatMulNBits`` kernel it makes of them: accuracy
     level 4; about 1% off on a random MLP), and rounding a convolution's float bias to int32
     codes at the scale ``input_scale * weight_scale`` (its ``WeightBiasQuantization``
-    transformer; about 1e-3 of the output at 4-bit activations). ``exact=False`` is ONNX
-    Runtime's default, faster and approximate.
+    transformer; about 1e-3 of the output at 4-bit activations); and, for a model with 2-bit
+    weights, ONNX Runtime 1.32's 2-bit ``MatMulNBits``, which computes wrong results on some
+    shapes (its QDQ fusions are off for such a model). ``exact=False`` is ONNX Runtime's
+    default, faster and approximate.
 
     >>> import torch, tempfile, os
     >>> from lowbit.export import onnx, session
@@ -40,7 +42,11 @@ def session(path: str | os.PathLike[str] | bytes, threads: int | None = None, ex
     if exact:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     model = path if isinstance(path, bytes) else _read(path, "path")
-    disabled = ["WeightBiasQuantization"] if exact else None
+    disabled = None
+    if exact:
+        disabled = ["WeightBiasQuantization"]
+        if _has_2bit_weights(model):
+            disabled.append("QDQSelectorActionTransformer")
     try:
         return onnxruntime.InferenceSession(model, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
     except Exception as e:  # ORT raises its own exception types for a file it cannot load
@@ -48,6 +54,21 @@ def session(path: str | os.PathLike[str] | bytes, threads: int | None = None, ex
             raise
         what = "the serialized model (bytes)" if isinstance(path, bytes) else repr(os.fspath(path))
         raise LowbitFormatError(f"ONNX Runtime cannot load {what}: {e}") from None
+
+
+def _has_2bit_weights(model: str | bytes) -> bool:
+    """Whether the model holds int2 / uint2 initializers. ONNX Runtime 1.32 turns their
+    ``DequantizeLinear`` → ``MatMul`` into a 2-bit ``MatMulNBits`` whose results are wrong and
+    vary from run to run on some shapes (the demo VLM's 96 x 96 layers, blocks of 32: errors
+    of 10 on outputs of 10), so an exact session keeps its QDQ fusions off for them."""
+    import onnx
+
+    try:
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
+    except Exception:  # ORT itself reports a file it cannot read
+        return False
+    two = {onnx.TensorProto.INT2, onnx.TensorProto.UINT2} if hasattr(onnx.TensorProto, "INT2") else set()
+    return any(t.data_type in two for t in proto.graph.initializer)
 
 
 def _read(path: object, what: str) -> str:
