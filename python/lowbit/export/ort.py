@@ -144,6 +144,10 @@ class OrtModel:
         last: dict[str, str] = {}
         for node in proto.graph.node:
             module = _module_of(node.name)
+            if node.op_type == "QuantizeLinear" and module and node.input[0] in floats:
+                # What a quantized module's input quantizer reads ("<module>:input"): with it
+                # crossval(isolate=True) feeds torch's quantizer ONNX Runtime's own float input.
+                last.setdefault(f"{module}:input", node.input[0])
             for out in (o for o in node.output if o in floats):
                 # The node's module and every module around it: a module's output is the last
                 # float its subtree computes.
