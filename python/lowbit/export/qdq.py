@@ -229,16 +229,16 @@ class _Plan:
     """The placeholders of one export: weights and activations by key."""
 
     def __init__(self) -> None:
-        self.weights: dict[str, tuple[str, _Weight, bool]] = {}
+        self.weights: dict[str, tuple[str, _Weight, bool, torch.Tensor]] = {}
         self.activations: dict[str, _Activation] = {}
 
     def weight(self, module_name: str, wq: _Weight, like: torch.Tensor, matmul: bool) -> Any:
         """A placeholder for the weight: transposed to ``(in, out)`` for a ``MatMul`` (a Linear),
         in the module's own layout otherwise (a convolution's ``(out, in / groups, *kernel)``)."""
         key = f"w{len(self.weights)}"
-        self.weights[key] = (module_name, wq, matmul)
         value = _dequantized(wq, like.dtype)
         value = value.t() if matmul else value
+        self.weights[key] = (module_name, wq, matmul, value)
 
         def place(w: torch.Tensor) -> torch.Tensor:
             return _PlaceWeight.apply(w, key, value.to(w.device))
@@ -387,7 +387,7 @@ def _rewrite(model_proto: Any, plan: _Plan, opset: int | None) -> tuple[int, dic
         key = next(a.s.decode() for a in node.attribute if a.name == "key")
         out = node.output[0]
         if node.op_type == "Weight":
-            mod, w, matmul = plan.weights[key]
+            mod, w, matmul, _ = plan.weights[key]
             kind, _, _, op = _onnx_type(w.quant_min, w.quant_max)
             need = max(need, op)
             base = mod or "weight"

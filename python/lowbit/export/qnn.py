@@ -34,28 +34,22 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from lowbit._lowbit import LowbitValueError
-
-if TYPE_CHECKING:
-    from lowbit.export.qdq import _Plan
 
 __all__: list[str] = []
 
 _MOVES_DATA = {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
 
 
-def _weight_override(mod: str, w: Any, matmul: bool, op: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """The dequantized weight as ONNX stores it and its override for ONNX Runtime's quantizer;
-    ``op`` is the node that reads it."""
+def _weight_override(mod: str, w: Any, value: Any, matmul: bool, op: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The dequantized weight ``value`` (a tensor laid out as the node ``op`` reads it:
+    ``(in, out)`` for a Linear's ``matmul``) as an array, and its override for ONNX Runtime's
+    quantizer."""
     from onnxruntime.quantization import QuantType  # type: ignore[import-untyped]
-
-    import torch
-
-    from lowbit.export.qdq import _dequantized
 
     name = mod or "weight"
     if w.group is not None:
@@ -77,16 +71,15 @@ def _weight_override(mod: str, w: Any, matmul: bool, op: str) -> tuple[np.ndarra
                                "weight_spec=QuantSpec(8, granularity='tensor') or quantize it per tensor")
     np_type = {QuantType.QInt8: np.int8, QuantType.QUInt8: np.uint8, QuantType.QInt4: np.int8,
                QuantType.QUInt4: np.uint8}[kind]
-    value = _dequantized(w, torch.float32).numpy()
-    value = np.ascontiguousarray(value.T if matmul else value)
+    array = np.ascontiguousarray(value.detach().float().cpu().numpy())
     scales = np.atleast_1d(np.asarray(w.scales, np.float32))
     zps = np.atleast_1d(np.asarray(w.zero_points)).astype(np_type)
     if per_channel:
         rows = [{"quant_type": kind, "scale": np.array(scales[i]), "zero_point": np.array(zps[i])}
                 for i in range(len(scales))]
         rows[0]["axis"] = 1 if matmul else 0  # a MatMul reads (in, out)
-        return value, rows
-    return value, [{"quant_type": kind, "scale": np.array(scales[0]), "zero_point": np.array(zps[0])}]
+        return array, rows
+    return array, [{"quant_type": kind, "scale": np.array(scales[0]), "zero_point": np.array(zps[0])}]
 
 
 def _activation_override(a: Any, where: str) -> list[dict[str, Any]]:
@@ -105,7 +98,7 @@ def _activation_override(a: Any, where: str) -> list[dict[str, Any]]:
                            f"[{a.quant_min}, {a.quant_max}] (calibrate with 8 bits)")
 
 
-def _float_graph(proto: Any, plan: _Plan) -> dict[str, list[dict[str, Any]]]:
+def _float_graph(proto: Any, plan: Any) -> dict[str, list[dict[str, Any]]]:
     """Rewrites the placeholders in float (weights as dequantized initializers, activation
     fake-quants removed) and returns lowbit's quantization of each tensor as overrides."""
     from onnx import numpy_helper
@@ -122,8 +115,8 @@ def _float_graph(proto: Any, plan: _Plan) -> dict[str, list[dict[str, Any]]]:
             continue
         key = next(a.s.decode() for a in node.attribute if a.name == "key")
         if node.op_type == "Weight":
-            mod, w, matmul = plan.weights[key]
-            value, rows = _weight_override(mod, w, matmul, readers.get(node.output[0], ""))
+            mod, w, matmul, placed = plan.weights[key]
+            value, rows = _weight_override(mod, w, placed, matmul, readers.get(node.output[0], ""))
             name = f"{mod or 'model'}.weight_dequantized"
             graph.initializer.append(numpy_helper.from_array(value, name))
             overrides[name] = rows
@@ -159,7 +152,7 @@ def _float_graph(proto: Any, plan: _Plan) -> dict[str, list[dict[str, Any]]]:
     return overrides
 
 
-def complete(proto: Any, plan: _Plan, batches: list[tuple], opset: int | None) -> tuple[Any, int, dict[str, str]]:
+def complete(proto: Any, plan: Any, batches: list[tuple], opset: int | None) -> tuple[Any, int, dict[str, str]]:
     """The QNN form of a traced model: (ModelProto, opset, {module: weight type})."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
@@ -198,7 +191,7 @@ def complete(proto: Any, plan: _Plan, batches: list[tuple], opset: int | None) -
         result = onnx.load(out)
     result.producer_name = "lowbit"
     kinds = {}
-    for mod, w, _ in plan.weights.values():
+    for mod, *_ in plan.weights.values():
         rows = overrides.get(f"{mod or 'model'}.weight_dequantized")
         if rows is None:  # a module the traced call does not run
             continue
