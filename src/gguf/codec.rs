@@ -176,7 +176,7 @@ const POW3: [u8; 5] = [1, 3, 9, 27, 81];
 /// `ceil(v * 256 / 243)`: the base-3 number `v` (5 trits) as a fraction of a byte, so that
 /// `(byte * 3^k mod 256) * 3 >> 8` reads trit k back.
 fn trit_byte(v: u16) -> u8 {
-    ((v * 256 + 242) / 243) as u8
+    (v * 256).div_ceil(243) as u8
 }
 
 fn tq1_0(x: &[f32], out: &mut [u8], what: &str, i: usize) -> Result<()> {
