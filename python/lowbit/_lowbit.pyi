@@ -164,10 +164,11 @@ def quantize_checkpoint(
 ) -> list[dict[str, Any]]: ...
 def dequantize_checkpoint(src: str, dst: str) -> list[dict[str, Any]]: ...
 def load_quantized(path: str) -> dict[str, Any]: ...
-def gguf_quantize(x: npt.NDArray[np.float32], ggml_type: str) -> npt.NDArray[np.uint8]:
+def gguf_quantize(x: npt.NDArray[np.float32], ggml_type: str, name: str = "x") -> npt.NDArray[np.uint8]:
     """Float32 ``x`` (its last axis a whole number of blocks) as the bytes of GGML type
     ``ggml_type`` (``"Q8_0"``, ``"Q4_0"``, ``"TQ1_0"``, ``"TQ2_0"``, ``"F16"``, ``"BF16"``, ``"F32"``),
-    shaped ``(*x.shape[:-1], bytes per row)``, byte for byte as ``gguf.quants.quantize``.
+    shaped ``(*x.shape[:-1], bytes per row)``, byte for byte as ``gguf.quants.quantize``. Errors call
+    the input ``name``.
 
     >>> import numpy as np
     >>> gguf_quantize(np.full((1, 32), 2.0, np.float32), "Q8_0")[0, :4].tolist()  # f16 d, then int8 codes

@@ -22,21 +22,24 @@ fn row_shape(shape: &[usize], per_block: usize, what: &str, ty: GgmlType) -> PyR
     Ok(k / per_block)
 }
 
-/// `gguf_quantize(x, ggml_type)`: float32 `x` as the bytes of `ggml_type`, shaped
-/// `(*x.shape[:-1], bytes per row)` (as `gguf.quants.quantize` shapes block types).
+/// `gguf_quantize(x, ggml_type, name="x")`: float32 `x` as the bytes of `ggml_type`, shaped
+/// `(*x.shape[:-1], bytes per row)` (as `gguf.quants.quantize` shapes block types); errors call
+/// the input `name`.
 #[pyfunction]
+#[pyo3(signature = (x, ggml_type, name="x"))]
 pub fn gguf_quantize<'py>(
     py: Python<'py>,
     x: PyReadonlyArrayDyn<'py, f32>,
     ggml_type: &str,
+    name: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
     let ty = GgmlType::from_name(ggml_type).map_err(super::to_pyerr)?;
     let mut shape = x.shape().to_vec();
-    let blocks = row_shape(&shape, ty.block, "x", ty)?;
+    let blocks = row_shape(&shape, ty.block, name, ty)?;
     let a = x.as_array();
     let bytes = detach(py, || {
         let a = a.as_standard_layout();
-        gguf::quantize(a.as_slice().expect("standard layout"), ty, "x")
+        gguf::quantize(a.as_slice().expect("standard layout"), ty, name)
     })?;
     *shape.last_mut().expect("checked") = blocks * ty.size;
     bytes_to_numpy(py, bytes, &shape)

@@ -13,8 +13,8 @@ What is quantized, and how:
 
 * a :class:`lowbit.QuantizedTensor` in ``tensors`` (or a weight lowbit deploys as integers in a
   model: :class:`lowbit.torch.BitLinear`'s ternary codes, :class:`lowbit.models.QATLinear`'s spec,
-  found as :func:`lowbit.export.onnx` finds them) by its number of code levels: at most 4 →
-  ``ternary``, at most 16 → Q4_0, else Q8_0. GGML blocks have one float16 scale per 32 (256 for
+  found as :func:`lowbit.export.onnx` finds them): ternary codes (-1 / 0 / 1 with zero point 0)
+  → ``ternary``; other codes of at most 16 levels → Q4_0, more → Q8_0. GGML blocks have one float16 scale per 32 (256 for
   the ternary types) elements of a row and no zero point, so the weight's values are quantized
   again by GGML's rule for the type: BitLinear's codes -1 / 0 / 1 survive exactly (the block
   scale is the layer's scale, rounded to float16); other codes are approximated. Such a weight's
@@ -68,7 +68,14 @@ def _choice(v: Any, what: str, options: tuple[str, ...]) -> str:
 
 
 def _type_for_levels(levels: int, ternary: str) -> str:
-    return ternary if levels <= 4 else "Q4_0" if levels <= 16 else "Q8_0"
+    return ternary if levels <= 3 else "Q4_0" if levels <= 16 else "Q8_0"
+
+
+def _weight_type(codes: np.ndarray, zero_points: Any, levels: int, ternary: str) -> str:
+    """Ternary codes (-1 / 0 / 1 about a zero point of 0) → ``ternary``, else by code levels."""
+    if np.all(np.asarray(zero_points) == 0) and codes.size and codes.min() >= -1 and codes.max() <= 1:
+        return ternary
+    return _type_for_levels(max(levels, 4), ternary)
 
 
 def _float32(name: str, v: Any) -> np.ndarray:
@@ -89,7 +96,7 @@ def _collect(tensors_or_model: Any, ternary: str) -> list[tuple[str, np.ndarray,
                 raise LowbitTypeError(f"tensors must map names (non-empty str) to arrays, got the key {name!r}")
             if isinstance(v, QuantizedTensor):
                 levels = v.spec.quant_max - v.spec.quant_min + 1
-                out.append((name, v.dequantize(), _type_for_levels(levels, ternary)))
+                out.append((name, v.dequantize(), _weight_type(v.int_repr(), v.zero_points, levels, ternary)))
             else:
                 out.append((name, _float32(name, v), None))
         return out
@@ -108,8 +115,8 @@ def _collect(tensors_or_model: Any, ternary: str) -> list[tuple[str, np.ndarray,
         if isinstance(getattr(m, "weight", None), torch.Tensor):
             wq = module_weight(mname, m, {}, {})
             if wq is not None:
-                levels = wq.quant_max - wq.quant_min + 1
-                deployed[f"{mname}.weight" if mname else "weight"] = (dequantized(wq), _type_for_levels(levels, ternary))
+                ty = _weight_type(wq.codes, wq.zero_points, wq.quant_max - wq.quant_min + 1, ternary)
+                deployed[f"{mname}.weight" if mname else "weight"] = (dequantized(wq), ty)
     out = []
     for name, t in model.state_dict().items():
         if name in deployed:
@@ -231,6 +238,7 @@ def gguf(
         if bits not in (2, 4, 8):
             raise LowbitValueError(f"bits must be None, 2, 4 or 8, got {bits}")
     kv = _metadata(metadata)
+    by_bits = {2: ternary, 4: "Q4_0", 8: "Q8_0"}
     entries = _collect(tensors_or_model, ternary)
     blocks: list[tuple[str, np.ndarray, str, tuple[int, ...]]] = []
     for name, values, ty in entries:
@@ -238,18 +246,15 @@ def gguf(
             if not _row_fits(values, ty):
                 raise LowbitValueError(f"{name}: {ty} needs rows of whole {_BLOCK[ty]}-element blocks; its shape is "
                                        f"{tuple(values.shape)}")
-        elif bits is not None and values.ndim >= 2 and _row_fits(values, _type_for_levels(2**bits, ternary)):
-            ty = _type_for_levels(2**bits, ternary)
+        elif bits is not None and values.ndim >= 2 and _row_fits(values, by_bits[bits]):
+            ty = by_bits[bits]
         else:
             ty = float_type
         shape = tuple(values.shape)
         if values.size == 0:
             raise LowbitValueError(f"{name}: an empty tensor (shape {shape}) has no GGUF form lowbit writes")
         rows = values.reshape(-1, shape[-1]) if values.ndim >= 1 else values.reshape(1, 1)
-        try:
-            data = _lowbit.gguf_quantize(rows, ty)
-        except LowbitValueError as e:
-            raise LowbitValueError(f"{name}: {e}") from None
+        data = _lowbit.gguf_quantize(rows, ty, name)
         blocks.append((name, data, ty, shape or (1,)))
     report = GGUFReport(dest, {name: ty for name, _, ty, _ in blocks})
     _write(dest, kv, blocks)
