@@ -158,7 +158,7 @@ def _metadata(metadata: Any) -> list[tuple[str, Any, str, str | None]]:
         return []
     if not isinstance(metadata, Mapping):
         raise LowbitTypeError(f"metadata must be a dict of str to values, got {type(metadata).__name__}")
-    out = []
+    out: list[tuple[str, Any, str, str | None]] = []
     for key, v in metadata.items():
         if not isinstance(key, str) or not key:
             raise LowbitTypeError(f"metadata keys must be non-empty strings, got {key!r}")
