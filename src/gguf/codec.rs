@@ -212,8 +212,18 @@ pub fn quantize(x: &[f32], ty: GgmlType, what: &str) -> Result<Vec<u8>> {
     }
     match c {
         Codec::F32 => return Ok(x.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        Codec::F16 => return Ok(x.iter().flat_map(|v| f32_to_f16(*v).to_le_bytes()).collect()),
-        Codec::BF16 => return Ok(x.iter().flat_map(|v| f32_to_bf16(*v).to_le_bytes()).collect()),
+        Codec::F16 => {
+            return Ok(x
+                .iter()
+                .flat_map(|v| f32_to_f16(*v).to_le_bytes())
+                .collect())
+        }
+        Codec::BF16 => {
+            return Ok(x
+                .iter()
+                .flat_map(|v| f32_to_bf16(*v).to_le_bytes())
+                .collect())
+        }
         _ => {}
     }
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {

@@ -32,7 +32,10 @@ use ndarray::{ArrayD, IxDyn};
 #[allow(clippy::large_enum_variant)] // one per tensor; boxing buys nothing
 pub enum Loaded {
     /// `exact`: its dequantize equals gguf's values bit for bit (else up to the sign of zero).
-    Quantized { tensor: QuantizedTensor, exact: bool },
+    Quantized {
+        tensor: QuantizedTensor,
+        exact: bool,
+    },
     Float(ArrayD<f32>),
 }
 

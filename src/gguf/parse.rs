@@ -243,7 +243,9 @@ impl<'a> Reader<'a> {
         let at = self.pos;
         let t = self.u32(what)?;
         if t as usize >= VALUE_TYPES.len() {
-            return Err(bad(format!("{what} at byte {at} has unknown value type {t}")));
+            return Err(bad(format!(
+                "{what} at byte {at} has unknown value type {t}"
+            )));
         }
         Ok(t)
     }
@@ -334,7 +336,7 @@ pub fn parse(bytes: &[u8]) -> Result<Gguf<'_>> {
     let at = r.pos;
     let n_tensors = r.u64("the tensor count")?;
     let n_kv = r.count(13, "the key-value count")?; // key length 8 + type 4 + value 1
-    // a tensor info is at least 24 bytes: name length 8, dimension count 4, type 4, offset 8
+                                                    // a tensor info is at least 24 bytes: name length 8, dimension count 4, type 4, offset 8
     if n_tensors > (r.left() / 24) as u64 {
         return Err(bad(format!(
             "the tensor count at byte {at} is {n_tensors}, more than the file can hold"
@@ -410,9 +412,10 @@ pub fn parse(bytes: &[u8]) -> Result<Gguf<'_>> {
         let nbytes = dims
             .iter()
             .skip(1)
-            .try_fold((ne0 / ty.block as u64).checked_mul(ty.size as u64), |a, &d| {
-                Some(a.and_then(|a| a.checked_mul(d)))
-            })
+            .try_fold(
+                (ne0 / ty.block as u64).checked_mul(ty.size as u64),
+                |a, &d| Some(a.and_then(|a| a.checked_mul(d))),
+            )
             .flatten()
             .filter(|&n| n <= data_len)
             .ok_or_else(|| {
@@ -458,7 +461,10 @@ pub(crate) mod tests {
 
     /// A small GGUF writer for tests: `kv` are (key, type id, encoded value) triples, `tensors`
     /// (name, dims, type id, data).
-    pub(crate) fn file(kv: &[(&str, u32, Vec<u8>)], tensors: &[(&str, &[u64], u32, Vec<u8>)]) -> Vec<u8> {
+    pub(crate) fn file(
+        kv: &[(&str, u32, Vec<u8>)],
+        tensors: &[(&str, &[u64], u32, Vec<u8>)],
+    ) -> Vec<u8> {
         let s = |b: &mut Vec<u8>, x: &str| {
             b.extend((x.len() as u64).to_le_bytes());
             b.extend(x.as_bytes());
@@ -502,7 +508,10 @@ pub(crate) mod tests {
         arr.extend(2u64.to_le_bytes());
         arr.extend(7i32.to_le_bytes());
         arr.extend((-1i32).to_le_bytes());
-        let f: Vec<u8> = [1.0f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f: Vec<u8> = [1.0f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         file(
             &[
                 ("general.architecture", 8, str_val("llama")),
@@ -519,7 +528,10 @@ pub(crate) mod tests {
         let b = sample();
         let g = parse(&b).unwrap();
         assert_eq!(g.version, 3);
-        assert_eq!(g.get("general.architecture"), Some(&Value::Str("llama".into())));
+        assert_eq!(
+            g.get("general.architecture"),
+            Some(&Value::Str("llama".into()))
+        );
         assert_eq!(g.get("n"), Some(&Value::U32(3)));
         assert_eq!(g.get("flag"), Some(&Value::Bool(true)));
         assert_eq!(g.get("list"), Some(&Value::Array(Array::I32(vec![7, -1]))));
@@ -599,18 +611,27 @@ pub(crate) mod tests {
     #[test]
     fn bad_tensors_name_the_tensor() {
         let e = err(&file(&[], &[("t", &[32], 77, vec![0; 34])]));
-        assert!(e.contains("\"t\"") && e.contains("unknown GGML type id 77"), "{e}");
+        assert!(
+            e.contains("\"t\"") && e.contains("unknown GGML type id 77"),
+            "{e}"
+        );
         let e = err(&file(&[], &[("odd", &[33], 8, vec![0; 68])]));
         assert!(e.contains("\"odd\"") && e.contains("33 elements"), "{e}");
         let e = err(&file(&[], &[("big", &[1 << 40, 1 << 40], 0, vec![0; 4])]));
         assert!(e.contains("\"big\""), "{e}");
         let e = err(&file(&[], &[("many", &[1, 1, 1, 1, 1], 0, vec![0; 4])]));
         assert!(e.contains("5 dimensions"), "{e}");
-        let e = err(&file(&[("general.alignment", 4, 3u32.to_le_bytes().to_vec())], &[]));
+        let e = err(&file(
+            &[("general.alignment", 4, 3u32.to_le_bytes().to_vec())],
+            &[],
+        ));
         assert!(e.contains("alignment"), "{e}");
         let e = err(&file(&[("flag", 7, vec![2])], &[]));
         assert!(e.contains("bool"), "{e}");
-        let e = err(&file(&[], &[("a", &[1], 0, vec![0; 4]), ("a", &[1], 0, vec![0; 4])]));
+        let e = err(&file(
+            &[],
+            &[("a", &[1], 0, vec![0; 4]), ("a", &[1], 0, vec![0; 4])],
+        ));
         assert!(e.contains("twice"), "{e}");
         let mut v = file(&[], &[("t", &[1], 0, vec![0; 4])]);
         v[..4].copy_from_slice(b"GGUX");

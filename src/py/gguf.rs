@@ -81,9 +81,8 @@ pub fn load_gguf<'py>(
 ) -> PyResult<(u32, Vec<(String, Bound<'py, PyAny>, String)>, Tensors<'py>)> {
     let (version, meta, loaded) = detach(py, || {
         let map = crate::quant::checkpoint::map_file(&path)?;
-        let g = gguf::parse(&map).map_err(|e| {
-            crate::Error::format(format!("{}: {e}", path.display()))
-        })?;
+        let g = gguf::parse(&map)
+            .map_err(|e| crate::Error::format(format!("{}: {e}", path.display())))?;
         let mut out = Vec::with_capacity(g.tensors.len());
         for t in &g.tensors {
             let l = if dequantize {
