@@ -174,6 +174,7 @@ def gguf_quantize(x: npt.NDArray[np.float32], ggml_type: str, name: str = "x") -
     the input ``name``.
 
     >>> import numpy as np
+    >>> from lowbit._lowbit import gguf_quantize
     >>> gguf_quantize(np.full((1, 32), 2.0, np.float32), "Q8_0")[0, :4].tolist()  # f16 d, then int8 codes
     [8, 36, 127, 127]
     """
