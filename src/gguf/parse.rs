@@ -148,8 +148,11 @@ impl TensorInfo {
         self.dims.iter().rev().map(|&d| d as usize).collect()
     }
 
-    /// Elements (checked against the file when parsed).
+    /// Elements (checked when parsed: the non-zero dimensions multiply to at most `isize::MAX`).
     pub fn numel(&self) -> usize {
+        if self.dims.contains(&0) {
+            return 0;
+        }
         self.dims.iter().map(|&d| d as usize).product()
     }
 }
@@ -386,8 +389,16 @@ pub fn parse(bytes: &[u8]) -> Result<Gguf<'_>> {
         let offset = r.u64(&format!("the offset of tensor {name:?}"))?;
         infos.push((name, dims, ty, offset));
     }
+    // A file without tensors may end before the padding of an empty data section.
     let data_start = (r.pos as u64)
         .checked_next_multiple_of(alignment)
+        .map(|s| {
+            if infos.is_empty() {
+                s.min(bytes.len() as u64)
+            } else {
+                s
+            }
+        })
         .filter(|&s| s <= bytes.len() as u64)
         .ok_or_else(|| {
             bad(format!(
@@ -425,6 +436,17 @@ pub fn parse(bytes: &[u8]) -> Result<Gguf<'_>> {
                     ty.name
                 ))
             })?;
+        // Zero-length axes make nbytes 0 whatever the others claim; those must still make an array.
+        let fits = dims
+            .iter()
+            .filter(|&&d| d != 0)
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .is_some_and(|n| n <= isize::MAX as u64);
+        if !fits {
+            return Err(bad(format!(
+                "tensor {name:?} of dimensions {dims:?} has more elements than an array can hold"
+            )));
+        }
         if offset % alignment != 0 {
             return Err(bad(format!(
                 "tensor {name:?} starts at data offset {offset}, not a multiple of the \
@@ -524,6 +546,14 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_file_without_tensors_needs_no_padding() {
+        let b = file(&[("general.name", 8, str_val("x"))], &[]);
+        let end = 24 + 8 + 12 + 4 + 8 + 1;
+        let g = parse(&b[..end]).unwrap();
+        assert!(g.tensors.is_empty() && g.data_start == end);
+    }
+
+    #[test]
     fn parses_metadata_and_tensors() {
         let b = sample();
         let g = parse(&b).unwrap();
@@ -619,6 +649,8 @@ pub(crate) mod tests {
         assert!(e.contains("\"odd\"") && e.contains("33 elements"), "{e}");
         let e = err(&file(&[], &[("big", &[1 << 40, 1 << 40], 0, vec![0; 4])]));
         assert!(e.contains("\"big\""), "{e}");
+        let e = err(&file(&[], &[("zero", &[1 << 62, 4, 0], 2, vec![])]));
+        assert!(e.contains("\"zero\"") && e.contains("more elements"), "{e}");
         let e = err(&file(&[], &[("many", &[1, 1, 1, 1, 1], 0, vec![0; 4])]));
         assert!(e.contains("5 dimensions"), "{e}");
         let e = err(&file(
