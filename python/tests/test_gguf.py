@@ -272,7 +272,8 @@ def test_metadata_types_round_trip(tmp_path) -> None:
         lowbit.export.gguf({"w": np.ones(2, np.float32)}, path, metadata={"general.alignment": 3})
     for bad, err in (({"e": []}, lowbit.LowbitValueError), ({"m": [1, "a"]}, lowbit.LowbitValueError),
                      ({"b": b"x"}, lowbit.LowbitTypeError), ({"n": None}, lowbit.LowbitTypeError),
-                     ({1: 2}, lowbit.LowbitTypeError), ({"big": 2**70}, lowbit.LowbitValueError)):
+                     ({1: 2}, lowbit.LowbitTypeError), ({"big": 2**70}, lowbit.LowbitValueError),
+                     ({"general.architecture": 5}, lowbit.LowbitTypeError)):
         with pytest.raises(err):
             lowbit.export.gguf({"w": np.ones(2, np.float32)}, path, metadata=bad)
 

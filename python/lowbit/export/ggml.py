@@ -230,6 +230,11 @@ def gguf(
     >>> np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), codes * np.float32(np.float16(scale)))
     True
     """
+    try:
+        import gguf as gguf_pkg
+    except ImportError as e:
+        raise ImportError("lowbit.export.gguf writes through the gguf package (llama.cpp's gguf-py): "
+                          "pip install gguf") from e
     dest = path_arg(path, "path")
     ternary = _choice(ternary, "ternary", ("TQ2_0", "TQ1_0"))
     float_type = _choice(float_type, "float_type", ("F16", "F32", "BF16"))
@@ -238,6 +243,11 @@ def gguf(
         if bits not in (2, 4, 8):
             raise LowbitValueError(f"bits must be None, 2, 4 or 8, got {bits}")
     kv = _metadata(metadata)
+    for key, value, t, _ in kv:
+        if key == "general.architecture" and t != "STRING":
+            raise LowbitTypeError(f"metadata['general.architecture'] must be a str, got {type(value).__name__}")
+        if key == "general.alignment" and (t not in ("INT32", "UINT32") or value <= 0 or value & (value - 1)):
+            raise LowbitValueError(f"metadata['general.alignment'] must be a power of two, got {value!r}")
     by_bits = {2: ternary, 4: "Q4_0", 8: "Q8_0"}
     entries = _collect(tensors_or_model, ternary)
     blocks: list[tuple[str, np.ndarray, str, tuple[int, ...]]] = []
@@ -257,17 +267,13 @@ def gguf(
         data = _lowbit.gguf_quantize(rows, ty, name)
         blocks.append((name, data, ty, shape or (1,)))
     report = GGUFReport(dest, {name: ty for name, _, ty, _ in blocks})
-    _write(dest, kv, blocks)
+    _write(gguf_pkg, dest, kv, blocks)
     report.nbytes = os.path.getsize(dest)
     return report
 
 
-def _write(dest: str, kv: list[tuple[str, Any, str, str | None]], blocks: list) -> None:
-    import gguf as gguf_pkg
-
+def _write(gguf_pkg: Any, dest: str, kv: list[tuple[str, Any, str, str | None]], blocks: list) -> None:
     arch = next((v for k, v, t, _ in kv if k == "general.architecture"), "lowbit")
-    if not isinstance(arch, str):
-        raise LowbitTypeError("metadata['general.architecture'] must be a str")
     with tempfile.TemporaryDirectory(prefix="lowbit-gguf-") as tmp:
         tmp_path = os.path.join(tmp, "out.gguf")
         w = gguf_pkg.GGUFWriter(tmp_path, arch)
@@ -276,8 +282,6 @@ def _write(dest: str, kv: list[tuple[str, Any, str, str | None]], blocks: list) 
                 if key == "general.architecture":
                     continue
                 if key == "general.alignment":
-                    if t not in ("INT32", "UINT32") or value <= 0 or value & (value - 1) or value >= 2**32:
-                        raise LowbitValueError(f"metadata['general.alignment'] must be a power of two, got {value!r}")
                     w.add_custom_alignment(int(value))
                     continue
                 w.add_key_value(key, value, gguf_pkg.GGUFValueType[t],
