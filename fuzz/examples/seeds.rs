@@ -317,14 +317,17 @@ fn gguf_files() -> Vec<Vec<u8>> {
         b.extend((x.len() as u64).to_le_bytes());
         b.extend(x.as_bytes());
     };
-    let x: Vec<f32> = (0..512).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.02).collect();
-    let mut tensors: Vec<(String, u32, Vec<u8>)> = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "TQ1_0", "TQ2_0"]
-        .iter()
-        .map(|n| {
-            let t = GgmlType::from_name(n).unwrap();
-            (n.to_string(), t.id, quantize(&x, t, "seed").unwrap())
-        })
+    let x: Vec<f32> = (0..512)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.02)
         .collect();
+    let mut tensors: Vec<(String, u32, Vec<u8>)> =
+        ["F32", "F16", "BF16", "Q8_0", "Q4_0", "TQ1_0", "TQ2_0"]
+            .iter()
+            .map(|n| {
+                let t = GgmlType::from_name(n).unwrap();
+                (n.to_string(), t.id, quantize(&x, t, "seed").unwrap())
+            })
+            .collect();
     tensors.push(("Q4_K".into(), 12, vec![0; 288]));
     let mut seeds = Vec::new();
     for n in [0, 1, tensors.len()] {

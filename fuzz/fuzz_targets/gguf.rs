@@ -30,10 +30,18 @@ fuzz_target!(|data: &[u8]| {
         };
         match &loaded {
             Loaded::Quantized { tensor, exact } => {
-                tensor.validate().expect("a loaded QuantizedTensor is valid");
-                assert!(same(*exact), "{}: values differ from the raw decode", t.name);
+                tensor
+                    .validate()
+                    .expect("a loaded QuantizedTensor is valid");
+                assert!(
+                    same(*exact),
+                    "{}: values differ from the raw decode",
+                    t.name
+                );
             }
-            Loaded::Float(_) => assert!(same(true), "{}: values differ from the raw decode", t.name),
+            Loaded::Float(_) => {
+                assert!(same(true), "{}: values differ from the raw decode", t.name)
+            }
         }
     }
 });
