@@ -331,6 +331,11 @@ pub fn parse(bytes: &[u8]) -> Result<Gguf<'_>> {
         return Err(bad("it does not start with \"GGUF\""));
     }
     let version = r.u32("the version")?;
+    if (2..=3).contains(&version.swap_bytes()) {
+        return Err(bad(
+            "it is a big-endian GGUF file (lowbit reads little-endian ones)",
+        ));
+    }
     if !(2..=3).contains(&version) {
         return Err(bad(format!(
             "version {version} (lowbit reads versions 2 and 3)"
@@ -668,5 +673,8 @@ pub(crate) mod tests {
         let mut v = file(&[], &[("t", &[1], 0, vec![0; 4])]);
         v[..4].copy_from_slice(b"GGUX");
         assert!(err(&v).contains("GGUF"));
+        let mut v = file(&[], &[]);
+        v[4..8].copy_from_slice(&3u32.to_be_bytes());
+        assert!(err(&v).contains("big-endian"));
     }
 }

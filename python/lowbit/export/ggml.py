@@ -1,6 +1,6 @@
 """GGUF export: tensors or a torch model as a GGUF file (llama.cpp's format), with GGML's block
-types for the quantized weights: ternary → TQ2_0 (TQ1_0 on request), 3-4 bit → Q4_0, 5-8 bit →
-Q8_0, floats → F16 (or F32 / BF16). :func:`lowbit.load_gguf` reads such files back.
+types for the quantized weights: ternary → TQ2_0 (TQ1_0 on request), up to 16 levels → Q4_0,
+more → Q8_0, floats → F16 (or F32 / BF16). :func:`lowbit.load_gguf` reads such files back.
 
 How it works. Each tensor is encoded by lowbit's Rust codecs, which equal ``gguf.quants.quantize``
 byte for byte (``python/tests/test_gguf.py`` checks random and degenerate data), and the file is
@@ -12,16 +12,19 @@ of that format to drift. It writes into a temporary folder; the finished file th
 What is quantized, and how:
 
 * a :class:`lowbit.QuantizedTensor` in ``tensors`` (or a weight lowbit deploys as integers in a
-  model: :class:`lowbit.torch.BitLinear`'s ternary codes, :class:`lowbit.models.QATLinear`'s spec,
-  found as :func:`lowbit.export.onnx` finds them): ternary codes (-1 / 0 / 1 with zero point 0)
-  → ``ternary``; other codes of at most 16 levels → Q4_0, more → Q8_0. GGML blocks have one float16 scale per 32 (256 for
-  the ternary types) elements of a row and no zero point, so the weight's values are quantized
-  again by GGML's rule for the type: BitLinear's codes -1 / 0 / 1 survive exactly (the block
-  scale is the layer's scale, rounded to float16); other codes are approximated. Such a weight's
-  last axis must be a whole number of blocks.
+  model: :class:`lowbit.torch.BitLinear`'s ternary codes, :class:`lowbit.models.QATLinear`'s
+  spec, found as :func:`lowbit.export.onnx` finds them): ternary codes (-1 / 0 / 1 with zero
+  point 0) → ``ternary``; other codes of at most 16 levels → Q4_0, more → Q8_0. GGML blocks have
+  one float16 scale per 32 (256 for the ternary types) elements of a row and no zero point, so
+  the weight's values are quantized again by GGML's rule for the type: BitLinear's codes survive
+  exactly (the block scale is the layer's scale, rounded to float16), as do the tensors
+  :func:`lowbit.load_gguf` returns (GGML's quantizers always write a block's extreme code, so
+  re-quantizing gives the same bytes); other codes are approximated. Such a weight's last axis
+  must be a whole number of blocks.
 * float tensors: ``float_type``, unless ``bits`` (2, 4 or 8) asks for every float tensor of two
   or more dimensions whose last axis is a whole number of blocks to be quantized to the type of
-  that width (the others stay ``float_type``).
+  that width (the others stay ``float_type``). A model's integer buffers (BatchNorm's
+  ``num_batches_tracked``) are left out.
 
 Values GGML's reference quantizer cannot encode (NaN, ±Inf, or a block so close to zero that its
 ``1/d`` overflows) raise ``LowbitValueError`` for the block types; float types keep them.
@@ -67,15 +70,11 @@ def _choice(v: Any, what: str, options: tuple[str, ...]) -> str:
     return v
 
 
-def _type_for_levels(levels: int, ternary: str) -> str:
-    return ternary if levels <= 3 else "Q4_0" if levels <= 16 else "Q8_0"
-
-
 def _weight_type(codes: np.ndarray, zero_points: Any, levels: int, ternary: str) -> str:
     """Ternary codes (-1 / 0 / 1 about a zero point of 0) → ``ternary``, else by code levels."""
     if np.all(np.asarray(zero_points) == 0) and codes.size and codes.min() >= -1 and codes.max() <= 1:
         return ternary
-    return _type_for_levels(max(levels, 4), ternary)
+    return "Q4_0" if levels <= 16 else "Q8_0"
 
 
 def _float32(name: str, v: Any) -> np.ndarray:
