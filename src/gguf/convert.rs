@@ -26,6 +26,10 @@ use crate::quant::spec::{Granularity, QuantSpec, QuantizedTensor};
 use crate::quant::{pack, QRange};
 use crate::{Error, Result};
 use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
+
+/// Blocks per parallel task.
+const PAR: usize = 1024;
 
 /// A GGUF tensor in lowbit's terms.
 #[derive(Clone, Debug)]
@@ -111,31 +115,38 @@ pub fn to_lowbit(g: &Gguf<'_>, t: &TensorInfo) -> Result<Loaded> {
     let n = t.numel();
     let nblocks = n / t.ty.block;
     let mut offsets = vec![0u8; n];
-    let mut scales = Vec::with_capacity(nblocks);
-    let mut zps = Vec::with_capacity(nblocks);
-    let mut q = vec![0i8; t.ty.block];
-    let mut exact = true;
-    for (b, off) in bytes
-        .chunks_exact(t.ty.size)
-        .zip(offsets.chunks_exact_mut(t.ty.block))
-    {
-        let d = block_codes(c, b, &mut q);
-        // where gguf's product is -0.0: zero times a negative d, a negative code times +0, a
-        // non-negative code times -0
-        exact &= match (d == 0.0, d.is_sign_negative()) {
-            (false, false) => true,
-            (false, true) => !q.contains(&0),
-            (true, false) => q.iter().all(|&v| v >= 0),
-            (true, true) => q.iter().all(|&v| v < 0),
-        };
-        match block(&q, d, r, (zp_pos, zp_neg), off) {
-            Some((s, z)) => {
-                scales.push(s);
-                zps.push(z);
+    let mut scales = vec![0f32; nblocks];
+    let mut zps = vec![0i32; nblocks];
+    // Each task converts PAR blocks; None when one of them has no QuantizedTensor form.
+    let exact = offsets
+        .par_chunks_mut(t.ty.block * PAR)
+        .zip(bytes.par_chunks(t.ty.size * PAR))
+        .zip(scales.par_chunks_mut(PAR).zip(zps.par_chunks_mut(PAR)))
+        .map(|((off, bs), (ss, zs))| {
+            let mut q = vec![0i8; t.ty.block];
+            let mut exact = true;
+            for (i, (b, off)) in bs
+                .chunks_exact(t.ty.size)
+                .zip(off.chunks_exact_mut(t.ty.block))
+                .enumerate()
+            {
+                let d = block_codes(c, b, &mut q);
+                // where gguf's product is -0.0: zero times a negative d, a negative code times
+                // +0, a non-negative code times -0
+                exact &= match (d == 0.0, d.is_sign_negative()) {
+                    (false, false) => true,
+                    (false, true) => !q.contains(&0),
+                    (true, false) => q.iter().all(|&v| v >= 0),
+                    (true, true) => q.iter().all(|&v| v < 0),
+                };
+                (ss[i], zs[i]) = block(&q, d, r, (zp_pos, zp_neg), off)?;
             }
-            None => return float(),
-        }
-    }
+            Some(exact)
+        })
+        .try_reduce(|| true, |a, b| Some(a && b));
+    let Some(exact) = exact else {
+        return float();
+    };
     let qshape = spec.qparams_shape(&shape)?;
     let err = |e: ndarray::ShapeError| Error::format(format!("tensor {:?}: {e}", t.name));
     let qt = QuantizedTensor {
@@ -201,6 +212,28 @@ mod tests {
         let l = to_lowbit(&g, &g.tensors[0]).unwrap();
         assert!(matches!(l, Loaded::Float(_)));
         assert!(l.values().unwrap().iter().all(|v| v.is_nan()));
+    }
+
+    /// Tensors of many parallel tasks, one of them with a block no QuantizedTensor holds.
+    #[test]
+    fn large_tensors_convert_in_parallel() {
+        let x: Vec<f32> = (0..32 * 2500)
+            .map(|i| ((i * 7919 % 1013) as f32) - 506.0)
+            .collect();
+        let (l, want) = load("Q8_0", &[32, 2500], &x);
+        assert!(matches!(&l, Loaded::Quantized { exact: true, .. }));
+        assert!(same_bits(&l.values().unwrap(), &want));
+        let ty = GgmlType::from_name("Q8_0").unwrap();
+        let mut data = quantize(&x, ty, "x").unwrap();
+        data[34 * 2100..34 * 2100 + 2].copy_from_slice(&0x7c00u16.to_le_bytes()); // d = inf
+        let b = file(&[], &[("t", &[32, 2500], ty.id, data.clone())]);
+        let g = parse(&b).unwrap();
+        let l = to_lowbit(&g, &g.tensors[0]).unwrap();
+        assert!(matches!(l, Loaded::Float(_)));
+        assert!(same_bits(
+            &l.values().unwrap(),
+            &dequantize(&data, ty).unwrap()
+        ));
     }
 
     #[test]
