@@ -4,6 +4,7 @@ pub mod bitnet;
 pub mod calib;
 pub mod config;
 pub mod error;
+pub mod gguf;
 pub mod names;
 pub mod nas;
 pub mod pool;

@@ -309,6 +309,67 @@ fn observers() -> Vec<Vec<u8>> {
     seeds
 }
 
+/// GGUF v3 files with one tensor of every type lowbit decodes, a Q4_K one and metadata of
+/// every value type (lowbit writes GGUF through gguf-py's writer; this is the same layout).
+fn gguf_files() -> Vec<Vec<u8>> {
+    use lowbit::gguf::{quantize, GgmlType};
+    let s = |b: &mut Vec<u8>, x: &str| {
+        b.extend((x.len() as u64).to_le_bytes());
+        b.extend(x.as_bytes());
+    };
+    let x: Vec<f32> = (0..512)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.02)
+        .collect();
+    let mut tensors: Vec<(String, u32, Vec<u8>)> =
+        ["F32", "F16", "BF16", "Q8_0", "Q4_0", "TQ1_0", "TQ2_0"]
+            .iter()
+            .map(|n| {
+                let t = GgmlType::from_name(n).unwrap();
+                (n.to_string(), t.id, quantize(&x, t, "seed").unwrap())
+            })
+            .collect();
+    tensors.push(("Q4_K".into(), 12, vec![0; 288]));
+    let mut seeds = Vec::new();
+    for n in [0, 1, tensors.len()] {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((n as u64).to_le_bytes());
+        b.extend(4u64.to_le_bytes());
+        s(&mut b, "general.architecture");
+        b.extend(8u32.to_le_bytes());
+        s(&mut b, "llama");
+        s(&mut b, "general.alignment");
+        b.extend(4u32.to_le_bytes());
+        b.extend(32u32.to_le_bytes());
+        s(&mut b, "ints");
+        b.extend(9u32.to_le_bytes());
+        b.extend(5u32.to_le_bytes());
+        b.extend(2u64.to_le_bytes());
+        b.extend(7i32.to_le_bytes());
+        b.extend((-7i32).to_le_bytes());
+        s(&mut b, "f");
+        b.extend(12u32.to_le_bytes());
+        b.extend(0.5f64.to_le_bytes());
+        let mut off = 0u64;
+        for (name, id, data) in &tensors[..n] {
+            s(&mut b, name);
+            b.extend(2u32.to_le_bytes());
+            b.extend(256u64.to_le_bytes());
+            b.extend(2u64.to_le_bytes());
+            b.extend(id.to_le_bytes());
+            b.extend(off.to_le_bytes());
+            off += (data.len() as u64).next_multiple_of(32);
+        }
+        b.resize(b.len().next_multiple_of(32), 0);
+        for (_, _, data) in &tensors[..n] {
+            b.extend(data);
+            b.resize(b.len().next_multiple_of(32), 0);
+        }
+        seeds.push(b);
+    }
+    seeds
+}
+
 fn write(dir: &Path, target: &str, seeds: Vec<Vec<u8>>) {
     let d = dir.join(target);
     std::fs::create_dir_all(&d).unwrap();
@@ -330,6 +391,7 @@ fn main() {
     write(dir, "device", profiles);
     write(dir, "graph", graphs());
     write(dir, "observer", observers());
+    write(dir, "gguf", gguf_files());
     // `unpack` takes structured input (`arbitrary`): libFuzzer starts it from nothing.
     write(dir, "unpack", vec![]);
 }

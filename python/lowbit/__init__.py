@@ -22,6 +22,7 @@ from lowbit._lowbit import (
 )
 from lowbit import bitnet, calib, crossval, nas, ptq, runtime
 from lowbit._config import show_config
+from lowbit._gguf import GGUFFile, load_gguf
 from lowbit.bitnet import activation_quant, binary_quantize, pack, pack_ternary, ternary_quantize, unpack, unpack_ternary
 from lowbit._quant import (
     checkpoint_metadata,
@@ -50,6 +51,7 @@ def __getattr__(name: str):  # noqa: ANN202
 
 
 __all__ = [
+    "GGUFFile",
     "LowbitError",
     "LowbitFormatError",
     "LowbitIOError",
@@ -69,6 +71,7 @@ __all__ = [
     "crossval",
     "fake_quantize_per_channel_affine",
     "fake_quantize_per_tensor_affine",
+    "load_gguf",
     "load_quantized",
     "nas",
     "pack",

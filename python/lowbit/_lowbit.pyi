@@ -42,6 +42,9 @@ __all__ = [
     "QuantizedTensor",
     "gptq",
     "output_error",
+    "gguf_dequantize",
+    "gguf_quantize",
+    "load_gguf",
     "checkpoint_metadata",
     "dequantize_checkpoint",
     "load_quantized",
@@ -164,6 +167,23 @@ def quantize_checkpoint(
 ) -> list[dict[str, Any]]: ...
 def dequantize_checkpoint(src: str, dst: str) -> list[dict[str, Any]]: ...
 def load_quantized(path: str) -> dict[str, Any]: ...
+def gguf_quantize(x: npt.NDArray[np.float32], ggml_type: str, name: str = "x") -> npt.NDArray[np.uint8]:
+    """Float32 ``x`` (its last axis a whole number of blocks) as the bytes of GGML type
+    ``ggml_type`` (``"Q8_0"``, ``"Q4_0"``, ``"TQ1_0"``, ``"TQ2_0"``, ``"F16"``, ``"BF16"``, ``"F32"``),
+    shaped ``(*x.shape[:-1], bytes per row)``, byte for byte as ``gguf.quants.quantize``. Errors call
+    the input ``name``.
+
+    >>> import numpy as np
+    >>> from lowbit._lowbit import gguf_quantize
+    >>> gguf_quantize(np.full((1, 32), 2.0, np.float32), "Q8_0")[0, :4].tolist()  # f16 d, then int8 codes
+    [8, 36, 127, 127]
+    """
+def gguf_dequantize(data: npt.NDArray[np.uint8], ggml_type: str) -> npt.NDArray[np.float32]:
+    """GGML blocks back to float32, shaped ``(*data.shape[:-1], elements per row)``, bit for bit as
+    ``gguf.quants.dequantize``."""
+def load_gguf(
+    path: str, dequantize: bool = False
+) -> tuple[int, list[tuple[str, Any, str]], list[tuple[str, str, Any, bool]]]: ...
 
 @final
 class Observer:

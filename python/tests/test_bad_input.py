@@ -48,8 +48,9 @@ import lowbit
 import lowbit.bitnet as bn
 import lowbit.calib as lc
 import lowbit.crossval as cv
-import lowbit.export as export
 import lowbit.data as ld
+import lowbit.export
+import lowbit.export as export
 import lowbit.nas as nas
 import lowbit.runtime as rt
 import lowbit.torch as lt
@@ -639,6 +640,9 @@ class Ctx:
                   str(self.plain), metadata={"note": "x"})
         self.quantized = tmp / "quantized.safetensors"
         lowbit.quantize_checkpoint(self.plain, self.quantized, lowbit.QuantSpec(4))
+        self.gguf = tmp / "m.gguf"
+        lowbit.export.gguf({"w": np.linspace(-1, 1, 256, dtype=np.float32).reshape(4, 64), "b": np.ones(4, np.float32)},
+                           self.gguf, bits=4, metadata={"general.name": "x", "n": np.uint16(3), "l": ["a", "b"]})
         self.device_json = tmp / "device.json"
         nas.DeviceProfile("dev", {"f32": 10.0}, 5.0).save(self.device_json)
         self.n_out = 0
@@ -764,6 +768,21 @@ def _qrange(lo: int, hi: int) -> dict[str, Arg]:
     return {"quant_min": N(lo, aliases=("quant_max", "range")), "quant_max": N(hi, aliases=("quant_min", "range"))}
 
 
+W64 = np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32)
+QT64 = lowbit.quantize(W64, lowbit.QuantSpec(8, granularity="group", group_size=32))
+
+
+def _gguf_export(c: Any, **kw: Any) -> Any:
+    """``lowbit.export.gguf`` without the report's path (each call writes a fresh one)."""
+    r = lowbit.export.gguf(**kw)
+    return r.tensors, r.nbytes
+
+
+def _bitnet_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(lt.BitLinear(256, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
 def _entries() -> list[Entry]:
     ch = dict(axis=N(0))
     x_shape = {"last-dim+1": "either", "rank-1": "either"}
@@ -822,6 +841,21 @@ def _entries() -> list[Entry]:
                            _c("complex-array", _const({"w": np.ones(2, np.complex64)}), "raise"),
                            _c("empty", _const({}), "either")], aliases=("tensor",)),
           metadata=M({"note": "x"}, optional=True, extra=[_c("int-values", _const({"a": 1}), "raise")])),
+        # ---- lowbit: GGUF
+        E("lowbit.load_gguf", f(lowbit.load_gguf), path=P(V(lambda c: c.gguf)), dequantize=FLAG(False)),
+        E("lowbit.GGUFFile", f(lowbit.GGUFFile)),
+        E("lowbit.GGUFFile.arrays", lambda c: lowbit.load_gguf(c.gguf).arrays()),
+        E("lowbit.export.gguf", _gguf_export,
+          tensors_or_model=M(V(lambda c: {"w": W64, "q": QT64, "b": np.ones(4, np.float32)}), aliases=("tensors",),
+                             extra=[_c("int-array", _const({"w": np.ones(3, np.int32)}), "raise"),
+                                    _c("nan", _const({"w": np.full((2, 32), np.nan, np.float32)}), "either"),
+                                    _c("empty-array", _const({"w": np.ones((0, 32), np.float32)}), "either"),
+                                    _c("rows-not-blocks", lambda v, c: {"q": lowbit.quantize(X, lowbit.QuantSpec(8))}, "either"),
+                                    _c("empty", _const({}), "either")]),
+          path=OP(V(lambda c: c.out("out.gguf"))), metadata=M({"general.name": "x"}, optional=True),
+          ternary=CH("TQ2_0"), float_type=CH("F16"), bits=B(4, 2, 8, optional=True)),
+        E("lowbit.export.gguf[model]", _gguf_export, tensors_or_model=MOD(V(lambda c: _bitnet_net()), aliases=("tensors",)),
+          path=OP(V(lambda c: c.out("out.gguf"))), ternary=CH("TQ1_0")),
         # ---- lowbit.bitnet
         E("lowbit.bitnet.ternary_quantize", f(bn.ternary_quantize), w=F(W40, over={"rank0": "raise", "rank+1": "either"}),
           per_channel=FLAG(True)),
@@ -927,6 +961,7 @@ def _entries() -> list[Entry]:
           quantized=OBJ(None, optional=True), calibration=OBJ(None, optional=True),
           opset=N(None, lo=13, hi=28, optional=True), external_data=FLAG(False)),
         E("lowbit.export.ExportReport", f(export.ExportReport), path=ANY("x.onnx"), opset=ANY(13)),
+        E("lowbit.export.GGUFReport", f(export.GGUFReport), path=ANY("x.gguf")),
         E("lowbit.export.session", lambda c, **kw: len(export.session(**kw).get_inputs()),
           path=P(V(lambda c: c.onnx_path)), threads=N(None, lo=1, hi=1024, optional=True), exact=FLAG(True)),
         E("lowbit.export.OrtModel", lambda c, **kw: export.OrtModel(**kw).inputs, model=P(V(lambda c: c.onnx_path)),
@@ -1312,6 +1347,9 @@ def canon(r: Any) -> Any:
         return ("binary", canon(r.scales), canon(r.bias), r.nbytes, r.in_features)
     if isinstance(r, torch.nn.Module):
         return ("module", canon(dict(r.state_dict())))
+    if isinstance(r, lowbit.GGUFFile):
+        return ("gguf", canon(r.tensors), canon(r.types), canon(r.exact), canon(r.metadata), canon(r.metadata_types),
+                r.version)
     if dataclasses.is_dataclass(r):
         return ("dataclass", type(r).__name__, canon(dataclasses.asdict(r)))
     if hasattr(r, "to_json"):
@@ -1380,14 +1418,14 @@ def test_bad_input(case: Case, ctx: Ctx) -> None:
 # The table covers the public API
 
 
-def _public_callables() -> dict[int, tuple[Any, list[str]]]:
+def _public_callables(modules: list[str] = MODULES) -> dict[int, tuple[Any, list[str]]]:
     """id(object) -> (object, public paths) for every public function, class and method."""
     found: dict[int, tuple[Any, list[str]]] = {}
 
     def add(obj: Any, path: str) -> None:
         found.setdefault(id(obj), (obj, []))[1].append(path)
 
-    for modname in MODULES:
+    for modname in modules:
         mod = importlib.import_module(modname)
         names = getattr(mod, "__all__", None)
         assert names is not None, f"{modname} has no __all__"

@@ -15,7 +15,7 @@ MODULES = sorted(
     m.name for m in pkgutil.walk_packages(lowbit.__path__, "lowbit.") if m.name != "lowbit._lowbit"
 )
 # The public modules, each of which shows how it is used.
-PUBLIC = {"lowbit._quant", "lowbit.bitnet", "lowbit.calib", "lowbit.crossval", "lowbit.data", "lowbit.demo", "lowbit.export",
+PUBLIC = {"lowbit._quant", "lowbit._gguf", "lowbit.bitnet", "lowbit.calib", "lowbit.crossval", "lowbit.data", "lowbit.demo", "lowbit.export",
           "lowbit.models", "lowbit.nas", "lowbit.ptq", "lowbit.runtime", "lowbit.torch"}
 
 

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("torch tensors through the core, build facts, the synthetic task data",
      {"lowbit._tensor", "lowbit._config", "lowbit.data"}),
     ("areas: affine quantization, BitNet, calibration, NAS cost models, the Rust runtime",
-     {"lowbit._quant", "lowbit.bitnet", "lowbit.calib", "lowbit.ptq", "lowbit._multitask", "lowbit.nas", "lowbit.nas.*",
+     {"lowbit._quant", "lowbit._gguf", "lowbit.bitnet", "lowbit.calib", "lowbit.ptq", "lowbit._multitask", "lowbit.nas", "lowbit.nas.*",
       "lowbit.runtime"}),
     ("PyTorch integration, the reference models, and the way out (ONNX, GGUF)",
      {"lowbit.torch", "lowbit.models", "lowbit.models.*", "lowbit.crossval", "lowbit.export", "lowbit.export.*"}),

@@ -204,3 +204,63 @@ pub(crate) fn shape_arg(x: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> 
         .map(|d| int_arg::<u64>(&d?, what))
         .collect()
 }
+
+/// A GGUF metadata value as Python: int, float, bool, str, or a (nested) list of them.
+pub(crate) fn gguf_value<'py>(
+    py: Python<'py>,
+    v: &crate::gguf::Value,
+) -> PyResult<Bound<'py, PyAny>> {
+    use crate::gguf::Value as V;
+    Ok(match v {
+        V::U8(x) => x.into_pyobject(py)?.into_any(),
+        V::I8(x) => x.into_pyobject(py)?.into_any(),
+        V::U16(x) => x.into_pyobject(py)?.into_any(),
+        V::I16(x) => x.into_pyobject(py)?.into_any(),
+        V::U32(x) => x.into_pyobject(py)?.into_any(),
+        V::I32(x) => x.into_pyobject(py)?.into_any(),
+        V::U64(x) => x.into_pyobject(py)?.into_any(),
+        V::I64(x) => x.into_pyobject(py)?.into_any(),
+        V::F32(x) => x.into_pyobject(py)?.into_any(),
+        V::F64(x) => x.into_pyobject(py)?.into_any(),
+        V::Bool(x) => pyo3::types::PyBool::new(py, *x).to_owned().into_any(),
+        V::Str(x) => PyString::new(py, x).into_any(),
+        V::Array(a) => gguf_array(py, a)?,
+    })
+}
+
+fn gguf_array<'py>(py: Python<'py>, a: &crate::gguf::Array) -> PyResult<Bound<'py, PyAny>> {
+    use crate::gguf::Array as A;
+    use pyo3::types::PyList;
+    Ok(match a {
+        A::U8(v) => PyList::new(py, v)?.into_any(),
+        A::I8(v) => PyList::new(py, v)?.into_any(),
+        A::U16(v) => PyList::new(py, v)?.into_any(),
+        A::I16(v) => PyList::new(py, v)?.into_any(),
+        A::U32(v) => PyList::new(py, v)?.into_any(),
+        A::I32(v) => PyList::new(py, v)?.into_any(),
+        A::U64(v) => PyList::new(py, v)?.into_any(),
+        A::I64(v) => PyList::new(py, v)?.into_any(),
+        A::F32(v) => PyList::new(py, v)?.into_any(),
+        A::F64(v) => PyList::new(py, v)?.into_any(),
+        A::Bool(v) => PyList::new(py, v)?.into_any(),
+        A::Str(v) => PyList::new(py, v)?.into_any(),
+        A::Array(v) => {
+            let items = v
+                .iter()
+                .map(|x| gguf_array(py, x))
+                .collect::<PyResult<Vec<_>>>()?;
+            PyList::new(py, items)?.into_any()
+        }
+    })
+}
+
+/// Bytes as a uint8 NumPy array of `shape` (their count must match).
+pub(crate) fn bytes_to_numpy<'py>(
+    py: Python<'py>,
+    bytes: Vec<u8>,
+    shape: &[usize],
+) -> PyResult<Bound<'py, PyAny>> {
+    let a = ArrayD::from_shape_vec(ndarray::IxDyn(shape), bytes)
+        .map_err(|e| value_error(e.to_string()))?;
+    Ok(u8::to_numpy(a, py))
+}

@@ -15,6 +15,7 @@ mod bitnet;
 mod calib;
 mod checkpoint;
 mod convert;
+mod gguf;
 mod nas;
 mod ptq;
 mod quant;
@@ -174,6 +175,9 @@ mod _lowbit {
 
     #[pymodule_export]
     use super::ptq::{gptq, output_error};
+
+    #[pymodule_export]
+    use super::gguf::{gguf_dequantize, gguf_quantize, load_gguf};
 
     #[pymodule_export]
     use super::checkpoint::{

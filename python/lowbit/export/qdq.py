@@ -301,6 +301,38 @@ def _quantized_map(quantized: Any) -> dict[str, QuantizedTensor]:
     return out
 
 
+def module_weight(name: str, m: torch.nn.Module, quantized: dict[str, QuantizedTensor], cal: dict) -> _Weight | None:
+    """The integer weight lowbit deploys for module ``m`` (named ``name``), or None when its weight
+    stays float: from ``quantized[name]``, the calibration's weight fake-quant ``cal["weight"]``, a
+    BitLinear's ternary codes, or a QATLinear's spec (the way out of every exporter)."""
+    from lowbit.models.qat import QATLinear
+    from lowbit.torch import BitLinear
+
+    weight = m.weight
+    assert isinstance(weight, torch.Tensor)
+    if name in quantized:
+        wq = _from_quantized(quantized[name], name)
+    elif "weight" in cal:
+        wq = _from_fake_quant(weight, cal["weight"], name)
+    elif isinstance(m, BitLinear):
+        wq = _bitnet_weight(weight)
+    elif isinstance(m, QATLinear):
+        from lowbit._quant import quantize
+
+        wq = _from_quantized(quantize(weight.detach().float().cpu().numpy(), m.spec), name)
+    else:
+        return None
+    shape = tuple(weight.shape)
+    if tuple(wq.codes.shape) != shape:
+        raise LowbitValueError(f"{name}: quantized weight has shape {tuple(wq.codes.shape)}, the module's is {shape}")
+    return wq
+
+
+def dequantized(wq: _Weight) -> np.ndarray:
+    """``(codes - zero_points) * scales`` of a deployed weight, float32, shaped like its codes."""
+    return _dequantized(wq, torch.float32).numpy()
+
+
 @contextlib.contextmanager
 def _placeholders(model: torch.nn.Module, quantized: dict[str, QuantizedTensor], calibration: Any,
                   gemm: bool = False) -> Iterator[_Plan]:
@@ -328,23 +360,8 @@ def _placeholders(model: torch.nn.Module, quantized: dict[str, QuantizedTensor],
         for name, m in modules.items():
             cal = calibration.get(name) or {}
             if name in quantized or cal or isinstance(m, (BitLinear, QATLinear)):
-                kind = _layer_kind(name, m)
-                shape = tuple(m.weight.shape)
-                if name in quantized:
-                    wq = _from_quantized(quantized[name], name)
-                elif "weight" in cal:
-                    wq = _from_fake_quant(m.weight, cal["weight"], name)
-                elif isinstance(m, BitLinear):
-                    wq = _bitnet_weight(m.weight)
-                elif isinstance(m, QATLinear):
-                    from lowbit._quant import quantize
-
-                    wq = _from_quantized(quantize(m.weight.detach().float().cpu().numpy(), m.spec), name)
-                else:
-                    wq = None
-                if wq is not None and tuple(wq.codes.shape) != shape:
-                    raise LowbitValueError(f"{name}: quantized weight has shape {tuple(wq.codes.shape)}, the module's is {shape}")
-                matmul = kind == "linear"
+                matmul = _layer_kind(name, m) == "linear"
+                wq = module_weight(name, m, quantized, cal)
                 if wq is not None:
                     weight = plan.weight(name, wq, m.weight, matmul)
                 else:
