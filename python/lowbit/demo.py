@@ -371,7 +371,8 @@ def format_table(rows: list[dict[str, Any]], batch: int) -> str:
         "runtime has no load-time int2 mode to compare with (int2 is still evaluated and timed)",
         *(["ONNX: the same deployed weights as ONNX QDQ (lowbit.export.onnx: OCR and image-embedding paths) run by "
            "ONNX Runtime's CPU provider: its OCR / R@1, its latency for one image, and its OCR path against PyTorch "
-           "with the deployed weights, layer by layer (1e-4)"] if onnx else []),
+           "with the deployed weights, layer by layer (1e-4); every ONNX row is weight-only, float activations "
+           "(ternary: W1.58A32, where the runtime runs W1.58A8)"] if onnx else []),
         line(head), "  ".join("-" * w for w in widths), *map(line, body)])
 
 
