@@ -202,13 +202,21 @@ def test_multitask_vlm_qat_heads(tmp_path):
     torch.manual_seed(6)
     vlm = models.quantize_for_training(models.MultiTaskVLM(cfg), "int4").eval()
     images = torch.rand(2, cfg.channels, cfg.image_size, cfg.image_size)
-    for task in ("ocr", "image"):
+    q, qm = vlm.encode_questions(["what color is the circle ?", "how many shapes are there ?"])
+    t, tm = vlm.encode_texts(["a red circle", "a blue square left of a green triangle"])
+    tasks = {"ocr": {"images": images, "task": "ocr"}, "image": {"images": images, "task": "image"},
+             "caption": {"images": images, "task": "caption", "ids": torch.full((2, 5), cfg.bos_id)},
+             "vqa": {"images": images, "task": "vqa", "ids": q, "mask": qm},
+             "text": {"task": "text", "ids": t, "mask": tm}}
+    for task, inputs in tasks.items():  # the encoder and every head
         path = str(tmp_path / f"{task}.onnx")
-        report = export_onnx(vlm, {"images": images, "task": task}, path)
+        report = export_onnx(vlm, inputs, path)
         assert report.weights and set(report.weights.values()) <= {"int4", "uint4"}
         with torch.no_grad():
-            want = vlm(images, task=task).numpy()
-        _close(_run(path, {"images": images.numpy()})[0], want)
+            want = vlm(**inputs).numpy()
+        feeds = {k: v.numpy() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        _close(_run(path, feeds)[0], want)
+        assert lowbit.crossval.compare(vlm, path, inputs).passed
 
 
 def _cnn(seed: int = 0) -> torch.nn.Module:
