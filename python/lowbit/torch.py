@@ -191,7 +191,9 @@ def calibrate(
     per channel along axis 0, with ``spec``'s bits). ``data`` yields batches: a tensor, a tuple
     of positional inputs, or a dict of keyword inputs. The model runs in eval mode under
     ``torch.no_grad()`` (its mode is restored). ``sync=True`` merges the observers across
-    ``torch.distributed`` ranks first (see :func:`sync_observers`).
+    ``torch.distributed`` ranks first (see :func:`sync_observers`). A layer the data never runs
+    (a head off the path the inputs take) is left out of the result (its observers stay in
+    ``observers``); when no layer ran, ``LowbitValueError``.
 
     >>> import torch, lowbit.torch as lt
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
@@ -250,12 +252,16 @@ def calibrate(
     result.observers = observers
     for name, obs in observers.items():
         act, w = obs["input"], obs["weight"]
+        if not act._core.observed:
+            continue  # a layer the data never ran (a head off the path taken): nothing to calibrate
         s, z = act.qparams()
         fq_in = FakeQuantize(act.quant_min, act.quant_max, s, z)
         ws, wz = w.qparams()
         axis = weight_spec.axis if weight_spec.granularity == "channel" else None
         fq_w = FakeQuantize(w.quant_min, w.quant_max, torch.as_tensor(ws), torch.as_tensor(wz), axis)
         result[name] = {"input": fq_in, "weight": fq_w}
+    if not result:
+        raise LowbitValueError("the data ran none of the model's Linear or Conv layers: nothing was calibrated")
     return result
 
 

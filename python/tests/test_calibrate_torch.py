@@ -95,3 +95,38 @@ def test_sync_is_a_no_op_without_distributed():
     assert o.state_dict() == before
     with pytest.raises(lowbit.LowbitTypeError):
         lt.sync_observers([1])
+
+
+def test_layers_the_data_never_runs_are_left_out():
+    """A model with a head the inputs do not take: that head's layers are not in the result (they
+    once came back with torch.ao's default qparams and a warning), and data that runs no layer
+    at all is an error."""
+    import warnings
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Linear(8, 8)
+            self.a = torch.nn.Linear(8, 2)
+            self.b = torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor, head: str = "a") -> torch.Tensor:
+            return getattr(self, head)(self.body(x))
+
+    net = TwoHeads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cal = lt.calibrate(net, [{"x": torch.randn(4, 8), "head": "a"} for _ in range(2)], progress=False)
+    assert sorted(cal) == ["a", "body"]
+    assert sorted(cal.observers) == ["a", "b", "body"]
+
+    class Skips(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    with pytest.raises(lowbit.LowbitValueError, match="none of the model's"):
+        lt.calibrate(Skips(), [torch.randn(2, 8)], progress=False)
