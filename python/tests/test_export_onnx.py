@@ -4,6 +4,7 @@ outputs equal the torch model that lowbit's quantization left (its fake-quant si
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -100,13 +101,7 @@ def test_calibration_result(tmp_path):
     report = export_onnx(net, data[0], path, calibration=cal)
     assert report.activations == 3 and report.opset == 13
     # The simulation: every Linear's input and weight through its calibrated fake-quant.
-    sim = _mlp(2)
-    sim.load_state_dict(net.state_dict())
-    for name, fqs in cal.items():
-        lin = sim.get_submodule(name)
-        with torch.no_grad():
-            lin.weight.copy_(fqs["weight"](lin.weight))
-        lin.register_forward_pre_hook(lambda m, a, fq=fqs["input"]: (fq(a[0]),))
+    sim = _simulated(net, cal)
     nodes = [n.op_type for n in onnx.load(path).graph.node]
     assert nodes.count("QuantizeLinear") == 3 and nodes.count("DequantizeLinear") == 6
     x = torch.randn(7, 64) * 1.5  # some values beyond the calibrated ranges: saturation
@@ -228,11 +223,10 @@ def _cnn(seed: int = 0) -> torch.nn.Module:
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5))
 
 
-def _simulated(net: torch.nn.Module, cal: dict, make: object) -> torch.nn.Module:
+def _simulated(net: torch.nn.Module, cal: dict) -> torch.nn.Module:
     """A copy of ``net`` whose calibrated layers run their weights and inputs through the
     calibrated fake-quants: what the export must compute."""
-    sim = make()  # type: ignore[operator]
-    sim.load_state_dict(net.state_dict())
+    sim = copy.deepcopy(net)
     for name, fqs in cal.items():
         layer = sim.get_submodule(name)
         with torch.no_grad():
@@ -264,7 +258,7 @@ def test_calibrated_cnn_conv_weights_per_channel(tmp_path, bits):
         assert codes.shape == tuple(layer.weight.shape)
         np.testing.assert_array_equal((codes.astype(np.float32) - z) * s, want.detach().numpy())
     x = torch.randn(2, 3, 12, 12) * 1.3
-    _close(_run(path, {"input": x.numpy()})[0], _simulated(net, cal, lambda: _cnn(5))(x).detach().numpy())
+    _close(_run(path, {"input": x.numpy()})[0], _simulated(net, cal)(x).detach().numpy())
 
 
 def test_conv1d_and_conv3d_ptq_weights(tmp_path):
@@ -292,7 +286,7 @@ def test_torchvision_resnet18_calibrated(tmp_path):
     path = str(tmp_path / "resnet18.onnx")
     report = export_onnx(net, data[0], path, calibration=cal)
     assert len(report.weights) == len(cal) == 21 and report.activations == 21
-    sim = _simulated(net, cal, lambda: tv.models.resnet18(num_classes=10).eval())
+    sim = _simulated(net, cal)
     x = torch.randn(1, 3, 64, 64)
     # Layer by layer, each torch layer fed what ONNX Runtime computed before it: every layer
     # (convolutions, BatchNorms before in-place ReLUs, residual blocks) within 1e-4.

@@ -654,7 +654,7 @@ def onnx(
             with contextlib.suppress(OSError):
                 os.unlink(data.path)
         raise
-    for stale in old - _data_files(dest):
+    for stale in old - ({data.path} if data is not None else set()):  # what the new file names
         with contextlib.suppress(OSError):
             os.unlink(stale)
     return ExportReport(dest, final, kinds, placed, len(graph) + (data.size if data else 0))
