@@ -33,6 +33,7 @@ __all__ = [
     "SpaceCore",
     "dequantize_per_channel",
     "dequantize_per_tensor",
+    "fake_quantize_learnable_grad",
     "fake_quantize_per_channel_affine",
     "fake_quantize_per_tensor_affine",
     "quantize",
@@ -155,6 +156,17 @@ def fake_quantize_per_channel_affine(
     out: npt.NDArray[Any] | None = None,
     inplace: bool = False,
 ) -> Any: ...
+def fake_quantize_learnable_grad(
+    x: npt.NDArray[np.float32],
+    dy: npt.NDArray[np.float32],
+    scale: list[float],
+    zero_point: list[float],
+    axis: int | None,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float,
+    fused: bool,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
 def quantize_per_tensor(x: npt.NDArray[Any], scale: float, zero_point: int, quant_min: int, quant_max: int) -> npt.NDArray[Any]: ...
 def quantize_per_channel(x: npt.NDArray[Any], scales: list[float], zero_points: list[int], axis: int, quant_min: int, quant_max: int) -> npt.NDArray[Any]: ...
 def dequantize_per_tensor(q: npt.NDArray[Any], scale: float, zero_point: int) -> npt.NDArray[np.float32]: ...

@@ -1,9 +1,11 @@
-"""The affine ops on torch tensors: zero-copy views into the core, autograd by the
-straight-through estimator (``_FakeQuant``, exactly ATen's cachemask backward).
+"""The affine ops on torch tensors: argument checks, then lowbit's custom ops
+(:mod:`lowbit._ops`: zero-copy views into the core on CPU, autograd by the straight-through
+estimator exactly as ATen's cachemask backward, and LSQ's learnable scale and zero point).
 
 ``lowbit.fake_quantize_per_tensor_affine`` and the other functions of :mod:`lowbit._quant`
 come here for a tensor; :mod:`lowbit.torch` re-exports these as its drop-ins for torch's ops.
-Imports torch; above it only the bottom layer (:mod:`lowbit._array`, :mod:`lowbit._validate`).
+Imports torch; besides :mod:`lowbit._ops` only the bottom layer (:mod:`lowbit._array`,
+:mod:`lowbit._validate`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from lowbit import _lowbit
+from lowbit import _lowbit, _ops
 from lowbit._array import from_view, out_arg, tensor_view
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
 from lowbit._validate import float_arg, int_arg, vector_arg
@@ -21,34 +23,13 @@ from lowbit._validate import float_arg, int_arg, vector_arg
 __all__ = [
     "dequantize_per_channel",
     "dequantize_per_tensor",
+    "fake_quantize_learnable_per_channel_affine",
+    "fake_quantize_learnable_per_tensor_affine",
     "fake_quantize_per_channel_affine",
     "fake_quantize_per_tensor_affine",
     "quantize_per_channel",
     "quantize_per_tensor",
 ]
-
-
-class _FakeQuant(torch.autograd.Function):
-    """Fake-quant forward in Rust; backward passes the gradient where the code was in range,
-    exactly like ATen's ``fake_quantize_*_affine_cachemask_backward``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, qargs: tuple) -> torch.Tensor:  # type: ignore[override]
-        a, bf16 = tensor_view(x, "x")
-        if qargs[0] == "tensor":
-            _, scale, zp, qmin, qmax = qargs
-            out, mask = _lowbit.fake_quantize_per_tensor_affine(a, scale, zp, qmin, qmax, True, bf16)
-        else:
-            _, scale, zp, axis, qmin, qmax = qargs
-            out, mask = _lowbit.fake_quantize_per_channel_affine(a, scale, zp, axis, qmin, qmax, True, bf16)
-        mask_t = torch.from_numpy(mask)
-        ctx.save_for_backward(mask_t)
-        return from_view(out, bf16)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad * mask.to(grad.device), None
 
 
 def _no_qparam_grad(op: str, **qparams: Any) -> None:
@@ -79,14 +60,41 @@ def _fake_quant(x: torch.Tensor, qargs: tuple, return_mask: bool, out: torch.Ten
         fn: Callable[..., Any] = _lowbit.fake_quantize_per_tensor_affine if qargs[0] == "tensor" else _lowbit.fake_quantize_per_channel_affine
         r = fn(a, *qargs[1:], return_mask, False, out=o, inplace=inplace)
         return (out, torch.from_numpy(r[1])) if return_mask else out
-    if return_mask or not (torch.is_grad_enabled() and x.requires_grad):
-        a, bf16 = tensor_view(x, "x")
-        fq: Callable[..., Any] = _lowbit.fake_quantize_per_tensor_affine if qargs[0] == "tensor" else _lowbit.fake_quantize_per_channel_affine
-        r = fq(a, *qargs[1:], return_mask, bf16)
-        if return_mask:
-            return from_view(r[0], bf16), torch.from_numpy(r[1])
-        return from_view(r, bf16)
-    return _FakeQuant.apply(x, qargs)
+    if not isinstance(return_mask, (bool, np.bool_)):
+        raise LowbitTypeError(f"return_mask must be a bool, got {type(return_mask).__name__}")
+    return_mask = bool(return_mask)
+    if qargs[0] == "tensor":
+        _, scale, zp, qmin, qmax = qargs
+        scale_t, zp_t = torch.tensor(scale, dtype=torch.float64), torch.tensor(zp, dtype=torch.int64)
+        return _fq_tensor(x, scale_t, zp_t, qmin, qmax, return_mask)
+    _, scale, zp, axis, qmin, qmax = qargs
+    scale_t, zp_t = torch.tensor(scale, dtype=torch.float64), torch.tensor(zp, dtype=torch.int64)
+    return _fq_channel(x, scale_t, zp_t, axis, qmin, qmax, return_mask)
+
+
+def _float_tensor(x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise LowbitTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise LowbitTypeError(f"x must be a float32, float16, bfloat16 or float64 tensor, got {x.dtype}")
+    return x
+
+
+def _fq_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+               return_mask: bool = False) -> Any:
+    """Per-tensor fake-quant through the custom op, with tensor qparams (traceable: nothing here
+    reads a tensor's value); the mask is computed only when autograd or the caller needs it."""
+    with_mask = return_mask or (torch.is_grad_enabled() and _float_tensor(x).requires_grad)
+    out, mask = _ops.fake_quant_per_tensor(x, scale, zero_point, qmin, qmax, with_mask)
+    return (out, mask) if return_mask else out
+
+
+def _fq_channel(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int, qmax: int,
+                return_mask: bool = False) -> Any:
+    """Per-channel fake-quant through the custom op (see :func:`_fq_tensor`)."""
+    with_mask = return_mask or (torch.is_grad_enabled() and _float_tensor(x).requires_grad)
+    out, mask = _ops.fake_quant_per_channel(x, scale, zero_point, axis, qmin, qmax, with_mask)
+    return (out, mask) if return_mask else out
 
 
 def fake_quantize_per_tensor_affine(
@@ -127,6 +135,54 @@ def fake_quantize_per_channel_affine(
         int_arg(quant_max, "quant_max"),
     )
     return _fake_quant(x, qargs, return_mask, out)
+
+
+def _learnable_args(x: Any, scale: Any, zero_point: Any, n: int, quant_min: Any, quant_max: Any,
+                    grad_factor: Any) -> tuple[int, int, float]:
+    _float_tensor(x)
+    for name, v in (("scale", scale), ("zero_point", zero_point)):
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise LowbitTypeError(f"{name} must be a float tensor (a learnable parameter), got "
+                                  f"{getattr(v, 'dtype', type(v).__name__)}")
+        if v.ndim != 1 or v.numel() != n:
+            raise LowbitValueError(f"{name} must be a 1-D tensor of {n} element{'s' * (n != 1)} (one per channel of x "
+                                   f"along axis), got shape {tuple(v.shape)}")
+        if v.device != x.device:
+            raise LowbitValueError(f"{name} is on {v.device}, x on {x.device}")
+    qmin, qmax = int_arg(quant_min, "quant_min"), int_arg(quant_max, "quant_max")
+    if qmin > qmax:
+        raise LowbitValueError(f"quant_min ({qmin}) must be less than or equal to quant_max ({qmax})")
+    return qmin, qmax, float_arg(grad_factor, "grad_factor")
+
+
+def fake_quantize_learnable_per_tensor_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                                              quant_min: int, quant_max: int, grad_factor: float = 1.0) -> torch.Tensor:
+    """Drop-in for ``torch._fake_quantize_learnable_per_tensor_affine`` (LSQ / LSQ+): the same
+    value and the same gradients of ``x``, ``scale`` and ``zero_point`` (each scaled by
+    ``grad_factor``), bit for bit; ``scale`` and ``zero_point`` are float tensors of shape ``(1,)``.
+
+    >>> import torch, lowbit.torch as lt
+    >>> s = torch.tensor([0.1], requires_grad=True); z = torch.tensor([0.0], requires_grad=True)
+    >>> y = lt.fake_quantize_learnable_per_tensor_affine(torch.tensor([0.26, 5.0]), s, z, -8, 7)
+    >>> y.sum().backward(); y.detach(), s.grad
+    (tensor([0.3000, 0.7000]), tensor([7.4000]))
+    """
+    qmin, qmax, g = _learnable_args(x, scale, zero_point, 1, quant_min, quant_max, grad_factor)
+    return _ops.learnable_fake_quant(x, scale, zero_point, None, qmin, qmax, g)
+
+
+def fake_quantize_learnable_per_channel_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int,
+                                               quant_min: int, quant_max: int, grad_factor: float = 1.0) -> torch.Tensor:
+    """Drop-in for ``torch._fake_quantize_learnable_per_channel_affine``: one learnable scale
+    and zero point per slice of ``axis``, value and gradients bit for bit."""
+    if not isinstance(x, torch.Tensor):
+        raise LowbitTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    axis = int_arg(axis, "axis")
+    if not -x.ndim <= axis < x.ndim:
+        raise LowbitValueError(f"axis {axis} is out of range for a {x.ndim}-D tensor")
+    axis %= x.ndim
+    qmin, qmax, g = _learnable_args(x, scale, zero_point, x.shape[axis], quant_min, quant_max, grad_factor)
+    return _ops.learnable_fake_quant(x, scale, zero_point, axis, qmin, qmax, g)
 
 
 def _float32_numpy(x: torch.Tensor) -> np.ndarray:

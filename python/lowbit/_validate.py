@@ -18,7 +18,10 @@ __all__ = ["float_arg", "int_arg", "is_tensor", "path_arg", "vector_arg"]
 
 
 def is_tensor(x: Any) -> bool:
-    """Whether ``x`` is a torch tensor, told without importing torch."""
+    """Whether ``x`` is a torch tensor, told without importing torch (and, for Python numbers,
+    without string methods, which ``torch.compile`` cannot trace)."""
+    if type(x) in (int, float, bool):
+        return False
     return type(x).__module__.startswith("torch") and hasattr(x, "detach")
 
 

@@ -21,8 +21,12 @@ import torch
 
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
 from lowbit._tensor import (
+    _fq_channel,
+    _fq_tensor,
     dequantize_per_channel,
     dequantize_per_tensor,
+    fake_quantize_learnable_per_channel_affine,
+    fake_quantize_learnable_per_tensor_affine,
     fake_quantize_per_channel_affine,
     fake_quantize_per_tensor_affine,
     quantize_per_channel,
@@ -34,10 +38,13 @@ __all__ = [
     "BitLinear",
     "Calibration",
     "FakeQuantize",
+    "LearnableFakeQuantize",
     "calibrate",
     "dequantize_per_channel",
     "dequantize_per_tensor",
     "expected_latency",
+    "fake_quantize_learnable_per_channel_affine",
+    "fake_quantize_learnable_per_tensor_affine",
     "fake_quantize_per_channel_affine",
     "fake_quantize_per_tensor_affine",
     "quantize_per_channel",
@@ -103,12 +110,102 @@ class FakeQuantize(torch.nn.Module):
         if not self.enabled:
             return x
         if self.axis is None:
-            return fake_quantize_per_tensor_affine(x, float(self.scale), int(self.zero_point), self.quant_min, self.quant_max)
-        return fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.quant_min, self.quant_max)
+            return _fq_tensor(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        return _fq_channel(x, self.scale, self.zero_point, self.axis, self.quant_min, self.quant_max)
 
     def extra_repr(self) -> str:
         where = "per_tensor" if self.axis is None else f"per_channel(axis={self.axis})"
         return f"{where}, quant_min={self.quant_min}, quant_max={self.quant_max}, enabled={self.enabled}"
+
+
+class LearnableFakeQuantize(torch.nn.Module):
+    """Fake-quant with a learnable scale (LSQ, Esser et al. 2020) and optionally a learnable
+    zero point (LSQ+, ``learn_zero_point=True``), per tensor or per channel (``axis``).
+
+    Forward and the gradients of ``x``, ``scale`` and ``zero_point`` equal
+    ``torch._fake_quantize_learnable_per_{tensor,channel}_affine`` bit for bit (see
+    :func:`fake_quantize_learnable_per_tensor_affine`); the elementwise backward is lowbit's Rust
+    kernel on CPU. ``use_grad_scaling`` multiplies the scale and zero-point gradients by
+    ``1 / sqrt(x.numel() * quant_max)``, the formula of ``torch.ao``'s ``_LearnableFakeQuantize``;
+    before each forward the scale is clamped to at least ``eps`` (as there). Inputs in bfloat16 or
+    float16 (autocast, half-precision models) are quantized in float32 and returned in their dtype.
+
+    >>> import torch, lowbit.torch as lt
+    >>> w = torch.randn(8, 32)
+    >>> fq = lt.LearnableFakeQuantize.from_tensor(w, bits=4, axis=0)
+    >>> fq(w).sum().backward()
+    >>> fq.scale.grad.shape
+    torch.Size([8])
+    """
+
+    scale: torch.nn.Parameter
+    zero_point: torch.nn.Parameter
+
+    def __init__(
+        self,
+        quant_min: int = -128,
+        quant_max: int = 127,
+        scale: Any = 1.0,
+        zero_point: Any = 0.0,
+        axis: int | None = None,
+        learn_zero_point: bool = False,
+        use_grad_scaling: bool = True,
+        eps: float = float(torch.finfo(torch.float32).eps),
+        enabled: bool = True,
+    ) -> None:
+        super().__init__()
+        self.quant_min, self.quant_max = int_arg(quant_min, "quant_min"), int_arg(quant_max, "quant_max")
+        if not self.quant_min <= 0 <= self.quant_max:
+            raise LowbitValueError(f"quant_min..quant_max ({self.quant_min}..{self.quant_max}) must include 0, as torch's "
+                                   "learnable fake-quant requires")
+        self.axis = None if axis is None else int_arg(axis, "axis")
+        self.use_grad_scaling, self.enabled = bool(use_grad_scaling), bool(enabled)
+        self.eps = float_arg(eps, "eps")
+        s = vector_arg(scale, "scale", integer=False) if axis is not None else [float_arg(scale, "scale")]
+        z = vector_arg(zero_point, "zero_point", integer=False) if axis is not None else [float_arg(zero_point, "zero_point")]
+        if len(s) != len(z):
+            raise LowbitValueError(f"{len(s)} scales but {len(z)} zero points")
+        if any(not v > 0 for v in s):
+            raise LowbitValueError(f"scale must be positive, got {s}")
+        if any(not self.quant_min <= v <= self.quant_max for v in z):
+            raise LowbitValueError(f"zero_point must lie in [{self.quant_min}, {self.quant_max}], got {z}")
+        scale_t = torch.tensor(s, dtype=torch.float32)
+        if not bool((scale_t > 0).all() & torch.isfinite(scale_t).all()):
+            raise LowbitValueError(f"scale must be positive and finite in float32, got {s}")
+        self.scale = torch.nn.Parameter(scale_t)
+        self.zero_point = torch.nn.Parameter(torch.tensor(z, dtype=torch.float32), requires_grad=bool(learn_zero_point))
+
+    @classmethod
+    def from_tensor(cls, x: torch.Tensor, bits: int = 8, symmetric: bool = True, axis: int | None = None,
+                    **kwargs: Any) -> LearnableFakeQuantize:
+        """A layer starting from the min-max qparams of ``x`` (as :meth:`FakeQuantize.from_tensor`);
+        ``kwargs`` go to the constructor (``learn_zero_point``, ``use_grad_scaling``, ...)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise LowbitTypeError(f"x must be a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        fq = FakeQuantize.from_tensor(x.detach().float(), bits, symmetric, axis)
+        return cls(fq.quant_min, fq.quant_max, fq.scale.reshape(-1).tolist() if axis is not None else float(fq.scale),
+                   fq.zero_point.reshape(-1).float().tolist() if axis is not None else float(fq.zero_point), axis, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise LowbitTypeError(f"x must be a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        with torch.no_grad():
+            self.scale.clamp_(min=self.eps)
+        xf = x if x.dtype == torch.float32 else x.float()
+        g = 1.0 / (xf.numel() * self.quant_max) ** 0.5 if self.use_grad_scaling and xf.numel() and self.quant_max else 1.0
+        if self.axis is None:
+            y = fake_quantize_learnable_per_tensor_affine(xf, self.scale, self.zero_point, self.quant_min, self.quant_max, g)
+        else:
+            y = fake_quantize_learnable_per_channel_affine(xf, self.scale, self.zero_point, self.axis, self.quant_min,
+                                                           self.quant_max, g)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        where = "per_tensor" if self.axis is None else f"per_channel(axis={self.axis})"
+        return (f"{where}, quant_min={self.quant_min}, quant_max={self.quant_max}, "
+                f"learn_zero_point={self.zero_point.requires_grad}, use_grad_scaling={self.use_grad_scaling}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +404,6 @@ class BitLinear(torch.nn.Linear):
         if in_features * out_features > 2**40:
             raise LowbitValueError(f"in_features x out_features = {in_features * out_features} weights is too large")
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._packed: Any = None
-        self._packed_key: Any = None
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> BitLinear:
@@ -322,16 +417,6 @@ class BitLinear(torch.nn.Linear):
                 layer.bias.copy_(linear.bias)
         return layer
 
-    def _kernel(self) -> Any:
-        from lowbit.bitnet import TernaryLinear
-
-        key = (self.weight.data_ptr(), self.weight._version, None if self.bias is None else self.bias._version)
-        if self._packed_key != key:
-            bias = None if self.bias is None else self.bias.detach().float().cpu().numpy()
-            self._packed = TernaryLinear.from_float(self.weight.detach().float().cpu().numpy(), bias)
-            self._packed_key = key
-        return self._packed
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or (
                 x.dtype != self.weight.dtype and not _autocast(x)):
@@ -342,8 +427,8 @@ class BitLinear(torch.nn.Linear):
                                    f"got {tuple(x.shape)} on {x.device}")
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if self.training or needs_grad or x.device.type != "cpu" or x.dtype != torch.float32:
-            return _BitLinearSTE.apply(x, self.weight, self.bias)
-        return self._kernel()(x)
+            return _bitlinear(x, self.weight, self.bias)[0]
+        return _bitlinear_packed(x, self.weight, self.bias)
 
 
 def _autocast(x: torch.Tensor) -> bool:
@@ -354,34 +439,91 @@ def _autocast(x: torch.Tensor) -> bool:
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
-class _BitLinearSTE(torch.autograd.Function):
+@torch.library.custom_op("lowbit::bitlinear", mutates_args=())
+def _bitlinear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BitNet's fake-quant linear whose forward value is what the integer kernel computes:
     ``(q_x @ codes.T) * (scale_w / s_x) + bias`` with the integer product taken in float32, which
     is exact while ``in_features * 128 < 2**24``; a plain ``F.linear(q_x / s_x, codes * scale_w)``
-    rounds every product and drifts from the deployed layer as ``in_features`` grows. The
-    backward is the straight-through estimator of ``F.linear(xq, wq, b)``."""
+    rounds every product and drifts from the deployed layer as ``in_features`` grows. Also returns
+    the fake-quantized activations and weights the straight-through backward multiplies by."""
+    qx, sx = _bitnet_activation_codes(x)
+    codes, sw = _bitnet_weight_codes(w)
+    acc = torch.nn.functional.linear(qx, codes)
+    # The kernel's epilogue, operation for operation: acc * ((1 / s_x) * scale_w) + b in f64.
+    y = acc.double() * ((1.0 / sx.double()) * (1.0 / sw).double())
+    if b is not None:
+        y = y + b.double()
+    # The recipe's straight-through backward runs F.linear's in the layer's dtype.
+    return y.to(x.dtype), (qx / sx).to(x.dtype), (codes / sw).to(w.dtype)
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: Any) -> torch.Tensor:  # noqa: ANN401
-        qx, sx = _bitnet_activation_codes(x)
-        codes, sw = _bitnet_weight_codes(w)
-        acc = torch.nn.functional.linear(qx, codes)
-        # The kernel's epilogue, operation for operation: acc * ((1 / s_x) * scale_w) + b in f64.
-        y = acc.double() * ((1.0 / sx.double()) * (1.0 / sw).double())
-        if b is not None:
-            y = y + b.double()
-        # The recipe's straight-through backward runs F.linear's in the layer's dtype.
-        ctx.save_for_backward((qx / sx).to(x.dtype), (codes / sw).to(w.dtype))
-        ctx.has_bias = b is not None
-        return y.to(x.dtype)
 
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # noqa: ANN401
-        xq, wq = ctx.saved_tensors
-        gx = g @ wq
-        gw = g.reshape(-1, g.shape[-1]).T @ xq.reshape(-1, xq.shape[-1])
-        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias else None
-        return gx, gw, gb
+@_bitlinear.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape[:-1] + (w.shape[0],)), torch.empty_like(x), torch.empty_like(w)
+
+
+def _bitlinear_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(output[1], output[2])
+    ctx.has_bias = inputs[2] is not None
+
+
+@torch.library.custom_op("lowbit::bitlinear_backward", mutates_args=())
+def _bitlinear_grads(g: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The straight-through estimator of ``F.linear(xq, wq, b)``: the gradients of x, the
+    weights and (when ``has_bias``, else an empty tensor) the bias, as eager PyTorch computes
+    them (an op of its own, so that a compiler cannot reorder the sums; ``g`` made contiguous,
+    as a compiled graph may hand it over in another layout, which would change the order)."""
+    g = g.contiguous()
+    g2 = g.reshape(-1, g.shape[-1])
+    gb = g2.sum(0) if has_bias else g.new_empty((0,))
+    return g @ wq, g2.T @ xq.reshape(-1, xq.shape[-1]), gb
+
+
+@_bitlinear_grads.register_fake
+def _(g: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(xq, dtype=g.dtype), torch.empty_like(wq, dtype=g.dtype), g.new_empty((wq.shape[0] if has_bias else 0,))
+
+
+def _bitlinear_backward(ctx: Any, g: torch.Tensor, _gxq: Any, _gwq: Any) -> tuple:
+    xq, wq = ctx.saved_tensors
+    gx, gw, gb = _bitlinear_grads(g, xq, wq, ctx.has_bias)
+    return gx, gw, gb if ctx.has_bias else None
+
+
+torch.library.register_autograd("lowbit::bitlinear", _bitlinear_backward, setup_context=_bitlinear_setup)
+
+# Packed ternary kernels of the weights seen by lowbit::bitlinear_packed, by id of the weight
+# tensor: (a weak reference to it, the versions packed, the kernel). An entry leaves with its tensor.
+_PACKED: dict[int, tuple[Any, tuple, Any]] = {}
+
+
+def _packed_kernel(w: torch.Tensor, b: torch.Tensor | None) -> Any:
+    import weakref
+
+    from lowbit.bitnet import TernaryLinear
+
+    key = (w.data_ptr(), w._version, tuple(w.shape), None if b is None else (b.data_ptr(), b._version))
+    hit = _PACKED.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == key:
+        return hit[2]
+    bias = None if b is None else b.detach().float().cpu().numpy()
+    kernel = TernaryLinear.from_float(w.detach().float().cpu().numpy(), bias)
+    if hit is None or hit[0]() is not w:
+        weakref.finalize(w, _PACKED.pop, id(w), None)
+    _PACKED[id(w)] = (weakref.ref(w), key, kernel)
+    return kernel
+
+
+@torch.library.custom_op("lowbit::bitlinear_packed", mutates_args=())
+def _bitlinear_packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The eval forward of BitLinear on lowbit's packed ternary kernel (float32 CPU tensors;
+    the weights are packed once and repacked when they change)."""
+    return torch.as_tensor(_packed_kernel(w, b)(x))
+
+
+@_bitlinear_packed.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1] + (w.shape[0],))
 
 
 class _Expected(torch.autograd.Function):

@@ -168,9 +168,9 @@ mod _lowbit {
 
     #[pymodule_export]
     use super::quant::{
-        dequantize_per_channel, dequantize_per_tensor, fake_quantize_per_channel_affine,
-        fake_quantize_per_tensor_affine, quantize, quantize_per_channel, quantize_per_tensor,
-        QuantSpec, QuantizedTensor,
+        dequantize_per_channel, dequantize_per_tensor, fake_quantize_learnable_grad,
+        fake_quantize_per_channel_affine, fake_quantize_per_tensor_affine, quantize,
+        quantize_per_channel, quantize_per_tensor, QuantSpec, QuantizedTensor,
     };
 
     #[pymodule_export]

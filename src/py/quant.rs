@@ -407,3 +407,50 @@ pub fn quantize<'py>(
     let q = with_float!(x, |v| detach(py, || spec::quantize(v, sp, qp))?);
     Ok(QuantizedTensor(q))
 }
+
+/// The elementwise gradients `(dx, dscale, dzero_point)` of learnable fake-quant (LSQ) for
+/// C-contiguous float32 `x` and `dy`, before the sums over each channel (torch takes those).
+#[pyfunction]
+#[pyo3(signature = (x, dy, scale, zero_point, axis, quant_min, quant_max, grad_factor, fused))]
+#[allow(clippy::too_many_arguments)]
+pub fn fake_quantize_learnable_grad<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArrayDyn<'py, f32>,
+    dy: PyReadonlyArrayDyn<'py, f32>,
+    scale: Vec<f32>,
+    zero_point: Vec<f32>,
+    axis: Option<usize>,
+    quant_min: i64,
+    quant_max: i64,
+    grad_factor: f32,
+    fused: bool,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let shape = x.shape().to_vec();
+    if dy.shape() != shape.as_slice() {
+        return Err(value_error(format!(
+            "dy has shape {:?}, x has {shape:?}",
+            dy.shape()
+        )));
+    }
+    let (xs, dys) = match (x.as_slice(), dy.as_slice()) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => return Err(value_error("x and dy must be C-contiguous")),
+    };
+    let k = affine::LearnableGrad::new(
+        &shape,
+        axis,
+        &scale,
+        &zero_point,
+        quant_min,
+        quant_max,
+        grad_factor,
+        fused,
+    )
+    .map_err(to_pyerr)?;
+    let (dx, ds, dz) = detach(py, || k.run(xs, dys))?;
+    let arr = |v: Vec<f32>| -> PyResult<Bound<'py, PyAny>> {
+        let a = ArrayD::from_shape_vec(IxDyn(&shape), v).map_err(|e| value_error(e.to_string()))?;
+        Ok(a.into_pyarray(py).into_any())
+    };
+    Ok((arr(dx)?, arr(ds)?, arr(dz)?))
+}

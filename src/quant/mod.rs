@@ -12,7 +12,8 @@ pub mod spec;
 
 pub use affine::{
     dequantize_per_channel, dequantize_per_tensor, fake_quantize_per_channel,
-    fake_quantize_per_tensor, quantize_per_channel, quantize_per_tensor, Code, QRange,
+    fake_quantize_per_tensor, quantize_per_channel, quantize_per_tensor, Code, LearnableGrad,
+    QRange,
 };
 pub use elem::{Elem, Real};
 pub use spec::{Granularity, QuantSpec, QuantizedTensor};

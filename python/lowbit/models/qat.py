@@ -13,16 +13,26 @@ from lowbit.models.modules import MultiTaskVLM
 
 
 
-class _QuantSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, spec: Any) -> torch.Tensor:  # noqa: ANN401
-        from lowbit._quant import quantize
+@torch.library.custom_op("lowbit::qat_weight", mutates_args=())
+def _qat_weight(w: torch.Tensor, weights: str) -> torch.Tensor:
+    """``w`` quantized and dequantized as :func:`save` stores it for ``weights`` (lowbit's
+    quantizer on the CPU: a weight matrix, never an activation, crosses to it), in ``w``'s dtype
+    and device."""
+    from lowbit._quant import quantize
 
-        return torch.from_numpy(quantize(w.detach().float().cpu().numpy(), spec).dequantize()).to(w)
+    return torch.from_numpy(quantize(w.detach().float().cpu().numpy(), _spec(weights)).dequantize()).to(w)
 
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # noqa: ANN401
-        return g, None
+
+@_qat_weight.register_fake
+def _(w: torch.Tensor, weights: str) -> torch.Tensor:
+    return torch.empty_like(w)
+
+
+def _qat_weight_backward(ctx: Any, g: torch.Tensor) -> tuple:
+    return g, None  # straight through
+
+
+torch.library.register_autograd("lowbit::qat_weight", _qat_weight_backward)
 
 
 class QATLinear(nn.Linear):
@@ -39,7 +49,7 @@ class QATLinear(nn.Linear):
                 self.bias.copy_(lin.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, _QuantSTE.apply(self.weight, self.spec), self.bias)
+        return F.linear(x, _qat_weight(self.weight, self.weights), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weights={self.weights}"

@@ -3,9 +3,9 @@
 input and asserts what the upstream test asserts, bit for bit where lowbit claims bit-exactness
 (fake-quant, quantize / dequantize, torch.ao's observer qparams).
 
-lowbit has no learnable fake-quant and no fused observer + fake-quant op; the learnable tests
-become checks that a ``requires_grad`` scale is not silently ignored, and the fused-op tests
-compare the fused op with a lowbit observer followed by lowbit's fake-quant.
+The learnable (LSQ) tests run lowbit's learnable fake-quant against torch's, bit for bit, and
+against the upstream float reference. lowbit has no fused observer + fake-quant op; the
+fused-op tests compare the fused op with a lowbit observer followed by lowbit's fake-quant.
 """
 
 from __future__ import annotations
@@ -168,44 +168,110 @@ class TestFakeQuantizeOps:
             assert_bits_equal(xl.grad, xt.grad)
             torch.testing.assert_close(xl.grad, fq_per_tensor_grad_reference(dout, x, scale, zp, qmin, qmax))
 
-    @pytest.mark.parametrize("granularity", ["tensor", "channel"])
-    def test_learnable_backward_requires_grad_scale(self, granularity):
-        """test_workflow_ops.py::TestFakeQuantizeOps::test_learnable_backward_per_tensor_cpu /
-        test_learnable_backward_per_channel_cpu: lowbit has no learnable fake-quant, so a scale that
-        requires grad must either be refused with a LowbitError (as torch's non-learnable op refuses
-        it) or receive the gradient torch._fake_quantize_learnable_* computes (grad_factor 1)."""
+    @staticmethod
+    def _learnable_grad_reference(dy, x, scale, zp, qmin, qmax, axis=None):
+        """PyTorch's _fake_quantize_learnable_per_{tensor,channel}_affine_grad_reference: the
+        LSQ gradients in float arithmetic, before grad_factor."""
+        if axis is not None:
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.round().clamp(qmin, qmax).reshape(shape)
+        else:
+            zp = (zp + 0.5).clamp(qmin, qmax).trunc()
+        xq = torch.round(x * (1.0 / scale) + zp)
+        inside = (xq >= qmin) & (xq <= qmax)
+        dx = torch.where(inside, dy, torch.zeros_like(dy))
+        xfq = (xq.clamp(qmin, qmax) - zp) * scale
+        ds = torch.where(inside, (xfq - x) / scale, torch.where(xq < qmin, qmin - zp, qmax - zp)) * dy
+        dz = torch.where(inside, torch.zeros_like(x), -scale.expand_as(x)) * dy
+        dims = None if axis is None else [d for d in range(x.ndim) if d != axis]
+        return dx, (ds.sum() if dims is None else ds.sum(dims)), (dz.sum() if dims is None else dz.sum(dims))
+
+    @given(X=tensor(shapes=array_shapes(1, 5), elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32),
+                    qparams=qparams(dtypes=torch.quint8)))
+    @FAST
+    def test_learnable_forward_per_tensor_cpu(self, X):
+        """test_workflow_ops.py::TestFakeQuantizeOps::test_learnable_forward_per_tensor_cpu: at 4
+        and 8 bits and grad_factor 0.1 / 1 / 10, lowbit's learnable forward equals torch's bit for
+        bit and the float reference within the upstream tolerance."""
+        x, _ = X
         g = _gen(NP_RANDOM_SEED)
-        x = torch.randn(4, 6, generator=g) * 3
-        dout = torch.rand(4, 6, generator=g)
-        if granularity == "tensor":
-            scale, zp = torch.tensor([0.05]), torch.tensor([3.0])
-        else:
-            scale, zp = torch.tensor([0.05, 0.1, 0.02, 0.07]), torch.tensor([3.0, 0.0, 9.0, 1.0])
-        s_t = scale.clone().requires_grad_()
-        with pytest.raises(RuntimeError, match="not differentiable"):
-            if granularity == "tensor":
-                torch.fake_quantize_per_tensor_affine(x, s_t, zp.int(), 0, 255)
-            else:
-                torch.fake_quantize_per_channel_affine(x, s_t, zp.int(), 0, 0, 255)
-        s_l = scale.clone().requires_grad_()
-        xl = x.clone().requires_grad_()
-        try:
-            if granularity == "tensor":
-                y = lowbit.fake_quantize_per_tensor_affine(xl, s_l, 3, 0, 255)
-            else:
-                y = lowbit.fake_quantize_per_channel_affine(xl, s_l, zp.int(), 0, 0, 255)
-        except lowbit.LowbitError:
-            return
-        y.backward(dout)
-        s_r, xr = scale.clone().requires_grad_(), x.clone().requires_grad_()
-        z_r = zp.clone().requires_grad_()
-        if granularity == "tensor":
-            ref = torch._fake_quantize_learnable_per_tensor_affine(xr, s_r, z_r, 0, 255, 1.0)
-        else:
-            ref = torch._fake_quantize_learnable_per_channel_affine(xr, s_r, z_r, 0, 0, 255, 1.0)
-        ref.backward(dout)
-        assert s_l.grad is not None, "the scale requires grad but got no gradient"
-        torch.testing.assert_close(s_l.grad, s_r.grad, rtol=1e-4, atol=1e-4)
+        scale = torch.normal(0.0, 1.0, (1,), generator=g).clamp(1e-4, 100)
+        zp0 = torch.normal(0.0, 128.0, (1,), generator=g).to(torch.int64)
+        x = torch.from_numpy(x).float()
+        for bits in (4, 8):
+            qmin, qmax = 0, 2**bits - 1
+            zp = zp0.clamp(qmin, qmax).float()
+            ref = fq_per_tensor_reference(x, float(scale), float(zp), qmin, qmax)
+            for grad_factor in (0.1, 1.0, 10.0):
+                ours = lt.fake_quantize_learnable_per_tensor_affine(x, scale, zp, qmin, qmax, grad_factor)
+                assert_bits_equal(ours, torch._fake_quantize_learnable_per_tensor_affine(x, scale, zp, qmin, qmax, grad_factor))
+                torch.testing.assert_close(ours, ref, rtol=TOLERANCE, atol=TOLERANCE)
+
+    @given(X=tensor(shapes=array_shapes(1, 5), elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32),
+                    qparams=qparams(dtypes=torch.quint8)))
+    @FAST
+    def test_learnable_backward_per_tensor_cpu(self, X):
+        """test_workflow_ops.py::TestFakeQuantizeOps::test_learnable_backward_per_tensor_cpu: the
+        gradients of x, scale and zero point equal torch's bit for bit and the upstream float
+        reference (times grad_factor) within its tolerance."""
+        x0, _ = X
+        g = _gen(NP_RANDOM_SEED)
+        scale0 = torch.normal(0.0, 1.0, (1,), generator=g).clamp(1e-4, 100)
+        zp0 = torch.normal(0.0, 128.0, (1,), generator=g)
+        for bits in (4, 8):
+            qmin, qmax = 0, 2**bits - 1
+            for grad_factor in (0.1, 1.0, 10.0):
+                dout = torch.rand(x0.shape, generator=g)
+                grads = []
+                for fn in (lt.fake_quantize_learnable_per_tensor_affine, torch._fake_quantize_learnable_per_tensor_affine):
+                    x = torch.from_numpy(x0).float().requires_grad_()
+                    s, z = scale0.clone().requires_grad_(), zp0.clone().clamp(qmin, qmax).requires_grad_()
+                    fn(x, s, z, qmin, qmax, grad_factor).backward(dout)
+                    grads.append((x.grad, s.grad, z.grad))
+                for a, b in zip(*grads):
+                    assert_bits_equal(a, b)
+                x = torch.from_numpy(x0).float()
+                dx, ds, dz = self._learnable_grad_reference(dout, x, scale0, zp0.clamp(qmin, qmax), qmin, qmax)
+                torch.testing.assert_close(grads[0][0], dx, rtol=TOLERANCE, atol=TOLERANCE)
+                torch.testing.assert_close(grads[0][1], (ds * grad_factor).reshape(1), rtol=1e-4, atol=1e-3)
+                torch.testing.assert_close(grads[0][2], (dz * grad_factor).reshape(1), rtol=1e-4, atol=1e-3)
+
+    @given(X=per_channel_tensor(shapes=array_shapes(1, 5), elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32),
+                                qparams=qparams(dtypes=torch.quint8)))
+    @FAST
+    def test_learnable_per_channel_cpu(self, X):
+        """test_workflow_ops.py::TestFakeQuantizeOps::test_learnable_forward_per_channel_cpu and
+        test_learnable_backward_per_channel_cpu: value and the three gradients equal torch's bit for
+        bit, and the float reference within the upstream tolerance."""
+        x0, (_, _, axis, _) = X
+        if x0.ndim == 1:
+            return  # torch's per-channel backward fails on 1-D input (see test_lsq.py)
+        g = _gen(NP_RANDOM_SEED)
+        c = x0.shape[axis]
+        scale0 = torch.normal(0.0, 1.0, (c,), generator=g).clamp(1e-4, 100)
+        zp0 = torch.normal(0.0, 128.0, (c,), generator=g)
+        for bits in (4, 8):
+            qmin, qmax = 0, 2**bits - 1
+            for grad_factor in (0.1, 1.0, 10.0):
+                dout = torch.rand(x0.shape, generator=g)
+                runs = []
+                for fn in (lt.fake_quantize_learnable_per_channel_affine, torch._fake_quantize_learnable_per_channel_affine):
+                    x = torch.from_numpy(x0).float().requires_grad_()
+                    s, z = scale0.clone().requires_grad_(), zp0.clone().clamp(qmin, qmax).requires_grad_()
+                    y = fn(x, s, z, axis, qmin, qmax, grad_factor)
+                    y.backward(dout)
+                    runs.append((y.detach(), x.grad, s.grad, z.grad))
+                for a, b in zip(*runs):
+                    assert_bits_equal(a, b)
+                x = torch.from_numpy(x0).float()
+                zr = zp0.clamp(qmin, qmax).round()
+                ref = fq_per_channel_reference(x, scale0, zr.to(torch.int64), axis, qmin, qmax)
+                torch.testing.assert_close(runs[0][0], ref, rtol=TOLERANCE, atol=TOLERANCE)
+                dx, ds, dz = self._learnable_grad_reference(dout, x, scale0, zp0.clamp(qmin, qmax), qmin, qmax, axis)
+                torch.testing.assert_close(runs[0][1], dx, rtol=TOLERANCE, atol=TOLERANCE)
+                torch.testing.assert_close(runs[0][2], ds * grad_factor, rtol=1e-4, atol=1e-3)
+                torch.testing.assert_close(runs[0][3], dz * grad_factor, rtol=1e-4, atol=1e-3)
 
     @given(X=tensor(shapes=array_shapes(1, 5), qparams=qparams(dtypes=torch.quint8)))
     @FAST

@@ -63,7 +63,7 @@ impl Layout {
     /// The channel of flat index `i` and how many elements from `i` on (at most `left`) share
     /// it; `varying` runs instead advance the channel by one per element (innermost axis).
     #[inline(always)]
-    fn run_at(&self, i: usize, left: usize) -> (usize, usize, bool) {
+    pub(super) fn run_at(&self, i: usize, left: usize) -> (usize, usize, bool) {
         if let Some((k, g)) = self.groups {
             let (row, col) = (i / k, i % k);
             let c = row * k.div_ceil(g) + col / g;
@@ -192,7 +192,7 @@ where
 
 /// Asks Linux to back a large fresh output with transparent huge pages: first-touch page
 /// faults on 4 KiB pages otherwise cost more than the kernel itself.
-fn advise_huge_pages<T>(s: &mut [T]) {
+pub(crate) fn advise_huge_pages<T>(s: &mut [T]) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;

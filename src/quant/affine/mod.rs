@@ -6,6 +6,7 @@
 
 mod drivers;
 mod fake_quant;
+mod learnable;
 mod quantize;
 mod ranges;
 
@@ -13,6 +14,7 @@ pub(crate) use drivers::{drive, Layout};
 pub use fake_quant::{
     fake_quantize_per_channel, fake_quantize_per_tensor, FakeQuantOp, FakeQuantOutput,
 };
+pub use learnable::LearnableGrad;
 pub use quantize::{
     dequantize_per_channel, dequantize_per_tensor, quantize_per_channel, quantize_per_tensor, Code,
     Codes,
