@@ -26,6 +26,8 @@ round-trips through ``state_dict()`` / ``load_state_dict()`` and pickle.
 from __future__ import annotations
 
 import json
+import math
+import sys
 import warnings
 from typing import Any, Literal
 
@@ -34,7 +36,7 @@ import numpy as np
 from lowbit import _lowbit
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
 from lowbit._array import view
-from lowbit._validate import float_arg, int_arg
+from lowbit._validate import float_arg, int_arg, is_tensor
 
 __all__ = [
     "HistogramObserver",
@@ -82,8 +84,48 @@ class Observer:
     def update(self, x: Any) -> None:
         """Observe a batch (any shape). NaN or Inf refuses the batch with ``LowbitValueError``
         and leaves the state unchanged; empty batches are ignored."""
+        if is_tensor(x) and x.device.type != "cpu":
+            self._update_on_device(x)
+            return
         a, bf16 = view(x)
         self._core.update(a, bf16)
+
+    def _update_on_device(self, x: Any) -> None:
+        """Reduces a tensor on its own device (CUDA, MPS, ...) and hands the core only the summary
+        an update needs (min and max, per channel min and max, or a histogram's counts on the
+        batch's canonical grid): the same state as updating with the whole tensor on the CPU."""
+        import torch
+
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise LowbitTypeError(f"x must be a float32, float16, bfloat16 or float64 tensor, got {x.dtype}")
+        x = x.detach()
+        if x.numel() == 0 or x.device.type == "meta":
+            if x.device.type == "meta":
+                raise LowbitTypeError("x is on the meta device: it holds no data to observe")
+            self._core.update(np.empty(tuple(x.shape), np.float32))
+            return
+        if self._kind == "per_channel_histogram":
+            raise LowbitTypeError(f"per-channel histogram observers take CPU data; x is on {x.device} (use .cpu())")
+        if self._kind == "per_channel":
+            self._core.update(_channel_extremes(x, self._core.axis or 0))
+            return
+        lo, hi = torch.aminmax(x)
+        ext = torch.stack([lo, hi]).to(torch.float32).cpu().numpy()
+        if self._kind != "histogram" or not np.isfinite(ext).all():
+            self._core.update(ext)  # min-max kinds, and the refusal of NaN / Inf, as for the batch
+            return
+        lo_f, hi_f = float(ext[0]), float(ext[1])
+        e, start, bins = self._core.histogram_grid(lo_f, hi_f)
+        try:
+            inv = math.ldexp(1.0, -e)
+        except OverflowError:  # only a batch of zeros has so fine a grid (as the core's MAX)
+            inv = sys.float_info.max
+        # floor(x / 2^e): a power-of-two scaling of a float32 in float64 is exact, and so is its floor.
+        # (float64 batches are binned as float32 values, as the core bins them.)
+        xs = (x.to(torch.float32) if x.dtype == torch.float64 else x).to(torch.float64)
+        cells = (torch.floor(xs * inv) - start).to(torch.int64)
+        counts = torch.bincount(cells.reshape(-1), minlength=bins)
+        self._core.add_histogram_counts(counts.cpu().tolist(), lo_f, hi_f)
 
     def __call__(self, x: Any) -> Any:
         """Observe ``x`` and return it unchanged, like a ``torch.ao`` observer's forward."""
@@ -144,6 +186,26 @@ class Observer:
             extra = f", method={cfg['method']!r}, bins={state['bins']}"
             extra += f", percentile={cfg['percentile']}" if cfg["method"] == "percentile" else ""
         return f"{type(self).__name__}(bits={cfg['bits']}, symmetric={cfg['symmetric']}{extra})"
+
+
+def _channel_extremes(x: Any, axis: int) -> np.ndarray:
+    """Per-channel min and max of a tensor, reduced on its device, as a float32 array of
+    ``x``'s rank whose channel axis holds the channels and one other axis the (min, max) pair:
+    the same per-channel extremes (and the same channel axis, negative or not) as ``x``."""
+    import torch
+
+    if not -x.ndim <= axis < x.ndim:
+        raise LowbitValueError(f"axis {axis} is out of range for a {x.ndim}-D batch")
+    a = axis % x.ndim
+    if x.ndim == 1:
+        return x.to(torch.float32).cpu().numpy()  # one value per channel is its own summary
+    dims = [d for d in range(x.ndim) if d != a]
+    mins, maxs = x.amin(dim=dims), x.amax(dim=dims)
+    shape = [1] * x.ndim
+    shape[a] = x.shape[a]
+    pair = torch.stack([mins, maxs], dim=1 if a == 0 else 0)
+    shape[1 if a == 0 else 0] = 2
+    return pair.reshape(shape).to(torch.float32).cpu().numpy()
 
 
 class MinMaxObserver(Observer):

@@ -325,9 +325,9 @@ def calibrate(
             w = PerChannelMinMaxObserver(axis=weight_spec.axis, bits=weight_spec.bits, symmetric=weight_spec.symmetric)
         else:
             w = MinMaxObserver(bits=weight_spec.bits, symmetric=weight_spec.symmetric)
-        w.update(mod.weight.detach().float().cpu())
+        w.update(mod.weight.detach())
         observers[name] = {"input": act, "weight": w}
-        hooks.append(mod.register_forward_pre_hook(lambda m, args, o=act: o.update(args[0].detach().float().cpu())))
+        hooks.append(mod.register_forward_pre_hook(lambda m, args, o=act: o.update(args[0].detach())))
     was_training = model.training
     try:
         model.eval()

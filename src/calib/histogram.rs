@@ -437,6 +437,49 @@ impl Histogram {
         Ok(())
     }
 
+    /// The canonical grid `(exp, start)` of a batch whose finite extremes are `lo <= hi`: where
+    /// a device that holds the batch counts it (`add_counts`).
+    pub fn grid_of(&self, lo: f32, hi: f32) -> (i32, i64) {
+        let e = self.exponent_for(lo, hi);
+        (e, grid_index(lo, e))
+    }
+
+    /// Adds a batch counted elsewhere (on the device that holds it): `counts` of its values on
+    /// its canonical grid (`grid_of(lo, hi)`), `lo` and `hi` its extremes. The result is the
+    /// one `update` with the batch gives (a merge of canonical histograms is exact). A bad
+    /// summary changes nothing.
+    pub fn add_counts(&mut self, counts: Vec<u64>, lo: f32, hi: f32) -> Result<()> {
+        ensure!(
+            lo.is_finite() && hi.is_finite() && lo <= hi,
+            "the input contains NaN or Inf: no quantization range can be derived from it (pass scales explicitly)"
+        );
+        ensure!(
+            counts.len() == self.bins,
+            "{} counts for a histogram of {} bins",
+            counts.len(),
+            self.bins
+        );
+        let total = counts
+            .iter()
+            .try_fold(0u64, |a, &c| a.checked_add(c))
+            .ok_or_else(|| Error::value("the counts overflow"))?;
+        if total == 0 {
+            return Ok(());
+        }
+        let (exp, start) = self.grid_of(lo, hi);
+        let batch = Histogram {
+            bins: self.bins,
+            counts,
+            exp,
+            start,
+            min: lo,
+            max: hi,
+            total,
+        };
+        batch.validate()?;
+        self.merge(&batch)
+    }
+
     /// Checks a state read from `load_state_dict` / pickle: it must be one that `update` and
     /// `merge` can produce (the canonical grid of `[min, max]`, counts only between them), as
     /// they rely on it.
@@ -482,6 +525,44 @@ mod tests {
 
     fn arr(v: &[f32]) -> ArrayD<f32> {
         ArrayD::from_shape_vec(ndarray::IxDyn(&[v.len()]), v.to_vec()).unwrap()
+    }
+
+    /// What a device does with a batch: its extremes, its canonical grid, a count per cell.
+    fn device_counts(h: &Histogram, v: &[f32]) -> (Vec<u64>, f32, f32) {
+        let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (e, start) = h.grid_of(lo, hi);
+        let mut counts = vec![0u64; h.bins];
+        for &x in v {
+            counts[(grid_index(x, e) - start) as usize] += 1;
+        }
+        (counts, lo, hi)
+    }
+
+    #[test]
+    fn counts_from_a_device_equal_the_update() {
+        let batches = [
+            lcg(5000, 1, 1.0),
+            lcg(300, 2, 40.0),
+            vec![7.0; 100],
+            vec![0.0; 10],
+            vec![1e-30, 2e-30, -1e-38],
+            lcg(1000, 3, 1e-3),
+        ];
+        for bins in [16, 2048] {
+            let (mut a, mut b) = (Histogram::new(bins).unwrap(), Histogram::new(bins).unwrap());
+            for v in &batches {
+                a.update(&arr(v).view()).unwrap();
+                let (c, lo, hi) = device_counts(&b, v);
+                b.add_counts(c, lo, hi).unwrap();
+                assert_eq!(a, b);
+            }
+        }
+        let mut h = Histogram::new(16).unwrap();
+        assert!(h.add_counts(vec![1; 16], f32::NAN, 1.0).is_err());
+        assert!(h.add_counts(vec![1; 15], 0.0, 1.0).is_err());
+        assert!(h.add_counts(vec![1; 16], 0.0, 1e-6).is_err()); // counts outside [lo, hi]
+        assert!(h.is_empty());
     }
 
     fn lcg(n: usize, seed: u64, scale: f32) -> Vec<f32> {

@@ -199,6 +199,34 @@ impl Observer {
         }
     }
 
+    /// The channel axis of per-channel observers.
+    pub fn axis(&self) -> Option<i64> {
+        match &self.state {
+            State::PerChannel(m) => Some(m.axis),
+            State::PerChannelHistogram { axis, .. } => Some(*axis),
+            _ => None,
+        }
+    }
+
+    /// The canonical grid `(exp, start)` (and the bin count) on which a device counts a batch with extremes
+    /// `[lo, hi]` for a per-tensor histogram observer (see `Histogram::add_counts`).
+    pub fn histogram_grid(&self, lo: f32, hi: f32) -> Result<(i32, i64, usize)> {
+        let h = self.histogram()?;
+        let (e, start) = h.grid_of(lo, hi);
+        Ok((e, start, h.bins))
+    }
+
+    /// Adds a batch that a device counted on `histogram_grid(lo, hi)`: the same state as
+    /// `update` with the batch itself.
+    pub fn add_histogram_counts(&mut self, counts: Vec<u64>, lo: f32, hi: f32) -> Result<()> {
+        match &mut self.state {
+            State::Histogram(h) => h.add_counts(counts, lo, hi),
+            _ => Err(Error::value(
+                "only per-tensor histogram observers take histogram counts",
+            )),
+        }
+    }
+
     /// The search result (qparams and the clip range they represent) of a per-tensor
     /// histogram observer.
     pub fn search(&self) -> Result<SearchResult> {

@@ -113,6 +113,29 @@ impl Observer {
         })
     }
 
+    /// The channel axis of per-channel observers (None for the others).
+    #[getter]
+    fn axis(&self, py: Python<'_>) -> PyResult<Option<i64>> {
+        self.with(py, |o| Ok(o.axis()))
+    }
+
+    /// Per-tensor histogram observers: the canonical grid `(exp, start, bins)` on which a device
+    /// counts a batch whose extremes are `[lo, hi]`.
+    fn histogram_grid(&self, py: Python<'_>, lo: f32, hi: f32) -> PyResult<(i32, i64, usize)> {
+        self.with(py, |o| o.histogram_grid(lo, hi))
+    }
+
+    /// Per-tensor histogram observers: adds a batch a device counted on `histogram_grid`.
+    fn add_histogram_counts(
+        &self,
+        py: Python<'_>,
+        counts: Vec<u64>,
+        lo: f32,
+        hi: f32,
+    ) -> PyResult<()> {
+        self.with(py, |o| o.add_histogram_counts(counts, lo, hi))
+    }
+
     /// Per-tensor histogram observers: (counts, left edge, bin width, min, max).
     fn histogram<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, f64, f64, f32, f32)> {
         let h = self.with(py, |o| o.histogram().cloned())?;
