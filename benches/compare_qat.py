@@ -12,8 +12,10 @@ Method
   ``torch.ao.quantization.FakeQuantize`` (its observers off, so both do fake-quant only, with the
   same qparams), and an LSQ variant (``lowbit.torch.LearnableFakeQuantize`` against
   ``torch.ao.quantization._learnable_fake_quantize._LearnableFakeQuantize``). Each model is
-  compiled with ``torch.compile(fullgraph=True)`` (inductor) and timed over a training step
-  (forward, backward, SGD step), best of ``--repeat`` after warm-ups.
+  compiled with ``torch.compile`` (inductor; ``fullgraph=True`` for lowbit's, while torch.ao's
+  modules cannot compile whole: dynamo skips torch.ao's code, a graph break at each module, which
+  the bench counts) and timed over a training step (forward, backward, SGD step), best of
+  ``--repeat`` after warm-ups.
 * Each thread count runs in a fresh process; ``torch/lowbit`` above 1 means lowbit is faster.
 
 Run: ``python benches/compare_qat.py [--threads 1,2] [--repeat 10]``. Quote ratios from a quiet
@@ -115,12 +117,16 @@ def _qat(repeat: int) -> None:
     x = torch.randn(32, 3, 32, 32)
     y = torch.randint(0, 10, (32,))
     for learnable in (False, True):
-        times = {}
+        times, breaks = {}, {}
         for kind in ("lowbit", "torch"):
             torch._dynamo.reset()
             model = _cnn(kind, learnable)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-            compiled = torch.compile(model, fullgraph=True)
+            breaks[kind] = torch._dynamo.explain(model)(x).graph_break_count
+            torch._dynamo.reset()
+            # torch.ao's modules cannot compile with fullgraph (dynamo skips torch.ao's code, a
+            # graph break at each of them); lowbit's must.
+            compiled = torch.compile(model, fullgraph=kind == "lowbit")
 
             def step():
                 opt.zero_grad(set_to_none=True)
@@ -130,7 +136,8 @@ def _qat(repeat: int) -> None:
             times[kind] = best_time(step, repeat, warmup=3)
         what = "LSQ (learnable)" if learnable else "fixed qparams  "
         print(f"  compiled QAT step, CNN int8 W+A, {what}: lowbit {times['lowbit'] * 1e3:7.2f} ms   "
-              f"torch.ao {times['torch'] * 1e3:7.2f} ms   torch/lowbit {times['torch'] / times['lowbit']:5.2f}")
+              f"torch.ao {times['torch'] * 1e3:7.2f} ms   torch/lowbit {times['torch'] / times['lowbit']:5.2f}   "
+              f"graph breaks: lowbit {breaks['lowbit']}, torch.ao {breaks['torch']}")
 
 
 def _child(threads: int, repeat: int) -> None:

@@ -1,8 +1,11 @@
-"""PyTorch integration: lowbit's kernels on CPU tensors without copies, with autograd.
+"""PyTorch integration: lowbit's kernels as torch custom ops, with autograd, in eager mode,
+``torch.compile`` (no graph break) and ``torch.export``.
 
 Imported only when PyTorch is installed. float32, float16 and bfloat16 (and float64) CPU
 tensors are shared with the Rust core through NumPy views; results come back as tensors
-sharing the memory the core allocated.
+sharing the memory the core allocated. Tensors on other devices run PyTorch's own kernels
+for the same ops (the same numbers torch gives there); observers and :func:`calibrate` reduce
+them on their device.
 
 >>> import torch, lowbit.torch as lt
 >>> x = torch.tensor([0.1, 0.25, 0.35, 9.0], requires_grad=True)
