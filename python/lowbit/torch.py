@@ -448,10 +448,13 @@ def _bitlinear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tupl
     ``(q_x @ codes.T) * (scale_w / s_x) + bias`` with the integer product taken in float32, which
     is exact while ``in_features * 128 < 2**24``; a plain ``F.linear(q_x / s_x, codes * scale_w)``
     rounds every product and drifts from the deployed layer as ``in_features`` grows. Also returns
-    the fake-quantized activations and weights the straight-through backward multiplies by."""
-    qx, sx = _bitnet_activation_codes(x)
-    codes, sw = _bitnet_weight_codes(w)
-    acc = torch.nn.functional.linear(qx, codes)
+    the fake-quantized activations and weights the straight-through backward multiplies by.
+    Autocast does not reach inside: the codes and their product stay in float32 (the recipe
+    quantizes in float32, and the product is the deployed kernel's integers)."""
+    with torch.autocast(x.device.type, enabled=False):
+        qx, sx = _bitnet_activation_codes(x)
+        codes, sw = _bitnet_weight_codes(w)
+        acc = torch.nn.functional.linear(qx, codes)
     # The kernel's epilogue, operation for operation: acc * ((1 / s_x) * scale_w) + b in f64.
     y = acc.double() * ((1.0 / sx.double()) * (1.0 / sw).double())
     if b is not None:
@@ -476,10 +479,11 @@ def _bitlinear_grads(g: torch.Tensor, xq: torch.Tensor, wq: torch.Tensor, has_bi
     weights and (when ``has_bias``, else an empty tensor) the bias, as eager PyTorch computes
     them (an op of its own, so that a compiler cannot reorder the sums; ``g`` made contiguous,
     as a compiled graph may hand it over in another layout, which would change the order)."""
-    g = g.contiguous()
-    g2 = g.reshape(-1, g.shape[-1])
-    gb = g2.sum(0) if has_bias else g.new_empty((0,))
-    return g @ wq, g2.T @ xq.reshape(-1, xq.shape[-1]), gb
+    with torch.autocast(g.device.type, enabled=False):
+        g = g.contiguous()
+        g2 = g.reshape(-1, g.shape[-1])
+        gb = g2.sum(0) if has_bias else g.new_empty((0,))
+        return g @ wq, g2.T @ xq.reshape(-1, xq.shape[-1]), gb
 
 
 @_bitlinear_grads.register_fake

@@ -175,3 +175,49 @@ def test_calibrate_and_ptq_results_compile():
         explained = torch._dynamo.explain(hooked)(x)
         assert explained.graph_break_count == 0, explained.break_reasons
         assert_bits_equal(torch.compile(hooked, fullgraph=True, backend="aot_eager")(x), eager)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bitlinear_under_autocast_and_half_parameters_quantizes_in_float32(param_dtype):
+    """The transformers recipe: codes and scales from float32 copies whatever the dtypes, so
+    the integer product (exact in float32) does not depend on autocast or the layer's dtype."""
+    torch.manual_seed(4)
+    ref = lt.BitLinear(64, 24)
+    layer = lt.BitLinear(64, 24, dtype=param_dtype)
+    with torch.no_grad():
+        layer.weight.copy_(ref.weight)
+        layer.bias.copy_(ref.bias)
+    x = torch.randn(6, 64).to(param_dtype)
+    y = layer(x.clone().requires_grad_())
+    assert y.dtype == param_dtype
+    # The same codes as the float32 layer given the float32 values of the same inputs.
+    with torch.no_grad():
+        exact = ref.train()(x.float())
+        w32 = layer.weight.float()
+        ref_half = lt.BitLinear(64, 24)
+        ref_half.weight.copy_(w32)
+        ref_half.bias.copy_(layer.bias.float())
+        assert_bits_equal(y.detach(), ref_half(x.float()).to(param_dtype))
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == param_dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = ref(x.float())
+        zc = torch.compile(ref, fullgraph=True, backend="aot_eager")(x.float())
+    assert z.dtype == torch.float32
+    assert_bits_equal(z.detach(), exact)
+    assert_bits_equal(zc.detach(), exact)
+
+
+def test_fake_quant_modules_under_autocast_compile_and_equal_eager():
+    torch._dynamo.reset()
+    m = _Model()
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = m(x)
+        explained = torch._dynamo.explain(m)(x)
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert_bits_equal(compiled.detach(), eager.detach())
+    fq = lt.FakeQuantize(-8, 7, 0.1)
+    xb = torch.randn(100).bfloat16()
+    assert_bits_equal(fq(xb), torch.fake_quantize_per_tensor_affine(xb, 0.1, 0, -8, 7))
