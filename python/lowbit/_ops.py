@@ -24,7 +24,16 @@ import torch
 from lowbit import _lowbit
 from lowbit._array import from_view, tensor_view
 
-__all__ = ["fake_quant_per_channel", "fake_quant_per_tensor", "learnable_fake_quant", "learnable_fake_quant_backward"]
+__all__ = [
+    "dequantize_per_channel",
+    "dequantize_per_tensor",
+    "fake_quant_per_channel",
+    "fake_quant_per_tensor",
+    "learnable_fake_quant",
+    "learnable_fake_quant_backward",
+    "quantize_per_channel",
+    "quantize_per_tensor",
+]
 
 _Tensor = torch.Tensor
 
@@ -217,3 +226,125 @@ def _learnable_backward(ctx: Any, grad: _Tensor) -> tuple:
 
 
 torch.library.register_autograd("lowbit::learnable_fake_quant", _learnable_backward, setup_context=_setup_learnable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer codes and back (not differentiable, as torch's quantize / dequantize)
+
+
+def _float32_numpy(x: _Tensor) -> Any:
+    import numpy as np
+
+    a, bf16 = tensor_view(x, "x")
+    return a.view(np.uint16).astype(np.uint32).__lshift__(16).view(np.float32) if bf16 else a
+
+
+def _probe(shape: tuple, axis: int | None) -> Any:
+    """An empty float32 array with ``shape``'s channel count along ``axis``: the core's checks of
+    the arguments run on it (the same errors as on the CPU) before another device computes."""
+    import numpy as np
+
+    dims = [0] * max(len(shape), 1)
+    if axis is not None and -len(shape) <= axis < len(shape):
+        dims[axis] = shape[axis]
+    return np.empty(dims, np.float32)
+
+
+def _qdtype(quant_min: int) -> torch.dtype:
+    return torch.qint8 if quant_min < 0 else torch.quint8
+
+
+@torch.library.custom_op("lowbit::quantize_per_tensor", mutates_args=())
+def quantize_per_tensor(x: _Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> _Tensor:
+    """int8 / uint8 codes, ``torch.quantize_per_tensor(x, ...).int_repr()`` clamped to the range."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(_lowbit.quantize_per_tensor(_float32_numpy(x), scale, zero_point, quant_min, quant_max))
+    _lowbit.quantize_per_tensor(_probe(tuple(x.shape), None), scale, zero_point, quant_min, quant_max)
+    if x.device.type == "meta":
+        return _codes_like(x, quant_min)
+    return _torch_quantize_per_tensor(x, scale, zero_point, quant_min, quant_max)
+
+
+def _torch_quantize_per_tensor(x: _Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> _Tensor:
+    q = torch.quantize_per_tensor(x.float(), scale, zero_point, _qdtype(quant_min)).int_repr()
+    return q.clamp(quant_min, quant_max)
+
+
+@torch.library.custom_op("lowbit::quantize_per_channel", mutates_args=())
+def quantize_per_channel(x: _Tensor, scales: _Tensor, zero_points: _Tensor, axis: int, quant_min: int, quant_max: int) -> _Tensor:
+    """Per-channel int8 / uint8 codes along ``axis`` (``scales`` float64, ``zero_points`` int64)."""
+    s, z = scales.detach().cpu().double().tolist(), zero_points.detach().cpu().long().tolist()
+    if x.device.type == "cpu":
+        return torch.from_numpy(_lowbit.quantize_per_channel(_float32_numpy(x), s, z, axis, quant_min, quant_max))
+    _lowbit.quantize_per_channel(_probe(tuple(x.shape), axis), s, z, axis, quant_min, quant_max)
+    if x.device.type == "meta":
+        return _codes_like(x, quant_min)
+    return _torch_quantize_per_channel(x, scales, zero_points, axis, quant_min, quant_max)
+
+
+def _torch_quantize_per_channel(x: _Tensor, scales: _Tensor, zero_points: _Tensor, axis: int, quant_min: int,
+                                quant_max: int) -> _Tensor:
+    q = torch.quantize_per_channel(x.float(), scales.to(x.device, torch.float64), zero_points.to(x.device, torch.int64),
+                                   axis % x.ndim, _qdtype(quant_min)).int_repr()
+    return q.clamp(quant_min, quant_max)
+
+
+@torch.library.custom_op("lowbit::dequantize_per_tensor", mutates_args=())
+def dequantize_per_tensor(q: _Tensor, scale: float, zero_point: int) -> _Tensor:
+    """float32 ``(q - zero_point) * scale`` of int8 / uint8 codes, as torch's dequantize."""
+    if q.device.type == "cpu":
+        return torch.from_numpy(_lowbit.dequantize_per_tensor(q.detach().numpy(), scale, zero_point))
+    import numpy as np
+
+    _lowbit.dequantize_per_tensor(np.empty((0,), np.int8 if q.dtype == torch.int8 else np.uint8), scale, zero_point)
+    if q.device.type == "meta":
+        return torch.empty_like(q, dtype=torch.float32)
+    return _torch_dequantize_per_tensor(q, scale, zero_point)
+
+
+def _torch_dequantize_per_tensor(q: _Tensor, scale: float, zero_point: int) -> _Tensor:
+    return torch._make_per_tensor_quantized_tensor(q, scale, zero_point).dequantize()
+
+
+@torch.library.custom_op("lowbit::dequantize_per_channel", mutates_args=())
+def dequantize_per_channel(q: _Tensor, scales: _Tensor, zero_points: _Tensor, axis: int) -> _Tensor:
+    """float32 ``(q - zero_points[c]) * scales[c]`` along ``axis``."""
+    s, z = scales.detach().cpu().double().tolist(), zero_points.detach().cpu().long().tolist()
+    if q.device.type == "cpu":
+        return torch.from_numpy(_lowbit.dequantize_per_channel(q.detach().numpy(), s, z, axis))
+    import numpy as np
+
+    probe = _probe(tuple(q.shape), axis).astype(np.int8 if q.dtype == torch.int8 else np.uint8)
+    _lowbit.dequantize_per_channel(probe, s, z, axis)
+    if q.device.type == "meta":
+        return torch.empty_like(q, dtype=torch.float32)
+    return _torch_dequantize_per_channel(q, scales, zero_points, axis)
+
+
+def _torch_dequantize_per_channel(q: _Tensor, scales: _Tensor, zero_points: _Tensor, axis: int) -> _Tensor:
+    return torch._make_per_channel_quantized_tensor(q, scales.to(q.device, torch.float64),
+                                                    zero_points.to(q.device, torch.int64), axis % q.ndim).dequantize()
+
+
+def _codes_like(x: _Tensor, quant_min: int) -> _Tensor:
+    return torch.empty_like(x, dtype=torch.int8 if quant_min < 0 else torch.uint8)
+
+
+@quantize_per_tensor.register_fake
+def _(x: _Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int) -> _Tensor:
+    return _codes_like(x, quant_min)
+
+
+@quantize_per_channel.register_fake
+def _(x: _Tensor, scales: _Tensor, zero_points: _Tensor, axis: int, quant_min: int, quant_max: int) -> _Tensor:
+    return _codes_like(x, quant_min)
+
+
+@dequantize_per_tensor.register_fake
+def _(q: _Tensor, scale: float, zero_point: int) -> _Tensor:
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+@dequantize_per_channel.register_fake
+def _(q: _Tensor, scales: _Tensor, zero_points: _Tensor, axis: int) -> _Tensor:
+    return torch.empty_like(q, dtype=torch.float32)

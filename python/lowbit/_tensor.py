@@ -185,45 +185,43 @@ def fake_quantize_learnable_per_channel_affine(x: torch.Tensor, scale: torch.Ten
     return _ops.learnable_fake_quant(x, scale, zero_point, axis, qmin, qmax, g)
 
 
-def _float32_numpy(x: torch.Tensor) -> np.ndarray:
-    a, bf16 = tensor_view(x, "x")
-    return a.view(np.uint16).astype(np.uint32).__lshift__(16).view(np.float32) if bf16 else a
+def _float_input(x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise LowbitTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    return _float_tensor(x)
+
+
+def _vectors(scales: Any, zero_points: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    s = torch.tensor(vector_arg(scales, "scales", integer=False), dtype=torch.float64)
+    z = torch.tensor(vector_arg(zero_points, "zero_points", integer=True), dtype=torch.int64)
+    return s, z
 
 
 def quantize_per_tensor(x: torch.Tensor, scale: Any, zero_point: Any, quant_min: int, quant_max: int) -> torch.Tensor:
     """Integer codes as an int8/uint8 tensor; see :func:`lowbit.quantize_per_tensor`."""
-    q = _lowbit.quantize_per_tensor(_float32_numpy(x), float_arg(scale, "scale"), int_arg(zero_point, "zero_point"), int_arg(quant_min, "quant_min"), int_arg(quant_max, "quant_max"))
-    return torch.from_numpy(q)
+    return _ops.quantize_per_tensor(_float_input(x), float_arg(scale, "scale"), int_arg(zero_point, "zero_point"),
+                                    int_arg(quant_min, "quant_min"), int_arg(quant_max, "quant_max"))
 
 
 def quantize_per_channel(x: torch.Tensor, scales: Any, zero_points: Any, axis: int, quant_min: int, quant_max: int) -> torch.Tensor:
     """Per-channel integer codes as a tensor; see :func:`lowbit.quantize_per_channel`."""
-    q = _lowbit.quantize_per_channel(
-        _float32_numpy(x),
-        vector_arg(scales, "scales", integer=False),
-        vector_arg(zero_points, "zero_points", integer=True),
-        int_arg(axis, "axis"),
-        int_arg(quant_min, "quant_min"),
-        int_arg(quant_max, "quant_max"),
-    )
-    return torch.from_numpy(q)
+    s, z = _vectors(scales, zero_points)
+    return _ops.quantize_per_channel(_float_input(x), s, z, int_arg(axis, "axis"), int_arg(quant_min, "quant_min"),
+                                     int_arg(quant_max, "quant_max"))
 
 
-def _codes_numpy(q: torch.Tensor) -> np.ndarray:
-    if not isinstance(q, torch.Tensor) or q.device.type != "cpu" or q.dtype not in (torch.int8, torch.uint8):
-        raise LowbitTypeError(f"q must be a CPU int8 or uint8 tensor, got {getattr(q, 'dtype', type(q).__name__)}")
-    return q.detach().numpy()
+def _codes(q: Any) -> torch.Tensor:
+    if not isinstance(q, torch.Tensor) or q.dtype not in (torch.int8, torch.uint8):
+        raise LowbitTypeError(f"q must be an int8 or uint8 tensor, got {getattr(q, 'dtype', type(q).__name__)}")
+    return q.detach()
 
 
 def dequantize_per_tensor(q: torch.Tensor, scale: Any, zero_point: Any) -> torch.Tensor:
     """Float32 tensor ``(q - zero_point) * scale``."""
-    return torch.from_numpy(_lowbit.dequantize_per_tensor(_codes_numpy(q), float_arg(scale, "scale"), int_arg(zero_point, "zero_point")))
+    return _ops.dequantize_per_tensor(_codes(q), float_arg(scale, "scale"), int_arg(zero_point, "zero_point"))
 
 
 def dequantize_per_channel(q: torch.Tensor, scales: Any, zero_points: Any, axis: int) -> torch.Tensor:
     """Float32 tensor ``(q - zero_points[c]) * scales[c]`` along ``axis``."""
-    return torch.from_numpy(
-        _lowbit.dequantize_per_channel(
-            _codes_numpy(q), vector_arg(scales, "scales", integer=False), vector_arg(zero_points, "zero_points", integer=True), int_arg(axis, "axis")
-        )
-    )
+    s, z = _vectors(scales, zero_points)
+    return _ops.dequantize_per_channel(_codes(q), s, z, int_arg(axis, "axis"))

@@ -6,6 +6,7 @@ Imports nothing from lowbit but the extension's error types; every other module 
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 from typing import Any
@@ -46,7 +47,7 @@ def float_arg(v: Any, what: str, lo: float | None = None, hi: float | None = Non
         f = float(v)
     except OverflowError:
         raise LowbitValueError(f"{what} is too large for a float, got {v}") from None
-    if finite and not np.isfinite(f):
+    if finite and not math.isfinite(f):
         raise LowbitValueError(f"{what} must be finite, got {f}")
     _bounds(f, what, lo, hi)
     return f

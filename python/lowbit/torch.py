@@ -533,19 +533,34 @@ def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(x.shape[:-1] + (w.shape[0],))
 
 
-class _Expected(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, probs: torch.Tensor, space: Any, metric: str) -> torch.Tensor:  # noqa: ANN401
-        p = probs.detach().to("cpu", torch.float64)
-        value, grad = space.expected(p.numpy() if p.ndim == 3 else p[None].numpy(), metric)
-        ctx.save_for_backward(torch.from_numpy(grad).to(probs.device, probs.dtype).reshape(probs.shape))
-        out = torch.from_numpy(np.asarray(value)).to(probs.device, probs.dtype)
-        return out if probs.ndim == 3 else out[0]
+@torch.library.custom_op("lowbit::expected_cost", mutates_args=())
+def _expected_cost(probs: torch.Tensor, space: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expected cost of a search space under choice probabilities (blocks, choices) or
+    (batch, blocks, choices), and its gradient with respect to them, from lowbit's costs."""
+    from lowbit.nas.search import space_by_id
 
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:  # noqa: ANN401
-        (grad,) = ctx.saved_tensors
-        return g.reshape(g.shape + (1, 1)) * grad, None, None
+    p = probs.detach().to("cpu", torch.float64)
+    value, grad = space_by_id(space).expected(p.numpy() if p.ndim == 3 else p[None].numpy(), metric)
+    out = torch.from_numpy(np.asarray(value)).to(probs.device, probs.dtype)
+    g = torch.from_numpy(grad).to(probs.device, probs.dtype).reshape(probs.shape)
+    return (out if probs.ndim == 3 else out[0]), g
+
+
+@_expected_cost.register_fake
+def _(probs: torch.Tensor, space: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return probs.new_empty(probs.shape[:-2]), torch.empty_like(probs)
+
+
+def _expected_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _expected_backward(ctx: Any, g: torch.Tensor, _gg: Any) -> tuple:
+    (grad,) = ctx.saved_tensors
+    return g.reshape(g.shape + (1, 1)) * grad, None, None
+
+
+torch.library.register_autograd("lowbit::expected_cost", _expected_backward, setup_context=_expected_setup)
 
 
 def expected_latency(
@@ -579,13 +594,15 @@ def expected_latency(
         raise LowbitTypeError(f"space must be a lowbit.nas.SearchSpace, got {type(space).__name__}")
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.is_meta:
         raise LowbitTypeError(f"logits must be a floating-point tensor with data, got {type(logits).__name__}")
-    if logits.ndim not in (2, 3) or logits.shape[-2:] != (space.n_blocks, max(space.n_choices)):
+    if logits.ndim not in (2, 3) or tuple(logits.shape[-2:]) != (int(space.n_blocks), int(max(space.n_choices))):
         raise LowbitValueError(
             f"logits must be ({space.n_blocks}, {max(space.n_choices)}) or (batch, {space.n_blocks}, "
             f"{max(space.n_choices)}), got {tuple(logits.shape)}"
         )
     if float_arg(tau, "tau", finite=True) <= 0:
         raise LowbitValueError(f"tau must be a positive number, got {tau!r}")
+    if not isinstance(metric, str):
+        raise LowbitTypeError(f"metric must be a string, got {type(metric).__name__}")
     mask = torch.zeros(logits.shape[-2:], dtype=torch.bool, device=logits.device)
     for b, n in enumerate(space.n_choices):
         mask[b, n:] = True
@@ -594,4 +611,4 @@ def expected_latency(
         probs = torch.nn.functional.gumbel_softmax(masked, tau=tau, hard=hard, dim=-1)
     else:
         probs = torch.softmax(masked / tau, dim=-1)
-    return _Expected.apply(probs.masked_fill(mask, 0.0), space, metric)
+    return _expected_cost(probs.masked_fill(mask, 0.0), space._op_id, metric)[0]

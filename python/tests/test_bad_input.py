@@ -1167,10 +1167,10 @@ def _entries() -> list[Entry]:
         E("lowbit.torch.fake_quantize_per_channel_affine", f(lt.fake_quantize_per_channel_affine),
           x=T(XT, over={"rank0": "raise", "empty": "raise", "meta": "either"}, aliases=("axis",)), scale=FV([0.1, 0.2, 0.3, 0.4]),
           zero_point=IV([0, 1, -1, 0]), **ch, **_qrange(-8, 7), return_mask=FLAG(True)),
-        E("lowbit.torch.quantize_per_tensor", f(lt.quantize_per_tensor), x=T(XT), scale=S(0.1), zero_point=N(0),
+        E("lowbit.torch.quantize_per_tensor", f(lt.quantize_per_tensor), x=T(XT, over={"meta": "either"}), scale=S(0.1), zero_point=N(0),
           **_qrange(-8, 7)),
         E("lowbit.torch.quantize_per_channel", f(lt.quantize_per_channel),
-          x=T(XT, over={"rank0": "raise", "empty": "raise"}, aliases=("axis",)),
+          x=T(XT, over={"rank0": "raise", "empty": "raise", "meta": "either"}, aliases=("axis",)),
           scales=FV([0.1, 0.2, 0.3, 0.4]), zero_points=IV([0, 1, -1, 0]), **ch, **_qrange(-8, 7)),
         E("lowbit.torch.dequantize_per_tensor", f(lt.dequantize_per_tensor), q=ANY(torch.from_numpy(Q8.copy()), extra=[
             _c("float", _const(torch.ones(3)), "raise"), _c("numpy", _const(Q8.copy()), "raise"),

@@ -221,3 +221,64 @@ def test_fake_quant_modules_under_autocast_compile_and_equal_eager():
     fq = lt.FakeQuantize(-8, 7, 0.1)
     xb = torch.randn(100).bfloat16()
     assert_bits_equal(fq(xb), torch.fake_quantize_per_tensor_affine(xb, 0.1, 0, -8, 7))
+
+
+@pytest.mark.parametrize("qmin,qmax", [(-128, 127), (0, 255), (-8, 7), (0, 15), (-2, 1)])
+def test_the_other_device_path_of_quantize_equals_the_kernels(qmin, qmax):
+    """On devices other than the CPU the codes come from torch's quantize / dequantize; that
+    path (device-independent torch code) runs here on CPU tensors and must give the kernels' codes."""
+    from conftest import adversarial
+
+    from lowbit import _ops
+
+    x = torch.from_numpy(adversarial(0.05, 3000, seed=qmax)).reshape(-1, 5)
+    zp = (qmin + qmax) // 2
+    q = _ops.quantize_per_tensor(x, 0.05, zp, qmin, qmax)
+    assert_bits_equal(_ops._torch_quantize_per_tensor(x, 0.05, zp, qmin, qmax), q)
+    assert_bits_equal(_ops._torch_dequantize_per_tensor(q, 0.05, zp), _ops.dequantize_per_tensor(q, 0.05, zp))
+    s = torch.tensor([0.05, 0.1, 0.003, 1.0, 0.2], dtype=torch.float64)
+    z = torch.tensor([zp, qmin, qmax, 0 if qmin <= 0 <= qmax else qmin, zp], dtype=torch.int64)
+    for axis in (1, -1):
+        qc = _ops.quantize_per_channel(x, s, z, axis, qmin, qmax)
+        assert_bits_equal(_ops._torch_quantize_per_channel(x, s, z, axis, qmin, qmax), qc)
+        assert_bits_equal(_ops._torch_dequantize_per_channel(qc, s, z, axis), _ops.dequantize_per_channel(qc, s, z, axis))
+
+
+def test_quantize_ops_pass_opcheck_and_compile():
+    x = torch.randn(6, 16)
+    s, z = torch.rand(16, dtype=torch.float64) + 0.01, torch.zeros(16, dtype=torch.int64)
+    torch.library.opcheck(torch.ops.lowbit.quantize_per_tensor, (x, 0.1, 3, 0, 15))
+    torch.library.opcheck(torch.ops.lowbit.quantize_per_channel, (x, s, z, 1, -8, 7))
+    q = lt.quantize_per_tensor(x, 0.1, 3, 0, 15)
+    torch.library.opcheck(torch.ops.lowbit.dequantize_per_tensor, (q, 0.1, 3))
+    torch.library.opcheck(torch.ops.lowbit.dequantize_per_channel, (q, s, z, 1))
+
+    def roundtrip(t):
+        return lt.dequantize_per_tensor(lt.quantize_per_tensor(t, 0.1, 3, 0, 15), 0.1, 3)
+
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(roundtrip)(x).graph_break_count == 0
+    assert_bits_equal(torch.compile(roundtrip, fullgraph=True, backend="aot_eager")(x), roundtrip(x))
+
+
+def test_expected_latency_compiles_for_dnas():
+    import lowbit.nas as nas
+
+    space = nas.SearchSpace([[{"latency_ms": 1.0}, {"latency_ms": 3.0}, {"latency_ms": 2.5}]] * 3 + [[{"latency_ms": 4.0}]])
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3)
+
+    def loss(l):
+        return lt.expected_latency(l, space, tau=0.5)
+
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(loss)(logits).graph_break_count == 0
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ya, yb = loss(a), torch.compile(loss, fullgraph=True, backend="aot_eager")(b)
+    ya.backward()
+    yb.backward()
+    assert_bits_equal(yb.detach(), ya.detach())
+    assert_bits_equal(b.grad, a.grad)
+    probs = torch.softmax(logits, -1)
+    probs[3, 1:] = 0.0   # the last block has one choice
+    torch.library.opcheck(torch.ops.lowbit.expected_cost, (probs.requires_grad_(), space._op_id, "latency_ms"))

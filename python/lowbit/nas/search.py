@@ -3,6 +3,9 @@ differentiable NAS, and multi-objective evolution with Pareto fronts."""
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -79,6 +82,9 @@ class SearchSpace:
         base_costs = [0.0] * len(METRICS) if base is None else _metrics_of(base, self.device, wb, ab)
         self._costs = costs
         self._core = _lowbit.SpaceCore(costs, self.n_choices, base_costs)
+        # A number that names this space where only plain values travel (a torch custom op).
+        self._op_id = next(_IDS)
+        _SPACES[self._op_id] = self
 
     @property
     def n_blocks(self) -> int:
@@ -135,6 +141,19 @@ class SearchSpace:
 
     def __repr__(self) -> str:
         return f"SearchSpace({self.n_blocks} blocks, choices={self.n_choices}, device={self.device.name!r}, bits=({self.weight_bits}, {self.act_bits}))"
+
+
+# Every live SearchSpace by its ``_op_id`` (entries leave with their spaces).
+_SPACES: weakref.WeakValueDictionary[int, SearchSpace] = weakref.WeakValueDictionary()
+_IDS = itertools.count()
+
+
+def space_by_id(op_id: int) -> SearchSpace:
+    """The live search space whose ``_op_id`` is ``op_id``."""
+    space = _SPACES.get(op_id)
+    if space is None:
+        raise LowbitValueError(f"no live search space has id {op_id}")
+    return space
 
 
 # Arrays lowbit.nas allocates for a request (candidates, populations) stop here: an absurd count
