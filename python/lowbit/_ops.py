@@ -57,6 +57,12 @@ def fake_quant_per_tensor(x: _Tensor, scale: _Tensor, zero_point: _Tensor, quant
         if with_mask:
             return from_view(r[0], bf16), torch.from_numpy(r[1])
         return from_view(r, bf16), _empty_mask(x)
+    return _torch_fake_quant_per_tensor(x, scale, zero_point, quant_min, quant_max, with_mask)
+
+
+def _torch_fake_quant_per_tensor(x: _Tensor, scale: _Tensor, zero_point: _Tensor, quant_min: int, quant_max: int,
+                                 with_mask: bool) -> tuple[_Tensor, _Tensor]:
+    """The op on any device: ATen's own kernel for it."""
     out, mask = torch.ops.aten.fake_quantize_per_tensor_affine_cachemask(
         x, float(scale), int(zero_point), quant_min, quant_max)
     return out, (mask if with_mask else _empty_mask(x))
@@ -74,8 +80,14 @@ def fake_quant_per_channel(x: _Tensor, scale: _Tensor, zero_point: _Tensor, axis
         if with_mask:
             return from_view(r[0], bf16), torch.from_numpy(r[1])
         return from_view(r, bf16), _empty_mask(x)
+    return _torch_fake_quant_per_channel(x, scale, zero_point, axis, quant_min, quant_max, with_mask)
+
+
+def _torch_fake_quant_per_channel(x: _Tensor, scale: _Tensor, zero_point: _Tensor, axis: int, quant_min: int,
+                                  quant_max: int, with_mask: bool) -> tuple[_Tensor, _Tensor]:
+    """The op on any device: ATen's own kernel (float32 scales, int32 zero points, as torch's)."""
     out, mask = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
-        x, scale, zero_point.to(torch.int32), axis, quant_min, quant_max)
+        x, scale.to(x.device, torch.float32), zero_point.to(x.device, torch.int32), axis % x.ndim, quant_min, quant_max)
     return out, (mask if with_mask else _empty_mask(x))
 
 

@@ -104,28 +104,39 @@ class Observer:
                 raise LowbitTypeError("x is on the meta device: it holds no data to observe")
             self._core.update(np.empty(tuple(x.shape), np.float32))
             return
-        if self._kind == "per_channel_histogram":
-            raise LowbitTypeError(f"per-channel histogram observers take CPU data; x is on {x.device} (use .cpu())")
         if self._kind == "per_channel":
             self._core.update(_channel_extremes(x, self._core.axis or 0))
             return
-        lo, hi = torch.aminmax(x)
-        ext = torch.stack([lo, hi]).to(torch.float32).cpu().numpy()
-        if self._kind != "histogram" or not np.isfinite(ext).all():
-            self._core.update(ext)  # min-max kinds, and the refusal of NaN / Inf, as for the batch
+        if self._kind in ("minmax", "moving_average"):
+            lo, hi = torch.aminmax(x)
+            self._core.update(torch.stack([lo, hi]).to(torch.float32).cpu().numpy())
             return
-        lo_f, hi_f = float(ext[0]), float(ext[1])
-        e, start, bins = self._core.histogram_grid(lo_f, hi_f)
-        try:
-            inv = math.ldexp(1.0, -e)
-        except OverflowError:  # only a batch of zeros has so fine a grid (as the core's MAX)
-            inv = sys.float_info.max
-        # floor(x / 2^e): a power-of-two scaling of a float32 in float64 is exact, and so is its floor.
+        # Histograms: one row per channel (a single row per tensor), counted on each row's
+        # canonical grid, all rows in one bincount.
+        if self._kind == "per_channel_histogram":
+            axis = self._core.axis or 0
+            if not -x.ndim <= axis < x.ndim:
+                raise LowbitValueError(f"axis {axis} is out of range for a {x.ndim}-D batch")
+            rows = x.movedim(axis % x.ndim, 0).reshape(x.shape[axis], -1)
+        else:
+            rows = x.reshape(1, -1)
+        lo_t, hi_t = rows.amin(1), rows.amax(1)
+        lo, hi = lo_t.to(torch.float32).cpu().tolist(), hi_t.to(torch.float32).cpu().tolist()
+        c = len(lo)
+        if not all(math.isfinite(v) for v in lo + hi):  # refused with the CPU path's message
+            self._core.add_histogram_counts([0] * (c * self._core.histogram_grids([0.0], [0.0])[2]), lo, hi)
+            return
+        exps, starts, bins = self._core.histogram_grids(lo, hi)
+        # floor(x / 2^e): a power-of-two scaling of a float32 in float64 is exact, and so is its
+        # floor. Only a row of zeros has 2^-e beyond float64 (the core then uses its MAX too).
+        inv = [math.ldexp(1.0, -e) if -e <= 1023 else sys.float_info.max for e in exps]
+        f64 = {"device": x.device, "dtype": torch.float64}
         # (float64 batches are binned as float32 values, as the core bins them.)
-        xs = (x.to(torch.float32) if x.dtype == torch.float64 else x).to(torch.float64)
-        cells = (torch.floor(xs * inv) - start).to(torch.int64)
-        counts = torch.bincount(cells.reshape(-1), minlength=bins)
-        self._core.add_histogram_counts(counts.cpu().tolist(), lo_f, hi_f)
+        xs = (rows.to(torch.float32) if rows.dtype == torch.float64 else rows).to(torch.float64)
+        cells = torch.floor(xs * torch.tensor(inv, **f64)[:, None]) - torch.tensor(starts, **f64)[:, None]
+        cells = cells.to(torch.int64) + torch.arange(c, device=x.device)[:, None] * bins
+        counts = torch.bincount(cells.reshape(-1), minlength=c * bins)
+        self._core.add_histogram_counts(counts.cpu().tolist(), lo, hi)
 
     def __call__(self, x: Any) -> Any:
         """Observe ``x`` and return it unchanged, like a ``torch.ao`` observer's forward."""

@@ -34,6 +34,8 @@ def _observers():
         lambda: lc.PerChannelMinMaxObserver(axis=-2, bits=4, symmetric=True),
         lambda: lc.HistogramObserver(bits=8, method="mse"),
         lambda: lc.HistogramObserver(bits=4, method="percentile", bins=64),
+        lambda: lc.HistogramObserver(bits=8, per_channel=True, axis=1, bins=128),
+        lambda: lc.HistogramObserver(bits=4, method="entropy", per_channel=True, axis=-2, bins=256),
     ]
 
 
@@ -46,7 +48,7 @@ def test_device_summaries_leave_the_cpu_state(make, dtype):
         x = batch(g).to(dtype)
         if dtype == torch.float64:  # values between float32's
             x = x + torch.randn(x.shape, generator=g, dtype=torch.float64) * 1e-9 * x.abs().max().clamp(min=1e-30)
-        if isinstance(cpu, lc.PerChannelMinMaxObserver):
+        if isinstance(cpu, lc.PerChannelMinMaxObserver) or cpu._kind == "per_channel_histogram":
             x = x[:, :16].contiguous() if x.shape[1] >= 16 else x
         cpu.update(x)
         dev._update_on_device(x)
@@ -94,8 +96,8 @@ def test_per_channel_summaries_keep_every_axis():
             assert a.state_dict() == b.state_dict(), (shape, axis)
     with pytest.raises(lowbit.LowbitValueError):
         lc.PerChannelMinMaxObserver(axis=3)._update_on_device(torch.randn(2, 3))
-    with pytest.raises(lowbit.LowbitTypeError):
-        lc.HistogramObserver(bits=8, per_channel=True, axis=0)._update_on_device(torch.randn(2, 3))
+    with pytest.raises(lowbit.LowbitValueError):
+        lc.HistogramObserver(bits=8, per_channel=True, axis=2)._update_on_device(torch.randn(2, 3))
 
 
 def test_a_big_batch_moves_only_its_summary(monkeypatch):

@@ -282,3 +282,26 @@ def test_expected_latency_compiles_for_dnas():
     probs = torch.softmax(logits, -1)
     probs[3, 1:] = 0.0   # the last block has one choice
     torch.library.opcheck(torch.ops.lowbit.expected_cost, (probs.requires_grad_(), space._op_id, "latency_ms"))
+
+
+@pytest.mark.parametrize("qmin,qmax", [(-128, 127), (0, 255), (-8, 7), (0, 15), (-2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_other_device_path_of_fake_quant_equals_the_kernels(qmin, qmax, dtype):
+    """Off the CPU, fake-quant runs ATen's kernel for that device; the same call on CPU tensors
+    must give lowbit's bits (values and mask) on adversarial inputs."""
+    from conftest import adversarial
+
+    from lowbit import _ops
+
+    x = torch.from_numpy(adversarial(0.05, 3000, seed=qmax)).reshape(-1, 5).to(dtype)
+    zp = (qmin + qmax) // 2
+    s, z = torch.tensor(0.05, dtype=torch.float64), torch.tensor(zp)
+    for a, b in zip(_ops._torch_fake_quant_per_tensor(x, s, z, qmin, qmax, True),
+                    _ops.fake_quant_per_tensor(x, s, z, qmin, qmax, True)):
+        assert_bits_equal(a, b)
+    sc = torch.tensor([0.05, 0.1, 0.003, 1.0, 0.2], dtype=torch.float64)
+    zc = torch.tensor([zp, qmin, qmax, zp, zp], dtype=torch.int64)
+    for axis in (1, -1):
+        for a, b in zip(_ops._torch_fake_quant_per_channel(x, sc, zc, axis, qmin, qmax, True),
+                        _ops.fake_quant_per_channel(x, sc, zc, axis % 2, qmin, qmax, True)):
+            assert_bits_equal(a, b)

@@ -208,21 +208,74 @@ impl Observer {
         }
     }
 
-    /// The canonical grid `(exp, start)` (and the bin count) on which a device counts a batch with extremes
-    /// `[lo, hi]` for a per-tensor histogram observer (see `Histogram::add_counts`).
-    pub fn histogram_grid(&self, lo: f32, hi: f32) -> Result<(i32, i64, usize)> {
-        let h = self.histogram()?;
-        let (e, start) = h.grid_of(lo, hi);
-        Ok((e, start, h.bins))
+    /// Histogram observers: the canonical grids `(exps, starts)` on which a device counts a
+    /// batch whose extremes are `lo[i]..hi[i]` (one entry per tensor, or per channel), and the
+    /// number of bins (see `Histogram::add_counts`).
+    pub fn histogram_grids(&self, lo: &[f32], hi: &[f32]) -> Result<(Vec<i32>, Vec<i64>, usize)> {
+        let bins = match &self.state {
+            State::Histogram(h) => h.bins,
+            State::PerChannelHistogram { bins, .. } => *bins,
+            _ => return Err(Error::value("only histogram observers count on a grid")),
+        };
+        ensure!(
+            lo.len() == hi.len(),
+            "{} minima and {} maxima",
+            lo.len(),
+            hi.len()
+        );
+        let h = Histogram::new(bins)?;
+        let (e, s): (Vec<i32>, Vec<i64>) =
+            lo.iter().zip(hi).map(|(&l, &u)| h.grid_of(l, u)).unzip();
+        Ok((e, s, bins))
     }
 
-    /// Adds a batch that a device counted on `histogram_grid(lo, hi)`: the same state as
-    /// `update` with the batch itself.
-    pub fn add_histogram_counts(&mut self, counts: Vec<u64>, lo: f32, hi: f32) -> Result<()> {
+    /// Adds a batch that a device counted on `histogram_grids(lo, hi)` (`counts`: `bins` per
+    /// tensor or channel, channel after channel): the same state as `update` with the batch
+    /// itself. A bad summary (NaN or Inf extremes, a wrong channel count) changes nothing.
+    pub fn add_histogram_counts(&mut self, counts: Vec<u64>, lo: &[f32], hi: &[f32]) -> Result<()> {
         match &mut self.state {
-            State::Histogram(h) => h.add_counts(counts, lo, hi),
+            State::Histogram(h) => {
+                ensure!(
+                    lo.len() == 1 && hi.len() == 1,
+                    "a per-tensor histogram takes one range"
+                );
+                h.add_counts(counts, lo[0], hi[0])
+            }
+            State::PerChannelHistogram {
+                bins,
+                channels,
+                axis,
+            } => {
+                let c = lo.len();
+                ensure!(
+                    hi.len() == c && counts.len() == c * *bins,
+                    "{} counts for {c} channels of {bins} bins",
+                    counts.len()
+                );
+                ensure!(
+                    channels.is_empty() || channels.len() == c,
+                    "this observer has {} channels, the batch has {c} along axis {axis}",
+                    channels.len()
+                );
+                // Every channel's summary is checked (into a fresh histogram) before any changes.
+                let mut batch = (0..c)
+                    .map(|_| Histogram::new(*bins))
+                    .collect::<Result<Vec<_>>>()?;
+                for (i, h) in batch.iter_mut().enumerate() {
+                    h.add_counts(counts[i * *bins..(i + 1) * *bins].to_vec(), lo[i], hi[i])?;
+                }
+                if channels.is_empty() {
+                    *channels = (0..c)
+                        .map(|_| Histogram::new(*bins))
+                        .collect::<Result<_>>()?;
+                }
+                channels
+                    .iter_mut()
+                    .zip(&batch)
+                    .try_for_each(|(a, b)| a.merge(b))
+            }
             _ => Err(Error::value(
-                "only per-tensor histogram observers take histogram counts",
+                "only histogram observers take histogram counts",
             )),
         }
     }

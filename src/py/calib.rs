@@ -119,21 +119,26 @@ impl Observer {
         self.with(py, |o| Ok(o.axis()))
     }
 
-    /// Per-tensor histogram observers: the canonical grid `(exp, start, bins)` on which a device
-    /// counts a batch whose extremes are `[lo, hi]`.
-    fn histogram_grid(&self, py: Python<'_>, lo: f32, hi: f32) -> PyResult<(i32, i64, usize)> {
-        self.with(py, |o| o.histogram_grid(lo, hi))
+    /// Histogram observers: the canonical grids `(exps, starts, bins)` on which a device counts
+    /// a batch whose extremes (per tensor, or per channel) are `lo`, `hi`.
+    fn histogram_grids(
+        &self,
+        py: Python<'_>,
+        lo: Vec<f32>,
+        hi: Vec<f32>,
+    ) -> PyResult<(Vec<i32>, Vec<i64>, usize)> {
+        self.with(py, |o| o.histogram_grids(&lo, &hi))
     }
 
-    /// Per-tensor histogram observers: adds a batch a device counted on `histogram_grid`.
+    /// Histogram observers: adds a batch a device counted on `histogram_grids`.
     fn add_histogram_counts(
         &self,
         py: Python<'_>,
         counts: Vec<u64>,
-        lo: f32,
-        hi: f32,
+        lo: Vec<f32>,
+        hi: Vec<f32>,
     ) -> PyResult<()> {
-        self.with(py, |o| o.add_histogram_counts(counts, lo, hi))
+        self.with(py, |o| o.add_histogram_counts(counts, &lo, &hi))
     }
 
     /// Per-tensor histogram observers: (counts, left edge, bin width, min, max).
