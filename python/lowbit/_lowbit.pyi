@@ -279,7 +279,13 @@ def unpack_tq1(packed: npt.NDArray[np.uint8], k: int) -> npt.NDArray[np.int8]: .
 # ---- lowbit.ptq --------------------------------------------------------------------------
 
 def gptq(
-    w: npt.NDArray[np.float32], h: npt.NDArray[np.float64], spec: QuantSpec, damp: float = 0.01, act_order: bool = True
+    w: npt.NDArray[np.float32],
+    h: npt.NDArray[np.float64],
+    spec: QuantSpec,
+    damp: float = 0.01,
+    act_order: bool = True,
+    mse_grid: bool = False,
+    feedback: bool = True,
 ) -> tuple[QuantizedTensor, npt.NDArray[np.float32], int]:
     """GPTQ on one layer: ``(QuantizedTensor, dequantized float32 weight, dead input count)``."""
 def output_error(w: npt.NDArray[np.float32], q: npt.NDArray[np.float32], h: npt.NDArray[np.float64]) -> float:

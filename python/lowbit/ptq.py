@@ -88,7 +88,14 @@ class GPTQResult:
     rtn_error: float
 
 
-def gptq(weight: Any, hessian: Hessian | Any, spec: QuantSpec, damp: float = 0.01, act_order: bool = True) -> GPTQResult:
+def _grid_arg(grid: Any) -> bool:
+    if grid not in ("minmax", "mse"):
+        raise LowbitValueError(f"grid must be 'minmax' or 'mse', got {grid!r}")
+    return grid == "mse"
+
+
+def gptq(weight: Any, hessian: Hessian | Any, spec: QuantSpec, damp: float = 0.01, act_order: bool = True,
+         grid: str = "minmax") -> GPTQResult:
     """Quantize ``weight`` (out_features, in_features) with GPTQ given its inputs' ``hessian``
     (a :class:`Hessian` or an (in, in) matrix).
 
@@ -96,6 +103,8 @@ def gptq(weight: Any, hessian: Hessian | Any, spec: QuantSpec, damp: float = 0.0
     stay runs of consecutive input features, their grids taken from the weight as given);
     ``damp`` times the mean diagonal is added to the diagonal. A Hessian that is not positive
     definite even after damping raises ``LowbitValueError`` (raise ``damp``), never NaN.
+    ``grid="mse"`` searches each grid: the min-max range shrunk by 1.00, 0.99, ..., 0.20, the
+    one of least squared error weighted by the Hessian diagonal (never worse than min-max there).
     """
     if not isinstance(spec, QuantSpec):
         raise LowbitTypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
@@ -108,7 +117,7 @@ def gptq(weight: Any, hessian: Hessian | Any, spec: QuantSpec, damp: float = 0.0
     if h.ndim != 2:
         raise LowbitValueError(f"hessian must be a 2-D matrix, got shape {h.shape}")
     d = float_arg(damp, "damp", 0.0, None, finite=True)
-    qt, deq, dead = _lowbit.gptq(w, h, spec, d, bool(act_order))
+    qt, deq, dead = _lowbit.gptq(w, h, spec, d, bool(act_order), _grid_arg(grid))
     rtn = _lowbit.quantize(w, spec).dequantize()
     err = _lowbit.output_error(w, deq, h)
     rtn_err = _lowbit.output_error(w, rtn, h)
@@ -187,6 +196,7 @@ def quantize_model(
     damp: float = 0.01,
     act_order: bool = True,
     sequential: bool = True,
+    grid: str = "minmax",
 ) -> PTQResult:
     """Quantize every ``torch.nn.Linear`` of ``model`` in place (its weight becomes the
     dequantized quantized weight, so torch runs the model as it will be deployed) and return
@@ -196,8 +206,11 @@ def quantize_model(
     a tuple of positional inputs or a dict of keyword inputs). ``spec`` is a
     :class:`lowbit.QuantSpec`, or a dict of module-name glob to ``QuantSpec`` (mixed precision;
     the first match wins, unmatched layers stay float). ``exclude`` names globs of modules to
-    keep in float (embeddings, heads). ``method``: ``"gptq"`` or ``"rtn"`` (round to nearest on
-    the same grid). With ``sequential`` (GPTQ's usual recipe) layers are quantized in the order
+    keep in float (embeddings, heads). ``method``: ``"gptq"``, ``"rtn"`` (round to nearest on
+    the same grid) or ``"mse"`` (round to nearest on MSE-searched grids: each group's min-max
+    range shrunk to the least error weighted by the layer's Hessian diagonal; a layer keeps the
+    min-max grids where they give the lower output error on the calibration data). ``grid="mse"``
+    gives GPTQ the same searched grids (see :func:`gptq`). With ``sequential`` (GPTQ's usual recipe) layers are quantized in the order
     the model runs them, each calibrated on the outputs of the layers already quantized; the
     forward pass stops at the layer being calibrated, so the cost is about half a pass over
     ``data`` per layer. ``sequential=False`` gathers every layer's statistics in one pass.
@@ -215,8 +228,9 @@ def quantize_model(
 
     if not isinstance(model, torch.nn.Module):
         raise LowbitTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if method not in ("gptq", "rtn"):
-        raise LowbitValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
+    if method not in ("gptq", "rtn", "mse"):
+        raise LowbitValueError(f"method must be 'gptq', 'rtn' or 'mse', got {method!r}")
+    mse_grid = _grid_arg(grid) or method == "mse"
     if not isinstance(spec, (QuantSpec, Mapping)) or (isinstance(spec, Mapping) and not all(
             isinstance(v, QuantSpec) for v in spec.values())):
         raise LowbitTypeError("spec must be a QuantSpec or a dict of module-name glob to QuantSpec")
@@ -281,9 +295,9 @@ def quantize_model(
                 if n != target and hessians[n].samples != full:
                     del hessians[n]
 
-    result = PTQResult(method)
+    result = PTQResult("gptq+mse" if method == "gptq" and mse_grid else method)
     try:
-        if method == "rtn" or not sequential:
+        if method != "gptq" or not sequential:
             gather(list(chosen))
             todo = list(order)
         else:
@@ -310,8 +324,18 @@ def quantize_model(
             assert s is not None
             try:
                 if method == "gptq":
-                    r = gptq(w, hs, s, damp=d, act_order=act_order)
+                    r = gptq(w, hs, s, damp=d, act_order=act_order, grid="mse" if mse_grid else "minmax")
                     qt, deq, err, rtn_err, dead = r.tensor, r.weight, r.error, r.rtn_error, r.dead
+                elif method == "mse":
+                    wc = np.ascontiguousarray(w)
+                    qt, deq, _ = _lowbit.gptq(wc, np.ascontiguousarray(hs.matrix), s, d, False, True, False)
+                    err = _lowbit.output_error(wc, deq, hs.matrix)
+                    rtn_qt = _lowbit.quantize(wc, s)
+                    rtn_deq = rtn_qt.dequantize()
+                    rtn_err = _lowbit.output_error(wc, rtn_deq, hs.matrix)
+                    if rtn_err < err:  # the diagonal-weighted search can lose on correlated inputs
+                        qt, deq, err = rtn_qt, rtn_deq, rtn_err
+                    dead = 0
                 else:
                     qt = _lowbit.quantize(np.ascontiguousarray(w), s)
                     deq = qt.dequantize()

@@ -337,3 +337,49 @@ def test_layers_sharing_an_input_are_gathered_in_one_pass_with_full_statistics()
         ho.update(x)
     want = gptq(ref.o.weight.detach(), ho, spec)
     np.testing.assert_array_equal(r.layers["o"].tensor.int_repr(), want.tensor.int_repr())
+
+
+@pytest.mark.parametrize("method,grid", [("mse", "minmax"), ("gptq", "mse")])
+def test_mse_grids_lower_the_error_of_every_layer(method, grid):
+    """Round to nearest on MSE-searched grids, and GPTQ on them: every layer's output error on
+    the calibration data at most round-to-nearest's on min-max grids, and the model's output
+    closer to the float model's than plain RTN at 2 and 3 bits."""
+    import torch
+
+    import lowbit
+    from lowbit.ptq import quantize_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    data = [torch.randn(32, 64) * torch.linspace(0.1, 3, 64) for _ in range(8)]
+    x = torch.cat(data)
+    ref = net(x).detach()
+    for bits, gs in ((3, 32), (2, 32)):
+        spec = lowbit.QuantSpec(bits, symmetric=False, granularity="group", group_size=gs)
+        outs = {}
+        for m, g in (("rtn", "minmax"), (method, grid)):
+            import copy
+
+            q = copy.deepcopy(net)
+            r = quantize_model(q, data, spec, method=m, grid=g)
+            outs[m + g] = ((q(x) - ref).pow(2).mean() / ref.pow(2).mean()).item()
+            if m != "rtn":
+                assert r.method == ("gptq+mse" if m == "gptq" else "mse")
+                for name, layer in r.layers.items():
+                    assert layer.error <= layer.rtn_error * (1 + 1e-9), (name, layer)
+        assert outs[method + grid] < outs["rtnminmax"], outs
+
+
+def test_bad_grid_is_refused():
+    import torch
+
+    import lowbit
+    from lowbit.ptq import gptq, quantize_model
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    with pytest.raises(lowbit.LowbitValueError, match="grid"):
+        quantize_model(net, [torch.randn(4, 8)], lowbit.QuantSpec(4), grid="best")
+    with pytest.raises(lowbit.LowbitValueError, match="method"):
+        quantize_model(net, [torch.randn(4, 8)], lowbit.QuantSpec(4), method="awq")
+    with pytest.raises(lowbit.LowbitValueError, match="grid"):
+        gptq(np.ones((4, 8), np.float32), np.eye(8), lowbit.QuantSpec(4), grid=None)

@@ -31,6 +31,13 @@ pub struct Config {
     pub damp: f64,
     /// Visit columns in order of decreasing Hessian diagonal.
     pub act_order: bool,
+    /// Each grid is the shrunk min-max range (`p * [min, max]`, `p` from 1 down to 0.2 in steps
+    /// of 0.01) with the least squared error weighted by the Hessian diagonal, instead of the
+    /// min-max range itself (never worse than it, on that measure).
+    pub mse_grid: bool,
+    /// Feed each column's rounding error into the columns not yet quantized (GPTQ); without
+    /// it, every weight is rounded to its grid (round to nearest).
+    pub feedback: bool,
 }
 
 impl Default for Config {
@@ -38,6 +45,8 @@ impl Default for Config {
         Config {
             damp: 0.01,
             act_order: true,
+            mse_grid: false,
+            feedback: true,
         }
     }
 }
@@ -61,6 +70,43 @@ fn grid_of(values: impl Iterator<Item = f64>, r: QRange, symmetric: bool) -> Gri
         (lo.min(v as f32), hi.max(v as f32))
     });
     qparams_from_minmax(lo, hi, r, symmetric)
+}
+
+/// Shrink factors of the MSE grid search: 1.00, 0.99, ..., 0.20.
+const SHRINKS: usize = 81;
+
+/// The grid of `values` (whose importances are `weights`): min-max, or with `mse` the shrunk
+/// min-max range of least weighted squared error (the first, least shrunk, on ties).
+fn search_grid(values: &[f64], weights: &[f64], r: QRange, symmetric: bool, mse: bool) -> Grid {
+    let base = grid_of(values.iter().copied(), r, symmetric);
+    if !mse {
+        return base;
+    }
+    let (lo, hi) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v as f32), hi.max(v as f32))
+        });
+    let cost = |g: Grid| -> f64 {
+        values
+            .iter()
+            .zip(weights)
+            .map(|(&v, &wt)| {
+                let d = v - round_to_grid(v, g, r).1;
+                wt * d * d
+            })
+            .sum()
+    };
+    let (mut best, mut best_cost) = (base, cost(base));
+    for i in 1..SHRINKS {
+        let p = 1.0 - i as f32 / 100.0;
+        let g = qparams_from_minmax(lo * p, hi * p, r, symmetric);
+        let c = cost(g);
+        if c < best_cost {
+            (best, best_cost) = (g, c);
+        }
+    }
+    best
 }
 
 #[inline]
@@ -150,24 +196,26 @@ pub fn gptq(
 
     // Static grids, from the weights as given (per tensor, per channel, or act-order groups).
     let ngroups = cols.div_ceil(gs);
-    let tensor_grid = (spec.granularity == Granularity::Tensor)
-        .then(|| grid_of(w.iter().map(|&v| v as f64), r, sym));
-    let static_grids = (spec.granularity != Granularity::Group || cfg.act_order).then(|| {
-        Array2::from_shape_fn((rows, ngroups), |(i, g)| {
-            tensor_grid.unwrap_or_else(|| {
-                let row = w.row(i);
-                let end = ((g + 1) * gs).min(cols);
-                grid_of(
-                    row.iter()
-                        .skip(g * gs)
-                        .take(end - g * gs)
-                        .map(|&v| v as f64),
-                    r,
-                    sym,
-                )
-            })
-        })
+    // Importance of each input feature for the MSE grid: its Hessian diagonal (0 when dead).
+    let imp: Vec<f64> = (0..cols)
+        .map(|j| if dead[j] { 0.0 } else { h[[j, j]] })
+        .collect();
+    let mse = cfg.mse_grid;
+    let tensor_grid = (spec.granularity == Granularity::Tensor).then(|| {
+        let v: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+        let wt: Vec<f64> = (0..rows).flat_map(|_| imp.iter().copied()).collect();
+        search_grid(&v, &wt, r, sym, mse)
     });
+    let static_grids = (spec.granularity != Granularity::Group || cfg.act_order || !cfg.feedback)
+        .then(|| {
+            Array2::from_shape_fn((rows, ngroups), |(i, g)| {
+                tensor_grid.unwrap_or_else(|| {
+                    let end = ((g + 1) * gs).min(cols);
+                    let v: Vec<f64> = (g * gs..end).map(|j| w[[i, j]] as f64).collect();
+                    search_grid(&v, &imp[g * gs..end], r, sym, mse)
+                })
+            })
+        });
 
     let mut codes = Array2::<i32>::zeros((rows, cols));
     let mut grids = Array2::<f32>::zeros((rows, ngroups));
@@ -185,7 +233,13 @@ pub fn gptq(
             let mut wk: Vec<Vec<f64>> = (0..n)
                 .map(|k| {
                     perm.iter()
-                        .map(|&j| if dead[j] { 0.0 } else { w[[r0 + k, j]] as f64 })
+                        .map(|&j| {
+                            if dead[j] && cfg.feedback {
+                                0.0
+                            } else {
+                                w[[r0 + k, j]] as f64
+                            }
+                        })
                         .collect()
                 })
                 .collect();
@@ -200,7 +254,7 @@ pub fn gptq(
                         None if col % gs == 0 => {
                             // Dynamic group: the weights of this group as error feedback left them.
                             let end = (col + gs).min(cols);
-                            grid_of(wk[k][col..end].iter().copied(), r, sym)
+                            search_grid(&wk[k][col..end], &imp[col..end], r, sym, mse)
                         }
                         None => grid[k],
                     };
@@ -208,7 +262,11 @@ pub fn gptq(
                     codes[[k, col]] = q;
                     scales[[k, g]] = grid[k].0;
                     zs[[k, g]] = grid[k].1;
-                    err[k] = (wk[k][i] - deq) / u[[i, i]];
+                    err[k] = if cfg.feedback {
+                        (wk[k][i] - deq) / u[[i, i]]
+                    } else {
+                        0.0
+                    };
                 }
                 let ui = u.row(i);
                 let tail = ui.as_slice().expect("the factor is row-major");
@@ -335,6 +393,55 @@ mod tests {
     }
 
     #[test]
+    fn without_feedback_it_is_round_to_nearest_and_mse_grids_only_help() {
+        let (w, h) = data(24, 64, 256, 3);
+        for spec in [
+            QuantSpec::new(4, true, Granularity::Channel, 0, None).unwrap(),
+            QuantSpec::new(3, false, Granularity::Group, 0, Some(16)).unwrap(),
+            QuantSpec::new(2, false, Granularity::Group, 0, Some(32)).unwrap(),
+            QuantSpec::new(2, true, Granularity::Tensor, 0, None).unwrap(),
+        ] {
+            let plain = Config {
+                feedback: false,
+                ..Config::default()
+            };
+            let s = gptq(w.view(), h.view(), spec, &plain).unwrap();
+            // Round to nearest (in float64: a weight exactly between two codes may round the
+            // other way than the float32 quantizer rounds it, nothing else).
+            let r = rtn(&w, spec);
+            let differ = s.dequantized.iter().zip(&r).filter(|(a, b)| a != b).count();
+            assert!(differ * 200 <= r.len(), "{spec:?}: {differ} of {} differ from RTN", r.len());
+            let e_rtn = output_error(w.view(), s.dequantized.view(), h.view()).unwrap();
+            // The MSE grid minimises each group's diagonal-weighted error: never above min-max's.
+            let mse = Config {
+                mse_grid: true,
+                ..plain.clone()
+            };
+            let m = gptq(w.view(), h.view(), spec, &mse).unwrap();
+            let diag = |d: &Array2<f32>| -> f64 {
+                (0..w.nrows())
+                    .flat_map(|i| (0..w.ncols()).map(move |j| (i, j)))
+                    .map(|(i, j)| h[[j, j]] * (w[[i, j]] as f64 - d[[i, j]] as f64).powi(2))
+                    .sum()
+            };
+            assert!(
+                diag(&m.dequantized) <= diag(&s.dequantized) * (1.0 + 1e-12),
+                "{spec:?}"
+            );
+            let e_mse = output_error(w.view(), m.dequantized.view(), h.view()).unwrap();
+            assert!(e_mse.is_finite() && e_rtn.is_finite());
+            // And GPTQ on MSE grids stays below RTN.
+            let both = Config {
+                mse_grid: true,
+                ..Config::default()
+            };
+            let g = gptq(w.view(), h.view(), spec, &both).unwrap();
+            let e_g = output_error(w.view(), g.dequantized.view(), h.view()).unwrap();
+            assert!(e_g < e_rtn, "{spec:?}: gptq+mse {e_g} >= rtn {e_rtn}");
+        }
+    }
+
+    #[test]
     fn dead_inputs_singular_hessians_and_bad_input() {
         let (w, mut h) = data(8, 16, 64, 2);
         for j in 0..16 {
@@ -354,6 +461,7 @@ mod tests {
         let cfg = Config {
             damp: 0.0,
             act_order: false,
+            ..Config::default()
         };
         let e = gptq(w.view(), ones.view(), spec, &cfg)
             .unwrap_err()

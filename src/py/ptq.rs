@@ -5,9 +5,11 @@ use crate::ptq;
 use numpy::{IntoPyArray, PyReadonlyArray2};
 use pyo3::prelude::*;
 
-/// GPTQ on one layer: `(QuantizedTensor, dequantized float32 weight, dead input count)`.
+/// GPTQ on one layer (round to nearest without `feedback`; MSE-searched grids with
+/// `mse_grid`): `(QuantizedTensor, dequantized float32 weight, dead input count)`.
 #[pyfunction]
-#[pyo3(signature = (w, h, spec, damp=0.01, act_order=true))]
+#[pyo3(signature = (w, h, spec, damp=0.01, act_order=true, mse_grid=false, feedback=true))]
+#[allow(clippy::too_many_arguments)]
 pub fn gptq<'py>(
     py: Python<'py>,
     w: PyReadonlyArray2<'py, f32>,
@@ -15,9 +17,16 @@ pub fn gptq<'py>(
     spec: &QuantSpec,
     damp: f64,
     act_order: bool,
+    mse_grid: bool,
+    feedback: bool,
 ) -> PyResult<(QuantizedTensor, Bound<'py, PyAny>, usize)> {
     let (w, h, spec) = (w.as_array(), h.as_array(), spec.0);
-    let cfg = ptq::GptqConfig { damp, act_order };
+    let cfg = ptq::GptqConfig {
+        damp,
+        act_order,
+        mse_grid,
+        feedback,
+    };
     let s = detach(py, || ptq::gptq(w, h, spec, &cfg))?;
     Ok((
         QuantizedTensor(s.tensor),
