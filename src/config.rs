@@ -38,7 +38,7 @@ pub fn cpu_features() -> Vec<(&'static str, bool)> {
     }
 }
 
-/// The path each area's kernels take (after `LOWBIT_SIMD` / `LOWBIT_KERNEL` caps).
+/// The path each area's kernels take (after the `LOWBIT_ISA` cap).
 pub fn kernel_paths() -> Vec<(&'static str, &'static str)> {
     let vector = if cfg!(target_arch = "x86_64") {
         match crate::quant::simd::simd_level() {
@@ -85,6 +85,13 @@ pub fn rows() -> Vec<(String, String, String)> {
     for (f, on) in crate::config::cpu_features() {
         add("cpu", f, if on { "yes" } else { "no" }.into());
     }
+    add("isa", "detected", crate::isa::detected().name().into());
+    add(
+        "isa",
+        "cap (LOWBIT_ISA)",
+        crate::isa::cap().map_or("(none)", |l| l.name()).into(),
+    );
+    add("isa", "in use", crate::isa::level().name().into());
     for (area, path) in crate::config::kernel_paths() {
         add("kernels", area, path.into());
     }
@@ -93,7 +100,7 @@ pub fn rows() -> Vec<(String, String, String)> {
         "rayon threads",
         crate::pool::threads().to_string(),
     );
-    for var in ["LOWBIT_SIMD", "LOWBIT_KERNEL", "RAYON_NUM_THREADS"] {
+    for var in ["LOWBIT_ISA", "RAYON_NUM_THREADS"] {
         add(
             "environment",
             var,

@@ -5,6 +5,7 @@ pub mod calib;
 pub mod config;
 pub mod error;
 pub mod gguf;
+pub mod isa;
 pub mod names;
 pub mod nas;
 pub mod pool;

@@ -12,7 +12,7 @@ from lowbit._lowbit import LowbitValueError
 def show_config(mode: Literal["stdout", "dicts"] = "stdout") -> dict[str, dict[str, str]] | None:
     """The lowbit version and build, the CPU's instruction sets as detected (AVX-512
     F/BW/VL/DQ/VNNI/VPOPCNTDQ/BF16, AVX-VNNI, AVX2, FMA, SSE4.1; NEON, dotprod, i8mm on
-    aarch64), the kernel path each area chose (after ``LOWBIT_SIMD`` / ``LOWBIT_KERNEL``), the
+    aarch64), the instruction-set level in use (detected, capped by ``LOWBIT_ISA``) and the kernel path each area chose, the
     thread count, the allocator and the Python / NumPy / torch versions, like
     ``numpy.show_config()``. ``mode="stdout"`` prints it; ``mode="dicts"`` returns it as
     ``{section: {key: value}}`` instead.
@@ -20,7 +20,7 @@ def show_config(mode: Literal["stdout", "dicts"] = "stdout") -> dict[str, dict[s
     >>> import lowbit
     >>> cfg = lowbit.show_config(mode="dicts")
     >>> sorted(cfg)
-    ['build', 'cpu', 'environment', 'kernels', 'lowbit', 'python', 'threads']
+    ['build', 'cpu', 'environment', 'isa', 'kernels', 'lowbit', 'python', 'threads']
     >>> cfg["lowbit"]["version"] == lowbit.__version__
     True
     """

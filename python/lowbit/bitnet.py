@@ -9,7 +9,7 @@ exact integer arithmetic, many times faster than a float32 matmul.
 * :class:`BinaryLinear` and :func:`binary_matmul`: signs packed 1 bit per value, dot products as
   ``K - 2 * popcount(a xor b)``.
 
-``LOWBIT_KERNEL=scalar`` forces the portable kernels (every path gives the same integers).
+``LOWBIT_ISA=scalar`` forces the portable kernels (every path gives the same integers).
 
 >>> import numpy as np, lowbit.bitnet as bn
 >>> rng = np.random.default_rng(0)
@@ -137,7 +137,7 @@ def binary_matmul(a: Any, b: Any) -> np.ndarray:
 
 
 def kernel() -> str:
-    """The kernel path in use: ``"avx2"`` or ``"scalar"`` (``LOWBIT_KERNEL`` can force scalar)."""
+    """The kernel path in use: ``"avx2"`` or ``"scalar"`` (``LOWBIT_ISA`` can force scalar)."""
     return _lowbit.bitnet_kernel()
 
 

@@ -157,7 +157,7 @@ print(bn.kernel(), int(t.astype(np.int64).sum()), int(np.abs(t).sum()), int(x.su
 """
     outs = {}
     for path in ["scalar", "avx2"]:
-        r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, LOWBIT_KERNEL=path), capture_output=True, text=True, check=True)
+        r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, LOWBIT_ISA=path), capture_output=True, text=True, check=True)
         kind, *sums = r.stdout.split()
         outs[kind] = sums
     assert "scalar" in outs
@@ -184,7 +184,7 @@ print(bn.kernel(), len(bad), bad[:3])
 """
     kinds = set()
     for path in ["scalar", "avx2"]:
-        r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, LOWBIT_KERNEL=path), capture_output=True, text=True, check=True)
+        r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, LOWBIT_ISA=path), capture_output=True, text=True, check=True)
         kind, nbad, *rest = r.stdout.split(maxsplit=2)
         assert nbad == "0", r.stdout
         kinds.add(kind)

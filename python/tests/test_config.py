@@ -28,8 +28,9 @@ def test_show_config_reports_version_cpu_kernels_threads(capsys):
 
 
 @pytest.mark.parametrize(("env", "key", "want"), [
-    ({"LOWBIT_SIMD": "scalar"}, "quant (fake-quant, quantize, observers)", "scalar"),
-    ({"LOWBIT_KERNEL": "scalar"}, "bitnet (ternary / binary GEMM)", "scalar"),
+    ({"LOWBIT_ISA": "scalar"}, "quant (fake-quant, quantize, observers)", "scalar"),
+    ({"LOWBIT_ISA": "scalar"}, "bitnet (ternary / binary GEMM)", "scalar"),
+    ({"LOWBIT_ISA": "sse4.1"}, "bitnet (ternary / binary GEMM)", "scalar"),
     ({"RAYON_NUM_THREADS": "1"}, None, "1"),
 ])
 def test_forced_paths_are_reported(env, key, want):
@@ -39,3 +40,28 @@ def test_forced_paths_are_reported(env, key, want):
     cfg = json.loads(r.stdout)
     got = cfg["threads"]["rayon threads"] if key is None else cfg["kernels"][key]
     assert got == want
+
+
+@pytest.mark.parametrize("cap", ["scalar", "sse4.1", "avx2", "avxvnni", "avx512vnni", "neon", "bogus", None])
+def test_one_isa_cap_for_every_area(cap):
+    """LOWBIT_ISA caps the level every area uses; it never raises it above what the CPU has, a
+    cap from the other architecture leaves the portable code, and a bogus value is ignored."""
+    order = ["scalar", "sse4.1", "avx2", "avxvnni", "avx512vnni"]
+    code = "import json, lowbit; print(json.dumps(lowbit.show_config(mode='dicts')))"
+    env = {k: v for k, v in os.environ.items() if k != "LOWBIT_ISA"}
+    if cap is not None:
+        env["LOWBIT_ISA"] = cap
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    isa = json.loads(r.stdout)["isa"]
+    hw = isa["detected"]
+    if cap in (None, "bogus"):
+        want = hw
+    elif hw == "neon" or cap == "neon":
+        want = "neon" if hw == cap else "scalar"
+    else:
+        want = order[min(order.index(hw), order.index(cap))]
+    assert isa["in use"] == want, isa
+    kernels = json.loads(r.stdout)["kernels"]
+    if want in ("scalar", "sse4.1"):
+        assert kernels["bitnet (ternary / binary GEMM)"] == "scalar"
+    print(f"LOWBIT_ISA={cap}: detected {hw}, in use {isa['in use']}")

@@ -216,7 +216,7 @@ def test_every_simd_path_matches_torch(level, tmp_path):
     import os
     import pathlib
 
-    env = dict(os.environ, LOWBIT_SIMD=level)
+    env = dict(os.environ, LOWBIT_ISA=level)
     r = subprocess.run([sys.executable, "-c", script, str(pathlib.Path(__file__).parent)], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 

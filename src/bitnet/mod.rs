@@ -8,22 +8,11 @@ pub mod pack;
 pub mod quant;
 pub mod ternary;
 
-/// Which kernel family runs: `LOWBIT_KERNEL=scalar|avx2` picks one for tests; the default is the
-/// best the CPU has. (aarch64 runs the portable kernels, which LLVM vectorizes for NEON.)
+/// Whether the AVX2 kernel family runs: the CPU has AVX2, FMA and POPCNT and `LOWBIT_ISA` does
+/// not cap below `avx2` (see [`crate::isa`]). aarch64 runs the portable kernels, which LLVM
+/// vectorizes for NEON.
 pub fn use_avx2() -> bool {
-    use std::sync::OnceLock;
-    static AVX2: OnceLock<bool> = OnceLock::new();
-    *AVX2.get_or_init(|| {
-        let wanted = !matches!(
-            std::env::var("LOWBIT_KERNEL").as_deref(),
-            Ok("scalar") | Ok("neon")
-        );
-        #[cfg(target_arch = "x86_64")]
-        let has = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("popcnt");
-        #[cfg(not(target_arch = "x86_64"))]
-        let has = false;
-        wanted && has
-    })
+    crate::isa::level().has_avx2()
 }
 
 /// The kernel path in use, for reports: "avx2" or "scalar".

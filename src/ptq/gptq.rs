@@ -410,7 +410,11 @@ mod tests {
             // other way than the float32 quantizer rounds it, nothing else).
             let r = rtn(&w, spec);
             let differ = s.dequantized.iter().zip(&r).filter(|(a, b)| a != b).count();
-            assert!(differ * 200 <= r.len(), "{spec:?}: {differ} of {} differ from RTN", r.len());
+            assert!(
+                differ * 200 <= r.len(),
+                "{spec:?}: {differ} of {} differ from RTN",
+                r.len()
+            );
             let e_rtn = output_error(w.view(), s.dequantized.view(), h.view()).unwrap();
             // The MSE grid minimises each group's diagonal-weighted error: never above min-max's.
             let mse = Config {

@@ -148,7 +148,7 @@ impl TernaryLinear {
     }
 }
 
-/// The kernel path in use ("avx2" or "scalar"), chosen by the CPU and `LOWBIT_KERNEL`.
+/// The kernel path in use ("avx2" or "scalar"), chosen by the CPU and `LOWBIT_ISA`.
 #[pyfunction]
 pub fn bitnet_kernel() -> &'static str {
     crate::bitnet::kernel_name()

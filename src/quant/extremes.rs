@@ -268,7 +268,7 @@ mod tests {
         assert_eq!(finite(&[3.0f32; 33]).unwrap(), (3.0, 3.0));
     }
 
-    /// Every path this CPU has gives the same extremes and NaN flag, whatever `LOWBIT_SIMD`.
+    /// Every path this CPU has gives the same extremes and NaN flag, whatever `LOWBIT_ISA` says.
     #[test]
     fn every_instruction_set_agrees() {
         let base: Vec<f32> = (0..777)

@@ -42,32 +42,20 @@ impl Isa for NoFma {
     }
 }
 
-/// The x86 instruction set the kernels use: 2 = AVX2 + FMA, 1 = SSE4.1, 0 = baseline.
-/// `LOWBIT_SIMD=scalar|sse4.1|avx2` caps it (for tests of every path); read once.
+/// The x86 instruction set these generic kernels use: 2 = AVX2 + FMA (and every level above
+/// it), 1 = SSE4.1, 0 = baseline; from [`crate::isa::level`] (so `LOWBIT_ISA` caps it).
 pub fn simd_level() -> u8 {
-    use std::sync::OnceLock;
-    static LEVEL: OnceLock<u8> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        let hw = if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            2
-        } else if std::is_x86_feature_detected!("sse4.1") {
-            1
-        } else {
-            0
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let hw = 0;
-        let cap = match std::env::var("LOWBIT_SIMD").as_deref() {
-            Ok("scalar") => 0,
-            Ok("sse4.1") => 1,
-            _ => 2,
-        };
-        hw.min(cap)
-    })
+    let l = crate::isa::level();
+    if l.has_avx2() {
+        2
+    } else if l == crate::isa::Level::Sse41 {
+        1
+    } else {
+        0
+    }
 }
 
-/// Runs `k` compiled for the best instruction set available (capped by `LOWBIT_SIMD`).
+/// Runs `k` compiled for the best instruction set available (capped by `LOWBIT_ISA`).
 #[inline]
 pub fn dispatch<K: Kernel>(k: K) -> K::Output {
     #[cfg(target_arch = "x86_64")]

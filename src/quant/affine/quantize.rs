@@ -413,7 +413,7 @@ mod tests {
     }
 
     /// The AVX2 path equals `one`, value by value, for int8 and uint8 ranges, narrow ranges,
-    /// zero points that wrap, and every special value (whatever `LOWBIT_SIMD` says).
+    /// zero points that wrap, and every special value (whatever `LOWBIT_ISA` says).
     #[test]
     fn avx2_path_equals_the_scalar_rule() {
         #[cfg(target_arch = "x86_64")]
