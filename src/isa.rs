@@ -120,6 +120,22 @@ fn resolve(hw: Level, cap: Option<Level>) -> Level {
     }
 }
 
+/// Whether AVX-512 VPOPCNTDQ (`vpopcntq` on 512-bit vectors) may be used: the level in use is
+/// `avx512vnni` and the CPU has the extension.
+pub fn avx512_popcnt() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            level() == Level::Avx512Vnni && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,11 +67,18 @@ impl SignMatrix {
 
     /// `self (m x k) · other.T (n x k)` over ±1 entries, exactly, in int32.
     pub fn matmul(&self, other: &SignMatrix) -> Result<Array2<i32>> {
-        self.matmul_on(other, super::use_avx2())
+        let path = if crate::isa::avx512_popcnt() {
+            Path::Avx512
+        } else if super::use_avx2() {
+            Path::Avx2
+        } else {
+            Path::Portable
+        };
+        self.matmul_on(other, path)
     }
 
-    /// `matmul` on a chosen kernel path (tests compare them).
-    pub fn matmul_on(&self, other: &SignMatrix, popcnt: bool) -> Result<Array2<i32>> {
+    /// `matmul` on a chosen kernel path (tests compare them; the caller checks the CPU has it).
+    pub fn matmul_on(&self, other: &SignMatrix, path: Path) -> Result<Array2<i32>> {
         ensure!(
             self.k == other.k,
             "inner dimensions differ: {} and {}",
@@ -87,21 +94,73 @@ impl SignMatrix {
             .take(m)
             .for_each(|(i, o)| {
                 let a = self.row(i);
-                row_dots(a, other, o, k, popcnt);
+                row_dots(a, other, o, k, path);
             });
         Ok(out)
     }
 }
 
-fn row_dots(a: &[u64], b: &SignMatrix, o: &mut [i32], k: i32, popcnt: bool) {
+/// The XNOR-popcount kernel paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// `count_ones` per word (the compiler's best for the build target).
+    Portable,
+    /// AVX2 nibble-lookup popcounts (needs AVX2 and POPCNT).
+    Avx2,
+    /// AVX-512 `vpopcntq` on 512-bit blocks (needs AVX-512 F and VPOPCNTDQ).
+    Avx512,
+}
+
+fn row_dots(a: &[u64], b: &SignMatrix, o: &mut [i32], k: i32, path: Path) {
     #[cfg(target_arch = "x86_64")]
-    if popcnt {
-        // SAFETY: use_avx2() checked for popcnt.
-        unsafe { row_dots_popcnt(a, b, o, k) };
-        return;
+    match path {
+        // SAFETY: the caller checked the CPU has the path's instructions (`matmul` asks isa).
+        Path::Avx512 => return unsafe { row_dots_vpopcnt(a, b, o, k) },
+        Path::Avx2 => return unsafe { row_dots_popcnt(a, b, o, k) },
+        Path::Portable => {}
     }
-    let _ = popcnt;
+    let _ = path;
     row_dots_portable(a, b, o, k, 0)
+}
+
+/// AVX-512 VPOPCNTDQ: four `b` rows per pass share each 512-bit load of `a`; `vpopcntq` counts
+/// each XOR's eight words into 64-bit lanes (no overflow to manage), the last partial block
+/// through a masked load.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vpopcntdq")]
+unsafe fn row_dots_vpopcnt(a: &[u64], b: &SignMatrix, o: &mut [i32], k: i32) {
+    use std::arch::x86_64::*;
+    let words = a.len();
+    let full = words / 8 * 8;
+    let rest = (words - full) as u32;
+    let mask: __mmask8 = ((1u32 << rest) - 1) as __mmask8;
+    let n = o.len();
+    let mut j = 0;
+    while j < n {
+        let m = (n - j).min(4);
+        let rows: [&[u64]; 4] = std::array::from_fn(|i| b.row(j + i.min(m - 1)));
+        let mut acc = [_mm512_setzero_si512(); 4];
+        let mut w = 0;
+        while w < full {
+            let va = _mm512_loadu_si512(a.as_ptr().add(w) as *const _);
+            for (c, r) in acc.iter_mut().zip(&rows) {
+                let vb = _mm512_loadu_si512(r.as_ptr().add(w) as *const _);
+                *c = _mm512_add_epi64(*c, _mm512_popcnt_epi64(_mm512_xor_si512(va, vb)));
+            }
+            w += 8;
+        }
+        if rest > 0 {
+            let va = _mm512_maskz_loadu_epi64(mask, a.as_ptr().add(full) as *const _);
+            for (c, r) in acc.iter_mut().zip(&rows) {
+                let vb = _mm512_maskz_loadu_epi64(mask, r.as_ptr().add(full) as *const _);
+                *c = _mm512_add_epi64(*c, _mm512_popcnt_epi64(_mm512_xor_si512(va, vb)));
+            }
+        }
+        for i in 0..m {
+            o[j + i] = k - 2 * _mm512_reduce_add_epi64(acc[i]) as i32;
+        }
+        j += m;
+    }
 }
 
 /// `o[j] = a · b.row(first + j)`.
@@ -198,6 +257,9 @@ mod tests {
             (5, 9, 1000),
             (3, 8, 300),
             (2, 13, 8000),
+            (3, 6, 511),
+            (1, 4, 512),
+            (2, 5, 65_543),
         ] {
             let a = Array2::from_shape_fn((m, k), |_| f());
             let b = Array2::from_shape_fn((n, k), |_| f());
@@ -207,9 +269,12 @@ mod tests {
                 SignMatrix::from_floats(a.view()).unwrap(),
                 SignMatrix::from_floats(b.view()).unwrap(),
             );
-            assert_eq!(pa.matmul_on(&pb, false).unwrap(), want);
+            assert_eq!(pa.matmul_on(&pb, Path::Portable).unwrap(), want);
             if crate::bitnet::use_avx2() {
-                assert_eq!(pa.matmul_on(&pb, true).unwrap(), want);
+                assert_eq!(pa.matmul_on(&pb, Path::Avx2).unwrap(), want);
+            }
+            if crate::isa::avx512_popcnt() {
+                assert_eq!(pa.matmul_on(&pb, Path::Avx512).unwrap(), want);
             }
         }
         assert!(SignMatrix::from_floats(ndarray::arr2(&[[f32::NAN]]).view()).is_err());

@@ -17,7 +17,9 @@ pub fn use_avx2() -> bool {
 
 /// The kernel path in use, for reports: "avx2" or "scalar".
 pub fn kernel_name() -> &'static str {
-    if use_avx2() {
+    if crate::isa::avx512_popcnt() {
+        "avx2+avx512vpopcntdq"
+    } else if use_avx2() {
         "avx2"
     } else {
         "scalar"
