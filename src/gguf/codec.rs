@@ -202,7 +202,7 @@ const PAR_BLOCKS: usize = 1024;
 /// `gguf.quants.quantize` does. `what` names the input in errors.
 pub fn quantize(x: &[f32], ty: GgmlType, what: &str) -> Result<Vec<u8>> {
     let c = codec(ty)?;
-    if x.len() % ty.block != 0 {
+    if !x.len().is_multiple_of(ty.block) {
         return Err(Error::value(format!(
             "{what}: {} elements are not a whole number of {}-element {} blocks",
             x.len(),
@@ -315,7 +315,7 @@ fn dequantize_block(c: Codec, b: &[u8], o: &mut [f32]) {
 /// Decodes `bytes` (whole blocks of `ty`) to float32, as `gguf.quants.dequantize` does.
 pub fn dequantize(bytes: &[u8], ty: GgmlType) -> Result<Vec<f32>> {
     let c = codec(ty)?;
-    if bytes.len() % ty.size != 0 {
+    if !bytes.len().is_multiple_of(ty.size) {
         return Err(Error::value(format!(
             "{} bytes are not a whole number of {}-byte {} blocks",
             bytes.len(),

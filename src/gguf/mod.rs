@@ -95,7 +95,7 @@ impl GgmlType {
 
     /// Bytes of a row of `n` elements (None when `n` is not a whole number of blocks).
     pub fn row_bytes(&self, n: usize) -> Option<usize> {
-        if n % self.block != 0 {
+        if !n.is_multiple_of(self.block) {
             return None;
         }
         (n / self.block).checked_mul(self.size)

@@ -496,7 +496,7 @@ impl Builder {
                     "layer '{name}': out_channels, kernel, stride and groups must be positive"
                 );
                 ensure!(
-                    x[1] % groups == 0 && cout % groups == 0,
+                    x[1].is_multiple_of(groups) && cout % groups == 0,
                     "layer '{name}': shape mismatch: groups={groups} must divide the {} input \
                      and {cout} output channels",
                     x[1]

@@ -251,7 +251,7 @@ pub fn gptq(
                 for k in 0..n {
                     grid[k] = match &static_grids {
                         Some(sg) => sg[[r0 + k, g]],
-                        None if col % gs == 0 => {
+                        None if col.is_multiple_of(gs) => {
                             // Dynamic group: the weights of this group as error feedback left them.
                             let end = (col + gs).min(cols);
                             search_grid(&wk[k][col..end], &imp[col..end], r, sym, mse)

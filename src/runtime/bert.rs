@@ -217,7 +217,7 @@ impl BertConfig {
         }
         check_eps(c.layer_norm_eps)?;
         ensure!(
-            c.hidden_size % c.num_attention_heads == 0,
+            c.hidden_size.is_multiple_of(c.num_attention_heads),
             "BERT config: hidden_size {} is not a multiple of num_attention_heads {}",
             c.hidden_size,
             c.num_attention_heads

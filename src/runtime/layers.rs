@@ -517,7 +517,7 @@ impl MultiHeadAttention {
     pub fn new(q: Linear, k: Linear, v: Linear, heads: usize) -> Result<Self> {
         let h = q.out_features;
         ensure!(
-            heads > 0 && h % heads == 0,
+            heads > 0 && h.is_multiple_of(heads),
             "width {h} is not a multiple of {heads} heads"
         );
         ensure!(

@@ -66,13 +66,13 @@ impl MultiTaskConfig {
             );
         }
         ensure!(
-            c.image_size % c.patch_size == 0,
+            c.image_size.is_multiple_of(c.patch_size),
             "image_size {} is not a multiple of patch_size {}",
             c.image_size,
             c.patch_size
         );
         ensure!(
-            c.width % c.heads == 0,
+            c.width.is_multiple_of(c.heads),
             "width {} is not a multiple of heads {}",
             c.width,
             c.heads

@@ -61,7 +61,7 @@ pub(super) unsafe fn gemm_into(
 
 /// `x (rows, k) @ w.T + bias` with `w` stored (n, k) as PyTorch keeps it.
 pub fn linear(x: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
-    assert!(k > 0 && x.len() % k == 0 && w.len() == n * k);
+    assert!(k > 0 && x.len().is_multiple_of(k) && w.len() == n * k);
     let rows = x.len() / k;
     let mut out = match bias {
         Some(b) => {

@@ -15,7 +15,7 @@ pub fn layer_norm(
     eps: f32,
 ) -> Vec<f32> {
     let h = weight.len();
-    assert!(h > 0 && x.len() % h == 0 && bias.len() == h);
+    assert!(h > 0 && x.len().is_multiple_of(h) && bias.len() == h);
     if let Some(r) = residual {
         assert_eq!(r.len(), x.len());
     }
