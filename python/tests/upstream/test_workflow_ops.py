@@ -171,18 +171,29 @@ class TestFakeQuantizeOps:
     @staticmethod
     def _learnable_grad_reference(dy, x, scale, zp, qmin, qmax, axis=None):
         """PyTorch's _fake_quantize_learnable_per_{tensor,channel}_affine_grad_reference: the
-        LSQ gradients in float arithmetic, before grad_factor."""
+        LSQ gradients in float arithmetic, before grad_factor (with the roundings of the ATen
+        build torch runs, see below)."""
         if axis is not None:
             shape = [1] * x.ndim
             shape[axis] = -1
             scale, zp = scale.reshape(shape), zp.round().clamp(qmin, qmax).reshape(shape)
         else:
             zp = (zp + 0.5).clamp(qmin, qmax).trunc()
-        xq = torch.round(x * (1.0 / scale) + zp)
+        from lowbit._ops import _aten_fuses
+
+        inv = 1.0 / scale
+        if _aten_fuses():
+            # ATen's FMA builds round zp + x * inv, and x̂ - x, once: exact in float64, then
+            # rounded to float32 (the upstream reference rounds twice; summed over many
+            # elements the two differ beyond its tolerance when x̂ - x is tiny).
+            xq = torch.round((x.double() * inv.double() + zp.double()).float())
+            err = ((xq.clamp(qmin, qmax) - zp).double() * scale.double() - x.double()).float()
+        else:
+            xq = torch.round(x * inv + zp)
+            err = (xq.clamp(qmin, qmax) - zp) * scale - x
         inside = (xq >= qmin) & (xq <= qmax)
         dx = torch.where(inside, dy, torch.zeros_like(dy))
-        xfq = (xq.clamp(qmin, qmax) - zp) * scale
-        ds = torch.where(inside, (xfq - x) / scale, torch.where(xq < qmin, qmin - zp, qmax - zp)) * dy
+        ds = torch.where(inside, err * inv, torch.where(xq < qmin, qmin - zp, qmax - zp)) * dy
         dz = torch.where(inside, torch.zeros_like(x), -scale.expand_as(x)) * dy
         dims = None if axis is None else [d for d in range(x.ndim) if d != axis]
         return dx, (ds.sum() if dims is None else ds.sum(dims)), (dz.sum() if dims is None else dz.sum(dims))
