@@ -126,7 +126,7 @@ impl TernaryMatrix {
         }
         let (qp, qs, sums) = (&acts.qp, acts.qs, &acts.sums);
         #[cfg(target_arch = "x86_64")]
-        if avx2 && m >= PANEL_MIN_ROWS {
+        if avx2 && uses_panels(m, self.k) {
             panels::gemm(self, qp, qs, sums, epi, out);
             return;
         }
@@ -437,6 +437,17 @@ impl<E: Epilogue> Tile<'_, E> {
 /// From this many activation rows on, the AVX2 path unpacks the weights into panels (below).
 pub const PANEL_MIN_ROWS: usize = 16;
 
+/// Panels are not blocked over k: a 16-column panel holds 16 bytes per input, and past this many
+/// inputs (32 KiB) it leaves L1 and the panel path falls behind the row-tile path, which streams
+/// the packed weights once per four activation rows from L2 (64 x 4096 -> 4096: 100 against 160
+/// G MAC/s per core).
+pub const PANEL_MAX_K: usize = 2048;
+
+/// Whether a product of `m` activation rows and `k` inputs takes the panel path.
+pub fn uses_panels(m: usize, k: usize) -> bool {
+    m >= PANEL_MIN_ROWS && k <= PANEL_MAX_K
+}
+
 /// The batched AVX2 GEMM. A task unpacks the 2-bit codes of its output columns into panels of
 /// 16 columns, `u = code + 1` one byte each, interleaved four inputs at a time: bytes
 /// `64 s + 4 j + t` of a panel hold input `4 s + t` of column `j` (j < 8 in the first 32 bytes,
@@ -444,8 +455,8 @@ pub const PANEL_MIN_ROWS: usize = 16;
 /// `s` then gives, in one `maddubs` each, the products of 4 inputs x 16 columns; a tile of six
 /// activation rows keeps 12 such accumulators in registers and loads each weight vector once for
 /// six rows. The unpacking (one pass over the task's weights) is spread over the task's
-/// activation rows, so this path is for `m >= PANEL_MIN_ROWS`; the GEMV path reads the packed
-/// codes directly.
+/// activation rows, so this path is for `m >= PANEL_MIN_ROWS` (and `k <= PANEL_MAX_K`, see
+/// `uses_panels`); the row-tile path reads the packed codes directly.
 #[cfg(target_arch = "x86_64")]
 mod panels {
     use super::{Ctx, Epilogue, RowEpilogue, TernaryMatrix, BLOCK};
@@ -785,7 +796,7 @@ mod tests {
             (9, 33, 1000),
             (1, 1, 1),
             (5, 4, 256),
-            // The panel path (m >= PANEL_MIN_ROWS): partial panels, tiles and row blocks.
+            // The panel path (uses_panels): partial panels, tiles and row blocks.
             (16, 16, 4),
             (17, 13, 130),
             (23, 65, 1000),
@@ -793,6 +804,9 @@ mod tests {
             (97, 100, 257),
             // Panels cut at k rounded up to 4, not at the 128-wide packing block.
             (40, 40, 96),
+            // Many rows at a k past PANEL_MAX_K: the row-tile path.
+            (18, 9, 4100),
+            (33, 5, 2049),
             (37, 20, 6),
             (33, 18, 2),
         ] {
