@@ -38,6 +38,7 @@ from lowbit._tensor import (
 from lowbit._validate import float_arg, int_arg, vector_arg
 
 __all__ = [
+    "AttachedQuantization",
     "BitLinear",
     "Calibration",
     "FakeQuantize",
@@ -258,9 +259,74 @@ def sync_observers(observers: Any, group: Any = None) -> None:
 
 class Calibration(dict):
     """``{layer name: {"input": FakeQuantize, "weight": FakeQuantize}}`` from :func:`calibrate`;
-    ``.observers`` holds the observers behind them (same keys)."""
+    ``.observers`` holds the observers behind them (same keys). :meth:`attach` puts them on the
+    model in one call."""
 
     observers: dict
+
+    def attach(self, model: torch.nn.Module, weights: bool = True) -> AttachedQuantization:
+        """Run ``model`` as calibrated: each layer's input through its ``"input"`` FakeQuantize
+        (a forward pre-hook) and, with ``weights``, its weight through the ``"weight"`` one (a
+        ``torch.nn.utils.parametrize`` parametrization). The FakeQuantize modules become
+        submodules (``<layer>.lowbit_input``, the weight's parametrization), so ``model.to()``
+        moves them and ``torch.compile`` traces them with no graph break. Returns a handle whose
+        ``remove()`` gives the model back as it was. On an error nothing stays attached.
+
+        >>> import torch, lowbit.torch as lt
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> cal = lt.calibrate(net, [torch.randn(16, 8) for _ in range(4)], progress=False)
+        >>> handle = cal.attach(net)
+        >>> y = net(torch.randn(3, 8))       # fake-quantized inputs and weights
+        >>> handle.remove()
+        """
+        import torch.nn.utils.parametrize as parametrize
+
+        if not isinstance(model, torch.nn.Module):
+            raise LowbitTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        done: list[tuple[torch.nn.Module, Any, bool]] = []
+        handle = AttachedQuantization(done)
+        try:
+            for name, fqs in self.items():
+                try:
+                    mod = model.get_submodule(name)
+                except AttributeError:
+                    raise LowbitValueError(f"the model has no layer {name!r} (calibrated on another model?)") from None
+                if hasattr(mod, "lowbit_input"):
+                    raise LowbitValueError(f"layer {name!r} already has lowbit's quantization attached")
+                mod.lowbit_input = fqs["input"]
+                hook = mod.register_forward_pre_hook(_quantize_input)
+                if weights:
+                    parametrize.register_parametrization(mod, "weight", fqs["weight"])
+                done.append((mod, hook, weights))
+        except BaseException:
+            handle.remove()
+            raise
+        return handle
+
+
+def _quantize_input(mod: torch.nn.Module, args: tuple) -> tuple:
+    fq: Any = mod.lowbit_input
+    return (fq(args[0]),) + tuple(args[1:])
+
+
+class AttachedQuantization:
+    """What :meth:`Calibration.attach` attached; ``remove()`` takes it all off again."""
+
+    def __init__(self, attached: list) -> None:
+        self._attached = attached
+
+    def remove(self) -> None:
+        import torch.nn.utils.parametrize as parametrize
+
+        while self._attached:
+            mod, hook, weights = self._attached.pop()
+            hook.remove()
+            del mod.lowbit_input
+            if weights:
+                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+
+    def __repr__(self) -> str:
+        return f"AttachedQuantization({len(self._attached)} layers)"
 
 
 def _batches(data: Any, progress: bool) -> Any:

@@ -764,6 +764,18 @@ def _out_extras(fn_name: str) -> list[Extra]:
     ]
 
 
+def _attached_output(c: Any, model: Any, weights: Any = True) -> Any:
+    """Calibrate a copy of the case's network, attach the result to ``model``, run, remove."""
+    import copy
+
+    cal = lt.calibrate(copy.deepcopy(c.net), [torch.randn(2, 8)], progress=False)
+    handle = cal.attach(model, weights=weights)
+    try:
+        return tuple(model(torch.randn(2, 8)).shape)
+    finally:
+        handle.remove()
+
+
 def _qrange(lo: int, hi: int) -> dict[str, Arg]:
     return {"quant_min": N(lo, aliases=("quant_max", "range")), "quant_max": N(hi, aliases=("quant_min", "range"))}
 
@@ -1218,6 +1230,10 @@ def _entries() -> list[Entry]:
         E("lowbit.torch.calibrate[model]", lambda c, **kw: sorted(lt.calibrate(data=[torch.randn(2, 8)], progress=False,
                                                                                 **kw)),
           model=MOD(V(lambda c: c.net))),
+        E("lowbit.torch.Calibration.attach", lambda c, **kw: _attached_output(c, **kw),
+          model=MOD(V(lambda c: c.net)), weights=FLAG(True)),
+        E("lowbit.torch.AttachedQuantization", lambda c: repr(lt.AttachedQuantization([]))),
+        E("lowbit.torch.AttachedQuantization.remove", lambda c: lt.AttachedQuantization([]).remove()),
         E("lowbit.torch.sync_observers", f(lt.sync_observers), observers=ANY(V(lambda c: {"a": lc.MinMaxObserver()}),
                                                                              extra=[_c("None", _const(None), "raise"),
                                                                                     _c("str", _const("abc"), "raise"),

@@ -130,3 +130,48 @@ def test_layers_the_data_never_runs_are_left_out():
 
     with pytest.raises(lowbit.LowbitValueError, match="none of the model's"):
         lt.calibrate(Skips(), [torch.randn(2, 8)], progress=False)
+
+
+def test_attach_runs_the_model_as_calibrated_and_removes_cleanly():
+    import torch
+
+    import lowbit
+    import lowbit.torch as lt
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    net = Net()
+    data = [torch.randn(16, 8) for _ in range(4)]
+    cal = lt.calibrate(net, data, progress=False)
+    x = torch.randn(5, 8)
+    before = net(x).detach()
+    keys = sorted(net.state_dict())
+    handle = cal.attach(net)
+    with torch.no_grad():
+        h = torch.nn.functional.linear(cal["a"]["input"](x), cal["a"]["weight"](net.a.parametrizations.weight.original), net.a.bias)
+        want = torch.nn.functional.linear(cal["b"]["input"](torch.relu(h)), cal["b"]["weight"](net.b.parametrizations.weight.original), net.b.bias)
+        got = net(x)
+    assert torch.equal(got, want) and not torch.equal(got, before)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(net)(x).graph_break_count == 0
+    with pytest.raises(lowbit.LowbitValueError, match="already"):
+        cal.attach(net)
+    handle.remove()
+    assert torch.equal(net(x), before) and sorted(net.state_dict()) == keys
+    assert not hasattr(net.a, "lowbit_input")
+    # Inputs only; a model without the layers is refused and keeps nothing attached.
+    handle = cal.attach(net, weights=False)
+    assert not hasattr(net.a, "parametrizations")
+    handle.remove()
+    other = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    with pytest.raises(lowbit.LowbitValueError, match="no layer"):
+        cal.attach(other)
+    assert not hasattr(other[0], "lowbit_input")
