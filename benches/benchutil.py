@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -29,3 +33,27 @@ def copy_bandwidth(repeat: int) -> float:
     src = np.random.default_rng(1).standard_normal(64 * 2**20, dtype=np.float32)
     dst = np.empty_like(src)
     return 2 * src.nbytes / best_time(lambda: np.copyto(dst, src), repeat)
+
+
+def main_per_thread_count(doc: str, script: str, child: Callable[[int, int], None],
+                          preamble: Callable[[], None] | None = None) -> None:
+    """The ``--threads 1,2 --repeat N`` driver the comparison scripts share: prints
+    ``lowbit.show_config()`` (and ``preamble()``), then runs ``child(threads, repeat)`` in a fresh
+    process per thread count (lowbit's pool and torch's are sized at start), with
+    ``RAYON_NUM_THREADS`` and ``OMP_NUM_THREADS`` set to it."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args.child, args.repeat)
+        return
+    import lowbit
+
+    lowbit.show_config()
+    if preamble is not None:
+        preamble()
+    for t in (int(v) for v in args.threads.split(",")):
+        env = dict(os.environ, RAYON_NUM_THREADS=str(t), OMP_NUM_THREADS=str(t))
+        subprocess.run([sys.executable, script, "--child", str(t), "--repeat", str(args.repeat)], env=env, check=True)

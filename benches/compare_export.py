@@ -25,15 +25,12 @@ machine only: the load average is printed beside them.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
-from benchutil import best_time
+from benchutil import best_time, main_per_thread_count
 
 
 def _dequantized(model, quantized):
@@ -182,25 +179,17 @@ def child(threads, repeat):
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child is not None:
-        child(args.child, args.repeat)
-        return
-    import lowbit
-
-    lowbit.show_config()
+def _versions() -> None:
     import onnxruntime
     import torch
 
+    import lowbit
+
     print(f"lowbit {lowbit.__version__}, onnxruntime {onnxruntime.__version__}, torch {torch.__version__}")
-    for t in (int(v) for v in args.threads.split(",")):
-        env = dict(os.environ, RAYON_NUM_THREADS=str(t), OMP_NUM_THREADS=str(t))
-        subprocess.run([sys.executable, __file__, "--child", str(t), "--repeat", str(args.repeat)], env=env, check=True)
+
+
+def main() -> None:
+    main_per_thread_count(__doc__, __file__, child, _versions)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,10 @@ quiet machine only: the load average is printed beside them.
 
 from __future__ import annotations
 
-import argparse
 import os
-import subprocess
-import sys
 
 import numpy as np
-from benchutil import best_time, copy_bandwidth
+from benchutil import best_time, copy_bandwidth, main_per_thread_count
 
 SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (64, 4096, 4096), (1024, 384, 1536), (1024, 1536, 384)]
 
@@ -78,20 +75,7 @@ def _child(threads: int, repeat: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", default="1,2")
-    p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        _child(args.child, args.repeat)
-        return
-    import lowbit
-
-    lowbit.show_config()
-    for t in (int(v) for v in args.threads.split(",")):
-        env = dict(os.environ, OMP_NUM_THREADS=str(t), RAYON_NUM_THREADS=str(t))
-        subprocess.run([sys.executable, __file__, "--child", str(t), "--repeat", str(args.repeat)], env=env, check=True)
+    main_per_thread_count(__doc__, __file__, _child)
 
 
 if __name__ == "__main__":

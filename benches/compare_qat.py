@@ -24,13 +24,10 @@ machine only: the load average is printed beside them.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import subprocess
-import sys
 
-from benchutil import best_time
+from benchutil import best_time, main_per_thread_count
 
 
 def _lsq(repeat: int) -> None:
@@ -151,20 +148,7 @@ def _child(threads: int, repeat: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", default="1,2")
-    p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        _child(args.child, args.repeat)
-        return
-    import lowbit
-
-    lowbit.show_config()
-    for t in (int(v) for v in args.threads.split(",")):
-        env = dict(os.environ, OMP_NUM_THREADS=str(t), RAYON_NUM_THREADS=str(t))
-        subprocess.run([sys.executable, __file__, "--child", str(t), "--repeat", str(args.repeat)], env=env, check=True)
+    main_per_thread_count(__doc__, __file__, _child)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import numpy as np
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
 from lowbit._validate import is_tensor
 
-__all__ = ["as_array", "float32", "from_view", "numpy_of", "out_arg", "tensor_view", "view"]
+__all__ = ["as_array", "float32", "float_tensor", "from_view", "numpy_of", "out_arg", "tensor_view", "view"]
 
 
 def as_array(x: Any, what: str = "x") -> np.ndarray:
@@ -42,6 +42,17 @@ def tensor_view(t: Any, what: str) -> tuple[np.ndarray, bool]:
     if t.dtype in (torch.float32, torch.float16, torch.float64):
         return t.numpy(), False
     raise LowbitTypeError(f"{what} must be a float32, float16, bfloat16 or float64 tensor, got {t.dtype}")
+
+
+def float_tensor(t: Any, what: str) -> Any:
+    """``t`` itself when it is a float32, float16, bfloat16 or float64 torch tensor (on any device)."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise LowbitTypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise LowbitTypeError(f"{what} must be a float32, float16, bfloat16 or float64 tensor, got {t.dtype}")
+    return t
 
 
 def from_view(a: np.ndarray, bf16: bool) -> Any:

@@ -17,6 +17,7 @@ not validate their arguments beyond what the kernels check: the public functions
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -125,15 +126,16 @@ torch.library.register_autograd("lowbit::fake_quant_per_channel", _channel_backw
 # Learnable fake-quant (LSQ / LSQ+)
 
 
-def _forward_zero_points(zero_point: _Tensor, axis: int | None, quant_min: int, quant_max: int) -> _Tensor:
-    """The integer zero points ATen's learnable forward uses: per tensor ``nearbyint`` then a
-    float clamp, per channel ``round().clamp()``."""
+def _rounded_zero_points(zero_point: _Tensor, quant_min: int, quant_max: int) -> _Tensor:
+    """The integer zero points ATen's learnable forward uses (and its per-channel backward):
+    ``round()`` (half to even, as ``nearbyint``) then a clamp."""
     z = zero_point.detach().float()
     if bool(torch.isnan(z).any()):
         raise _lowbit.LowbitValueError("zero_point is NaN: it must be between quant_min and quant_max")
     return z.round().clamp(quant_min, quant_max)
 
 
+@functools.cache
 def _aten_fuses() -> bool:
     """Whether ATen's learnable fake-quant backward kernel was compiled with fused
     multiply-adds: its per-capability x86 builds (AVX2, AVX-512) and every aarch64 build are;
@@ -147,10 +149,9 @@ def _aten_fuses() -> bool:
 def _backward_zero_points(zero_point: _Tensor, axis: int | None, quant_min: int, quant_max: int) -> _Tensor:
     """The zero points ATen's learnable backward uses: per tensor ``trunc(clamp(zp + 0.5))``
     (not the forward's rounding), per channel ``round().clamp()``."""
-    z = zero_point.detach().float()
     if axis is None:
-        return (z + 0.5).clamp(quant_min, quant_max).trunc()
-    return z.round().clamp(quant_min, quant_max)
+        return (zero_point.detach().float() + 0.5).clamp(quant_min, quant_max).trunc()
+    return _rounded_zero_points(zero_point, quant_min, quant_max)
 
 
 @torch.library.custom_op("lowbit::learnable_fake_quant", mutates_args=())
@@ -163,7 +164,7 @@ def learnable_fake_quant(x: _Tensor, scale: _Tensor, zero_point: _Tensor, axis: 
             return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, quant_min, quant_max, grad_factor)
         return torch._fake_quantize_learnable_per_channel_affine(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
     a, bf16 = tensor_view(x, "x")
-    z = _forward_zero_points(zero_point, axis, quant_min, quant_max)
+    z = _rounded_zero_points(zero_point, quant_min, quant_max)
     if axis is None:
         r = _lowbit.fake_quantize_per_tensor_affine(a, float(scale.reshape(-1)[0]), int(z.reshape(-1)[0]), quant_min, quant_max, False, bf16)
     else:

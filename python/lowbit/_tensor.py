@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lowbit import _lowbit, _ops
-from lowbit._array import from_view, out_arg, tensor_view
+from lowbit._array import float_tensor, out_arg, tensor_view
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
 from lowbit._validate import float_arg, int_arg, vector_arg
 
@@ -65,35 +65,23 @@ def _fake_quant(x: torch.Tensor, qargs: tuple, return_mask: bool, out: torch.Ten
     return_mask = bool(return_mask)
     if qargs[0] == "tensor":
         _, scale, zp, qmin, qmax = qargs
-        scale_t, zp_t = torch.tensor(scale, dtype=torch.float64), torch.tensor(zp, dtype=torch.int64)
-        return _fq_tensor(x, scale_t, zp_t, qmin, qmax, return_mask)
-    _, scale, zp, axis, qmin, qmax = qargs
+        axis = None
+    else:
+        _, scale, zp, axis, qmin, qmax = qargs
     scale_t, zp_t = torch.tensor(scale, dtype=torch.float64), torch.tensor(zp, dtype=torch.int64)
-    return _fq_channel(x, scale_t, zp_t, axis, qmin, qmax, return_mask)
+    return _fq(x, scale_t, zp_t, axis, qmin, qmax, return_mask)
 
 
-def _float_tensor(x: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise LowbitTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise LowbitTypeError(f"x must be a float32, float16, bfloat16 or float64 tensor, got {x.dtype}")
-    return x
-
-
-def _fq_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-               return_mask: bool = False) -> Any:
-    """Per-tensor fake-quant through the custom op, with tensor qparams (traceable: nothing here
-    reads a tensor's value); the mask is computed only when autograd or the caller needs it."""
-    with_mask = return_mask or (torch.is_grad_enabled() and _float_tensor(x).requires_grad)
-    out, mask = _ops.fake_quant_per_tensor(x, scale, zero_point, qmin, qmax, with_mask)
-    return (out, mask) if return_mask else out
-
-
-def _fq_channel(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int, qmax: int,
-                return_mask: bool = False) -> Any:
-    """Per-channel fake-quant through the custom op (see :func:`_fq_tensor`)."""
-    with_mask = return_mask or (torch.is_grad_enabled() and _float_tensor(x).requires_grad)
-    out, mask = _ops.fake_quant_per_channel(x, scale, zero_point, axis, qmin, qmax, with_mask)
+def _fq(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None, qmin: int, qmax: int,
+        return_mask: bool = False) -> Any:
+    """Fake-quant through the custom op (per tensor when ``axis`` is None), with tensor qparams
+    (traceable: nothing here reads a tensor's value); the mask is computed only when autograd
+    or the caller needs it."""
+    with_mask = return_mask or (torch.is_grad_enabled() and float_tensor(x, "x").requires_grad)
+    if axis is None:
+        out, mask = _ops.fake_quant_per_tensor(x, scale, zero_point, qmin, qmax, with_mask)
+    else:
+        out, mask = _ops.fake_quant_per_channel(x, scale, zero_point, axis, qmin, qmax, with_mask)
     return (out, mask) if return_mask else out
 
 
@@ -139,7 +127,7 @@ def fake_quantize_per_channel_affine(
 
 def _learnable_args(x: Any, scale: Any, zero_point: Any, n: int, quant_min: Any, quant_max: Any,
                     grad_factor: Any) -> tuple[int, int, float]:
-    _float_tensor(x)
+    float_tensor(x, "x")
     for name, v in (("scale", scale), ("zero_point", zero_point)):
         if not isinstance(v, torch.Tensor) or not v.is_floating_point():
             raise LowbitTypeError(f"{name} must be a float tensor (a learnable parameter), got "
@@ -185,12 +173,6 @@ def fake_quantize_learnable_per_channel_affine(x: torch.Tensor, scale: torch.Ten
     return _ops.learnable_fake_quant(x, scale, zero_point, axis, qmin, qmax, g)
 
 
-def _float_input(x: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise LowbitTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    return _float_tensor(x)
-
-
 def _vectors(scales: Any, zero_points: Any) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.tensor(vector_arg(scales, "scales", integer=False), dtype=torch.float64)
     z = torch.tensor(vector_arg(zero_points, "zero_points", integer=True), dtype=torch.int64)
@@ -199,14 +181,14 @@ def _vectors(scales: Any, zero_points: Any) -> tuple[torch.Tensor, torch.Tensor]
 
 def quantize_per_tensor(x: torch.Tensor, scale: Any, zero_point: Any, quant_min: int, quant_max: int) -> torch.Tensor:
     """Integer codes as an int8/uint8 tensor; see :func:`lowbit.quantize_per_tensor`."""
-    return _ops.quantize_per_tensor(_float_input(x), float_arg(scale, "scale"), int_arg(zero_point, "zero_point"),
+    return _ops.quantize_per_tensor(float_tensor(x, "x"), float_arg(scale, "scale"), int_arg(zero_point, "zero_point"),
                                     int_arg(quant_min, "quant_min"), int_arg(quant_max, "quant_max"))
 
 
 def quantize_per_channel(x: torch.Tensor, scales: Any, zero_points: Any, axis: int, quant_min: int, quant_max: int) -> torch.Tensor:
     """Per-channel integer codes as a tensor; see :func:`lowbit.quantize_per_channel`."""
     s, z = _vectors(scales, zero_points)
-    return _ops.quantize_per_channel(_float_input(x), s, z, int_arg(axis, "axis"), int_arg(quant_min, "quant_min"),
+    return _ops.quantize_per_channel(float_tensor(x, "x"), s, z, int_arg(axis, "axis"), int_arg(quant_min, "quant_min"),
                                      int_arg(quant_max, "quant_max"))
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from lowbit import _lowbit
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
-from lowbit._array import view
+from lowbit._array import float_tensor, view
 from lowbit._validate import float_arg, int_arg, is_tensor
 
 __all__ = [
@@ -96,12 +96,10 @@ class Observer:
         batch's canonical grid): the same state as updating with the whole tensor on the CPU."""
         import torch
 
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise LowbitTypeError(f"x must be a float32, float16, bfloat16 or float64 tensor, got {x.dtype}")
-        x = x.detach()
-        if x.numel() == 0 or x.device.type == "meta":
-            if x.device.type == "meta":
-                raise LowbitTypeError("x is on the meta device: it holds no data to observe")
+        x = float_tensor(x, "x").detach()
+        if x.device.type == "meta":
+            raise LowbitTypeError("x is on the meta device: it holds no data to observe")
+        if x.numel() == 0:
             self._core.update(np.empty(tuple(x.shape), np.float32))
             return
         if self._kind == "per_channel":

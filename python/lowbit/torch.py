@@ -24,8 +24,7 @@ import torch
 
 from lowbit._lowbit import LowbitTypeError, LowbitValueError
 from lowbit._tensor import (
-    _fq_channel,
-    _fq_tensor,
+    _fq,
     dequantize_per_channel,
     dequantize_per_tensor,
     fake_quantize_learnable_per_channel_affine,
@@ -113,9 +112,7 @@ class FakeQuantize(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if self.axis is None:
-            return _fq_tensor(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
-        return _fq_channel(x, self.scale, self.zero_point, self.axis, self.quant_min, self.quant_max)
+        return _fq(x, self.scale, self.zero_point, self.axis, self.quant_min, self.quant_max)
 
     def extra_repr(self) -> str:
         where = "per_tensor" if self.axis is None else f"per_channel(axis={self.axis})"

@@ -65,28 +65,21 @@ pub struct Solution {
 /// The grid of one (row, group): scale and zero point.
 type Grid = (f32, i32);
 
-fn grid_of(values: impl Iterator<Item = f64>, r: QRange, symmetric: bool) -> Grid {
-    let (lo, hi) = values.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), v| {
-        (lo.min(v as f32), hi.max(v as f32))
-    });
-    qparams_from_minmax(lo, hi, r, symmetric)
-}
-
 /// Shrink factors of the MSE grid search: 1.00, 0.99, ..., 0.20.
 const SHRINKS: usize = 81;
 
 /// The grid of `values` (whose importances are `weights`): min-max, or with `mse` the shrunk
 /// min-max range of least weighted squared error (the first, least shrunk, on ties).
 fn search_grid(values: &[f64], weights: &[f64], r: QRange, symmetric: bool, mse: bool) -> Grid {
-    let base = grid_of(values.iter().copied(), r, symmetric);
-    if !mse {
-        return base;
-    }
     let (lo, hi) = values
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
             (lo.min(v as f32), hi.max(v as f32))
         });
+    let base = qparams_from_minmax(lo, hi, r, symmetric);
+    if !mse {
+        return base;
+    }
     let cost = |g: Grid| -> f64 {
         values
             .iter()

@@ -16,7 +16,7 @@
 //! multiply-adds where the capability has FMA (AVX2, AVX-512, every aarch64): `fused` selects
 //! those two roundings, the rest is the same either way.
 use super::drivers::{advise_huge_pages, Layout};
-use super::ranges::{check_scale, QRange};
+use super::ranges::{check_axis, check_scale, check_zero_point, QRange};
 use crate::quant::CHUNK;
 use crate::{ensure, Result};
 use rayon::prelude::*;
@@ -61,14 +61,7 @@ impl LearnableGrad {
         );
         let channels = match axis {
             None => 1,
-            Some(a) => {
-                ensure!(
-                    a < shape.len(),
-                    "axis {a} is out of range for {} dimensions",
-                    shape.len()
-                );
-                shape[a]
-            }
+            Some(a) => shape[check_axis(a as i64, shape.len())?],
         };
         ensure!(
             scales.len() == channels && zero_points.len() == channels,
@@ -80,10 +73,8 @@ impl LearnableGrad {
             check_scale("scale", f64::from(s))?;
         }
         for &z in zero_points {
-            ensure!(
-                z >= r.min as f32 && z <= r.max as f32 && z == z.round(),
-                "zero_point {z} must be an integer between quant_min and quant_max"
-            );
+            ensure!(z == z.round(), "zero_point {z} must be an integer");
+            check_zero_point("zero_point", z as i64, r)?;
         }
         let n = shape.iter().product();
         Ok(LearnableGrad {
