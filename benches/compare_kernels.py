@@ -7,15 +7,17 @@ Method
   64 MiB of packed ternary weights exceed the last-level cache.
 * lowbit ternary: ``TernaryLinear._core.int_matmul`` (int8 activations x packed 2-bit codes, the
   integer kernel alone) and ``TernaryLinear`` (float in, float out: per-token int8 activation
-  quantization and the rescale included). torch f32: ``x @ w.T``. torch int8:
-  ``torch._int_mm`` (int8 x int8 -> int32), where it runs on this CPU.
+  quantization and the rescale included). lowbit int8 / int4: ``IntLinear`` on
+  ``QuantSpec(8, per output channel)`` and ``QuantSpec(4, groups of 32)`` weights (W8A8 / W4A8,
+  float in, float out, activation quantization and rescale included; the runtime's
+  ``weights="int8" | "int4"`` with ``act_bits=8``). torch f32: ``x @ w.T``. torch int8:
+  ``torch._int_mm`` (int8 x int8 -> int32, no quantization or rescale), where it runs on this CPU.
 * G MAC/s = m*k*n / time, best of ``--repeat`` after warm-ups; every thread count runs in a fresh
   process. Ceilings: the copy bandwidth (``np.copyto``, 256 MiB) for GEMVs, as bytes of packed
   weights per second; for GEMMs the best int8 rate torch._int_mm reaches (a proxy: lowbit has no
   tight-loop VNNI probe yet).
 * Integer results are checked against NumPy int64 before timing.
-* Not measured yet: lowbit int8 x int8 and int4 x int8 GEMMs (the runtime still dequantizes
-  int8 / int4 weights at load), and ggml / bitnet.cpp in the same run.
+* Not measured yet: ggml / bitnet.cpp in the same run.
 
 Run: ``python benches/compare_kernels.py [--threads 1,2] [--repeat 10]``. Quote ratios from a
 quiet machine only: the load average is printed beside them.
@@ -34,6 +36,7 @@ SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (64, 4096, 4096), (1024, 384, 1536),
 def _child(threads: int, repeat: int) -> None:
     import torch
 
+    import lowbit
     import lowbit.bitnet as bn
 
     torch.set_num_threads(threads)
@@ -46,8 +49,9 @@ def _child(threads: int, repeat: int) -> None:
         peak = float("nan")
     print(f"\n== {threads} thread(s); load average {os.getloadavg()[0]:.2f}; copy bandwidth {bw / 1e9:.1f} GB/s; "
           f"torch._int_mm peak (1024^3) {peak:.1f} G MAC/s ==")
-    print(f"{'shape':18s} {'tern int':>9s} {'tern f32io':>10s} {'torch f32':>9s} {'torch int8':>10s} "
-          f"{'tern/f32':>8s} {'tern/int8':>9s}  ceiling")
+    print(f"{'shape':18s} {'tern int':>9s} {'tern f32io':>10s} {'int8 f32io':>10s} {'int4 f32io':>10s} "
+          f"{'torch f32':>9s} {'torch int8':>10s} {'tern/f32':>8s} {'tern/int8':>9s} {'int8/f32':>8s} "
+          f"{'int4/f32':>8s}  ceiling")
     for m, k, n in SHAPES + [(1, 16384, 16384)]:
         codes = r.integers(-1, 2, (n, k), dtype=np.int8)
         layer = bn.TernaryLinear(codes, 1.0)
@@ -57,6 +61,15 @@ def _child(threads: int, repeat: int) -> None:
         x = r.standard_normal((m, k)).astype(np.float32)
         t_int = best_time(lambda: layer._core.int_matmul(q), repeat, pause=0.2)
         t_lin = best_time(lambda: layer(x), repeat, pause=0.2)
+        t_q = {}
+        if k * n <= 4096 * 4096:
+            wf = r.standard_normal((n, k)).astype(np.float32)
+            for bits, spec in ((8, lowbit.QuantSpec(8, granularity="channel", axis=0)),
+                               (4, lowbit.QuantSpec(4, granularity="group", group_size=32))):
+                il = bn.IntLinear(lowbit.quantize(wf, spec))
+                t_q[bits] = best_time(lambda: il(x), repeat, pause=0.2)
+        else:
+            t_q = {8: float("nan"), 4: float("nan")}
         xt, wt = torch.from_numpy(x), torch.from_numpy(codes.astype(np.float32))
         t_f32 = best_time(lambda: xt @ wt.T, repeat, pause=0.2) if k * n <= 4096 * 4096 else float("nan")
         try:
@@ -69,8 +82,9 @@ def _child(threads: int, repeat: int) -> None:
             ceil = f"{layer.nbytes / t_int / 1e9:5.1f} GB/s of packed weights = {layer.nbytes / t_int / bw:4.0%} of copy"
         else:
             ceil = f"{g(t_int) / peak:4.0%} of torch._int_mm's peak" if peak == peak else "-"
-        print(f"{m}x{k}->{n:<8d} {g(t_int):9.1f} {g(t_lin):10.1f} {g(t_f32):9.1f} {g(t_i8):10.1f} "
-              f"{t_f32 / t_int:8.2f} {t_i8 / t_int:9.2f}  {ceil}")
+        print(f"{m}x{k}->{n:<8d} {g(t_int):9.1f} {g(t_lin):10.1f} {g(t_q[8]):10.1f} {g(t_q[4]):10.1f} "
+              f"{g(t_f32):9.1f} {g(t_i8):10.1f} {t_f32 / t_int:8.2f} {t_i8 / t_int:9.2f} {t_f32 / t_q[8]:8.2f} "
+              f"{t_f32 / t_q[4]:8.2f}  {ceil}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

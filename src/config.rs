@@ -57,6 +57,10 @@ pub fn kernel_paths() -> Vec<(&'static str, &'static str)> {
             "bitnet (ternary / binary GEMM)",
             crate::bitnet::kernel_name(),
         ),
+        (
+            "intgemm (W8A8 / W4A8 GEMM)",
+            crate::bitnet::intgemm::Path::best().name(),
+        ),
         ("runtime (GEMM epilogues, attention, norms)", vector),
     ]
 }

@@ -23,6 +23,8 @@ __all__ = [
     "unpack_tq1",
     "PackedSigns",
     "TernaryLinear",
+    "IntLinear",
+    "intgemm_paths",
     "BertCore",
     "MultiTaskCore",
     "builtin_devices",
@@ -268,6 +270,25 @@ class TernaryLinear:
         """Integer product ``q @ codes.T`` for int8 activations."""
     def forward(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """``(q_x @ codes.T) * (scale_w / s_x) + bias``, computed in float64 and rounded to float32."""
+
+@final
+class IntLinear:
+    """A linear layer on quantized weights as stored: int8 activations per row, the W8A8 / W4A8
+    integer GEMM."""
+
+    def __new__(cls, weight: QuantizedTensor, bias: npt.NDArray[np.float32] | None = None) -> IntLinear: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    def forward(self, x: npt.NDArray[np.float32], path: str | None = None) -> npt.NDArray[np.float32]:
+        """``q_x @ dequantized(w).T / s_x + bias`` on the chosen kernel path ("avx512vnni", "avx2",
+        "portable"; the fastest allowed when None)."""
+
+def intgemm_paths() -> list[str]:
+    """The integer GEMM paths this machine can run, fastest last."""
 
 def bitnet_kernel() -> str:
     """The kernel path in use, chosen by the CPU and ``LOWBIT_ISA``."""

@@ -8,6 +8,9 @@ exact integer arithmetic, many times faster than a float32 matmul.
   where available) and rescales.
 * :class:`BinaryLinear` and :func:`binary_matmul`: signs packed 1 bit per value, dot products as
   ``K - 2 * popcount(a xor b)``.
+* :class:`IntLinear`: the W8A8 / W4A8 integer GEMM on a :class:`lowbit.QuantizedTensor`'s codes
+  as stored (2..8 bits, per tensor, output channel or group of inputs): int8 activations per
+  row, exact int32 sums per group (AVX-512 VNNI ``vpdpbusd``, AVX2 ``maddubs``, portable).
 
 ``LOWBIT_ISA=scalar`` forces the portable kernels (every path gives the same integers).
 
@@ -36,6 +39,7 @@ from lowbit._validate import float_arg, int_arg, is_tensor
 
 __all__ = [
     "BinaryLinear",
+    "IntLinear",
     "PackedSigns",
     "TernaryLinear",
     "activation_quant",
@@ -48,6 +52,7 @@ __all__ = [
     "ternary_quantize",
     "unpack",
     "unpack_ternary",
+    "intgemm_paths",
 ]
 
 
@@ -215,6 +220,71 @@ class TernaryLinear:
 
     def __repr__(self) -> str:
         return f"TernaryLinear(in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None})"
+
+
+class IntLinear:
+    """A linear layer on quantized weights as a :class:`lowbit.QuantizedTensor` stores them
+    (shape (out_features, in_features); or (out_features, ...) with one scale per tensor or per
+    output channel, axis 0): W8A8 / W4A8.
+
+    ``forward(x)`` quantizes each row of ``x`` (..., in_features) to int8 as
+    :func:`activation_quant` does (``q = round(x * s_x)``), sums ``(code - zero_point) * q``
+    exactly in int32 per group of inputs, and returns
+    ``f / s_x + bias`` with ``f = fma(sum_g, scale_g, f)`` over the groups in float32 (the rescale
+    in float64, rounded to float32): the product of the quantized activations with the
+    dequantized weights, as every kernel path computes it bit for bit. Widths up to 4 bits are
+    kept at half a byte per weight. NumPy in, NumPy out; CPU tensors in, tensors out.
+
+    >>> import numpy as np, lowbit, lowbit.bitnet as bn
+    >>> w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    >>> q = lowbit.quantize(w, lowbit.QuantSpec(4, granularity="group", group_size=32))
+    >>> layer = bn.IntLinear(q)
+    >>> layer.nbytes  # 16-column panels: half a byte per code, 128 bytes of scales per group
+    768
+    >>> x = np.ones((2, 64), np.float32)
+    >>> bool(np.allclose(layer(x), x @ q.dequantize().T, rtol=1e-5, atol=1e-5))
+    True
+    """
+
+    def __init__(self, weight: Any, bias: Any = None) -> None:
+        if not isinstance(weight, _lowbit.QuantizedTensor):
+            raise LowbitTypeError(f"weight must be a lowbit.QuantizedTensor, got {type(weight).__name__}")
+        b = None if bias is None else float32(bias, "bias", ndim=1)
+        self._core = _lowbit.IntLinear(weight, b)
+        self.bias = b
+
+    @property
+    def in_features(self) -> int:
+        return self._core.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self._core.out_features
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights in memory: codes (a byte, or half a byte up to 4 bits, in panels
+        of 16 output columns) and, per group and panel, 16 scales and 16 offsets."""
+        return self._core.nbytes
+
+    def forward(self, x: Any, path: str | None = None) -> Any:
+        """``path``: ``"avx512vnni"``, ``"avx2"`` or ``"portable"`` (those :func:`intgemm_paths`
+        lists); the fastest the CPU and ``LOWBIT_ISA`` allow when None."""
+        rows, lead, torch_in = _rows(x, self.in_features)
+        if path is not None and not isinstance(path, str):
+            raise LowbitTypeError(f"path must be a string or None, got {type(path).__name__}")
+        return _out(self._core.forward(rows, path), lead, torch_in)
+
+    __call__ = forward
+
+    def __repr__(self) -> str:
+        return f"IntLinear(in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None})"
+
+
+def intgemm_paths() -> list[str]:
+    """The integer GEMM paths this machine can run (``"portable"`` first, the fastest last);
+    ``LOWBIT_ISA`` caps them."""
+    return _lowbit.intgemm_paths()
 
 
 class BinaryLinear:

@@ -28,12 +28,15 @@ import numpy as np
 from lowbit._io import write_atomic
 
 #: Formats the demo deploys, with the bits the NAS estimate uses (weights, activations).
-FORMATS: dict[str, tuple[int, int]] = {"f32": (32, 32), "int8": (8, 32), "int4": (4, 32), "int2": (2, 32), "ternary": (2, 8)}
-#: How each format's row is labelled: int8 / int4 / int2 quantize the float model's weights
-#: after training and keep float32 activations; ternary is the QAT model, BitNet b1.58 weights
-#: with int8 activations.
-LABELS: dict[str, str] = {"f32": "f32", "int8": "int8 W8A32", "int4": "int4 W4A32", "int2": "int2 W2A32",
+FORMATS: dict[str, tuple[int, int]] = {"f32": (32, 32), "int8": (8, 8), "int4": (4, 8), "int2": (2, 32), "ternary": (2, 8)}
+#: How each format's row is labelled: int8 / int4 quantize the float model's weights after
+#: training and its activations per token to int8 at run time (the runtime's W8A8 / W4A8
+#: integer GEMM); int2 quantizes weights only and keeps float32 activations; ternary is the QAT
+#: model, BitNet b1.58 weights with int8 activations.
+LABELS: dict[str, str] = {"f32": "f32", "int8": "int8 W8A8", "int4": "int4 W4A8", "int2": "int2 W2A32",
                           "ternary": "ternary W1.58A8 QAT"}
+#: The runtime's act_bits per format (the ternary kernel quantizes its activations itself).
+ACT_BITS: dict[str, int] = {"int8": 8, "int4": 8}
 #: The training settings of :func:`run`'s defaults, those of the models lowbit ships.
 DEFAULTS = {"steps": 1500, "qat_steps": 600, "n_train": 3000, "seed": 0}
 #: Phone profiles of the NAS estimate.
@@ -193,7 +196,8 @@ def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = DEFAULTS["step
         src = qat_model if fmt == "ternary" else f32_model
         path = out / f"multitask-{fmt}.safetensors"
         size = models.save(src, path, weights=fmt)["bytes"]
-        rt = MultiTaskModel.load(path)
+        act_bits = ACT_BITS.get(fmt)
+        rt = MultiTaskModel.load(path, act_bits=act_bits)
         # Cross-validation: the float runtime against PyTorch (1e-4), and the runtime quantizing
         # at load time against PyTorch simulating the same quantization (fake-quant), each layer
         # on the runtime's own input (a one-ulp difference before an int8 activation quantizer
@@ -203,8 +207,8 @@ def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = DEFAULTS["step
         elif fmt in ("int8", "int4", "ternary"):
             latent = out / f"multitask-{fmt}-float.safetensors"
             models.save(src, latent)
-            sim_rt = MultiTaskModel.load(latent, weights=fmt)
-            sim = crossval.simulate(src, fmt, exclude=())
+            sim_rt = MultiTaskModel.load(latent, weights=fmt, act_bits=act_bits)
+            sim = crossval.simulate(src, fmt, exclude=(), act_bits=act_bits)
             reports = {t: crossval.compare(sim, sim_rt, inp, mode="quantization", isolate=True)
                        for t, inp in inputs.items()}
             latent.unlink()
@@ -363,16 +367,18 @@ def format_table(rows: list[dict[str, Any]], batch: int) -> str:
         "task metrics in % on held-out scenes; latency: one image (retrieval: against every held-out "
         f"caption), best of runs, Rust runtime / PyTorch f32 eager; x{batch} speedup: PyTorch time / runtime "
         f"time on a batch of {batch} images; NAS: one image, all heads, estimated latency / energy",
-        "formats: f32 is the trained float model; int8 / int4 / int2 (W8A32 / W4A32 / W2A32) quantize its "
-        "weights only, after training, and keep float32 activations; ternary (W1.58A8) is a separate model, "
-        "fine-tuned from it with quantization-aware training: BitNet b1.58 weights, int8 activations",
+        "formats: f32 is the trained float model; int8 / int4 (W8A8 / W4A8) quantize its weights after "
+        "training and its activations per token to int8 at run time (the runtime's integer GEMM on the stored "
+        "codes); int2 (W2A32) quantizes its weights only and keeps float32 activations; ternary (W1.58A8) is a "
+        "separate model, fine-tuned from it with quantization-aware training: BitNet b1.58 weights, int8 "
+        "activations",
         "crossval: the runtime against PyTorch layer by layer (f32: the float model, 1e-4; int8 / int4 / "
         "ternary: PyTorch's fake-quant simulation of the same format); n/a: not cross-validated, as the "
         "runtime has no load-time int2 mode to compare with (int2 is still evaluated and timed)",
         *(["ONNX: the same deployed weights as ONNX QDQ (lowbit.export.onnx: OCR and image-embedding paths) run by "
            "ONNX Runtime's CPU provider: its OCR / R@1, its latency for one image, and its OCR path against PyTorch "
            "with the deployed weights, layer by layer (1e-4); every ONNX row is weight-only, float activations "
-           "(ternary: W1.58A32, where the runtime runs W1.58A8)"] if onnx else []),
+           "(int8 / int4 / ternary: W8A32 / W4A32 / W1.58A32, where the runtime runs 8-bit activations)"] if onnx else []),
         line(head), "  ".join("-" * w for w in widths), *map(line, body)])
 
 

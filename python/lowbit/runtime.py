@@ -47,16 +47,20 @@ class BertEncoder:
     embeddings) that loads Hugging Face ``BertModel`` checkpoints and runs in Rust.
 
     ``weights`` picks the linear layers: ``"f32"``; ``"int8"`` (symmetric, per output channel)
-    and ``"int4"`` (symmetric, groups of 32 inputs), quantized with lowbit's ``QuantSpec`` at load
-    and dequantized once; ``"ternary"`` (BitNet b1.58 absmean weights at 2 bits, int8 activations
-    per token, the packed integer kernel); ``"binary"`` (XNOR-Net: signs of the centred weights
-    with per-row scales, activations binarized per token, the XNOR-popcount kernel).
-    ``act_bits=8`` (2..8) quantizes the input of every float linear layer per token (absmax,
-    BitNet's recipe). Embeddings, norms and the pooler stay float32.
+    and ``"int4"`` (symmetric, groups of 32 inputs), quantized with lowbit's ``QuantSpec`` at load;
+    ``"ternary"`` (BitNet b1.58 absmean weights at 2 bits, int8 activations per token, the packed
+    integer kernel); ``"binary"`` (XNOR-Net: signs of the centred weights with per-row scales,
+    activations binarized per token, the XNOR-popcount kernel).
+    ``act_bits`` (2..8) quantizes the input of every float linear layer per token (absmax,
+    BitNet's recipe). With ``act_bits=8``, int8 and int4 weights run the integer GEMM on their
+    codes (W8A8 / W4A8: exact int32 sums per group, a float rescale; int4 kept at half a byte per
+    weight); without it, or with fewer bits, they are dequantized once for the float GEMM.
+    Embeddings, norms and the pooler stay float32.
 
     A quantized checkpoint written by ``lowbit quantize`` loads directly: its tensors are used as
-    stored (dequantized once from the codes, never re-quantized); ``weights`` then applies only to
-    linear weights the file keeps in float.
+    stored (never re-quantized: the integer GEMM on their codes with ``act_bits=8`` where they are
+    quantized per tensor, per output channel or per group of inputs, at any width, else dequantized
+    once); ``weights`` then applies only to linear weights the file keeps in float.
     """
 
     WEIGHTS = ("f32", "int8", "int4", "ternary", "binary")

@@ -665,6 +665,7 @@ class Ctx:
         self.w = g.standard_normal((4, 40)).astype(np.float32)
         self.ternary = bn.TernaryLinear.from_float(self.w, np.ones(4, np.float32))
         self.binary = bn.BinaryLinear.from_float(self.w, np.ones(4, np.float32))
+        self.intlin = bn.IntLinear(lowbit.quantize(self.w, lowbit.QuantSpec(4, granularity="group", group_size=8)))
         self.graph = nas.Graph.sequential((1, 3, 8, 8), [{"op": "conv2d", "out_channels": 4, "kernel": 3},
                                                          {"op": "relu"}, {"op": "global_avgpool"},
                                                          {"op": "linear", "out_features": 2}])
@@ -911,6 +912,18 @@ def _entries() -> list[Entry]:
           per_channel=FLAG(False)),
         E("lowbit.bitnet.TernaryLinear.forward", lambda c, **kw: c.ternary.forward(**kw),
           x=F(X40, over={"last-dim+1": "raise", "rank0": "raise", "empty-last": "raise"})),
+        E("lowbit.bitnet.IntLinear", f(bn.IntLinear),
+          weight=OBJ(lowbit.quantize(W40, lowbit.QuantSpec(8, granularity="channel", axis=0))),
+          bias=F(np.ones(4, np.float32), optional=True, over={"last-dim+1": "raise", "rank+1": "raise", "empty": "raise",
+                                                              "rank0": "raise", "nan": "raise", "inf": "raise",
+                                                              "-inf": "raise"})),
+        E("lowbit.bitnet.IntLinear[group]", f(bn.IntLinear),
+          weight=OBJ(lowbit.quantize(W40, lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=12)))),
+        E("lowbit.bitnet.IntLinear.forward", lambda c, **kw: c.intlin.forward(**kw),
+          x=F(X40, over={"last-dim+1": "raise", "rank0": "raise", "empty-last": "raise", "nan": "raise", "inf": "raise",
+                         "-inf": "raise"}),
+          path=CH("portable", optional=True)),
+        E("lowbit.bitnet.intgemm_paths", lambda c: bn.intgemm_paths()),
         E("lowbit.bitnet.BinaryLinear", f(bn.BinaryLinear), signs=CODES(SIGNS, over={"max-code": "raise",
                                                                                     "min-code": "raise"}),
           scales=F(np.ones(4, np.float32), over={"last-dim+1": "raise", "nan": "raise", "inf": "raise",

@@ -418,3 +418,92 @@ def test_bitlinear_half_precision_quantizes_in_float32_like_the_recipe(dtype):
     torch.testing.assert_close(y.float(), yr.float(), rtol=1e-2, atol=1e-2)  # exact integer product vs half matmul
     assert torch.equal(x.grad, xr.grad)
     assert torch.equal(layer.weight.grad, wr.grad)
+
+
+INT_SPECS = [dict(bits=8, granularity="channel", axis=0), dict(bits=4, granularity="group", group_size=32),
+             dict(bits=4, symmetric=False, granularity="group", group_size=64),
+             dict(bits=3, symmetric=False, granularity="group", group_size=20), dict(bits=2, granularity="tensor"),
+             dict(bits=6, symmetric=False, granularity="channel", axis=0)]
+
+
+def _int_reference(q: lowbit.QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """PyTorch's product of the transformers recipe's int8 activations with the dequantized
+    weights, in float64 (the kernels' sums are exact; only their float rescale rounds)."""
+    codes, s = hf_activation_quant(x)  # codes = round(x * s), s = 127 / absmax
+    y = codes.double() @ torch.from_numpy(q.dequantize()).double().T / s.double()
+    return (y if bias is None else y + bias.double()).float()
+
+
+@pytest.mark.parametrize("spec", INT_SPECS, ids=lambda d: "-".join(f"{v}" for v in d.values()))
+def test_int_linear_equals_torch_on_the_quantized_operands(spec):
+    """IntLinear (W8A8 / W4A8 on a QuantizedTensor's codes) equals PyTorch multiplying the
+    transformers recipe's int8 activations with the dequantized weights, on random, constant,
+    one-sided, zero and tiny rows, with and without a bias; every kernel path this CPU has
+    gives the same bits (the ones it lacks are named)."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(37, 100, generator=g)
+    q = lowbit.quantize(w, lowbit.QuantSpec(**spec))
+    bias = torch.randn(37, generator=g)
+    x = torch.randn(9, 100, generator=g)
+    x[1] = 3.0                       # constant
+    x[2] = x[2].abs()                # one-sided
+    x[3] = 0.0                       # zero row
+    x[4] = torch.randn(100, generator=g) * 1e-30  # tiny range
+    x[5, ::7] = 0.0                  # ties and zeros
+    paths = bn.intgemm_paths()
+    missing = {"avx2", "avx512vnni"} - set(paths)
+    if missing:
+        print(f"integer GEMM paths not on this CPU (or capped by LOWBIT_ISA), not run: {sorted(missing)}")
+    for b in (None, bias):
+        layer = bn.IntLinear(q, None if b is None else b.numpy())
+        want = _int_reference(q, x, b)
+        outs = [layer.forward(x, path=p) for p in paths]
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), paths
+        assert isinstance(outs[-1], torch.Tensor) and outs[-1].dtype == torch.float32
+        torch.testing.assert_close(outs[-1], want, rtol=2e-6, atol=2e-6)
+    # Non-contiguous and 3-D input, an empty batch; NumPy in, NumPy out.
+    layer = bn.IntLinear(q)
+    xt = torch.randn(100, 6, generator=g).T
+    torch.testing.assert_close(layer(xt), _int_reference(q, xt.contiguous(), None), rtol=2e-6, atol=2e-6)
+    x3 = torch.randn(2, 3, 100, generator=g)
+    assert torch.equal(layer(x3), layer(x3.reshape(6, 100)).reshape(2, 3, 37))
+    assert layer(np.zeros((0, 100), np.float32)).shape == (0, 37)
+    assert isinstance(layer(x.numpy()), np.ndarray)
+
+
+def test_int_linear_keeps_int4_at_half_a_byte_and_refuses_what_it_cannot_take():
+    w = torch.randn(64, 256)
+    q4 = lowbit.quantize(w, lowbit.QuantSpec(4, granularity="group", group_size=32))
+    q8 = lowbit.quantize(w, lowbit.QuantSpec(8, granularity="channel", axis=0))
+    n4, n8 = bn.IntLinear(q4).nbytes, bn.IntLinear(q8).nbytes
+    assert n4 == 64 * 256 // 2 + (64 // 16) * (256 // 32) * 128  # codes + 16 scales and offsets per group
+    assert n8 == 64 * 256 + (64 // 16) * 128
+    with pytest.raises(lowbit.LowbitValueError, match="integer GEMM"):
+        bn.IntLinear(lowbit.quantize(torch.randn(4, 3, 8), lowbit.QuantSpec(4, granularity="group", group_size=4)))
+    with pytest.raises(lowbit.LowbitValueError, match="integer GEMM"):  # per input channel
+        bn.IntLinear(lowbit.quantize(w, lowbit.QuantSpec(8, granularity="channel", axis=1)))
+    with pytest.raises(lowbit.LowbitTypeError):
+        bn.IntLinear(w)  # type: ignore[arg-type]
+    layer = bn.IntLinear(q8)
+    with pytest.raises(lowbit.LowbitValueError, match="path"):
+        layer(torch.randn(2, 256), path="sse9")
+    bad = torch.randn(2, 256)
+    bad[1, 3] = float("nan")
+    with pytest.raises(lowbit.LowbitValueError, match="NaN"):
+        layer(bad)
+
+
+def test_int_linear_paths_under_every_isa_cap():
+    """LOWBIT_ISA caps the integer GEMM too: each allowed cap gives the same bits."""
+    code = ("import numpy as np, lowbit, lowbit.bitnet as bn; g = np.random.default_rng(0); "
+            "q = lowbit.quantize(g.standard_normal((40, 72)).astype(np.float32), lowbit.QuantSpec(4, granularity='group', group_size=24)); "
+            "y = bn.IntLinear(q)(g.standard_normal((5, 72)).astype(np.float32)); "
+            "print(bn.intgemm_paths()[-1], y.tobytes().hex())")
+    outs = {}
+    for cap in ("scalar", "avx2", "avx512vnni"):
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LOWBIT_ISA": cap}, capture_output=True,
+                           text=True, check=True)
+        path, y = r.stdout.split()
+        outs[path] = y
+    assert len(set(outs.values())) == 1, outs.keys()
+    print(f"integer GEMM paths compared through LOWBIT_ISA: {sorted(outs)}")

@@ -14,7 +14,7 @@ def test_show_config_reports_version_cpu_kernels_threads(capsys):
     assert cfg["build"]["allocator"] == "mimalloc"
     assert int(cfg["threads"]["rayon threads"]) >= 1
     assert set(cfg["kernels"]) == {"quant (fake-quant, quantize, observers)", "bitnet (ternary / binary GEMM)",
-                                   "runtime (GEMM epilogues, attention, norms)"}
+                                   "intgemm (W8A8 / W4A8 GEMM)", "runtime (GEMM epilogues, attention, norms)"}
     if os.uname().machine == "x86_64":
         flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split() if os.path.exists("/proc/cpuinfo") else []
         if flags:  # the detection agrees with the kernel's view of the CPU
@@ -31,6 +31,7 @@ def test_show_config_reports_version_cpu_kernels_threads(capsys):
     ({"LOWBIT_ISA": "scalar"}, "quant (fake-quant, quantize, observers)", "scalar"),
     ({"LOWBIT_ISA": "scalar"}, "bitnet (ternary / binary GEMM)", "scalar"),
     ({"LOWBIT_ISA": "sse4.1"}, "bitnet (ternary / binary GEMM)", "scalar"),
+    ({"LOWBIT_ISA": "scalar"}, "intgemm (W8A8 / W4A8 GEMM)", "portable"),
     ({"RAYON_NUM_THREADS": "1"}, None, "1"),
 ])
 def test_forced_paths_are_reported(env, key, want):
@@ -64,4 +65,6 @@ def test_one_isa_cap_for_every_area(cap):
     kernels = json.loads(r.stdout)["kernels"]
     if want in ("scalar", "sse4.1"):
         assert kernels["bitnet (ternary / binary GEMM)"] == "scalar"
+    assert kernels["intgemm (W8A8 / W4A8 GEMM)"] == {"avx512vnni": "avx512vnni", "avx2": "avx2",
+                                                     "avxvnni": "avx2"}.get(want, "portable")
     print(f"LOWBIT_ISA={cap}: detected {hw}, in use {isa['in use']}")

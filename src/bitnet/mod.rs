@@ -3,6 +3,7 @@
 
 pub mod aten_sum;
 pub mod binary;
+pub mod intgemm;
 pub mod linear;
 pub mod pack;
 pub mod quant;

@@ -2,7 +2,7 @@
 use super::detach;
 use crate::bitnet::aten_sum::SumOrder;
 use crate::bitnet::binary::SignMatrix;
-use crate::bitnet::{linear, quant};
+use crate::bitnet::{intgemm, linear, quant};
 use ndarray::{Array1, Array2};
 use numpy::{IntoPyArray, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
@@ -146,6 +146,82 @@ impl TernaryLinear {
             .into_pyarray(py)
             .into_any())
     }
+}
+
+/// A linear layer on quantized weights as stored: int8 activations per row, the W8A8 / W4A8
+/// integer GEMM.
+#[pyclass(module = "lowbit._lowbit", frozen)]
+pub struct IntLinear(intgemm::IntLinear);
+
+#[pymethods]
+impl IntLinear {
+    #[new]
+    #[pyo3(signature = (weight, bias=None))]
+    fn new(
+        py: Python<'_>,
+        weight: &super::quant::QuantizedTensor,
+        bias: Option<PyReadonlyArray1<'_, f32>>,
+    ) -> PyResult<Self> {
+        let b = bias.map(|b| b.as_array().to_vec());
+        let w = &weight.0;
+        detach(py, || intgemm::IntLinear::new(w, b)).map(IntLinear)
+    }
+
+    #[getter]
+    fn in_features(&self) -> usize {
+        self.0.w.k
+    }
+    #[getter]
+    fn out_features(&self) -> usize {
+        self.0.w.n
+    }
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.0.w.nbytes()
+    }
+
+    /// `q_x @ dequantized(w).T / s_x + bias` on the chosen kernel path ("avx512vnni", "avx2",
+    /// "portable"; the fastest allowed when None).
+    #[pyo3(signature = (x, path=None))]
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        x: PyReadonlyArray2<'py, f32>,
+        path: Option<&str>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let path = match path {
+            None => intgemm::Path::best(),
+            Some(name) => [
+                intgemm::Path::Portable,
+                intgemm::Path::Avx2,
+                intgemm::Path::Avx512,
+            ]
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                super::to_pyerr(crate::Error::value(format!(
+                    "path must be 'avx512vnni', 'avx2' or 'portable', got {name:?}"
+                )))
+            })?,
+        };
+        let v = x.as_array();
+        let w = &self.0;
+        Ok(detach(py, || {
+            let acts = w.w.quantize(v)?;
+            w.w.matmul(&acts, w.bias.as_deref(), None, path)
+        })?
+        .into_pyarray(py)
+        .into_any())
+    }
+}
+
+/// The integer GEMM paths this machine can run, fastest last.
+#[pyfunction]
+pub fn intgemm_paths() -> Vec<&'static str> {
+    intgemm::Path::available()
+        .into_iter()
+        .map(|p| p.name())
+        .collect()
 }
 
 /// The kernel path in use ("avx2" or "scalar"), chosen by the CPU and `LOWBIT_ISA`.

@@ -156,8 +156,9 @@ mod _lowbit {
 
     #[pymodule_export]
     use super::bitnet::{
-        activation_quant, binary_matmul_packed, binary_quantize, bitnet_kernel, pack_rows,
-        pack_tq1, ternary_quantize, unpack_rows, unpack_tq1, PackedSigns, TernaryLinear,
+        activation_quant, binary_matmul_packed, binary_quantize, bitnet_kernel, intgemm_paths,
+        pack_rows, pack_tq1, ternary_quantize, unpack_rows, unpack_tq1, IntLinear, PackedSigns,
+        TernaryLinear,
     };
 
     #[pymodule_export]

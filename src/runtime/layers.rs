@@ -4,11 +4,12 @@
 use super::ce;
 pub use super::ops::Activation;
 use super::ops::{self, tensor, with_f32, AttnShape};
+use crate::bitnet::intgemm::{IntLinear, IntMatrix};
 use crate::bitnet::linear::{BinaryLinear, TernaryLinear};
 use crate::bitnet::quant::activation_quant;
 use crate::bitnet::ternary::{Acts, RowFn};
 use crate::names::string_enum;
-use crate::quant::spec::{self, Granularity, QuantSpec};
+use crate::quant::spec::{self, Granularity, QuantSpec, QuantizedTensor};
 use crate::{ensure, Error, Result};
 use candle_core::Tensor;
 use ndarray::{ArrayView2, ArrayViewD};
@@ -18,9 +19,11 @@ use rayon::prelude::*;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightMode {
     F32,
-    /// int8, symmetric, one scale per output channel (dequantized once, float GEMM).
+    /// int8, symmetric, one scale per output channel: with 8-bit activations the W8A8 integer
+    /// GEMM on the codes as stored, otherwise dequantized once for the float GEMM.
     Int8,
-    /// int4, symmetric, one scale per group of 32 inputs (dequantized once, float GEMM).
+    /// int4, symmetric, one scale per group of 32 inputs: W4A8 on the integer GEMM (half a byte
+    /// per weight in memory) with 8-bit activations, otherwise dequantized once.
     Int4,
     /// BitNet b1.58 ternary weights at 2 bits, int8 activations, the packed integer kernel.
     Ternary,
@@ -57,8 +60,10 @@ pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 enum Kernel {
-    /// (out, in) as PyTorch stores it (dequantized once for the integer modes).
+    /// (out, in) as PyTorch stores it (dequantized once for weight-only integer modes).
     Float(Tensor),
+    /// Integer codes as stored, int8 activations (W8A8, W4A8).
+    Int(IntLinear),
     Ternary(TernaryLinear),
     Binary(BinaryLinear),
 }
@@ -74,8 +79,56 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `w` is (out, in) as PyTorch stores it.
-    pub fn new(w: Tensor, bias: Option<Tensor>, mode: WeightMode) -> Result<Self> {
+    /// `w` is (out, in) as PyTorch stores it; `act_bits` quantizes the input rows first (see
+    /// `with_act_bits`; with 8 bits the integer modes run the integer GEMM).
+    pub fn new(
+        w: Tensor,
+        bias: Option<Tensor>,
+        mode: WeightMode,
+        act_bits: Option<u32>,
+    ) -> Result<Self> {
+        if mode.spec().is_some() {
+            let (out_features, in_features) = w.dims2().map_err(ce)?;
+            let q = with_f32(&w, |ws| {
+                let wv = ArrayView2::from_shape((out_features, in_features), ws).expect("2-D");
+                spec::quantize(ArrayViewD::from(wv.into_dyn()), mode.spec().unwrap(), None)
+            })??;
+            return Self::from_quantized(&q, bias, act_bits);
+        }
+        Self::build(w, bias, mode)?.with_act_bits(act_bits)
+    }
+
+    /// A layer on quantized weights as stored ((out, ...) flattened to (out, in)): the integer
+    /// GEMM on their codes with 8-bit activations where the kernels take the spec (per tensor,
+    /// per output channel, per group of inputs), else their values dequantized once.
+    pub fn from_quantized(
+        q: &QuantizedTensor,
+        bias: Option<Tensor>,
+        act_bits: Option<u32>,
+    ) -> Result<Self> {
+        ensure!(
+            q.shape.len() >= 2,
+            "a quantized weight of shape {:?} is not a matrix",
+            q.shape
+        );
+        if act_bits == Some(8) && IntMatrix::supports(q) {
+            let b = bias.as_ref().map(to_vec).transpose()?;
+            let t = IntLinear::new(q, b)?;
+            return Ok(Linear {
+                in_features: t.w.k,
+                out_features: t.w.n,
+                kernel: Kernel::Int(t),
+                bias: None,
+                act_bits,
+            });
+        }
+        let (out, rest) = (q.shape[0], q.shape[1..].iter().product::<usize>());
+        let deq = q.dequantize()?;
+        let w = tensor(deq.into_raw_vec_and_offset().0, (out, rest))?;
+        Self::build(w, bias, WeightMode::F32)?.with_act_bits(act_bits)
+    }
+
+    fn build(w: Tensor, bias: Option<Tensor>, mode: WeightMode) -> Result<Self> {
         let (out_features, in_features) = w.dims2().map_err(ce)?;
         let bias = bias.as_ref().map(to_vec).transpose()?;
         if let Some(b) = &bias {
@@ -88,19 +141,7 @@ impl Linear {
         let kernel = with_f32(&w, |ws| -> Result<Kernel> {
             let wv = ArrayView2::from_shape((out_features, in_features), ws).expect("2-D");
             Ok(match mode {
-                WeightMode::F32 => Kernel::Float(w.clone()),
-                WeightMode::Int8 | WeightMode::Int4 => {
-                    let q = spec::quantize(
-                        ArrayViewD::from(wv.into_dyn()),
-                        mode.spec().unwrap(),
-                        None,
-                    )?;
-                    let deq = q.dequantize()?;
-                    Kernel::Float(tensor(
-                        deq.into_raw_vec_and_offset().0,
-                        (out_features, in_features),
-                    )?)
-                }
+                WeightMode::F32 | WeightMode::Int8 | WeightMode::Int4 => Kernel::Float(w.clone()),
                 WeightMode::Ternary => {
                     Kernel::Ternary(TernaryLinear::from_float(wv, bias.clone())?)
                 }
@@ -111,7 +152,7 @@ impl Linear {
         })??;
         let bias = match kernel {
             // The integer kernels add the bias in their f64 epilogue.
-            Kernel::Ternary(_) | Kernel::Binary(_) => None,
+            Kernel::Ternary(_) | Kernel::Binary(_) | Kernel::Int(_) => None,
             Kernel::Float(_) => bias,
         };
         Ok(Linear {
@@ -153,6 +194,7 @@ impl Linear {
                     ))
                 }
                 Kernel::Float(_) => self.act_bits = Some(b),
+                Kernel::Int(_) => ensure!(b == 8, "integer layers take 8-bit activations"),
             }
         }
         Ok(self)
@@ -193,6 +235,11 @@ impl Linear {
                 }
                 Kernel::Ternary(t) => {
                     // The activation runs inside the kernel's tasks, on rows still in cache.
+                    let post = act.map(|a| move |row: &mut [f32]| a.apply_seq(row));
+                    let post = post.as_ref().map(|p| p as &RowFn);
+                    t.forward_post(xv, post)?.into_raw_vec_and_offset().0
+                }
+                Kernel::Int(t) => {
                     let post = act.map(|a| move |row: &mut [f32]| a.apply_seq(row));
                     let post = post.as_ref().map(|p| p as &RowFn);
                     t.forward_post(xv, post)?.into_raw_vec_and_offset().0
@@ -380,7 +427,7 @@ impl Conv2d {
         let (out, channels, kh, kw) = w.dims4().map_err(ce)?;
         let flat = w.reshape((out, channels * kh * kw)).map_err(ce)?;
         Self::from_linear(
-            Linear::new(flat, bias, mode)?,
+            Linear::new(flat, bias, mode, None)?,
             channels,
             (kh, kw),
             stride,
@@ -643,7 +690,13 @@ mod tests {
     fn fused_activation_equals_applying_it_after() {
         let (k, n) = (200, 70);
         let w = tensor(det(n * k, 4), (n, k)).unwrap();
-        let lin = Linear::new(w, Some(tensor(det(n, 5), n).unwrap()), WeightMode::Ternary).unwrap();
+        let lin = Linear::new(
+            w,
+            Some(tensor(det(n, 5), n).unwrap()),
+            WeightMode::Ternary,
+            None,
+        )
+        .unwrap();
         for rows in [1, 3, 40] {
             let x = tensor(det(rows * k, rows), (rows, k)).unwrap();
             for act in [
@@ -666,7 +719,7 @@ mod tests {
         let k = 150;
         let layer = |n, seed, mode| {
             let w = tensor(det(n * k, seed), (n, k)).unwrap();
-            Linear::new(w, Some(tensor(det(n, seed + 1), n).unwrap()), mode).unwrap()
+            Linear::new(w, Some(tensor(det(n, seed + 1), n).unwrap()), mode, None).unwrap()
         };
         for mode in [WeightMode::Ternary, WeightMode::F32] {
             let ls = [layer(20, 1, mode), layer(33, 3, mode), layer(7, 5, mode)];
@@ -762,7 +815,7 @@ mod tests {
             (0..n).for_each(|i| v[i * n + i] = 1.0);
             tensor(v, (n, n)).unwrap()
         };
-        let lin = || Linear::new(eye(width), None, WeightMode::F32).unwrap();
+        let lin = || Linear::new(eye(width), None, WeightMode::F32, None).unwrap();
         let mha = MultiHeadAttention::new(lin(), lin(), lin(), heads).unwrap();
         let x = tensor(det(b * lq * width, 4), (b, lq, width)).unwrap();
         let ctx = tensor(det(b * lk * width, 5), (b, lk, width)).unwrap();

@@ -21,8 +21,8 @@ use std::path::Path;
 
 pub struct Weights {
     tensors: BTreeMap<String, Tensor>,
-    /// Tensors stored quantized in the file, with their spec.
-    quantized: BTreeMap<String, QuantSpec>,
+    /// Tensors stored quantized in the file, as stored (the integer GEMM takes their codes).
+    quantized: BTreeMap<String, QuantizedTensor>,
     /// The tensors `lowbit.ternary` lists: codes as (rows, everything else) and the scale.
     ternary: BTreeMap<String, (Array2<i8>, f32)>,
     metadata: HashMap<String, String>,
@@ -104,11 +104,14 @@ impl Weights {
                         w.ternary.insert(name.clone(), tc);
                     }
                     let d = tensor.dequantize()?;
-                    w.quantized.insert(name.clone(), tensor.spec);
-                    Some(
-                        Tensor::from_vec(d.into_raw_vec_and_offset().0, tensor.shape, &Device::Cpu)
-                            .map_err(ce)?,
+                    let t = Tensor::from_vec(
+                        d.into_raw_vec_and_offset().0,
+                        tensor.shape.clone(),
+                        &Device::Cpu,
                     )
+                    .map_err(ce)?;
+                    w.quantized.insert(name.clone(), tensor);
+                    Some(t)
                 }
                 Entry::Raw { dtype, shape, data } => {
                     let view = TensorView::new(dtype, shape, &data)
@@ -145,8 +148,11 @@ impl Weights {
     }
 
     /// The spec of each tensor the file stored quantized.
-    pub fn quantized(&self) -> &BTreeMap<String, QuantSpec> {
-        &self.quantized
+    pub fn quantized(&self) -> BTreeMap<&str, QuantSpec> {
+        self.quantized
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.spec))
+            .collect()
     }
 
     pub fn from_map(tensors: BTreeMap<String, Tensor>) -> Self {
@@ -160,8 +166,9 @@ impl Weights {
 
     /// The linear layer of weight `name` ((out, in), or (out, ...) flattened as a convolution's)
     /// and bias `bias`: on the packed ternary kernel when the file stores it as ternary, on the
-    /// stored values (dequantized once, never re-quantized) when it stores it quantized
-    /// otherwise, else quantized with `mode`; then `act_bits`.
+    /// stored codes when it stores it quantized otherwise (the integer GEMM with 8-bit
+    /// activations, else dequantized once; never re-quantized), else quantized with `mode`;
+    /// then `act_bits`.
     pub fn linear(
         &self,
         name: &str,
@@ -170,30 +177,27 @@ impl Weights {
         act_bits: Option<u32>,
     ) -> Result<Linear> {
         let bias = bias.map(|b| self.get(b)).transpose()?;
-        let lin = if let Some((codes, scale)) = self.ternary(name) {
+        if let Some((codes, scale)) = self.ternary(name) {
             let b = bias.as_ref().map(super::layers::to_vec).transpose()?;
-            Linear::from_ternary(TernaryLinear::new(codes.view(), vec![scale], b)?)
-        } else {
-            let w = self.get(name)?;
-            let w = match w.dims() {
-                [_, _] => w,
-                [out, rest @ ..] if !rest.is_empty() => w
-                    .reshape((*out, rest.iter().product::<usize>()))
-                    .map_err(ce)?,
-                d => {
-                    return Err(Error::value(format!(
-                        "weight '{name}' has shape {d:?}, not a matrix"
-                    )))
-                }
-            };
-            let mode = if self.is_quantized(name) {
-                WeightMode::F32
-            } else {
-                mode
-            };
-            Linear::new(w, bias, mode)?
+            return Linear::from_ternary(TernaryLinear::new(codes.view(), vec![scale], b)?)
+                .with_act_bits(act_bits);
+        }
+        if let Some(q) = self.quantized.get(name) {
+            return Linear::from_quantized(q, bias, act_bits);
+        }
+        let w = self.get(name)?;
+        let w = match w.dims() {
+            [_, _] => w,
+            [out, rest @ ..] if !rest.is_empty() => w
+                .reshape((*out, rest.iter().product::<usize>()))
+                .map_err(ce)?,
+            d => {
+                return Err(Error::value(format!(
+                    "weight '{name}' has shape {d:?}, not a matrix"
+                )))
+            }
         };
-        lin.with_act_bits(act_bits)
+        Linear::new(w, bias, mode, act_bits)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {

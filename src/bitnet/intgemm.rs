@@ -1,0 +1,949 @@
+//! The W8A8 / W4A8 GEMM: weights kept as a `QuantizedTensor` stores them (any width up to 8
+//! bits, symmetric or not, one scale per tensor, per output channel or per group of inputs),
+//! activations quantized per row to int8 as BitNet does (absmax), exact int32 dot products per
+//! group and a float rescale.
+//!
+//! Layout: output columns in panels of `NR` = 16; inputs in groups (the spec's, or chunks of
+//! `CHUNK` for one scale per channel), each padded to a multiple of 8. Within a group, step `s`
+//! holds inputs `4 s .. 4 s + 4` of the panel's 16 columns in 64 bytes: byte `4 j + t` is input
+//! `4 s + t` of column `j`, the stored unsigned code `u = q - quant_min`. Widths up to 4 bits
+//! keep two steps per 64 bytes, step `2 i` in the low nibbles and `2 i + 1` in the high ones,
+//! so an int4 matrix takes half a byte per weight, as in its file. A broadcast of four
+//! activation bytes against one such vector is one `vpdpbusd` (u8 x s8 into int32) for 4 inputs
+//! x 16 columns.
+//!
+//! With `o = zero_point - quant_min` (the offset of the stored codes), a group's exact integer
+//! product is `d = Σ (u - o) a = Σ u a - o Σ a`; the kernels start each group's accumulator at
+//! `-o Σ a` (the activation sums per group come with the activations). Each path then computes,
+//! in this order, `f = fma(d as f32, scale, f)` over the groups and `y = f * (1 / s_x) + bias`
+//! in f64, rounded to f32, so every path gives the same bits.
+use super::quant::quantize_row;
+use super::ternary::RowFn;
+use crate::quant::pack;
+use crate::quant::spec::{Granularity, QuantizedTensor};
+use crate::{ensure, Error, Result};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
+use rayon::prelude::*;
+
+/// Output columns per panel: the int32 lanes of one 512-bit vector.
+pub const NR: usize = 16;
+/// Inputs summed exactly in int32 before one float rescale, with one scale per channel: below
+/// 2^31 / (255 x 128) inputs, so no product of 8-bit codes can overflow it.
+pub const CHUNK: usize = 16384;
+
+/// A kernel family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Plain Rust (vectorized by LLVM where it can); the reference every other path equals.
+    Portable,
+    /// AVX2 `maddubs` on codes split into nibbles (no 16-bit saturation).
+    Avx2,
+    /// AVX-512 VNNI `vpdpbusd` on 512-bit vectors.
+    Avx512,
+}
+
+impl Path {
+    /// The fastest path the CPU and `LOWBIT_ISA` allow.
+    pub fn best() -> Path {
+        let l = crate::isa::level();
+        if l == crate::isa::Level::Avx512Vnni {
+            Path::Avx512
+        } else if l.has_avx2() {
+            Path::Avx2
+        } else {
+            Path::Portable
+        }
+    }
+
+    /// Every path this machine can run (for tests).
+    pub fn available() -> Vec<Path> {
+        let mut v = vec![Path::Portable];
+        let l = crate::isa::level();
+        if l.has_avx2() {
+            v.push(Path::Avx2);
+        }
+        if l == crate::isa::Level::Avx512Vnni {
+            v.push(Path::Avx512);
+        }
+        v
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Portable => "portable",
+            Path::Avx2 => "avx2",
+            Path::Avx512 => "avx512vnni",
+        }
+    }
+}
+
+/// A quantized weight matrix (out_features x in_features) laid out for the kernels.
+#[derive(Clone, Debug)]
+pub struct IntMatrix {
+    pub n: usize,
+    pub k: usize,
+    pub bits: u32,
+    /// Inputs per group (the spec's group size, or `CHUNK` / `k` with one scale per channel).
+    pub group: usize,
+    /// `group` rounded up to a multiple of 8: a group's stride in panels and activation rows.
+    gs: usize,
+    ng: usize,
+    /// Panels of `NR` columns.
+    np: usize,
+    /// Two codes per byte (widths up to 4 bits).
+    nibbles: bool,
+    /// Code bytes of one group of one panel.
+    gb: usize,
+    /// Panels of `ng` blocks, each a group's `NR` scales (f32, 0 for padding columns) and `NR`
+    /// negated code offsets `quant_min - zero_point` (i32), then its `gb` code bytes: one
+    /// sequential stream per panel, read in order.
+    packed: Vec<u8>,
+}
+
+/// Bytes of a block's scales and offsets.
+const META: usize = 8 * NR;
+
+impl IntMatrix {
+    /// Whether the kernels take a tensor of this spec and shape: 2-D (out, in), or any shape
+    /// flattened to (out, rest) with one scale per tensor or per output channel (axis 0).
+    pub fn supports(t: &QuantizedTensor) -> bool {
+        let s = &t.spec;
+        match s.granularity {
+            _ if t.shape.len() < 2 || t.shape[1..].iter().product::<usize>() == 0 => false,
+            Granularity::Tensor => true,
+            Granularity::Channel => s.axis == 0 || s.axis == -(t.shape.len() as i64),
+            Granularity::Group => t.shape.len() == 2,
+        }
+    }
+
+    /// The kernels' layout of a quantized tensor (its codes as stored, never re-quantized).
+    pub fn from_quantized(t: &QuantizedTensor) -> Result<Self> {
+        t.validate()?;
+        ensure!(
+            Self::supports(t),
+            "the integer GEMM takes (out, in) weights quantized per tensor, per output channel \
+             or per group of inputs; got shape {:?} with {:?} granularity (axis {})",
+            t.shape,
+            t.spec.granularity,
+            t.spec.axis
+        );
+        let n = t.shape[0];
+        let k: usize = t.shape[1..].iter().product();
+        let group = match t.spec.granularity {
+            Granularity::Group => t.spec.group_size.unwrap_or(k),
+            _ => k.min(CHUNK),
+        }
+        .clamp(1, k.max(1));
+        ensure!(
+            group <= CHUNK,
+            "groups of {group} inputs are more than the integer GEMM sums exactly ({CHUNK})"
+        );
+        let ng = k.div_ceil(group);
+        let gs = group.next_multiple_of(8);
+        let np = n.div_ceil(NR);
+        let nibbles = t.spec.bits <= 4;
+        let gb = gs * NR / if nibbles { 2 } else { 1 };
+        let pb = ng * (gb + META);
+        let u = pack::unpack(&t.codes, t.spec.bits, t.numel())?;
+        let qmin = t.spec.range().min;
+        // The (scale, offset) of column c's group g, whatever the granularity.
+        let qp = |c: usize, g: usize| -> usize {
+            match t.spec.granularity {
+                Granularity::Tensor => 0,
+                Granularity::Channel => c,
+                Granularity::Group => c * ng + g,
+            }
+        };
+        let scales_in: Vec<f32> = t.scales.iter().copied().collect();
+        let zps_in: Vec<i32> = t.zero_points.iter().copied().collect();
+        let mut packed = vec![0u8; np * pb];
+        packed
+            .par_chunks_mut(pb.max(1))
+            .enumerate()
+            .for_each(|(p, dst)| {
+                for j in 0..NR.min(n - p * NR) {
+                    let c = p * NR + j;
+                    for g in 0..ng {
+                        let meta = &mut dst[g * (gb + META)..][..META];
+                        meta[4 * j..4 * j + 4].copy_from_slice(&scales_in[qp(c, g)].to_ne_bytes());
+                        let no = qmin - zps_in[qp(c, g)];
+                        meta[4 * (NR + j)..4 * (NR + j) + 4].copy_from_slice(&no.to_ne_bytes());
+                    }
+                    let row = &u[c * k..(c + 1) * k];
+                    for (i, &v) in row.iter().enumerate() {
+                        let (g, t) = (i / group, i % group);
+                        let (s, b) = (t / 4, t % 4);
+                        let blk = g * (gb + META) + META;
+                        if nibbles {
+                            dst[blk + s / 2 * 64 + 4 * j + b] |= v << (4 * (s % 2));
+                        } else {
+                            dst[blk + s * 64 + 4 * j + b] = v;
+                        }
+                    }
+                }
+            });
+        Ok(IntMatrix {
+            n,
+            k,
+            bits: t.spec.bits,
+            group,
+            gs,
+            ng,
+            np,
+            nibbles,
+            gb,
+            packed,
+        })
+    }
+
+    /// Bytes the weights take in memory: codes, scales and offsets.
+    pub fn nbytes(&self) -> usize {
+        self.packed.len()
+    }
+
+    /// Group `g` of panel `p`: its scales and offsets, then its code bytes.
+    #[inline(always)]
+    fn block(&self, p: usize, g: usize) -> &[u8] {
+        let bs = self.gb + META;
+        &self.packed[(p * self.ng + g) * bs..(p * self.ng + g + 1) * bs]
+    }
+
+    /// Quantizes `x` (rows x k) per row to int8 (absmax, `activation_quant(x, 8)`) straight into
+    /// this matrix's activation layout.
+    pub fn quantize(&self, x: ArrayView2<'_, f32>) -> Result<IntActs> {
+        let (m, k) = x.dim();
+        ensure!(
+            k == self.k,
+            "activations have {k} features, the weights {}",
+            self.k
+        );
+        let acts = IntActs::build(m, self, |r, dst| quantize_row(x.row(r), dst, 8));
+        ensure!(
+            acts.scales.iter().all(|s| !s.is_nan()),
+            "x contains NaN or Inf"
+        );
+        Ok(acts)
+    }
+
+    /// int8 activation codes (m x k) with their per-row multipliers `s_x` (x ≈ q / s_x).
+    pub fn acts_from_codes(&self, q: ArrayView2<'_, i8>, s_x: &[f32]) -> Result<IntActs> {
+        let (m, k) = q.dim();
+        ensure!(
+            k == self.k && s_x.len() == m,
+            "codes of shape ({m}, {k}) with {} multipliers for {} inputs",
+            s_x.len(),
+            self.k
+        );
+        ensure!(
+            s_x.iter().all(|s| s.is_finite() && *s > 0.0),
+            "multipliers must be finite and positive"
+        );
+        Ok(IntActs::build(m, self, |r, dst| {
+            dst.iter_mut().zip(q.row(r)).for_each(|(d, s)| *d = *s);
+            s_x[r]
+        }))
+    }
+
+    /// `y = act_codes @ dequantized(w).T / s_x + bias`, then `post` on each finished row.
+    pub fn matmul(
+        &self,
+        acts: &IntActs,
+        bias: Option<&[f32]>,
+        post: Option<&RowFn>,
+        path: Path,
+    ) -> Result<Array2<f32>> {
+        ensure!(
+            acts.k == self.k && acts.gs == self.gs && acts.ng == self.ng,
+            "activations laid out for {} inputs in groups of {}, the weights {} in groups of {}",
+            acts.k,
+            acts.gs,
+            self.k,
+            self.gs
+        );
+        if let Some(b) = bias {
+            ensure!(b.len() == self.n, "bias must have {} entries", self.n);
+        }
+        let path = match path {
+            Path::Avx512 if crate::isa::level() == crate::isa::Level::Avx512Vnni => path,
+            Path::Avx2 if crate::isa::level().has_avx2() => path,
+            Path::Portable => path,
+            p => {
+                return Err(Error::value(format!(
+                "the {} kernel needs an instruction set this CPU (or LOWBIT_ISA) does not allow",
+                p.name()
+            )))
+            }
+        };
+        let (m, n) = (acts.m, self.n);
+        let mut out = Array2::<f32>::zeros((m, n));
+        if m == 0 || n == 0 {
+            return Ok(out);
+        }
+        let inv: Vec<f64> = acts.scales.iter().map(|&s| 1.0 / s as f64).collect();
+        // Tasks own ranges of whole panels (all rows), written straight into `out`.
+        let per_thread = if m <= 2 { 4 } else { 8 };
+        let tasks = rayon::current_num_threads().max(1) * per_thread;
+        let cols = (self.np.div_ceil(tasks) * NR).max(NR);
+        let ctx = Ctx {
+            w: self,
+            a: acts,
+            inv: &inv,
+            bias,
+            post,
+            path,
+        };
+        out.axis_chunks_iter_mut(Axis(1), cols)
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(t, mut dst)| ctx.task(t * cols / NR, &mut dst));
+        Ok(out)
+    }
+}
+
+/// int8 activations in an `IntMatrix`'s layout: rows of `ng` groups of `gs` bytes (zeros past
+/// each group's inputs) plus a cache line, their sums per group and their multipliers.
+pub struct IntActs {
+    pub m: usize,
+    pub k: usize,
+    gs: usize,
+    ng: usize,
+    stride: usize,
+    q: Vec<i8>,
+    sums: Vec<i32>,
+    /// Per row, `s_x` with `x ≈ q / s_x`.
+    pub scales: Vec<f32>,
+}
+
+impl IntActs {
+    /// `fill(r, row)` writes row `r`'s k codes and returns its multiplier.
+    fn build(m: usize, w: &IntMatrix, fill: impl Fn(usize, &mut [i8]) -> f32 + Sync) -> IntActs {
+        let (k, gs, ng, group) = (w.k, w.gs, w.ng, w.group);
+        let stride = ng * gs + 64;
+        let mut q = vec![0i8; m * stride];
+        let mut sums = vec![0i32; m * ng];
+        let row = |(r, (dst, sum)): (usize, (&mut [i8], &mut [i32]))| -> f32 {
+            let s = if gs == group || ng == 1 {
+                fill(r, &mut dst[..k])
+            } else {
+                let mut tmp = vec![0i8; k];
+                let s = fill(r, &mut tmp);
+                for (g, src) in tmp.chunks(group).enumerate() {
+                    dst[g * gs..g * gs + src.len()].copy_from_slice(src);
+                }
+                s
+            };
+            for (g, out) in sum.iter_mut().enumerate() {
+                *out = dst[g * gs..(g + 1) * gs].iter().map(|&v| v as i32).sum();
+            }
+            s
+        };
+        let it = q.chunks_mut(stride).zip(sums.chunks_mut(ng.max(1)));
+        let scales = if m * k < 1 << 16 {
+            it.enumerate().map(row).collect()
+        } else {
+            q.par_chunks_mut(stride)
+                .zip(sums.par_chunks_mut(ng.max(1)))
+                .enumerate()
+                .map(row)
+                .collect()
+        };
+        IntActs {
+            m,
+            k,
+            gs,
+            ng,
+            stride,
+            q,
+            sums,
+            scales,
+        }
+    }
+}
+
+/// What every task of one `matmul` reads.
+struct Ctx<'a> {
+    w: &'a IntMatrix,
+    a: &'a IntActs,
+    inv: &'a [f64],
+    bias: Option<&'a [f32]>,
+    post: Option<&'a RowFn>,
+    path: Path,
+}
+
+/// Rows per register tile.
+const MR: usize = 6;
+/// Panels per register tile, at most.
+const PMAX: usize = 4;
+
+impl Ctx<'_> {
+    /// Panels `p0 ..` (as many as `dst` has columns) for every activation row.
+    fn task(&self, p0: usize, dst: &mut ArrayViewMut2<'_, f32>) {
+        let (m, cols) = dst.dim();
+        let mut buf = [[0f32; PMAX * NR]; MR];
+        // Few rows: four panels at once, so enough accumulators are in flight.
+        let wide = if m <= 2 { PMAX } else { 2 };
+        let mut c = 0;
+        while c < cols {
+            let left = (cols - c).div_ceil(NR);
+            let panels = if left >= wide {
+                wide
+            } else if left >= 2 {
+                2
+            } else {
+                1
+            };
+            let p = p0 + c / NR;
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = (m - r0).min(MR);
+                self.tile(rows, panels, r0, p, &mut buf);
+                for (i, acc) in buf.iter().take(rows).enumerate() {
+                    let r = r0 + i;
+                    let width = (cols - c).min(panels * NR);
+                    let mut out = dst.row_mut(r);
+                    let out = out.as_slice_mut().expect("task columns are contiguous");
+                    let out = &mut out[c..c + width];
+                    let col0 = p0 * NR + c;
+                    let inv = self.inv[r];
+                    match self.bias {
+                        Some(b) => {
+                            for ((o, &f), &b) in out.iter_mut().zip(acc).zip(&b[col0..]) {
+                                *o = (f as f64 * inv + b as f64) as f32;
+                            }
+                        }
+                        None => {
+                            for (o, &f) in out.iter_mut().zip(acc) {
+                                *o = (f as f64 * inv) as f32;
+                            }
+                        }
+                    }
+                }
+                r0 += rows;
+            }
+            c += panels * NR;
+        }
+        if let Some(post) = self.post {
+            for mut row in dst.rows_mut() {
+                post(row.as_slice_mut().expect("task columns are contiguous"));
+            }
+        }
+    }
+
+    /// The float accumulators of `rows` activation rows from `r0` against `panels` panels from
+    /// `p`, into `buf[r][..panels * NR]`.
+    fn tile(
+        &self,
+        rows: usize,
+        panels: usize,
+        r0: usize,
+        p: usize,
+        buf: &mut [[f32; PMAX * NR]; MR],
+    ) {
+        macro_rules! go {
+            ($f:ident) => {
+                match (rows, panels) {
+                    (2, 4) => $f::<2, 4>(self, r0, p, buf),
+                    (1, 4) => $f::<1, 4>(self, r0, p, buf),
+                    (6, 2) => $f::<6, 2>(self, r0, p, buf),
+                    (5, 2) => $f::<5, 2>(self, r0, p, buf),
+                    (4, 2) => $f::<4, 2>(self, r0, p, buf),
+                    (3, 2) => $f::<3, 2>(self, r0, p, buf),
+                    (2, 2) => $f::<2, 2>(self, r0, p, buf),
+                    (1, 2) => $f::<1, 2>(self, r0, p, buf),
+                    (6, _) => $f::<6, 1>(self, r0, p, buf),
+                    (5, _) => $f::<5, 1>(self, r0, p, buf),
+                    (4, _) => $f::<4, 1>(self, r0, p, buf),
+                    (3, _) => $f::<3, 1>(self, r0, p, buf),
+                    (2, _) => $f::<2, 1>(self, r0, p, buf),
+                    _ => $f::<1, 1>(self, r0, p, buf),
+                }
+            };
+        }
+        match self.path {
+            Path::Portable => go!(portable),
+            // SAFETY: `matmul` admits these paths only where the CPU has the features.
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => unsafe { go!(avx512) },
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => unsafe { go!(avx2) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => go!(portable),
+        }
+    }
+
+    fn act_row(&self, r: usize) -> &[i8] {
+        &self.a.q[r * self.a.stride..(r + 1) * self.a.stride]
+    }
+}
+
+/// The stored code of input `4 s + t` of column `j` in a group's bytes `g`.
+#[inline(always)]
+fn code(g: &[u8], nibbles: bool, s: usize, j: usize, t: usize) -> i32 {
+    if nibbles {
+        ((g[s / 2 * 64 + 4 * j + t] >> (4 * (s % 2))) & 15) as i32
+    } else {
+        g[s * 64 + 4 * j + t] as i32
+    }
+}
+
+/// The reference: the same sums in the same order, one column at a time.
+fn portable<const R: usize, const P: usize>(
+    ctx: &Ctx<'_>,
+    r0: usize,
+    p: usize,
+    buf: &mut [[f32; PMAX * NR]; MR],
+) {
+    let w = ctx.w;
+    let word = |b: &[u8], i: usize| [b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]];
+    for (r, out) in buf.iter_mut().take(R).enumerate() {
+        let a = ctx.act_row(r0 + r);
+        let sums = &ctx.a.sums[(r0 + r) * w.ng..(r0 + r + 1) * w.ng];
+        for pp in 0..P {
+            for j in 0..NR {
+                let mut f = 0f32;
+                for g in 0..w.ng {
+                    let (meta, bytes) = w.block(p + pp, g).split_at(META);
+                    let ag = &a[g * w.gs..(g + 1) * w.gs];
+                    let scale = f32::from_ne_bytes(word(meta, j));
+                    let no = i32::from_ne_bytes(word(meta, NR + j));
+                    let mut d = no.wrapping_mul(sums[g]);
+                    for s in 0..w.gs / 4 {
+                        for t in 0..4 {
+                            d = d.wrapping_add(
+                                code(bytes, w.nibbles, s, j, t) * ag[4 * s + t] as i32,
+                            );
+                        }
+                    }
+                    f = (d as f32).mul_add(scale, f);
+                }
+                out[pp * NR + j] = f;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Four activation bytes at `a[i..i + 4]` as one 32-bit word (to broadcast).
+///
+/// # Safety
+/// `i + 4 <= a.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn bcast4(a: &[i8], i: usize) -> i32 {
+    debug_assert!(i + 4 <= a.len());
+    // SAFETY: the caller's promise.
+    unsafe { a.as_ptr().add(i).cast::<i32>().read_unaligned() }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn avx512<const R: usize, const P: usize>(
+    ctx: &Ctx<'_>,
+    r0: usize,
+    p: usize,
+    buf: &mut [[f32; PMAX * NR]; MR],
+) {
+    // Groups of 32 (the usual int4 layout): the group's four step pairs unrolled.
+    if ctx.w.nibbles && ctx.w.gs == 32 {
+        unsafe { avx512_g::<R, P, 4>(ctx, r0, p, buf) }
+    } else {
+        unsafe { avx512_g::<R, P, 0>(ctx, r0, p, buf) }
+    }
+}
+
+/// `avx512` with `S` step pairs per group known at compile time (0: read from the matrix).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn avx512_g<const R: usize, const P: usize, const S: usize>(
+    ctx: &Ctx<'_>,
+    r0: usize,
+    p: usize,
+    buf: &mut [[f32; PMAX * NR]; MR],
+) {
+    let w = ctx.w;
+    let pairs = if S > 0 { S } else { w.gs / 8 };
+    let acts: [&[i8]; R] = std::array::from_fn(|r| ctx.act_row(r0 + r));
+    let mut accf = [[_mm512_setzero_ps(); P]; R];
+    let nib = _mm512_set1_epi8(15);
+    for g in 0..w.ng {
+        let metas: [&[u8]; P] = std::array::from_fn(|pp| w.block(p + pp, g));
+        let blocks: [&[u8]; P] = std::array::from_fn(|pp| &metas[pp][META..]);
+        let mut acc = [[_mm512_setzero_si512(); P]; R];
+        for pp in 0..P {
+            // SAFETY: a block starts with NR scales and NR offsets, 4 bytes each.
+            let no = unsafe { _mm512_loadu_si512(metas[pp][4 * NR..].as_ptr().cast()) };
+            for (r, a) in acc.iter_mut().enumerate() {
+                let s = _mm512_set1_epi32(ctx.a.sums[(r0 + r) * w.ng + g]);
+                a[pp] = _mm512_mullo_epi32(no, s);
+            }
+        }
+        let a0 = g * w.gs;
+        let bytes = blocks;
+        if w.nibbles {
+            for i in 0..pairs {
+                let mut lo = [_mm512_setzero_si512(); P];
+                let mut hi = [_mm512_setzero_si512(); P];
+                for pp in 0..P {
+                    // SAFETY: step pair i of the group is 64 bytes inside `bytes[pp]`.
+                    let v = unsafe { _mm512_loadu_si512(bytes[pp][64 * i..].as_ptr().cast()) };
+                    lo[pp] = _mm512_and_si512(v, nib);
+                    hi[pp] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
+                }
+                for r in 0..R {
+                    let x0 = _mm512_set1_epi32(unsafe { bcast4(acts[r], a0 + 8 * i) });
+                    let x1 = _mm512_set1_epi32(unsafe { bcast4(acts[r], a0 + 8 * i + 4) });
+                    for pp in 0..P {
+                        acc[r][pp] = _mm512_dpbusd_epi32(acc[r][pp], lo[pp], x0);
+                        acc[r][pp] = _mm512_dpbusd_epi32(acc[r][pp], hi[pp], x1);
+                    }
+                }
+            }
+        } else {
+            for s in 0..w.gs / 4 {
+                let mut v = [_mm512_setzero_si512(); P];
+                for pp in 0..P {
+                    // SAFETY: step s of the group is 64 bytes inside `bytes[pp]`.
+                    v[pp] = unsafe { _mm512_loadu_si512(bytes[pp][64 * s..].as_ptr().cast()) };
+                }
+                for r in 0..R {
+                    let x = _mm512_set1_epi32(unsafe { bcast4(acts[r], a0 + 4 * s) });
+                    for pp in 0..P {
+                        acc[r][pp] = _mm512_dpbusd_epi32(acc[r][pp], v[pp], x);
+                    }
+                }
+            }
+        }
+        for pp in 0..P {
+            // SAFETY: as for the offsets.
+            let sc = unsafe { _mm512_loadu_ps(metas[pp].as_ptr().cast()) };
+            for r in 0..R {
+                accf[r][pp] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][pp]), sc, accf[r][pp]);
+            }
+        }
+    }
+    for r in 0..R {
+        for pp in 0..P {
+            // SAFETY: `buf[r]` has room for PMAX panels.
+            unsafe { _mm512_storeu_ps(buf[r][pp * NR..].as_mut_ptr(), accf[r][pp]) };
+        }
+    }
+}
+
+/// AVX2: each 64-byte step as two 256-bit halves (8 columns each). `maddubs` takes the codes as
+/// its unsigned operand; bytes are split into nibbles first, so a pair of products stays within
+/// `2 x 15 x 128` and the int16 lanes never saturate.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2<const R: usize, const P: usize>(
+    ctx: &Ctx<'_>,
+    r0: usize,
+    p: usize,
+    buf: &mut [[f32; PMAX * NR]; MR],
+) {
+    let w = ctx.w;
+    let acts: [&[i8]; R] = std::array::from_fn(|r| ctx.act_row(r0 + r));
+    let nib = _mm256_set1_epi8(15);
+    let ones = _mm256_set1_epi16(1);
+    let sixteen = _mm256_set1_epi16(16);
+    // Panels one at a time, halves as the inner register dimension (16 registers only).
+    for pp in 0..P {
+        let mut accf = [[_mm256_setzero_ps(); 2]; R];
+        for g in 0..w.ng {
+            let (meta, bytes) = w.block(p + pp, g).split_at(META);
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            for h in 0..2 {
+                // SAFETY: a block starts with NR scales and NR offsets, 4 bytes each.
+                let no = unsafe { _mm256_loadu_si256(meta[4 * (NR + 8 * h)..].as_ptr().cast()) };
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let s = _mm256_set1_epi32(ctx.a.sums[(r0 + r) * w.ng + g]);
+                    a[h] = _mm256_mullo_epi32(no, s);
+                }
+            }
+            let a0 = g * w.gs;
+            if w.nibbles {
+                for i in 0..w.gs / 8 {
+                    let mut lo = [_mm256_setzero_si256(); 2];
+                    let mut hi = [_mm256_setzero_si256(); 2];
+                    for h in 0..2 {
+                        // SAFETY: 32 bytes of step pair i inside `bytes`.
+                        let v =
+                            unsafe { _mm256_loadu_si256(bytes[64 * i + 32 * h..].as_ptr().cast()) };
+                        lo[h] = _mm256_and_si256(v, nib);
+                        hi[h] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                    }
+                    for r in 0..R {
+                        let x0 = _mm256_set1_epi32(unsafe { bcast4(acts[r], a0 + 8 * i) });
+                        let x1 = _mm256_set1_epi32(unsafe { bcast4(acts[r], a0 + 8 * i + 4) });
+                        for h in 0..2 {
+                            let s = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo[h], x0),
+                                _mm256_maddubs_epi16(hi[h], x1),
+                            );
+                            acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(s, ones));
+                        }
+                    }
+                }
+            } else {
+                for s in 0..w.gs / 4 {
+                    let mut lo = [_mm256_setzero_si256(); 2];
+                    let mut hi = [_mm256_setzero_si256(); 2];
+                    for h in 0..2 {
+                        // SAFETY: 32 bytes of step s inside `bytes`.
+                        let v =
+                            unsafe { _mm256_loadu_si256(bytes[64 * s + 32 * h..].as_ptr().cast()) };
+                        lo[h] = _mm256_and_si256(v, nib);
+                        hi[h] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                    }
+                    for r in 0..R {
+                        let x = _mm256_set1_epi32(unsafe { bcast4(acts[r], a0 + 4 * s) });
+                        for h in 0..2 {
+                            let l = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[h], x), ones);
+                            let u = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[h], x), sixteen);
+                            acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_add_epi32(l, u));
+                        }
+                    }
+                }
+            }
+            for h in 0..2 {
+                // SAFETY: as for the offsets.
+                let sc = unsafe { _mm256_loadu_ps(meta[32 * h..].as_ptr().cast()) };
+                for r in 0..R {
+                    accf[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), sc, accf[r][h]);
+                }
+            }
+        }
+        for r in 0..R {
+            for h in 0..2 {
+                // SAFETY: `buf[r]` has room for PMAX panels.
+                unsafe { _mm256_storeu_ps(buf[r][pp * NR + 8 * h..].as_mut_ptr(), accf[r][h]) };
+            }
+        }
+    }
+}
+
+/// A linear layer on an `IntMatrix`: int8 activations per row, the integer GEMM, a bias.
+#[derive(Clone, Debug)]
+pub struct IntLinear {
+    pub w: IntMatrix,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl IntLinear {
+    pub fn new(t: &QuantizedTensor, bias: Option<Vec<f32>>) -> Result<Self> {
+        let w = IntMatrix::from_quantized(t)?;
+        if let Some(b) = &bias {
+            ensure!(
+                b.len() == w.n,
+                "bias must have {} entries, got {}",
+                w.n,
+                b.len()
+            );
+            ensure!(b.iter().all(|v| v.is_finite()), "bias contains NaN or Inf");
+        }
+        Ok(IntLinear { w, bias })
+    }
+
+    /// `y = q_x @ dequantized(w).T / s_x + bias` for x (rows, in_features), then `post` on each
+    /// finished stretch of an output row.
+    pub fn forward_post(
+        &self,
+        x: ArrayView2<'_, f32>,
+        post: Option<&RowFn>,
+    ) -> Result<Array2<f32>> {
+        let acts = self.w.quantize(x)?;
+        self.w
+            .matmul(&acts, self.bias.as_deref(), post, Path::best())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::spec::{quantize, QuantSpec};
+    use ndarray::{Array2, ArrayD, IxDyn};
+
+    fn lcg(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed;
+        move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            s >> 33
+        }
+    }
+
+    fn floats(n: usize, k: usize, seed: u64) -> Array2<f32> {
+        let mut r = lcg(seed);
+        Array2::from_shape_fn((n, k), |_| (r() % 2001) as f32 / 1000.0 - 1.0)
+    }
+
+    fn spec(bits: u32, sym: bool, gran: Granularity, g: Option<usize>) -> QuantSpec {
+        QuantSpec::new(bits, sym, gran, 0, g).unwrap()
+    }
+
+    /// An independent reference from the dequantization formula: per group, the exact
+    /// integer sum of (q - zp) a, then the documented float steps.
+    fn reference(
+        t: &QuantizedTensor,
+        a: &Array2<i8>,
+        s_x: &[f32],
+        bias: Option<&[f32]>,
+        group: usize,
+    ) -> Array2<f32> {
+        let (n, k) = (t.shape[0], t.shape[1..].iter().product::<usize>());
+        let u = pack::unpack(&t.codes, t.spec.bits, t.numel()).unwrap();
+        let qmin = t.spec.range().min;
+        let sc: Vec<f32> = t.scales.iter().copied().collect();
+        let zp: Vec<i32> = t.zero_points.iter().copied().collect();
+        let ng = k.div_ceil(group);
+        let at = |c: usize, g: usize| match t.spec.granularity {
+            Granularity::Tensor => 0,
+            Granularity::Channel => c,
+            Granularity::Group => c * ng + g,
+        };
+        Array2::from_shape_fn((a.nrows(), n), |(r, c)| {
+            let mut f = 0f32;
+            for g in 0..ng {
+                let mut d = 0i64;
+                for i in g * group..((g + 1) * group).min(k) {
+                    let q = u[c * k + i] as i64 + qmin as i64 - zp[at(c, g)] as i64;
+                    d += q * a[[r, i]] as i64;
+                }
+                f = (d as i32 as f32).mul_add(sc[at(c, g)], f);
+            }
+            (f as f64 * (1.0 / s_x[r] as f64) + bias.map_or(0.0, |b| b[c] as f64)) as f32
+        })
+    }
+
+    fn check(t: &QuantizedTensor, a: &Array2<i8>, with_bias: bool) {
+        let w = IntMatrix::from_quantized(t).unwrap();
+        let s_x: Vec<f32> = (0..a.nrows()).map(|r| 1.0 + r as f32 / 7.0).collect();
+        let bias: Vec<f32> = (0..w.n).map(|c| c as f32 / 10.0 - 1.0).collect();
+        let bias = with_bias.then_some(&bias[..]);
+        let want = reference(t, a, &s_x, bias, w.group);
+        let acts = w.acts_from_codes(a.view(), &s_x).unwrap();
+        for path in Path::available() {
+            let got = w.matmul(&acts, bias, None, path).unwrap();
+            let bits = |x: &Array2<f32>| x.mapv(f32::to_bits);
+            assert!(
+                bits(&got) == bits(&want),
+                "{} path differs: {:?} bits {}, shape {:?}, acts {:?}",
+                path.name(),
+                t.spec.granularity,
+                t.spec.bits,
+                t.shape,
+                a.dim()
+            );
+        }
+    }
+
+    fn codes(m: usize, k: usize, seed: u64) -> Array2<i8> {
+        let mut r = lcg(seed);
+        Array2::from_shape_fn((m, k), |_| (r() % 256) as i64 as i8)
+    }
+
+    #[test]
+    fn every_path_equals_the_reference() {
+        eprintln!(
+            "integer GEMM paths run here: {:?}",
+            Path::available()
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()
+        );
+        for (m, n, k) in [
+            (1, 1, 1),
+            (1, 16, 32),
+            (3, 17, 40),
+            (5, 33, 100),
+            (9, 48, 256),
+            (2, 7, 3),
+            (6, 40, 96),
+        ] {
+            let x = floats(n, k, (m * n * k) as u64);
+            let a = codes(m, k, 3 + k as u64);
+            for bits in [2, 3, 4, 5, 8] {
+                for sym in [true, false] {
+                    for (gran, g) in [
+                        (Granularity::Tensor, None),
+                        (Granularity::Channel, None),
+                        (Granularity::Group, Some(32)),
+                        (Granularity::Group, Some(12)),
+                    ] {
+                        let t =
+                            quantize(x.view().into_dyn(), spec(bits, sym, gran, g), None).unwrap();
+                        check(&t, &a, (m + bits as usize).is_multiple_of(2));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_codes_stay_exact() {
+        // Every activation -128 or 127 against every weight at its extreme, k past 65,536.
+        for k in [4097, 65543] {
+            for (av, wv) in [(-128i8, 127f32), (127, -1.0), (-128, -1.0)] {
+                let a = Array2::from_elem((3, k), av);
+                let x = Array2::from_elem((5, k), wv);
+                for bits in [8, 4] {
+                    let t = quantize(
+                        x.view().into_dyn(),
+                        spec(bits, true, Granularity::Channel, None),
+                        None,
+                    )
+                    .unwrap();
+                    check(&t, &a, true);
+                }
+            }
+        }
+        // Asymmetric codes at 0 and 255 (zero points at either end).
+        let mut x = floats(20, 300, 9);
+        x.row_mut(0).fill(1.0);
+        x.row_mut(1).fill(-1.0);
+        let t = quantize(
+            x.view().into_dyn(),
+            spec(8, false, Granularity::Group, Some(64)),
+            None,
+        )
+        .unwrap();
+        check(&t, &codes(7, 300, 1), false);
+    }
+
+    #[test]
+    fn quantized_forward_tracks_the_float_product() {
+        let (m, n, k) = (6, 37, 200);
+        let w = floats(n, k, 5);
+        let x = floats(m, k, 6);
+        let t = quantize(
+            w.view().into_dyn(),
+            spec(4, true, Granularity::Group, Some(32)),
+            None,
+        )
+        .unwrap();
+        let deq = t.dequantize().unwrap();
+        let deq = deq.into_shape_with_order((n, k)).unwrap();
+        let lin = IntLinear::new(&t, None).unwrap();
+        let y = lin.forward_post(x.view(), None).unwrap();
+        let (q, s) = super::super::quant::activation_quant(x.view(), 8).unwrap();
+        let xf = Array2::from_shape_fn((m, k), |(r, i)| q[[r, i]] as f32 / s[r]);
+        let want = xf.dot(&deq.t());
+        for (a, b) in y.iter().zip(want.iter()) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        // A shape the kernels do not take, and a NaN input, are errors.
+        let conv = ArrayD::from_shape_fn(IxDyn(&[4, 3, 8]), |_| 0.5f32);
+        let t = quantize(
+            conv.view(),
+            spec(4, true, Granularity::Group, Some(4)),
+            None,
+        )
+        .unwrap();
+        assert!(IntMatrix::from_quantized(&t).is_err());
+        let mut bad = x.clone();
+        bad[[1, 3]] = f32::NAN;
+        assert!(lin.forward_post(bad.view(), None).is_err());
+    }
+}
