@@ -152,11 +152,14 @@ codes = r.integers(-1, 2, (37, 1000)).astype(np.int8)
 q = r.integers(-128, 128, (9, 1000)).astype(np.int8)
 a, b = r.standard_normal((9, 777)).astype(np.float32), r.standard_normal((37, 777)).astype(np.float32)
 t = bn.TernaryLinear(codes, 1.0)._core.int_matmul(q)
+qp = r.integers(-128, 128, (140, 1000)).astype(np.int8)  # the panel path (m >= 128)
+tp = bn.TernaryLinear(codes, 1.0)._core.int_matmul(qp)
+assert np.array_equal(tp, qp.astype(np.int64) @ codes.astype(np.int64).T)
 x = bn.binary_matmul(a, b)
 ones, signs = np.ones((3, 65543), np.float32), np.where(r.random((5, 65543)) < 0.5, -1.0, 1.0).astype(np.float32)
 y = bn.binary_matmul(np.vstack([ones, -ones]), np.vstack([signs, ones]))
 assert np.array_equal(y, np.sign(np.vstack([ones, -ones])) @ np.sign(np.vstack([signs, ones])).T)
-print(bn.kernel(), int(t.astype(np.int64).sum()), int(np.abs(t).sum()), int(x.sum()), int(np.abs(x).sum()), int(y.sum()))
+print(bn.kernel(), int(t.astype(np.int64).sum()), int(np.abs(t).sum()), int(tp.astype(np.int64).sum()), int(x.sum()), int(np.abs(x).sum()), int(y.sum()))
 """
     outs = {}
     for path in ["scalar", "avx2", "avx512vnni"]:
@@ -187,7 +190,7 @@ for k in (2048, 4096, 65536 + 7):
 print(bn.kernel(), len(bad), bad[:3])
 """
     kinds = set()
-    for path in ["scalar", "avx2"]:
+    for path in ["scalar", "avx2", "avx512vnni"]:
         r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, LOWBIT_ISA=path), capture_output=True, text=True, check=True)
         kind, nbad, *rest = r.stdout.split(maxsplit=2)
         assert nbad == "0", r.stdout

@@ -16,10 +16,18 @@ pub fn use_avx2() -> bool {
     crate::isa::level().has_avx2()
 }
 
-/// The kernel path in use, for reports: "avx2" or "scalar".
+/// Whether the ternary GEMM's tiles take AVX-512 VNNI (`vpdpbusd`: on 512-bit vectors for the
+/// panels, on 256-bit ones for the row tiles): the level in use is `avx512vnni`.
+pub fn use_vnni() -> bool {
+    crate::isa::level() == crate::isa::Level::Avx512Vnni
+}
+
+/// The kernel path in use, for reports: "avx2" or "scalar", with the AVX-512 extensions taken.
 pub fn kernel_name() -> &'static str {
     if crate::isa::avx512_popcnt() {
-        "avx2+avx512vpopcntdq"
+        "avx2+avx512vnni+avx512vpopcntdq"
+    } else if use_vnni() {
+        "avx2+avx512vnni"
     } else if use_avx2() {
         "avx2"
     } else {

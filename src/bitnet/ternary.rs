@@ -143,6 +143,7 @@ impl TernaryMatrix {
             sums,
             epi,
             avx2,
+            vnni: avx2 && super::use_vnni(),
         };
         out.axis_chunks_iter_mut(Axis(1), rows_per_task)
             .into_par_iter()
@@ -321,6 +322,9 @@ struct Ctx<'a, E> {
     epi: &'a E,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     avx2: bool,
+    /// The AVX2 tiles take AVX-512 VNNI (`avx2` and `use_vnni()`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    vnni: bool,
 }
 
 impl<E: Epilogue> Ctx<'_, E> {
@@ -345,7 +349,13 @@ impl<E: Epilogue> Ctx<'_, E> {
                 let q = &self.qp[r0 * self.qs..(r0 + 4) * self.qs];
                 for (i, w) in rows.chunks_exact(wrow).enumerate() {
                     // SAFETY: this path is taken only when use_avx2() found AVX2 on the CPU.
-                    let acc = unsafe { avx2_tile::<4, 1>(w, wrow, q, self.qs) };
+                    let acc = unsafe {
+                        if self.vnni {
+                            vnni_row_tile::<4, 1>(w, wrow, q, self.qs)
+                        } else {
+                            avx2_tile::<4, 1>(w, wrow, q, self.qs)
+                        }
+                    };
                     for (r, v) in acc[0].into_iter().enumerate() {
                         buf[r * nrows + i] = v;
                     }
@@ -422,7 +432,13 @@ impl<E: Epilogue> Tile<'_, E> {
     ) {
         let (wrow, qs) = (self.ctx.w.kp / 4, self.ctx.qs);
         let q = &self.ctx.qp[self.r0 * qs..(self.r0 + R) * qs];
-        let acc = unsafe { avx2_tile::<R, W>(self.w, wrow, q, qs) };
+        let acc = unsafe {
+            if self.ctx.vnni {
+                vnni_row_tile::<R, W>(self.w, wrow, q, qs)
+            } else {
+                avx2_tile::<R, W>(self.w, wrow, q, qs)
+            }
+        };
         for (j, a) in acc.iter().enumerate() {
             for (r, v) in a.iter().enumerate() {
                 let row = self.r0 + r;
@@ -434,8 +450,11 @@ impl<E: Epilogue> Tile<'_, E> {
     }
 }
 
-/// From this many activation rows on, the AVX2 path unpacks the weights into panels (below).
-pub const PANEL_MIN_ROWS: usize = 16;
+/// From this many activation rows on, the AVX2 path unpacks the weights into panels (below):
+/// below it the unpacking (one pass over the weights per call) costs more than the panels save
+/// (MiniLM's 32 x 384 -> 1536: 107 G MAC/s per core on the row tiles, 69 on panels, with VNNI;
+/// at 256 rows 108 against 146).
+pub const PANEL_MIN_ROWS: usize = 128;
 
 /// Panels are not blocked over k: a 16-column panel holds 16 bytes per input, and past this many
 /// inputs (32 KiB) it leaves L1 and the panel path falls behind the row-tile path, which streams
@@ -459,7 +478,7 @@ pub fn uses_panels(m: usize, k: usize) -> bool {
 /// `uses_panels`); the row-tile path reads the packed codes directly.
 #[cfg(target_arch = "x86_64")]
 mod panels {
-    use super::{Ctx, Epilogue, RowEpilogue, TernaryMatrix, BLOCK};
+    use super::{vnni_tile, Ctx, Epilogue, RowEpilogue, TernaryMatrix, BLOCK};
     use ndarray::{Array2, ArrayViewMut2, Axis};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
@@ -499,6 +518,7 @@ mod panels {
             sums,
             epi,
             avx2: true,
+            vnni: super::super::use_vnni(),
         };
         out.axis_chunks_iter_mut(Axis(0), rows)
             .into_par_iter()
@@ -541,11 +561,39 @@ mod panels {
                 );
             }
             let mut buf = vec![[0i32; NR * GROUP]; MR];
+            let vnni = ctx.vnni;
             let mut r = 0;
             while r < m {
                 let rs = (m - r).min(MR);
                 let q = &ctx.qp[(r0 + r) * ctx.qs..];
-                for p in 0..np {
+                let mut p = 0;
+                while vnni && p < np {
+                    // Two panels at a time: 2 x rs independent accumulators in flight.
+                    let two = np - p >= 2;
+                    let panel = &panels[p * NR * kp..(p + 1 + two as usize) * NR * kp];
+                    // SAFETY: `use_vnni()` found AVX-512 F/BW/VNNI on the CPU.
+                    unsafe {
+                        macro_rules! go {
+                            ($p:literal) => {
+                                match rs {
+                                    6 => vnni_tile::<6, $p>(panel, q, ctx.qs, p, &mut buf),
+                                    5 => vnni_tile::<5, $p>(panel, q, ctx.qs, p, &mut buf),
+                                    4 => vnni_tile::<4, $p>(panel, q, ctx.qs, p, &mut buf),
+                                    3 => vnni_tile::<3, $p>(panel, q, ctx.qs, p, &mut buf),
+                                    2 => vnni_tile::<2, $p>(panel, q, ctx.qs, p, &mut buf),
+                                    _ => vnni_tile::<1, $p>(panel, q, ctx.qs, p, &mut buf),
+                                }
+                            };
+                        }
+                        if two {
+                            go!(2)
+                        } else {
+                            go!(1)
+                        }
+                    }
+                    p += 1 + two as usize;
+                }
+                for p in (0..np).filter(|_| !vnni) {
                     let panel = &panels[p * NR * kp..(p + 1) * NR * kp];
                     // SAFETY: `gemm` is only called when use_avx2() found AVX2 on the CPU.
                     unsafe {
@@ -649,6 +697,48 @@ mod panels {
     }
 }
 
+/// AVX-512 VNNI: `tile` for `P` consecutive panels, one 64-byte step of a panel (4 inputs x 16
+/// columns) per `vpdpbusd` into int32 lanes (no 16-bit span to widen).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn vnni_tile<const R: usize, const P: usize>(
+    panels: &[u8],
+    q: &[i8],
+    qs: usize,
+    p: usize,
+    buf: &mut [[i32; 64]],
+) {
+    use std::arch::x86_64::*;
+    const NR: usize = 16;
+    let stride = panels.len() / P;
+    let steps = stride / (4 * NR);
+    // Every load below stays inside `panels` and `q`.
+    assert!(R <= buf.len() && q.len() >= (R - 1) * qs + 4 * steps && (p + P) * NR <= 64);
+    let (wp, qp) = (panels.as_ptr(), q.as_ptr());
+    let mut acc = [[_mm512_setzero_si512(); P]; R];
+    for s in 0..steps {
+        let mut w = [_mm512_setzero_si512(); P];
+        for (pp, w) in w.iter_mut().enumerate() {
+            // SAFETY: step s of panel pp is 64 bytes inside `panels`.
+            *w = unsafe { _mm512_loadu_si512(wp.add(pp * stride + s * 4 * NR).cast()) };
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: four bytes of row r inside `q` (the assert).
+            let a = unsafe { (qp.add(r * qs + 4 * s) as *const i32).read_unaligned() };
+            let a = _mm512_set1_epi32(a);
+            for pp in 0..P {
+                acc[pp] = _mm512_dpbusd_epi32(acc[pp], w[pp], a);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (pp, v) in acc.iter().enumerate() {
+            // SAFETY: `buf[r]` holds 64 lanes; `(p + P) * 16 <= 64` (the assert).
+            unsafe { _mm512_storeu_si512(buf[r][(p + pp) * NR..].as_mut_ptr().cast(), *v) };
+        }
+    }
+}
+
 /// `Σ code q` for one packed weight row and one padded activation row (the portable path).
 fn dot_scalar(w: &[u8], q: &[i8]) -> i32 {
     let mut acc = 0i32;
@@ -699,11 +789,39 @@ unsafe fn hsum4(v: [std::arch::x86_64::__m256i; 4]) -> [i32; 4] {
 /// `acc[j][r] = Σ u_j q_r` for `W` packed weight rows (consecutive in `w`, `kp / 4` bytes each)
 /// and `R` padded activation rows (`qs` bytes apart in `q`); the caller subtracts
 /// the activation row sums. Every unpacked weight vector serves `R` activation rows and every
-/// activation load `W` weight rows; products are summed in i16 for `SPAN` blocks at a time.
+/// activation load `W` weight rows; products are summed in i16 for `SPAN` blocks at a time
+/// (with VNNI in int32 lanes, even and odd groups in two sets of accumulators).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::needless_range_loop)] // `acc[j][r]` reads best as the register block it is
 unsafe fn avx2_tile<const R: usize, const W: usize>(
+    w: &[u8],
+    wrow: usize,
+    q: &[i8],
+    qs: usize,
+) -> [[i32; R]; W] {
+    // SAFETY: the caller's promise (AVX2), passed on.
+    unsafe { row_tile::<R, W, false>(w, wrow, q, qs) }
+}
+
+/// `avx2_tile` with AVX-512 VNNI on 256-bit vectors: each group's products go straight into
+/// int32 lanes with one `vpdpbusd` (no 16-bit sums, no widening).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+unsafe fn vnni_row_tile<const R: usize, const W: usize>(
+    w: &[u8],
+    wrow: usize,
+    q: &[i8],
+    qs: usize,
+) -> [[i32; R]; W] {
+    // SAFETY: the caller's promise (AVX-512 VL + VNNI), passed on.
+    unsafe { row_tile::<R, W, true>(w, wrow, q, qs) }
+}
+
+/// The body of `avx2_tile` (`V = false`) and `vnni_row_tile` (`V = true`), inlined into each.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `acc[j][r]` reads best as the register block it is
+unsafe fn row_tile<const R: usize, const W: usize, const V: bool>(
     w: &[u8],
     wrow: usize,
     q: &[i8],
@@ -737,14 +855,25 @@ unsafe fn avx2_tile<const R: usize, const W: usize>(
                     let a =
                         _mm256_loadu_si256(qp.add(r * qs + b * BLOCK + 32 * g) as *const __m256i);
                     for j in 0..W {
-                        acc[j][r] = _mm256_add_epi16(acc[j][r], _mm256_maddubs_epi16(wg[j], a));
+                        if V && g % 2 == 0 {
+                            acc32[j][r] = _mm256_dpbusd_epi32(acc32[j][r], wg[j], a);
+                        } else if V {
+                            // Odd groups into the other set: twice the chains in flight.
+                            acc[j][r] = _mm256_dpbusd_epi32(acc[j][r], wg[j], a);
+                        } else {
+                            acc[j][r] = _mm256_add_epi16(acc[j][r], _mm256_maddubs_epi16(wg[j], a));
+                        }
                     }
                 }
             }
         }
         for j in 0..W {
             for r in 0..R {
-                acc32[j][r] = _mm256_add_epi32(acc32[j][r], _mm256_madd_epi16(acc[j][r], ones));
+                acc32[j][r] = if V {
+                    _mm256_add_epi32(acc32[j][r], acc[j][r])
+                } else {
+                    _mm256_add_epi32(acc32[j][r], _mm256_madd_epi16(acc[j][r], ones))
+                };
             }
         }
         b0 = b1;
@@ -796,14 +925,21 @@ mod tests {
             (9, 33, 1000),
             (1, 1, 1),
             (5, 4, 256),
-            // The panel path (uses_panels): partial panels, tiles and row blocks.
+            // Below PANEL_MIN_ROWS: the row tiles.
             (16, 16, 4),
             (17, 13, 130),
             (23, 65, 1000),
-            (200, 5, 384),
             (97, 100, 257),
+            // The panel path (uses_panels): partial panels, tiles (two panels and one on
+            // VNNI) and row blocks.
+            (128, 16, 4),
+            (129, 13, 130),
+            (131, 65, 1000),
+            (200, 5, 384),
+            (227, 100, 257),
+            (133, 33, 64),
             // Panels cut at k rounded up to 4, not at the 128-wide packing block.
-            (40, 40, 96),
+            (140, 40, 96),
             // Many rows at a k past PANEL_MAX_K: the row-tile path.
             (18, 9, 4100),
             (33, 5, 2049),
