@@ -239,8 +239,8 @@ class IntLinear:
     >>> w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     >>> q = lowbit.quantize(w, lowbit.QuantSpec(4, granularity="group", group_size=32))
     >>> layer = bn.IntLinear(q)
-    >>> layer.nbytes  # 16-column panels: half a byte per code, 128 bytes of scales per group
-    768
+    >>> layer.nbytes  # 16-column panels: half a byte per code, 16 scales per group (64 bytes)
+    640
     >>> x = np.ones((2, 64), np.float32)
     >>> bool(np.allclose(layer(x), x @ q.dequantize().T, rtol=1e-5, atol=1e-5))
     True
@@ -264,7 +264,8 @@ class IntLinear:
     @property
     def nbytes(self) -> int:
         """Bytes of the weights in memory: codes (a byte, or half a byte up to 4 bits, in panels
-        of 16 output columns) and, per group and panel, 16 scales and 16 offsets."""
+        of 16 output columns) and, per group and panel, 16 scales (and 16 code offsets where the
+        zero points differ; a symmetric spec shares one)."""
         return self._core.nbytes
 
     def forward(self, x: Any, path: str | None = None) -> Any:

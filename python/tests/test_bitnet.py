@@ -479,8 +479,12 @@ def test_int_linear_keeps_int4_at_half_a_byte_and_refuses_what_it_cannot_take():
     q4 = lowbit.quantize(w, lowbit.QuantSpec(4, granularity="group", group_size=32))
     q8 = lowbit.quantize(w, lowbit.QuantSpec(8, granularity="channel", axis=0))
     n4, n8 = bn.IntLinear(q4).nbytes, bn.IntLinear(q8).nbytes
-    assert n4 == 64 * 256 // 2 + (64 // 16) * (256 // 32) * 128  # codes + 16 scales and offsets per group
-    assert n8 == 64 * 256 + (64 // 16) * 128
+    # Codes, and per group of each 16-column panel 16 scales (symmetric: one offset for all, kept aside).
+    assert n4 == 64 * 256 // 2 + (64 // 16) * (256 // 32) * 64
+    assert n8 == 64 * 256 + (64 // 16) * 64
+    # Zero points that differ by column add 16 offsets per group and panel.
+    qa = lowbit.quantize(w, lowbit.QuantSpec(4, symmetric=False, granularity="group", group_size=32))
+    assert bn.IntLinear(qa).nbytes == 64 * 256 // 2 + (64 // 16) * (256 // 32) * 128
     with pytest.raises(lowbit.LowbitValueError, match="integer GEMM"):
         bn.IntLinear(lowbit.quantize(torch.randn(4, 3, 8), lowbit.QuantSpec(4, granularity="group", group_size=4)))
     with pytest.raises(lowbit.LowbitValueError, match="integer GEMM"):  # per input channel

@@ -94,14 +94,16 @@ pub struct IntMatrix {
     nibbles: bool,
     /// Code bytes of one group of one panel.
     gb: usize,
+    /// Bytes of a block's scales and offsets: `4 NR` scales, and `4 NR` offsets unless every
+    /// column and group shares one (`off`, as symmetric specs do).
+    meta: usize,
+    /// The negated code offset `quant_min - zero_point` when it is the same everywhere.
+    off: Option<i32>,
     /// Panels of `ng` blocks, each a group's `NR` scales (f32, 0 for padding columns) and `NR`
-    /// negated code offsets `quant_min - zero_point` (i32), then its `gb` code bytes: one
-    /// sequential stream per panel, read in order.
+    /// negated code offsets `quant_min - zero_point` (i32; left out when `off` holds the one
+    /// offset), then its `gb` code bytes: one sequential stream per panel, read in order.
     packed: Vec<u8>,
 }
-
-/// Bytes of a block's scales and offsets.
-const META: usize = 8 * NR;
 
 impl IntMatrix {
     /// Whether the kernels take a tensor of this spec and shape: 2-D (out, in), or any shape
@@ -143,7 +145,13 @@ impl IntMatrix {
         let np = n.div_ceil(NR);
         let nibbles = t.spec.bits <= 4;
         let gb = gs * NR / if nibbles { 2 } else { 1 };
-        let pb = ng * (gb + META);
+        let zps_in: Vec<i32> = t.zero_points.iter().copied().collect();
+        let off = match zps_in.first() {
+            Some(&z) if zps_in.iter().all(|&v| v == z) => Some(t.spec.range().min - z),
+            _ => None,
+        };
+        let meta = if off.is_some() { 4 * NR } else { 8 * NR };
+        let pb = ng * (gb + meta);
         let u = pack::unpack(&t.codes, t.spec.bits, t.numel())?;
         let qmin = t.spec.range().min;
         // The (scale, offset) of column c's group g, whatever the granularity.
@@ -155,7 +163,6 @@ impl IntMatrix {
             }
         };
         let scales_in: Vec<f32> = t.scales.iter().copied().collect();
-        let zps_in: Vec<i32> = t.zero_points.iter().copied().collect();
         let mut packed = vec![0u8; np * pb];
         packed
             .par_chunks_mut(pb.max(1))
@@ -164,16 +171,18 @@ impl IntMatrix {
                 for j in 0..NR.min(n - p * NR) {
                     let c = p * NR + j;
                     for g in 0..ng {
-                        let meta = &mut dst[g * (gb + META)..][..META];
-                        meta[4 * j..4 * j + 4].copy_from_slice(&scales_in[qp(c, g)].to_ne_bytes());
-                        let no = qmin - zps_in[qp(c, g)];
-                        meta[4 * (NR + j)..4 * (NR + j) + 4].copy_from_slice(&no.to_ne_bytes());
+                        let m = &mut dst[g * (gb + meta)..][..meta];
+                        m[4 * j..4 * j + 4].copy_from_slice(&scales_in[qp(c, g)].to_ne_bytes());
+                        if off.is_none() {
+                            let no = qmin - zps_in[qp(c, g)];
+                            m[4 * (NR + j)..4 * (NR + j) + 4].copy_from_slice(&no.to_ne_bytes());
+                        }
                     }
                     let row = &u[c * k..(c + 1) * k];
                     for (i, &v) in row.iter().enumerate() {
                         let (g, t) = (i / group, i % group);
                         let (s, b) = (t / 4, t % 4);
-                        let blk = g * (gb + META) + META;
+                        let blk = g * (gb + meta) + meta;
                         if nibbles {
                             dst[blk + s / 2 * 64 + 4 * j + b] |= v << (4 * (s % 2));
                         } else {
@@ -192,6 +201,8 @@ impl IntMatrix {
             np,
             nibbles,
             gb,
+            meta,
+            off,
             packed,
         })
     }
@@ -204,7 +215,7 @@ impl IntMatrix {
     /// Group `g` of panel `p`: its scales and offsets, then its code bytes.
     #[inline(always)]
     fn block(&self, p: usize, g: usize) -> &[u8] {
-        let bs = self.gb + META;
+        let bs = self.gb + self.meta;
         &self.packed[(p * self.ng + g) * bs..(p * self.ng + g + 1) * bs]
     }
 
@@ -502,10 +513,12 @@ fn portable<const R: usize, const P: usize>(
             for j in 0..NR {
                 let mut f = 0f32;
                 for g in 0..w.ng {
-                    let (meta, bytes) = w.block(p + pp, g).split_at(META);
+                    let (meta, bytes) = w.block(p + pp, g).split_at(w.meta);
                     let ag = &a[g * w.gs..(g + 1) * w.gs];
                     let scale = f32::from_ne_bytes(word(meta, j));
-                    let no = i32::from_ne_bytes(word(meta, NR + j));
+                    let no = w
+                        .off
+                        .unwrap_or_else(|| i32::from_ne_bytes(word(meta, NR + j)));
                     let mut d = no.wrapping_mul(sums[g]);
                     for s in 0..w.gs / 4 {
                         for t in 0..4 {
@@ -569,14 +582,19 @@ unsafe fn avx512_g<const R: usize, const P: usize, const S: usize>(
     let nib = _mm512_set1_epi8(15);
     for g in 0..w.ng {
         let metas: [&[u8]; P] = std::array::from_fn(|pp| w.block(p + pp, g));
-        let blocks: [&[u8]; P] = std::array::from_fn(|pp| &metas[pp][META..]);
+        let blocks: [&[u8]; P] = std::array::from_fn(|pp| &metas[pp][w.meta..]);
         let mut acc = [[_mm512_setzero_si512(); P]; R];
         for pp in 0..P {
-            // SAFETY: a block starts with NR scales and NR offsets, 4 bytes each.
-            let no = unsafe { _mm512_loadu_si512(metas[pp][4 * NR..].as_ptr().cast()) };
             for (r, a) in acc.iter_mut().enumerate() {
-                let s = _mm512_set1_epi32(ctx.a.sums[(r0 + r) * w.ng + g]);
-                a[pp] = _mm512_mullo_epi32(no, s);
+                let sum = ctx.a.sums[(r0 + r) * w.ng + g];
+                a[pp] = match w.off {
+                    Some(o) => _mm512_set1_epi32(o.wrapping_mul(sum)),
+                    None => {
+                        // SAFETY: the block's meta holds NR scales, then NR offsets.
+                        let no = unsafe { _mm512_loadu_si512(metas[pp][4 * NR..].as_ptr().cast()) };
+                        _mm512_mullo_epi32(no, _mm512_set1_epi32(sum))
+                    }
+                };
             }
         }
         let a0 = g * w.gs;
@@ -651,14 +669,21 @@ unsafe fn avx2<const R: usize, const P: usize>(
     for pp in 0..P {
         let mut accf = [[_mm256_setzero_ps(); 2]; R];
         for g in 0..w.ng {
-            let (meta, bytes) = w.block(p + pp, g).split_at(META);
+            let (meta, bytes) = w.block(p + pp, g).split_at(w.meta);
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             for h in 0..2 {
-                // SAFETY: a block starts with NR scales and NR offsets, 4 bytes each.
-                let no = unsafe { _mm256_loadu_si256(meta[4 * (NR + 8 * h)..].as_ptr().cast()) };
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let s = _mm256_set1_epi32(ctx.a.sums[(r0 + r) * w.ng + g]);
-                    a[h] = _mm256_mullo_epi32(no, s);
+                    let sum = ctx.a.sums[(r0 + r) * w.ng + g];
+                    a[h] = match w.off {
+                        Some(o) => _mm256_set1_epi32(o.wrapping_mul(sum)),
+                        None => {
+                            // SAFETY: the block's meta holds NR scales, then NR offsets.
+                            let no = unsafe {
+                                _mm256_loadu_si256(meta[4 * (NR + 8 * h)..].as_ptr().cast())
+                            };
+                            _mm256_mullo_epi32(no, _mm256_set1_epi32(sum))
+                        }
+                    };
                 }
             }
             let a0 = g * w.gs;
