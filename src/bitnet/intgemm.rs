@@ -569,6 +569,7 @@ unsafe fn avx512<const R: usize, const P: usize>(
 /// `avx512` with `S` step pairs per group known at compile time (0: read from the matrix).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // `g` walks the blocks and the sums alike
 unsafe fn avx512_g<const R: usize, const P: usize, const S: usize>(
     ctx: &Ctx<'_>,
     r0: usize,
@@ -578,34 +579,49 @@ unsafe fn avx512_g<const R: usize, const P: usize, const S: usize>(
     let w = ctx.w;
     let pairs = if S > 0 { S } else { w.gs / 8 };
     let acts: [&[i8]; R] = std::array::from_fn(|r| ctx.act_row(r0 + r));
+    let sums: [&[i32]; R] =
+        std::array::from_fn(|r| &ctx.a.sums[(r0 + r) * w.ng..(r0 + r + 1) * w.ng]);
+    let bs = w.gb + w.meta;
+    // Every block read below lies inside panels p .. p + P (checked once: pointers, not slices,
+    // in the group loop).
+    assert!((p + P) * w.ng * bs <= w.packed.len());
+    let mut base = [w.packed.as_ptr(); P];
+    for (pp, b) in base.iter_mut().enumerate() {
+        // SAFETY: inside `packed` (the assert).
+        *b = unsafe { b.add((p + pp) * w.ng * bs) };
+    }
     let mut accf = [[_mm512_setzero_ps(); P]; R];
     let nib = _mm512_set1_epi8(15);
     for g in 0..w.ng {
-        let metas: [&[u8]; P] = std::array::from_fn(|pp| w.block(p + pp, g));
-        let blocks: [&[u8]; P] = std::array::from_fn(|pp| &metas[pp][w.meta..]);
+        let mut metas = base;
+        let mut blocks = base;
+        for pp in 0..P {
+            // SAFETY: block g of panel p + pp, inside `packed` (the assert).
+            metas[pp] = unsafe { base[pp].add(g * bs) };
+            blocks[pp] = unsafe { metas[pp].add(w.meta) };
+        }
         let mut acc = [[_mm512_setzero_si512(); P]; R];
         for pp in 0..P {
             for (r, a) in acc.iter_mut().enumerate() {
-                let sum = ctx.a.sums[(r0 + r) * w.ng + g];
+                let sum = sums[r][g];
                 a[pp] = match w.off {
                     Some(o) => _mm512_set1_epi32(o.wrapping_mul(sum)),
                     None => {
                         // SAFETY: the block's meta holds NR scales, then NR offsets.
-                        let no = unsafe { _mm512_loadu_si512(metas[pp][4 * NR..].as_ptr().cast()) };
+                        let no = unsafe { _mm512_loadu_si512(metas[pp].add(4 * NR).cast()) };
                         _mm512_mullo_epi32(no, _mm512_set1_epi32(sum))
                     }
                 };
             }
         }
         let a0 = g * w.gs;
-        let bytes = blocks;
         if w.nibbles {
             for i in 0..pairs {
                 let mut lo = [_mm512_setzero_si512(); P];
                 let mut hi = [_mm512_setzero_si512(); P];
                 for pp in 0..P {
-                    // SAFETY: step pair i of the group is 64 bytes inside `bytes[pp]`.
-                    let v = unsafe { _mm512_loadu_si512(bytes[pp][64 * i..].as_ptr().cast()) };
+                    // SAFETY: step pair i of the group: 64 of its `gb` code bytes.
+                    let v = unsafe { _mm512_loadu_si512(blocks[pp].add(64 * i).cast()) };
                     lo[pp] = _mm512_and_si512(v, nib);
                     hi[pp] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
                 }
@@ -622,8 +638,8 @@ unsafe fn avx512_g<const R: usize, const P: usize, const S: usize>(
             for s in 0..w.gs / 4 {
                 let mut v = [_mm512_setzero_si512(); P];
                 for pp in 0..P {
-                    // SAFETY: step s of the group is 64 bytes inside `bytes[pp]`.
-                    v[pp] = unsafe { _mm512_loadu_si512(bytes[pp][64 * s..].as_ptr().cast()) };
+                    // SAFETY: step s of the group: 64 of its `gb` code bytes.
+                    v[pp] = unsafe { _mm512_loadu_si512(blocks[pp].add(64 * s).cast()) };
                 }
                 for r in 0..R {
                     let x = _mm512_set1_epi32(unsafe { bcast4(acts[r], a0 + 4 * s) });
@@ -635,7 +651,7 @@ unsafe fn avx512_g<const R: usize, const P: usize, const S: usize>(
         }
         for pp in 0..P {
             // SAFETY: as for the offsets.
-            let sc = unsafe { _mm512_loadu_ps(metas[pp].as_ptr().cast()) };
+            let sc = unsafe { _mm512_loadu_ps(metas[pp].cast()) };
             for r in 0..R {
                 accf[r][pp] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][pp]), sc, accf[r][pp]);
             }
@@ -665,11 +681,19 @@ unsafe fn avx2<const R: usize, const P: usize>(
     let nib = _mm256_set1_epi8(15);
     let ones = _mm256_set1_epi16(1);
     let sixteen = _mm256_set1_epi16(16);
+    let bs = w.gb + w.meta;
+    // Every block read below lies inside panels p .. p + P (checked once: pointers, not slices,
+    // in the group loop).
+    assert!((p + P) * w.ng * bs <= w.packed.len());
     // Panels one at a time, halves as the inner register dimension (16 registers only).
     for pp in 0..P {
         let mut accf = [[_mm256_setzero_ps(); 2]; R];
+        // SAFETY: inside `packed` (the assert).
+        let base = unsafe { w.packed.as_ptr().add((p + pp) * w.ng * bs) };
         for g in 0..w.ng {
-            let (meta, bytes) = w.block(p + pp, g).split_at(w.meta);
+            // SAFETY: block g of the panel, inside `packed` (the assert).
+            let meta = unsafe { base.add(g * bs) };
+            let bytes = unsafe { meta.add(w.meta) };
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             for h in 0..2 {
                 for (r, a) in acc.iter_mut().enumerate() {
@@ -678,9 +702,8 @@ unsafe fn avx2<const R: usize, const P: usize>(
                         Some(o) => _mm256_set1_epi32(o.wrapping_mul(sum)),
                         None => {
                             // SAFETY: the block's meta holds NR scales, then NR offsets.
-                            let no = unsafe {
-                                _mm256_loadu_si256(meta[4 * (NR + 8 * h)..].as_ptr().cast())
-                            };
+                            let no =
+                                unsafe { _mm256_loadu_si256(meta.add(4 * (NR + 8 * h)).cast()) };
                             _mm256_mullo_epi32(no, _mm256_set1_epi32(sum))
                         }
                     };
@@ -693,8 +716,7 @@ unsafe fn avx2<const R: usize, const P: usize>(
                     let mut hi = [_mm256_setzero_si256(); 2];
                     for h in 0..2 {
                         // SAFETY: 32 bytes of step pair i inside `bytes`.
-                        let v =
-                            unsafe { _mm256_loadu_si256(bytes[64 * i + 32 * h..].as_ptr().cast()) };
+                        let v = unsafe { _mm256_loadu_si256(bytes.add(64 * i + 32 * h).cast()) };
                         lo[h] = _mm256_and_si256(v, nib);
                         hi[h] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
                     }
@@ -716,8 +738,7 @@ unsafe fn avx2<const R: usize, const P: usize>(
                     let mut hi = [_mm256_setzero_si256(); 2];
                     for h in 0..2 {
                         // SAFETY: 32 bytes of step s inside `bytes`.
-                        let v =
-                            unsafe { _mm256_loadu_si256(bytes[64 * s + 32 * h..].as_ptr().cast()) };
+                        let v = unsafe { _mm256_loadu_si256(bytes.add(64 * s + 32 * h).cast()) };
                         lo[h] = _mm256_and_si256(v, nib);
                         hi[h] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
                     }
@@ -733,7 +754,7 @@ unsafe fn avx2<const R: usize, const P: usize>(
             }
             for h in 0..2 {
                 // SAFETY: as for the offsets.
-                let sc = unsafe { _mm256_loadu_ps(meta[32 * h..].as_ptr().cast()) };
+                let sc = unsafe { _mm256_loadu_ps(meta.add(32 * h).cast()) };
                 for r in 0..R {
                     accf[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), sc, accf[r][h]);
                 }
