@@ -24,6 +24,7 @@ use crate::quant::spec::{Granularity, QuantizedTensor};
 use crate::{ensure, Error, Result};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Output columns per panel: the int32 lanes of one 512-bit vector.
 pub const NR: usize = 16;
@@ -286,10 +287,11 @@ impl IntMatrix {
             }
         };
         let (m, n) = (acts.m, self.n);
-        let mut out = Array2::<f32>::zeros((m, n));
         if m == 0 || n == 0 {
-            return Ok(out);
+            return Ok(Array2::zeros((m, n)));
         }
+        // Not cleared first: every task writes each element of its columns once (a cleared
+        // output is a pass over fresh pages of its own, page faults included).
         let inv: Vec<f64> = acts.scales.iter().map(|&s| 1.0 / s as f64).collect();
         // Tasks own ranges of whole panels (all rows), written straight into `out`.
         let per_thread = if m <= 2 { 4 } else { 8 };
@@ -303,11 +305,13 @@ impl IntMatrix {
             post,
             path,
         };
+        let mut out = Array2::<f32>::uninit((m, n));
         out.axis_chunks_iter_mut(Axis(1), cols)
             .into_par_iter()
             .enumerate()
             .for_each(|(t, mut dst)| ctx.task(t * cols / NR, &mut dst));
-        Ok(out)
+        // SAFETY: the tasks cover every column, and each writes every row of its columns.
+        Ok(unsafe { out.assume_init() })
     }
 }
 
@@ -388,7 +392,7 @@ const PMAX: usize = 4;
 
 impl Ctx<'_> {
     /// Panels `p0 ..` (as many as `dst` has columns) for every activation row.
-    fn task(&self, p0: usize, dst: &mut ArrayViewMut2<'_, f32>) {
+    fn task(&self, p0: usize, dst: &mut ArrayViewMut2<'_, MaybeUninit<f32>>) {
         let (m, cols) = dst.dim();
         let mut buf = [[0f32; PMAX * NR]; MR];
         // Few rows: four panels at once, so enough accumulators are in flight.
@@ -419,12 +423,12 @@ impl Ctx<'_> {
                     match self.bias {
                         Some(b) => {
                             for ((o, &f), &b) in out.iter_mut().zip(acc).zip(&b[col0..]) {
-                                *o = (f as f64 * inv + b as f64) as f32;
+                                *o = MaybeUninit::new((f as f64 * inv + b as f64) as f32);
                             }
                         }
                         None => {
                             for (o, &f) in out.iter_mut().zip(acc) {
-                                *o = (f as f64 * inv) as f32;
+                                *o = MaybeUninit::new((f as f64 * inv) as f32);
                             }
                         }
                     }
@@ -435,7 +439,10 @@ impl Ctx<'_> {
         }
         if let Some(post) = self.post {
             for mut row in dst.rows_mut() {
-                post(row.as_slice_mut().expect("task columns are contiguous"));
+                let row = row.as_slice_mut().expect("task columns are contiguous");
+                // SAFETY: every element of the row was written above; `MaybeUninit<f32>` has
+                // `f32`'s layout.
+                post(unsafe { &mut *(row as *mut [MaybeUninit<f32>] as *mut [f32]) });
             }
         }
     }
