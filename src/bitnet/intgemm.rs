@@ -385,6 +385,35 @@ struct Ctx<'a> {
     path: Path,
 }
 
+/// `out = acc * inv + bias` in f64, rounded to f32: one stretch of an output row, compiled for
+/// the CPU's vectors.
+struct Rescale<'a> {
+    out: &'a mut [MaybeUninit<f32>],
+    acc: &'a [f32],
+    inv: f64,
+    bias: Option<&'a [f32]>,
+}
+
+impl crate::quant::simd::Kernel for Rescale<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: crate::quant::simd::Isa>(self) {
+        let inv = self.inv;
+        match self.bias {
+            Some(b) => {
+                for ((o, &f), &b) in self.out.iter_mut().zip(self.acc).zip(b) {
+                    *o = MaybeUninit::new((f as f64 * inv + b as f64) as f32);
+                }
+            }
+            None => {
+                for (o, &f) in self.out.iter_mut().zip(self.acc) {
+                    *o = MaybeUninit::new((f as f64 * inv) as f32);
+                }
+            }
+        }
+    }
+}
+
 /// Rows per register tile.
 const MR: usize = 6;
 /// Panels per register tile, at most.
@@ -419,19 +448,12 @@ impl Ctx<'_> {
                     let out = out.as_slice_mut().expect("task columns are contiguous");
                     let out = &mut out[c..c + width];
                     let col0 = p0 * NR + c;
-                    let inv = self.inv[r];
-                    match self.bias {
-                        Some(b) => {
-                            for ((o, &f), &b) in out.iter_mut().zip(acc).zip(&b[col0..]) {
-                                *o = MaybeUninit::new((f as f64 * inv + b as f64) as f32);
-                            }
-                        }
-                        None => {
-                            for (o, &f) in out.iter_mut().zip(acc) {
-                                *o = MaybeUninit::new((f as f64 * inv) as f32);
-                            }
-                        }
-                    }
+                    crate::quant::simd::dispatch(Rescale {
+                        out,
+                        acc,
+                        inv: self.inv[r],
+                        bias: self.bias.map(|b| &b[col0..col0 + width]),
+                    });
                 }
                 r0 += rows;
             }
@@ -545,16 +567,15 @@ fn portable<const R: usize, const P: usize>(
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-/// Four activation bytes at `a[i..i + 4]` as one 32-bit word (to broadcast).
+/// Four activation bytes at `p + i` as one 32-bit word (to broadcast).
 ///
 /// # Safety
-/// `i + 4 <= a.len()`.
+/// `p + i .. p + i + 4` must be readable.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn bcast4(a: &[i8], i: usize) -> i32 {
-    debug_assert!(i + 4 <= a.len());
+unsafe fn word(p: *const i8, i: usize) -> i32 {
     // SAFETY: the caller's promise.
-    unsafe { a.as_ptr().add(i).cast::<i32>().read_unaligned() }
+    unsafe { p.add(i).cast::<i32>().read_unaligned() }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -585,9 +606,16 @@ unsafe fn avx512_g<const R: usize, const P: usize, const S: usize>(
 ) {
     let w = ctx.w;
     let pairs = if S > 0 { S } else { w.gs / 8 };
-    let acts: [&[i8]; R] = std::array::from_fn(|r| ctx.act_row(r0 + r));
-    let sums: [&[i32]; R] =
-        std::array::from_fn(|r| &ctx.a.sums[(r0 + r) * w.ng..(r0 + r + 1) * w.ng]);
+    let (stride, ng) = (ctx.a.stride, w.ng);
+    // Every activation and sum read below lies inside rows r0 .. r0 + R (checked once).
+    assert!((r0 + R) * stride <= ctx.a.q.len() && (r0 + R) * ng <= ctx.a.sums.len());
+    // SAFETY: inside `q` and `sums` (the assert).
+    let (q0, s0) = unsafe {
+        (
+            ctx.a.q.as_ptr().add(r0 * stride),
+            ctx.a.sums.as_ptr().add(r0 * ng),
+        )
+    };
     let bs = w.gb + w.meta;
     // Every block read below lies inside panels p .. p + P (checked once: pointers, not slices,
     // in the group loop).
@@ -610,7 +638,8 @@ unsafe fn avx512_g<const R: usize, const P: usize, const S: usize>(
         let mut acc = [[_mm512_setzero_si512(); P]; R];
         for pp in 0..P {
             for (r, a) in acc.iter_mut().enumerate() {
-                let sum = sums[r][g];
+                // SAFETY: row r0 + r's sum of group g (the assert).
+                let sum = unsafe { *s0.add(r * ng + g) };
                 a[pp] = match w.off {
                     Some(o) => _mm512_set1_epi32(o.wrapping_mul(sum)),
                     None => {
@@ -633,8 +662,9 @@ unsafe fn avx512_g<const R: usize, const P: usize, const S: usize>(
                     hi[pp] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
                 }
                 for r in 0..R {
-                    let x0 = _mm512_set1_epi32(unsafe { bcast4(acts[r], a0 + 8 * i) });
-                    let x1 = _mm512_set1_epi32(unsafe { bcast4(acts[r], a0 + 8 * i + 4) });
+                    // SAFETY: 8 bytes of row r0 + r inside its `stride` (the assert).
+                    let x0 = _mm512_set1_epi32(unsafe { word(q0, r * stride + a0 + 8 * i) });
+                    let x1 = _mm512_set1_epi32(unsafe { word(q0, r * stride + a0 + 8 * i + 4) });
                     for pp in 0..P {
                         acc[r][pp] = _mm512_dpbusd_epi32(acc[r][pp], lo[pp], x0);
                         acc[r][pp] = _mm512_dpbusd_epi32(acc[r][pp], hi[pp], x1);
@@ -649,7 +679,8 @@ unsafe fn avx512_g<const R: usize, const P: usize, const S: usize>(
                     v[pp] = unsafe { _mm512_loadu_si512(blocks[pp].add(64 * s).cast()) };
                 }
                 for r in 0..R {
-                    let x = _mm512_set1_epi32(unsafe { bcast4(acts[r], a0 + 4 * s) });
+                    // SAFETY: 4 bytes of row r0 + r inside its `stride` (the assert).
+                    let x = _mm512_set1_epi32(unsafe { word(q0, r * stride + a0 + 4 * s) });
                     for pp in 0..P {
                         acc[r][pp] = _mm512_dpbusd_epi32(acc[r][pp], v[pp], x);
                     }
@@ -677,6 +708,7 @@ unsafe fn avx512_g<const R: usize, const P: usize, const S: usize>(
 /// `2 x 15 x 128` and the int16 lanes never saturate.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // `r` walks the activation rows and the accumulators alike
 unsafe fn avx2<const R: usize, const P: usize>(
     ctx: &Ctx<'_>,
     r0: usize,
@@ -684,7 +716,16 @@ unsafe fn avx2<const R: usize, const P: usize>(
     buf: &mut [[f32; PMAX * NR]; MR],
 ) {
     let w = ctx.w;
-    let acts: [&[i8]; R] = std::array::from_fn(|r| ctx.act_row(r0 + r));
+    let (stride, ng) = (ctx.a.stride, w.ng);
+    // Every activation and sum read below lies inside rows r0 .. r0 + R (checked once).
+    assert!((r0 + R) * stride <= ctx.a.q.len() && (r0 + R) * ng <= ctx.a.sums.len());
+    // SAFETY: inside `q` and `sums` (the assert).
+    let (q0, s0) = unsafe {
+        (
+            ctx.a.q.as_ptr().add(r0 * stride),
+            ctx.a.sums.as_ptr().add(r0 * ng),
+        )
+    };
     let nib = _mm256_set1_epi8(15);
     let ones = _mm256_set1_epi16(1);
     let sixteen = _mm256_set1_epi16(16);
@@ -704,7 +745,8 @@ unsafe fn avx2<const R: usize, const P: usize>(
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             for h in 0..2 {
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let sum = ctx.a.sums[(r0 + r) * w.ng + g];
+                    // SAFETY: row r0 + r's sum of group g (the assert).
+                    let sum = unsafe { *s0.add(r * ng + g) };
                     a[h] = match w.off {
                         Some(o) => _mm256_set1_epi32(o.wrapping_mul(sum)),
                         None => {
@@ -728,8 +770,10 @@ unsafe fn avx2<const R: usize, const P: usize>(
                         hi[h] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
                     }
                     for r in 0..R {
-                        let x0 = _mm256_set1_epi32(unsafe { bcast4(acts[r], a0 + 8 * i) });
-                        let x1 = _mm256_set1_epi32(unsafe { bcast4(acts[r], a0 + 8 * i + 4) });
+                        // SAFETY: 8 bytes of row r0 + r inside its `stride` (the assert).
+                        let x0 = _mm256_set1_epi32(unsafe { word(q0, r * stride + a0 + 8 * i) });
+                        let x1 =
+                            _mm256_set1_epi32(unsafe { word(q0, r * stride + a0 + 8 * i + 4) });
                         for h in 0..2 {
                             let s = _mm256_add_epi16(
                                 _mm256_maddubs_epi16(lo[h], x0),
@@ -750,7 +794,8 @@ unsafe fn avx2<const R: usize, const P: usize>(
                         hi[h] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
                     }
                     for r in 0..R {
-                        let x = _mm256_set1_epi32(unsafe { bcast4(acts[r], a0 + 4 * s) });
+                        // SAFETY: 4 bytes of row r0 + r inside its `stride` (the assert).
+                        let x = _mm256_set1_epi32(unsafe { word(q0, r * stride + a0 + 4 * s) });
                         for h in 0..2 {
                             let l = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[h], x), ones);
                             let u = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[h], x), sixteen);
