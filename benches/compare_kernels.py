@@ -14,8 +14,9 @@ Method
   ``torch._int_mm`` (int8 x int8 -> int32, no quantization or rescale), where it runs on this CPU.
 * G MAC/s = m*k*n / time, best of ``--repeat`` after warm-ups; every thread count runs in a fresh
   process. Ceilings: the copy bandwidth (``np.copyto``, 256 MiB) for GEMVs, as bytes of packed
-  weights per second; for GEMMs the best int8 rate torch._int_mm reaches (a proxy: lowbit has no
-  tight-loop VNNI probe yet).
+  weights per second; for GEMMs the int8 MAC rate of a tight register-only loop of the
+  instruction lowbit's kernels use (``vpdpbusd`` with AVX-512 VNNI, else ``maddubs``), per thread
+  times the thread count; the rate torch._int_mm reaches at 1024^3 is printed beside it.
 * Integer results are checked against NumPy int64 before timing.
 * Not measured yet: ggml / bitnet.cpp in the same run.
 
@@ -38,17 +39,20 @@ def _child(threads: int, repeat: int) -> None:
 
     import lowbit
     import lowbit.bitnet as bn
+    from lowbit import _lowbit
 
     torch.set_num_threads(threads)
     r = np.random.default_rng(0)
     bw = copy_bandwidth(repeat)
     a8 = torch.randint(-128, 128, (1024, 1024), dtype=torch.int8)
     try:
-        peak = 1024**3 / best_time(lambda: torch._int_mm(a8, a8), repeat) / 1e9
+        int_mm = 1024**3 / best_time(lambda: torch._int_mm(a8, a8), repeat) / 1e9
     except RuntimeError:
-        peak = float("nan")
+        int_mm = float("nan")
+    probe = _lowbit.intgemm_peak(0.5)
+    name, peak = (probe[0], threads * probe[1] / 1e9) if probe else ("none", float("nan"))
     print(f"\n== {threads} thread(s); load average {os.getloadavg()[0]:.2f}; copy bandwidth {bw / 1e9:.1f} GB/s; "
-          f"torch._int_mm peak (1024^3) {peak:.1f} G MAC/s ==")
+          f"int8 MAC ceiling ({name} loop x {threads}) {peak:.1f} G MAC/s; torch._int_mm (1024^3) {int_mm:.1f} ==")
     print(f"{'shape':18s} {'tern int':>9s} {'tern f32io':>10s} {'int8 f32io':>10s} {'int4 f32io':>10s} "
           f"{'torch f32':>9s} {'torch int8':>10s} {'tern/f32':>8s} {'tern/int8':>9s} {'int8/f32':>8s} "
           f"{'int4/f32':>8s}  ceiling")
@@ -81,7 +85,8 @@ def _child(threads: int, repeat: int) -> None:
         if m == 1:
             ceil = f"{layer.nbytes / t_int / 1e9:5.1f} GB/s of packed weights = {layer.nbytes / t_int / bw:4.0%} of copy"
         else:
-            ceil = f"{g(t_int) / peak:4.0%} of torch._int_mm's peak" if peak == peak else "-"
+            ceil = (f"tern {g(t_int) / peak:4.0%}, int8 {g(t_q[8]) / peak:4.0%}, int4 {g(t_q[4]) / peak:4.0%} "
+                    "of the MAC ceiling") if peak == peak else "-"
         print(f"{m}x{k}->{n:<8d} {g(t_int):9.1f} {g(t_lin):10.1f} {g(t_q[8]):10.1f} {g(t_q[4]):10.1f} "
               f"{g(t_f32):9.1f} {g(t_i8):10.1f} {t_f32 / t_int:8.2f} {t_i8 / t_int:9.2f} {t_f32 / t_q[8]:8.2f} "
               f"{t_f32 / t_q[4]:8.2f}  {ceil}")

@@ -25,6 +25,7 @@ __all__ = [
     "TernaryLinear",
     "IntLinear",
     "intgemm_paths",
+    "intgemm_peak",
     "BertCore",
     "MultiTaskCore",
     "builtin_devices",
@@ -286,6 +287,10 @@ class IntLinear:
     def forward(self, x: npt.NDArray[np.float32], path: str | None = None) -> npt.NDArray[np.float32]:
         """``q_x @ dequantized(w).T / s_x + bias`` on the chosen kernel path ("avx512vnni", "avx2",
         "portable"; the fastest allowed when None)."""
+
+def intgemm_peak(seconds: float) -> tuple[str, float] | None:
+    """``(instruction, MAC/s)`` of one thread's tight int8 multiply-accumulate loop (the benches'
+    GEMM ceiling); None on the portable path."""
 
 def intgemm_paths() -> list[str]:
     """The integer GEMM paths this machine can run, fastest last."""

@@ -821,6 +821,75 @@ unsafe fn avx2<const R: usize, const P: usize>(
     }
 }
 
+/// The int8 multiply-accumulate rate of one thread in a tight loop of the best instruction the
+/// CPU and `LOWBIT_ISA` allow (AVX-512 VNNI `vpdpbusd`, else AVX2 `maddubs`), twelve
+/// independent accumulators in registers, no memory traffic: the ceiling the integer GEMMs are
+/// measured against. Returns the instruction's name and MAC/s (`None` on the portable path).
+pub fn peak_mac_rate(seconds: f64) -> Option<(&'static str, f64)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        const ACC: usize = 12;
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        unsafe fn vnni(n: usize) -> i32 {
+            let (a, b) = (
+                std::hint::black_box(_mm512_set1_epi8(1)),
+                std::hint::black_box(_mm512_set1_epi8(2)),
+            );
+            let mut acc = [_mm512_setzero_si512(); ACC];
+            for _ in 0..n {
+                for x in acc.iter_mut() {
+                    *x = _mm512_dpbusd_epi32(*x, a, b);
+                }
+            }
+            acc.iter().map(|&v| _mm512_reduce_add_epi32(v)).sum()
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn maddubs(n: usize) -> i32 {
+            let b = std::hint::black_box(_mm256_set1_epi8(2));
+            let mut acc = [std::hint::black_box(_mm256_set1_epi8(1)); ACC];
+            for _ in 0..n {
+                for x in acc.iter_mut() {
+                    // Each product reads its accumulator, so none can be hoisted out of the loop.
+                    *x = _mm256_add_epi16(*x, _mm256_maddubs_epi16(*x, b));
+                }
+            }
+            let mut out = [0i16; 16];
+            let s = acc
+                .iter()
+                .fold(_mm256_setzero_si256(), |s, &v| _mm256_add_epi16(s, v));
+            // SAFETY: `out` holds 32 bytes.
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), s) };
+            out.iter().map(|&v| v as i32).sum()
+        }
+        let (name, macs, run): (&str, usize, unsafe fn(usize) -> i32) = match Path::best() {
+            Path::Avx512 => ("avx512vnni vpdpbusd", 64, vnni),
+            Path::Avx2 => ("avx2 maddubs", 32, maddubs),
+            Path::Portable => return None,
+        };
+        // Grow the count until one run lasts a tenth of the time, then take the best of runs.
+        let mut n = 1 << 12;
+        let mut best = f64::MAX;
+        let start = std::time::Instant::now();
+        while start.elapsed().as_secs_f64() < seconds {
+            let t = std::time::Instant::now();
+            // SAFETY: `Path::best()` found the instruction set on this CPU.
+            std::hint::black_box(unsafe { run(n) });
+            let dt = t.elapsed().as_secs_f64();
+            if dt < seconds / 10.0 {
+                n *= 2;
+                continue;
+            }
+            best = best.min(dt / n as f64);
+        }
+        (best < f64::MAX).then(|| (name, (ACC * macs) as f64 / best))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = seconds;
+        None
+    }
+}
+
 /// A linear layer on an `IntMatrix`: int8 activations per row, the integer GEMM, a bias.
 #[derive(Clone, Debug)]
 pub struct IntLinear {
@@ -1008,6 +1077,18 @@ mod tests {
         )
         .unwrap();
         check(&t, &codes(7, 300, 1), false);
+    }
+
+    #[test]
+    fn the_peak_probe_reports_a_rate_where_a_simd_path_runs() {
+        match (Path::best(), peak_mac_rate(0.05)) {
+            (Path::Portable, r) => assert!(r.is_none()),
+            (_, Some((name, rate))) => {
+                eprintln!("{name}: {:.1} G MAC/s per thread", rate / 1e9);
+                assert!(rate.is_finite() && rate > 1e8);
+            }
+            (p, None) => panic!("no rate on the {} path", p.name()),
+        }
     }
 
     #[test]

@@ -136,6 +136,12 @@ impl TernaryMatrix {
         let per_thread = if m <= 2 { 4 } else { 8 };
         let tasks = rayon::current_num_threads().max(1) * per_thread;
         let rows_per_task = n.div_ceil(tasks).next_multiple_of(4);
+        let vnni = avx2 && super::use_vnni();
+        let (qz, qzs) = if vnni {
+            zmm_layout(qp, qs, m, self.kp)
+        } else {
+            (Vec::new(), 0)
+        };
         let ctx = Ctx {
             w: self,
             qp,
@@ -143,7 +149,9 @@ impl TernaryMatrix {
             sums,
             epi,
             avx2,
-            vnni: avx2 && super::use_vnni(),
+            vnni,
+            qz: &qz,
+            qzs,
         };
         out.axis_chunks_iter_mut(Axis(1), rows_per_task)
             .into_par_iter()
@@ -325,6 +333,12 @@ struct Ctx<'a, E> {
     /// The AVX2 tiles take AVX-512 VNNI (`avx2` and `use_vnni()`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     vnni: bool,
+    /// With `vnni` on the row tiles, the activations again in `zmm_layout`'s order, rows
+    /// `qzs` bytes apart (empty for the panels, which read the plain layout).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    qz: &'a [i8],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    qzs: usize,
 }
 
 impl<E: Epilogue> Ctx<'_, E> {
@@ -351,7 +365,8 @@ impl<E: Epilogue> Ctx<'_, E> {
                     // SAFETY: this path is taken only when use_avx2() found AVX2 on the CPU.
                     let acc = unsafe {
                         if self.vnni {
-                            vnni_row_tile::<4, 1>(w, wrow, q, self.qs)
+                            let qz = &self.qz[r0 * self.qzs..(r0 + 4) * self.qzs];
+                            zmm_row_tile::<4, 1>(w, wrow, qz, self.qzs)
                         } else {
                             avx2_tile::<4, 1>(w, wrow, q, self.qs)
                         }
@@ -434,7 +449,9 @@ impl<E: Epilogue> Tile<'_, E> {
         let q = &self.ctx.qp[self.r0 * qs..(self.r0 + R) * qs];
         let acc = unsafe {
             if self.ctx.vnni {
-                vnni_row_tile::<R, W>(self.w, wrow, q, qs)
+                let zs = self.ctx.qzs;
+                let qz = &self.ctx.qz[self.r0 * zs..(self.r0 + R) * zs];
+                zmm_row_tile::<R, W>(self.w, wrow, qz, zs)
             } else {
                 avx2_tile::<R, W>(self.w, wrow, q, qs)
             }
@@ -519,6 +536,8 @@ mod panels {
             epi,
             avx2: true,
             vnni: super::super::use_vnni(),
+            qz: &[],
+            qzs: 0,
         };
         out.axis_chunks_iter_mut(Axis(0), rows)
             .into_par_iter()
@@ -786,42 +805,94 @@ unsafe fn hsum4(v: [std::arch::x86_64::__m256i; 4]) -> [i32; 4] {
     out
 }
 
+/// The activations of `m` rows (`qs` bytes apart in `qp`, `kp` of them used) for
+/// `zmm_row_tile`: per pair of 128-input blocks, group g's 32 inputs of the first block, then
+/// those of the second (zeros when the pair has one block), so that one 512-bit load meets the
+/// two blocks' group-g weights of one 64-byte load. Rows are `qzs` bytes apart.
+fn zmm_layout(qp: &[i8], qs: usize, m: usize, kp: usize) -> (Vec<i8>, usize) {
+    let blocks = kp / BLOCK;
+    let qzs = blocks.div_ceil(2) * 2 * BLOCK + 64;
+    let mut qz = vec![0i8; m * qzs];
+    for (dst, src) in qz.chunks_exact_mut(qzs).zip(qp.chunks(qs)) {
+        for b in 0..blocks {
+            let (j, half) = (b / 2, b % 2);
+            for g in 0..4 {
+                let (to, from) = (j * 2 * BLOCK + 64 * g + 32 * half, b * BLOCK + 32 * g);
+                dst[to..to + 32].copy_from_slice(&src[from..from + 32]);
+            }
+        }
+    }
+    (qz, qzs)
+}
+
+/// AVX-512 VNNI row tiles: `avx2_tile`'s products with `vpdpbusd` into int32 lanes, two
+/// 128-input blocks of a weight row per 64-byte load (a masked load for an odd last block:
+/// nothing past the row is read) against activations in `zmm_layout`; even and odd groups go to
+/// two accumulator sets (one set is latency-bound: 117 against 150 G MAC/s at 8 x 4096).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // `acc[s][i][r]` reads best as the register block it is
+unsafe fn zmm_row_tile<const R: usize, const W: usize>(
+    w: &[u8],
+    wrow: usize,
+    qz: &[i8],
+    qzs: usize,
+) -> [[i32; R]; W] {
+    use std::arch::x86_64::*;
+    let blocks = wrow * 4 / BLOCK;
+    let pairs = blocks.div_ceil(2);
+    // Every load below stays inside `w` and `qz`.
+    assert!(R > 0 && w.len() >= W * wrow && qz.len() >= (R - 1) * qzs + pairs * 2 * BLOCK);
+    let (wp, qp) = (w.as_ptr(), qz.as_ptr());
+    let mask = _mm512_set1_epi8(3);
+    let mut acc = [[[_mm512_setzero_si512(); R]; W]; 2];
+    for j in 0..pairs {
+        let full = 2 * j + 1 < blocks;
+        let mut wv = [_mm512_setzero_si512(); W];
+        for (i, v) in wv.iter_mut().enumerate() {
+            // SAFETY: 64 bytes of row i (32 for a last odd block, the rest masked) inside `w`.
+            *v = unsafe {
+                let at = wp.add(i * wrow + j * 64);
+                if full {
+                    _mm512_loadu_si512(at.cast())
+                } else {
+                    _mm512_maskz_loadu_epi8(0xFFFF_FFFF, at.cast())
+                }
+            };
+        }
+        for g in 0..4 {
+            let mut wg = [_mm512_setzero_si512(); W];
+            for i in 0..W {
+                wg[i] = _mm512_and_si512(wv[i], mask);
+                wv[i] = _mm512_srli_epi16::<2>(wv[i]);
+            }
+            for r in 0..R {
+                // SAFETY: 64 bytes of row r inside `qz` (the assert).
+                let a =
+                    unsafe { _mm512_loadu_si512(qp.add(r * qzs + j * 2 * BLOCK + 64 * g).cast()) };
+                for i in 0..W {
+                    acc[g % 2][i][r] = _mm512_dpbusd_epi32(acc[g % 2][i][r], wg[i], a);
+                }
+            }
+        }
+    }
+    let mut out = [[0i32; R]; W];
+    for i in 0..W {
+        for r in 0..R {
+            out[i][r] = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[0][i][r], acc[1][i][r]));
+        }
+    }
+    out
+}
+
 /// `acc[j][r] = Σ u_j q_r` for `W` packed weight rows (consecutive in `w`, `kp / 4` bytes each)
 /// and `R` padded activation rows (`qs` bytes apart in `q`); the caller subtracts
 /// the activation row sums. Every unpacked weight vector serves `R` activation rows and every
-/// activation load `W` weight rows; products are summed in i16 for `SPAN` blocks at a time
-/// (with VNNI in int32 lanes, even and odd groups in two sets of accumulators).
+/// activation load `W` weight rows; products are summed in i16 for `SPAN` blocks at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn avx2_tile<const R: usize, const W: usize>(
-    w: &[u8],
-    wrow: usize,
-    q: &[i8],
-    qs: usize,
-) -> [[i32; R]; W] {
-    // SAFETY: the caller's promise (AVX2), passed on.
-    unsafe { row_tile::<R, W, false>(w, wrow, q, qs) }
-}
-
-/// `avx2_tile` with AVX-512 VNNI on 256-bit vectors: each group's products go straight into
-/// int32 lanes with one `vpdpbusd` (no 16-bit sums, no widening).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-unsafe fn vnni_row_tile<const R: usize, const W: usize>(
-    w: &[u8],
-    wrow: usize,
-    q: &[i8],
-    qs: usize,
-) -> [[i32; R]; W] {
-    // SAFETY: the caller's promise (AVX-512 VL + VNNI), passed on.
-    unsafe { row_tile::<R, W, true>(w, wrow, q, qs) }
-}
-
-/// The body of `avx2_tile` (`V = false`) and `vnni_row_tile` (`V = true`), inlined into each.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
 #[allow(clippy::needless_range_loop)] // `acc[j][r]` reads best as the register block it is
-unsafe fn row_tile<const R: usize, const W: usize, const V: bool>(
+unsafe fn avx2_tile<const R: usize, const W: usize>(
     w: &[u8],
     wrow: usize,
     q: &[i8],
@@ -855,25 +926,14 @@ unsafe fn row_tile<const R: usize, const W: usize, const V: bool>(
                     let a =
                         _mm256_loadu_si256(qp.add(r * qs + b * BLOCK + 32 * g) as *const __m256i);
                     for j in 0..W {
-                        if V && g % 2 == 0 {
-                            acc32[j][r] = _mm256_dpbusd_epi32(acc32[j][r], wg[j], a);
-                        } else if V {
-                            // Odd groups into the other set: twice the chains in flight.
-                            acc[j][r] = _mm256_dpbusd_epi32(acc[j][r], wg[j], a);
-                        } else {
-                            acc[j][r] = _mm256_add_epi16(acc[j][r], _mm256_maddubs_epi16(wg[j], a));
-                        }
+                        acc[j][r] = _mm256_add_epi16(acc[j][r], _mm256_maddubs_epi16(wg[j], a));
                     }
                 }
             }
         }
         for j in 0..W {
             for r in 0..R {
-                acc32[j][r] = if V {
-                    _mm256_add_epi32(acc32[j][r], acc[j][r])
-                } else {
-                    _mm256_add_epi32(acc32[j][r], _mm256_madd_epi16(acc[j][r], ones))
-                };
+                acc32[j][r] = _mm256_add_epi32(acc32[j][r], _mm256_madd_epi16(acc[j][r], ones));
             }
         }
         b0 = b1;

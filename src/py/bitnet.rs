@@ -215,6 +215,13 @@ impl IntLinear {
     }
 }
 
+/// `(instruction, MAC/s)` of one thread's tight int8 multiply-accumulate loop (the benches'
+/// GEMM ceiling); None on the portable path.
+#[pyfunction]
+pub fn intgemm_peak(py: Python<'_>, seconds: f64) -> PyResult<Option<(&'static str, f64)>> {
+    detach(py, || Ok(intgemm::peak_mac_rate(seconds)))
+}
+
 /// The integer GEMM paths this machine can run, fastest last.
 #[pyfunction]
 pub fn intgemm_paths() -> Vec<&'static str> {

@@ -157,8 +157,8 @@ mod _lowbit {
     #[pymodule_export]
     use super::bitnet::{
         activation_quant, binary_matmul_packed, binary_quantize, bitnet_kernel, intgemm_paths,
-        pack_rows, pack_tq1, ternary_quantize, unpack_rows, unpack_tq1, IntLinear, PackedSigns,
-        TernaryLinear,
+        intgemm_peak, pack_rows, pack_tq1, ternary_quantize, unpack_rows, unpack_tq1, IntLinear,
+        PackedSigns, TernaryLinear,
     };
 
     #[pymodule_export]
