@@ -62,6 +62,8 @@ pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
 enum Kernel {
     /// (out, in) as PyTorch stores it (dequantized once for weight-only integer modes).
     Float(Tensor),
+    /// The same, packed once for the register-tiled float GEMM (CPUs with AVX2 + FMA).
+    Packed(ops::PackedWeights),
     /// Integer codes as stored, int8 activations (W8A8, W4A8).
     Int(IntLinear),
     Ternary(TernaryLinear),
@@ -141,7 +143,12 @@ impl Linear {
         let kernel = with_f32(&w, |ws| -> Result<Kernel> {
             let wv = ArrayView2::from_shape((out_features, in_features), ws).expect("2-D");
             Ok(match mode {
-                WeightMode::F32 | WeightMode::Int8 | WeightMode::Int4 => Kernel::Float(w.clone()),
+                WeightMode::F32 | WeightMode::Int8 | WeightMode::Int4 => {
+                    match ops::PackedWeights::new(ws, out_features, in_features) {
+                        Some(p) => Kernel::Packed(p),
+                        None => Kernel::Float(w.clone()),
+                    }
+                }
                 WeightMode::Ternary => {
                     Kernel::Ternary(TernaryLinear::from_float(wv, bias.clone())?)
                 }
@@ -153,7 +160,7 @@ impl Linear {
         let bias = match kernel {
             // The integer kernels add the bias in their f64 epilogue.
             Kernel::Ternary(_) | Kernel::Binary(_) | Kernel::Int(_) => None,
-            Kernel::Float(_) => bias,
+            Kernel::Float(_) | Kernel::Packed(_) => bias,
         };
         Ok(Linear {
             kernel,
@@ -193,7 +200,7 @@ impl Linear {
                         "binary layers binarize their activations; act_bits does not apply",
                     ))
                 }
-                Kernel::Float(_) => self.act_bits = Some(b),
+                Kernel::Float(_) | Kernel::Packed(_) => self.act_bits = Some(b),
                 Kernel::Int(_) => ensure!(b == 8, "integer layers take 8-bit activations"),
             }
         }
@@ -219,16 +226,14 @@ impl Linear {
         let y = with_f32(x, |xs| -> Result<Vec<f32>> {
             let xv = ArrayView2::from_shape((rows, k), xs).expect("rows x k");
             Ok(match &self.kernel {
+                Kernel::Packed(p) => {
+                    let mut quantized = Vec::new();
+                    let xs = self.float_input(xv, xs, &mut quantized)?;
+                    after(p.linear(xs, self.bias.as_deref()))
+                }
                 Kernel::Float(w) => {
-                    let quantized;
-                    let xs = match self.act_bits {
-                        Some(bits) => {
-                            let (q, s) = activation_quant(xv, bits)?;
-                            quantized = fake_quant_rows(q.view(), &s);
-                            &quantized[..]
-                        }
-                        None => xs,
-                    };
+                    let mut quantized = Vec::new();
+                    let xs = self.float_input(xv, xs, &mut quantized)?;
                     after(with_f32(w, |ws| {
                         ops::linear(xs, k, ws, n, self.bias.as_deref())
                     })?)
@@ -249,6 +254,26 @@ impl Linear {
         })??;
         *dims.last_mut().unwrap() = n;
         tensor(y, dims)
+    }
+}
+
+impl Linear {
+    /// A float kernel's input: `xs` itself, or with `act_bits` its per-token fake-quantized
+    /// values (written into `buf`).
+    fn float_input<'a>(
+        &self,
+        xv: ArrayView2<'_, f32>,
+        xs: &'a [f32],
+        buf: &'a mut Vec<f32>,
+    ) -> Result<&'a [f32]> {
+        Ok(match self.act_bits {
+            Some(bits) => {
+                let (q, s) = activation_quant(xv, bits)?;
+                *buf = fake_quant_rows(q.view(), &s);
+                &buf[..]
+            }
+            None => xs,
+        })
     }
 }
 

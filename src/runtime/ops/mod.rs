@@ -9,7 +9,7 @@ mod norm;
 mod softmax;
 
 pub use attention::{attention, AttnShape};
-pub use gemm::linear;
+pub use gemm::{linear, PackedWeights};
 pub use math::{erf, exp, tanh, Activation};
 pub use norm::layer_norm;
 pub use softmax::softmax_row;
@@ -128,6 +128,50 @@ mod tests {
         let empty = t(0, &[0, 24]);
         assert_eq!(add(&empty, &t(24, &[24])).unwrap().dims(), &[0, 24]);
     }
+    #[test]
+    fn packed_linear_matches_naive_and_gives_each_row_the_same_bits_in_any_batch() {
+        for (rows, k, n) in [
+            (33, 19, 7),
+            (1, 1, 1),
+            (7, 300, 37),
+            (13, 64, 16),
+            (0, 5, 3),
+            (6, 2, 100),
+        ] {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i % 11) as f32 - 5.0) / 3.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| i as f32 - 3.0).collect();
+            let Some(p) = PackedWeights::new(&w, n, k) else {
+                eprintln!("no AVX2 + FMA here: the packed float GEMM is not used, nothing to test");
+                return;
+            };
+            for bias in [None, Some(&b[..])] {
+                let y = p.linear(&x, bias);
+                assert_eq!(y.len(), rows * n);
+                for r in 0..rows {
+                    for j in 0..n {
+                        let want: f64 = bias.map_or(0.0, |b| b[j] as f64)
+                            + (0..k)
+                                .map(|c| x[r * k + c] as f64 * w[j * k + c] as f64)
+                                .sum::<f64>();
+                        assert!((y[r * n + j] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()));
+                    }
+                    // The same row alone: the same bits.
+                    let one = p.linear(&x[r * k..(r + 1) * k], bias);
+                    assert_eq!(
+                        one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        y[r * n..(r + 1) * n]
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<_>>()
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn linear_and_layer_norm_match_naive() {
         let (rows, k, n) = (33, 19, 7);
