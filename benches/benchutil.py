@@ -54,6 +54,13 @@ def main_per_thread_count(doc: str, script: str, child: Callable[[int, int], Non
     lowbit.show_config()
     if preamble is not None:
         preamble()
-    for t in (int(v) for v in args.threads.split(",")):
+    run_children(script, args.threads, args.repeat)
+
+
+def run_children(script: str, threads: str, repeat: int, extra: tuple[str, ...] = ()) -> None:
+    """Runs ``script --child T --repeat N`` (and ``extra``) in a fresh process for each thread
+    count ``T`` of ``threads`` ("1,2"), with ``RAYON_NUM_THREADS`` and ``OMP_NUM_THREADS`` set to it."""
+    for t in (int(v) for v in threads.split(",")):
         env = dict(os.environ, RAYON_NUM_THREADS=str(t), OMP_NUM_THREADS=str(t))
-        subprocess.run([sys.executable, script, "--child", str(t), "--repeat", str(args.repeat)], env=env, check=True)
+        subprocess.run([sys.executable, script, *extra, "--child", str(t), "--repeat", str(repeat)], env=env,
+                       check=True)

@@ -41,13 +41,13 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import subprocess
 import sys
 import tempfile
 
 import numpy as np
 import torch
 from benchutil import best_time as _best_time
+from benchutil import run_children
 
 best_time = functools.partial(_best_time, pause=0.2)
 
@@ -152,10 +152,7 @@ def main() -> None:
         import lowbit
 
         lowbit.show_config()
-        for t in (int(v) for v in (args.threads or "1,2").split(",")):
-            env = dict(os.environ, RAYON_NUM_THREADS=str(t), OMP_NUM_THREADS=str(t))
-            subprocess.run([sys.executable, __file__, "--model", "minilm", "--child", str(t), "--repeat",
-                            str(args.repeat)], env=env, check=True)
+        run_children(__file__, args.threads or "1,2", args.repeat, ("--model", "minilm"))
         return
     args.threads = int(args.threads or 2)
     torch.set_num_threads(args.threads)

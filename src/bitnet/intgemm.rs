@@ -21,7 +21,7 @@ use super::quant::quantize_row;
 use super::ternary::RowFn;
 use crate::quant::pack;
 use crate::quant::spec::{Granularity, QuantizedTensor};
-use crate::{ensure, Error, Result};
+use crate::{ensure, Result};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -44,29 +44,43 @@ pub enum Path {
 }
 
 impl Path {
-    /// The fastest path the CPU and `LOWBIT_ISA` allow.
-    pub fn best() -> Path {
+    /// Every path, slowest first.
+    pub const ALL: [Path; 3] = [Path::Portable, Path::Avx2, Path::Avx512];
+
+    /// Whether the CPU and `LOWBIT_ISA` allow this path.
+    pub fn allowed(self) -> bool {
         let l = crate::isa::level();
-        if l == crate::isa::Level::Avx512Vnni {
-            Path::Avx512
-        } else if l.has_avx2() {
-            Path::Avx2
-        } else {
-            Path::Portable
+        match self {
+            Path::Portable => true,
+            Path::Avx2 => l.has_avx2(),
+            Path::Avx512 => l == crate::isa::Level::Avx512Vnni,
         }
     }
 
-    /// Every path this machine can run (for tests).
+    /// The fastest path the CPU and `LOWBIT_ISA` allow.
+    pub fn best() -> Path {
+        Path::ALL
+            .into_iter()
+            .rev()
+            .find(|p| p.allowed())
+            .unwrap_or(Path::Portable)
+    }
+
+    /// Every path this machine can run, slowest first (for tests).
     pub fn available() -> Vec<Path> {
-        let mut v = vec![Path::Portable];
-        let l = crate::isa::level();
-        if l.has_avx2() {
-            v.push(Path::Avx2);
-        }
-        if l == crate::isa::Level::Avx512Vnni {
-            v.push(Path::Avx512);
-        }
-        v
+        Path::ALL.into_iter().filter(|p| p.allowed()).collect()
+    }
+
+    /// The path `name()` calls `name`.
+    pub fn from_name(name: &str) -> Result<Path> {
+        Path::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                crate::Error::value(format!(
+                    "path must be 'avx512vnni', 'avx2' or 'portable', got {name:?}"
+                ))
+            })
     }
 
     pub fn name(self) -> &'static str {
@@ -83,7 +97,6 @@ impl Path {
 pub struct IntMatrix {
     pub n: usize,
     pub k: usize,
-    pub bits: u32,
     /// Inputs per group (the spec's group size, or `CHUNK` / `k` with one scale per channel).
     pub group: usize,
     /// `group` rounded up to a multiple of 8: a group's stride in panels and activation rows.
@@ -195,7 +208,6 @@ impl IntMatrix {
         Ok(IntMatrix {
             n,
             k,
-            bits: t.spec.bits,
             group,
             gs,
             ng,
@@ -275,23 +287,15 @@ impl IntMatrix {
         if let Some(b) = bias {
             ensure!(b.len() == self.n, "bias must have {} entries", self.n);
         }
-        let path = match path {
-            Path::Avx512 if crate::isa::level() == crate::isa::Level::Avx512Vnni => path,
-            Path::Avx2 if crate::isa::level().has_avx2() => path,
-            Path::Portable => path,
-            p => {
-                return Err(Error::value(format!(
-                "the {} kernel needs an instruction set this CPU (or LOWBIT_ISA) does not allow",
-                p.name()
-            )))
-            }
-        };
+        ensure!(
+            path.allowed(),
+            "the {} kernel needs an instruction set this CPU (or LOWBIT_ISA) does not allow",
+            path.name()
+        );
         let (m, n) = (acts.m, self.n);
         if m == 0 || n == 0 {
             return Ok(Array2::zeros((m, n)));
         }
-        // Not cleared first: every task writes each element of its columns once (a cleared
-        // output is a pass over fresh pages of its own, page faults included).
         let inv: Vec<f64> = acts.scales.iter().map(|&s| 1.0 / s as f64).collect();
         // Tasks own ranges of whole panels (all rows), written straight into `out`.
         let per_thread = if m <= 2 { 4 } else { 8 };
@@ -305,6 +309,8 @@ impl IntMatrix {
             post,
             path,
         };
+        // Not cleared first: every task writes each element of its columns once (a cleared
+        // output is a pass over fresh pages of its own, page faults included).
         let mut out = Array2::<f32>::uninit((m, n));
         out.axis_chunks_iter_mut(Axis(1), cols)
             .into_par_iter()
@@ -578,34 +584,17 @@ unsafe fn word(p: *const i8, i: usize) -> i32 {
     unsafe { p.add(i).cast::<i32>().read_unaligned() }
 }
 
+/// AVX-512 VNNI: `R` rows against `P` panels, one `vpdpbusd` per 64-byte step and row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // `g` walks the blocks and the sums alike
 unsafe fn avx512<const R: usize, const P: usize>(
     ctx: &Ctx<'_>,
     r0: usize,
     p: usize,
     buf: &mut [[f32; PMAX * NR]; MR],
 ) {
-    // Groups of 32 (the usual int4 layout): the group's four step pairs unrolled.
-    if ctx.w.nibbles && ctx.w.gs == 32 {
-        unsafe { avx512_g::<R, P, 4>(ctx, r0, p, buf) }
-    } else {
-        unsafe { avx512_g::<R, P, 0>(ctx, r0, p, buf) }
-    }
-}
-
-/// `avx512` with `S` step pairs per group known at compile time (0: read from the matrix).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[allow(clippy::needless_range_loop)] // `g` walks the blocks and the sums alike
-unsafe fn avx512_g<const R: usize, const P: usize, const S: usize>(
-    ctx: &Ctx<'_>,
-    r0: usize,
-    p: usize,
-    buf: &mut [[f32; PMAX * NR]; MR],
-) {
     let w = ctx.w;
-    let pairs = if S > 0 { S } else { w.gs / 8 };
     let (stride, ng) = (ctx.a.stride, w.ng);
     // Every activation and sum read below lies inside rows r0 .. r0 + R (checked once).
     assert!((r0 + R) * stride <= ctx.a.q.len() && (r0 + R) * ng <= ctx.a.sums.len());
@@ -652,7 +641,7 @@ unsafe fn avx512_g<const R: usize, const P: usize, const S: usize>(
         }
         let a0 = g * w.gs;
         if w.nibbles {
-            for i in 0..pairs {
+            for i in 0..w.gs / 8 {
                 let mut lo = [_mm512_setzero_si512(); P];
                 let mut hi = [_mm512_setzero_si512(); P];
                 for pp in 0..P {
@@ -900,15 +889,7 @@ pub struct IntLinear {
 impl IntLinear {
     pub fn new(t: &QuantizedTensor, bias: Option<Vec<f32>>) -> Result<Self> {
         let w = IntMatrix::from_quantized(t)?;
-        if let Some(b) = &bias {
-            ensure!(
-                b.len() == w.n,
-                "bias must have {} entries, got {}",
-                w.n,
-                b.len()
-            );
-            ensure!(b.iter().all(|v| v.is_finite()), "bias contains NaN or Inf");
-        }
+        super::linear::check_bias(w.n, bias.as_deref())?;
         Ok(IntLinear { w, bias })
     }
 
@@ -919,9 +900,18 @@ impl IntLinear {
         x: ArrayView2<'_, f32>,
         post: Option<&RowFn>,
     ) -> Result<Array2<f32>> {
+        self.forward_on(x, post, Path::best())
+    }
+
+    /// `forward_post` on a chosen kernel path (tests and benches compare them).
+    pub fn forward_on(
+        &self,
+        x: ArrayView2<'_, f32>,
+        post: Option<&RowFn>,
+        path: Path,
+    ) -> Result<Array2<f32>> {
         let acts = self.w.quantize(x)?;
-        self.w
-            .matmul(&acts, self.bias.as_deref(), post, Path::best())
+        self.w.matmul(&acts, self.bias.as_deref(), post, path)
     }
 }
 

@@ -79,7 +79,7 @@ impl TernaryLinear {
 }
 
 /// An optional bias of `n` finite entries.
-fn check_bias(n: usize, bias: Option<&[f32]>) -> Result<()> {
+pub(super) fn check_bias(n: usize, bias: Option<&[f32]>) -> Result<()> {
     if let Some(b) = bias {
         ensure!(b.len() == n, "bias must have {n} entries, got {}", b.len());
         ensure!(b.iter().all(|v| v.is_finite()), "bias contains NaN or Inf");

@@ -16,8 +16,8 @@ pub fn use_avx2() -> bool {
     crate::isa::level().has_avx2()
 }
 
-/// Whether the ternary GEMM's tiles take AVX-512 VNNI (`vpdpbusd`: on 512-bit vectors for the
-/// panels, on 256-bit ones for the row tiles): the level in use is `avx512vnni`.
+/// Whether the ternary GEMM's tiles (panels and row tiles) take AVX-512 VNNI (`vpdpbusd` on
+/// 512-bit vectors): the level in use is `avx512vnni`.
 pub fn use_vnni() -> bool {
     crate::isa::level() == crate::isa::Level::Avx512Vnni
 }

@@ -495,7 +495,7 @@ pub fn uses_panels(m: usize, k: usize) -> bool {
 /// `uses_panels`); the row-tile path reads the packed codes directly.
 #[cfg(target_arch = "x86_64")]
 mod panels {
-    use super::{vnni_tile, Ctx, Epilogue, RowEpilogue, TernaryMatrix, BLOCK};
+    use super::{Ctx, Epilogue, RowEpilogue, TernaryMatrix, BLOCK};
     use ndarray::{Array2, ArrayViewMut2, Axis};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
@@ -585,13 +585,12 @@ mod panels {
             while r < m {
                 let rs = (m - r).min(MR);
                 let q = &ctx.qp[(r0 + r) * ctx.qs..];
-                let mut p = 0;
-                while vnni && p < np {
+                if vnni {
                     // Two panels at a time: 2 x rs independent accumulators in flight.
-                    let two = np - p >= 2;
-                    let panel = &panels[p * NR * kp..(p + 1 + two as usize) * NR * kp];
-                    // SAFETY: `use_vnni()` found AVX-512 F/BW/VNNI on the CPU.
-                    unsafe {
+                    let mut p = 0;
+                    while p < np {
+                        let two = np - p >= 2;
+                        let panel = &panels[p * NR * kp..(p + 1 + two as usize) * NR * kp];
                         macro_rules! go {
                             ($p:literal) => {
                                 match rs {
@@ -604,25 +603,29 @@ mod panels {
                                 }
                             };
                         }
-                        if two {
-                            go!(2)
-                        } else {
-                            go!(1)
+                        // SAFETY: `use_vnni()` found AVX-512 F/BW/VNNI on the CPU.
+                        unsafe {
+                            if two {
+                                go!(2)
+                            } else {
+                                go!(1)
+                            }
                         }
+                        p += 1 + two as usize;
                     }
-                    p += 1 + two as usize;
-                }
-                for p in (0..np).filter(|_| !vnni) {
-                    let panel = &panels[p * NR * kp..(p + 1) * NR * kp];
-                    // SAFETY: `gemm` is only called when use_avx2() found AVX2 on the CPU.
-                    unsafe {
-                        match rs {
-                            6 => tile::<6>(panel, q, ctx.qs, p, &mut buf),
-                            5 => tile::<5>(panel, q, ctx.qs, p, &mut buf),
-                            4 => tile::<4>(panel, q, ctx.qs, p, &mut buf),
-                            3 => tile::<3>(panel, q, ctx.qs, p, &mut buf),
-                            2 => tile::<2>(panel, q, ctx.qs, p, &mut buf),
-                            _ => tile::<1>(panel, q, ctx.qs, p, &mut buf),
+                } else {
+                    for p in 0..np {
+                        let panel = &panels[p * NR * kp..(p + 1) * NR * kp];
+                        // SAFETY: `gemm` is only called when use_avx2() found AVX2 on the CPU.
+                        unsafe {
+                            match rs {
+                                6 => tile::<6>(panel, q, ctx.qs, p, &mut buf),
+                                5 => tile::<5>(panel, q, ctx.qs, p, &mut buf),
+                                4 => tile::<4>(panel, q, ctx.qs, p, &mut buf),
+                                3 => tile::<3>(panel, q, ctx.qs, p, &mut buf),
+                                2 => tile::<2>(panel, q, ctx.qs, p, &mut buf),
+                                _ => tile::<1>(panel, q, ctx.qs, p, &mut buf),
+                            }
                         }
                     }
                 }
@@ -665,6 +668,47 @@ mod panels {
             }
             for (s, four) in row.chunks_exact(4).take(steps).enumerate() {
                 panel[s * 4 * NR + 4 * j..s * 4 * NR + 4 * j + 4].copy_from_slice(four);
+            }
+        }
+    }
+
+    /// AVX-512 VNNI: `tile` for `P` consecutive panels, one 64-byte step of a panel (4 inputs x 16
+    /// columns) per `vpdpbusd` into int32 lanes (no 16-bit span to widen).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn vnni_tile<const R: usize, const P: usize>(
+        panels: &[u8],
+        q: &[i8],
+        qs: usize,
+        p: usize,
+        buf: &mut [[i32; NR * GROUP]],
+    ) {
+        let stride = panels.len() / P;
+        let steps = stride / (4 * NR);
+        // Every load below stays inside `panels` and `q`.
+        assert!(
+            R <= buf.len() && q.len() >= (R - 1) * qs + 4 * steps && (p + P) * NR <= NR * GROUP
+        );
+        let (wp, qp) = (panels.as_ptr(), q.as_ptr());
+        let mut acc = [[_mm512_setzero_si512(); P]; R];
+        for s in 0..steps {
+            let mut w = [_mm512_setzero_si512(); P];
+            for (pp, w) in w.iter_mut().enumerate() {
+                // SAFETY: step s of panel pp is 64 bytes inside `panels`.
+                *w = unsafe { _mm512_loadu_si512(wp.add(pp * stride + s * 4 * NR).cast()) };
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: four bytes of row r inside `q` (the assert).
+                let a = unsafe { (qp.add(r * qs + 4 * s) as *const i32).read_unaligned() };
+                let a = _mm512_set1_epi32(a);
+                for pp in 0..P {
+                    acc[pp] = _mm512_dpbusd_epi32(acc[pp], w[pp], a);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (pp, v) in acc.iter().enumerate() {
+                // SAFETY: `buf[r]` holds NR * GROUP lanes; `(p + P) * NR` fit (the assert).
+                unsafe { _mm512_storeu_si512(buf[r][(p + pp) * NR..].as_mut_ptr().cast(), *v) };
             }
         }
     }
@@ -712,48 +756,6 @@ mod panels {
                 let dst = buf[r][p * NR + 8 * v..].as_mut_ptr() as *mut __m256i;
                 _mm256_storeu_si256(dst, acc32[r][v]);
             }
-        }
-    }
-}
-
-/// AVX-512 VNNI: `tile` for `P` consecutive panels, one 64-byte step of a panel (4 inputs x 16
-/// columns) per `vpdpbusd` into int32 lanes (no 16-bit span to widen).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn vnni_tile<const R: usize, const P: usize>(
-    panels: &[u8],
-    q: &[i8],
-    qs: usize,
-    p: usize,
-    buf: &mut [[i32; 64]],
-) {
-    use std::arch::x86_64::*;
-    const NR: usize = 16;
-    let stride = panels.len() / P;
-    let steps = stride / (4 * NR);
-    // Every load below stays inside `panels` and `q`.
-    assert!(R <= buf.len() && q.len() >= (R - 1) * qs + 4 * steps && (p + P) * NR <= 64);
-    let (wp, qp) = (panels.as_ptr(), q.as_ptr());
-    let mut acc = [[_mm512_setzero_si512(); P]; R];
-    for s in 0..steps {
-        let mut w = [_mm512_setzero_si512(); P];
-        for (pp, w) in w.iter_mut().enumerate() {
-            // SAFETY: step s of panel pp is 64 bytes inside `panels`.
-            *w = unsafe { _mm512_loadu_si512(wp.add(pp * stride + s * 4 * NR).cast()) };
-        }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: four bytes of row r inside `q` (the assert).
-            let a = unsafe { (qp.add(r * qs + 4 * s) as *const i32).read_unaligned() };
-            let a = _mm512_set1_epi32(a);
-            for pp in 0..P {
-                acc[pp] = _mm512_dpbusd_epi32(acc[pp], w[pp], a);
-            }
-        }
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        for (pp, v) in acc.iter().enumerate() {
-            // SAFETY: `buf[r]` holds 64 lanes; `(p + P) * 16 <= 64` (the assert).
-            unsafe { _mm512_storeu_si512(buf[r][(p + pp) * NR..].as_mut_ptr().cast(), *v) };
         }
     }
 }
@@ -828,7 +830,8 @@ fn zmm_layout(qp: &[i8], qs: usize, m: usize, kp: usize) -> (Vec<i8>, usize) {
 /// AVX-512 VNNI row tiles: `avx2_tile`'s products with `vpdpbusd` into int32 lanes, two
 /// 128-input blocks of a weight row per 64-byte load (a masked load for an odd last block:
 /// nothing past the row is read) against activations in `zmm_layout`; even and odd groups go to
-/// two accumulator sets (one set is latency-bound: 117 against 150 G MAC/s at 8 x 4096).
+/// two accumulator sets (a 256-bit version with one set was latency-bound: 117 G MAC/s at
+/// 8 x 4096 against AVX2's 150).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::needless_range_loop)] // `acc[s][i][r]` reads best as the register block it is

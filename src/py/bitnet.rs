@@ -191,27 +191,12 @@ impl IntLinear {
     ) -> PyResult<Bound<'py, PyAny>> {
         let path = match path {
             None => intgemm::Path::best(),
-            Some(name) => [
-                intgemm::Path::Portable,
-                intgemm::Path::Avx2,
-                intgemm::Path::Avx512,
-            ]
-            .into_iter()
-            .find(|p| p.name() == name)
-            .ok_or_else(|| {
-                super::to_pyerr(crate::Error::value(format!(
-                    "path must be 'avx512vnni', 'avx2' or 'portable', got {name:?}"
-                )))
-            })?,
+            Some(name) => intgemm::Path::from_name(name).map_err(super::to_pyerr)?,
         };
         let v = x.as_array();
-        let w = &self.0;
-        Ok(detach(py, || {
-            let acts = w.w.quantize(v)?;
-            w.w.matmul(&acts, w.bias.as_deref(), None, path)
-        })?
-        .into_pyarray(py)
-        .into_any())
+        Ok(detach(py, || self.0.forward_on(v, None, path))?
+            .into_pyarray(py)
+            .into_any())
     }
 }
 

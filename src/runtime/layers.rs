@@ -113,7 +113,7 @@ impl Linear {
             "a quantized weight of shape {:?} is not a matrix",
             q.shape
         );
-        if act_bits == Some(8) && IntMatrix::supports(q) {
+        if Self::takes_integer_gemm(q, act_bits) {
             let b = bias.as_ref().map(to_vec).transpose()?;
             let t = IntLinear::new(q, b)?;
             return Ok(Linear {
@@ -128,6 +128,12 @@ impl Linear {
         let deq = q.dequantize()?;
         let w = tensor(deq.into_raw_vec_and_offset().0, (out, rest))?;
         Self::build(w, bias, WeightMode::F32)?.with_act_bits(act_bits)
+    }
+
+    /// Whether `from_quantized` runs these weights on the integer GEMM (8-bit activations and a
+    /// spec the kernels take) rather than on their dequantized values.
+    pub fn takes_integer_gemm(q: &QuantizedTensor, act_bits: Option<u32>) -> bool {
+        act_bits == Some(8) && IntMatrix::supports(q)
     }
 
     fn build(w: Tensor, bias: Option<Tensor>, mode: WeightMode) -> Result<Self> {

@@ -10,7 +10,7 @@ use crate::quant::checkpoint::{
     self, check_ternary_tensor, float_data, map_file, parse, ternary_names, Entry, FloatData,
     FORMAT_KEY, TERNARY_KEY,
 };
-use crate::quant::spec::{QuantSpec, QuantizedTensor};
+use crate::quant::spec::QuantizedTensor;
 use crate::{ensure, Error, Result};
 use candle_core::{Device, Tensor};
 use ndarray::Array2;
@@ -147,14 +147,6 @@ impl Weights {
         self.quantized.contains_key(name)
     }
 
-    /// The spec of each tensor the file stored quantized.
-    pub fn quantized(&self) -> BTreeMap<&str, QuantSpec> {
-        self.quantized
-            .iter()
-            .map(|(n, t)| (n.as_str(), t.spec))
-            .collect()
-    }
-
     pub fn from_map(tensors: BTreeMap<String, Tensor>) -> Self {
         Weights {
             tensors,
@@ -183,8 +175,16 @@ impl Weights {
                 .with_act_bits(act_bits);
         }
         if let Some(q) = self.quantized.get(name) {
-            return Linear::from_quantized(q, bias, act_bits);
+            if Linear::takes_integer_gemm(q, act_bits) {
+                return Linear::from_quantized(q, bias, act_bits);
+            }
         }
+        // Float weights, or quantized ones as loaded (dequantized once, never re-quantized).
+        let mode = if self.is_quantized(name) {
+            WeightMode::F32
+        } else {
+            mode
+        };
         let w = self.get(name)?;
         let w = match w.dims() {
             [_, _] => w,

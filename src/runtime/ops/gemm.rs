@@ -74,7 +74,8 @@ pub struct PackedWeights {
 
 /// Columns per panel of `PackedWeights`.
 const PANEL: usize = 16;
-/// Rows per tile of `PackedWeights::linear` (`small_gemm`'s).
+/// Rows per register tile of `small_gemm` (6 x 16 accumulators, 2 vectors of `b` and a
+/// broadcast: 15 of the 16 vector registers), and so of `PackedWeights::linear`.
 const MR: usize = 6;
 
 impl PackedWeights {
@@ -83,7 +84,6 @@ impl PackedWeights {
         if !cfg!(target_arch = "x86_64") || !crate::isa::level().has_avx2() || k == 0 {
             return None;
         }
-        // The tiles read 16 columns of every input: a panel row of `PANEL` floats.
         assert_eq!(w.len(), n * k);
         use rayon::prelude::*;
         let np = n.div_ceil(PANEL);
@@ -106,6 +106,7 @@ impl PackedWeights {
     /// multiply-adds (the same bits whatever the number of rows); the rows split over rayon's
     /// threads, or the panels when there are few rows.
     pub fn linear(&self, x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        use ndarray::{ArrayViewMut2, Axis};
         use rayon::prelude::*;
         let (n, k) = (self.n, self.k);
         assert!(x.len().is_multiple_of(k));
@@ -119,14 +120,14 @@ impl PackedWeights {
         let want = rayon::current_num_threads().max(1) * 4;
         let rb = rows.div_ceil(want.div_ceil(np).max(1)).next_multiple_of(MR);
         let pb = np.div_ceil(want.div_ceil(rows.div_ceil(rb))).max(1);
-        let cols = pb * PANEL;
-        let run = |(r0, c0, dst): (usize, usize, &mut [f32])| {
-            let nr = dst.len() / n;
+        // Rows `r0 ..` and panels `p0 ..` of the output, as `dst` frames them.
+        let task = |r0: usize, p0: usize, mut dst: ArrayViewMut2<'_, f32>| {
+            let (nr, nc) = dst.dim();
             let mut buf = [[0f32; 16]; MR];
-            let mut p = c0 / PANEL;
-            while p * PANEL < (c0 + cols).min(n) {
+            for (pi, c) in (0..nc).step_by(PANEL).enumerate() {
+                let p = p0 + pi;
                 let panel = &self.panels[p * k * PANEL..(p + 1) * k * PANEL];
-                let w = PANEL.min(n - p * PANEL);
+                let w = PANEL.min(nc - c);
                 let mut i = 0;
                 while i < nr {
                     let r = (nr - i).min(MR);
@@ -148,7 +149,9 @@ impl PackedWeights {
                     #[cfg(not(target_arch = "x86_64"))]
                     let _ = (a, panel); // `new` packs nothing off x86-64
                     for (rr, acc) in buf.iter().take(r).enumerate() {
-                        let o = &mut dst[(i + rr) * n + p * PANEL..][..w];
+                        let mut row = dst.row_mut(i + rr);
+                        let o =
+                            &mut row.as_slice_mut().expect("task columns are contiguous")[c..c + w];
                         match bias {
                             Some(b) => {
                                 for ((o, &v), &b) in o.iter_mut().zip(acc).zip(&b[p * PANEL..]) {
@@ -160,39 +163,22 @@ impl PackedWeights {
                     }
                     i += r;
                 }
-                p += 1;
             }
         };
-        // Row blocks are disjoint slices of `out`; within one, panel ranges write disjoint
-        // columns, so each task gets its own row block and writes only its columns.
-        let blocks: Vec<(usize, &mut [f32])> = out
-            .chunks_mut(rb * n)
+        let mut view = ArrayViewMut2::from_shape((rows, n), &mut out[..]).expect("rows x n");
+        view.axis_chunks_iter_mut(Axis(0), rb)
+            .into_par_iter()
             .enumerate()
-            .map(|(b, d)| (b * rb, d))
-            .collect();
-        let tasks: Vec<(usize, usize, SendPtr)> = blocks
-            .into_iter()
-            .flat_map(|(r0, d)| {
-                let ptr = SendPtr(d.as_mut_ptr(), d.len());
-                (0..np.div_ceil(pb)).map(move |g| (r0, g * cols, ptr))
-            })
-            .collect();
-        tasks.into_par_iter().for_each(|(r0, c0, SendPtr(p, len))| {
-            // SAFETY: tasks of one row block write disjoint column ranges of it (`run` writes
-            // only columns c0 .. c0 + cols), and row blocks do not overlap.
-            let dst = unsafe { std::slice::from_raw_parts_mut(p, len) };
-            run((r0, c0, dst));
-        });
+            .for_each(|(b, mut block)| {
+                block
+                    .axis_chunks_iter_mut(Axis(1), pb * PANEL)
+                    .into_par_iter()
+                    .enumerate()
+                    .for_each(|(g, dst)| task(b * rb, g * pb, dst));
+            });
         out
     }
 }
-
-/// A raw output pointer handed to tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32, usize);
-// SAFETY: used only for disjoint writes (see `PackedWeights::linear`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// `x (rows, k) @ w.T + bias` with `w` stored (n, k) as PyTorch keeps it.
 pub fn linear(x: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
@@ -246,9 +232,7 @@ pub fn linear(x: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) ->
 pub(super) mod small_gemm {
     use std::arch::x86_64::*;
 
-    /// Rows per register tile (6 x 16 accumulators, 2 vectors of `b` and a broadcast: 15 of
-    /// the 16 vector registers).
-    pub(super) const MR: usize = 6;
+    use super::MR;
 
     /// `c[i * crs + j] = alpha * Σ_k a[i * ars + k] b[k * brs + j]` for `i < m`, `j < n`, from
     /// `(slice, row stride)` operands; `b`'s rows must hold `n` rounded up to 8 readable columns
