@@ -42,6 +42,7 @@ pub fn cpu_features() -> Vec<(&'static str, bool)> {
 pub fn kernel_paths() -> Vec<(&'static str, &'static str)> {
     let vector = if cfg!(target_arch = "x86_64") {
         match crate::quant::simd::simd_level() {
+            3 => "avx512 (f/bw/vl/dq)",
             2 => "avx2+fma",
             1 => "sse4.1",
             _ => "scalar",

@@ -9,6 +9,7 @@
 //! directly, paying nothing for this. A fork is recognised by the process id, which needs no
 //! at-fork hook (and so no handler that must be async-signal-safe).
 use rayon::ThreadPool;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The process whose threads make rayon's global pool.
@@ -92,4 +93,88 @@ pub fn map_chunks<T: Sync, R: Send>(
     out.into_iter()
         .map(|r| r.expect("every piece ran"))
         .collect()
+}
+
+/// `chunk`-sized pieces of a slice, handed out to whichever thread asks first.
+pub struct Pieces<'a, T> {
+    xs: &'a [T],
+    chunk: usize,
+    next: &'a AtomicUsize,
+}
+
+impl<'a, T> Iterator for Pieces<'a, T> {
+    type Item = &'a [T];
+    fn next(&mut self) -> Option<&'a [T]> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = i.checked_mul(self.chunk)?;
+        (start < self.xs.len()).then(|| &self.xs[start..(start + self.chunk).min(self.xs.len())])
+    }
+}
+
+/// `f` run once on the calling thread and once on each of up to `threads() - 1` pool threads
+/// (no more than there are pieces), each taking `chunk`-sized pieces of `xs` from one shared
+/// queue until none are left; what each returned, in no particular order. For loops whose
+/// per-thread state costs something to set up and combine (a histogram's counts): a pool
+/// thread that wakes late takes fewer pieces instead of holding the caller up.
+pub fn share_chunks<T: Sync, R: Send>(
+    xs: &[T],
+    chunk: usize,
+    f: impl Fn(Pieces<'_, T>) -> R + Sync,
+) -> Vec<R> {
+    let chunk = chunk.max(1);
+    let next = AtomicUsize::new(0);
+    let pieces = || Pieces {
+        xs,
+        chunk,
+        next: &next,
+    };
+    let helpers = rayon::current_num_threads()
+        .min(xs.len().div_ceil(chunk))
+        .saturating_sub(1);
+    if helpers == 0 {
+        return vec![f(pieces())];
+    }
+    let mut out: Vec<Option<R>> = (0..=helpers).map(|_| None).collect();
+    let (head, tail) = out.split_first_mut().expect("at least two");
+    let (f, pieces) = (&f, &pieces);
+    rayon::in_place_scope(|s| {
+        for o in tail.iter_mut() {
+            s.spawn(move |_| *o = Some(f(pieces())));
+        }
+        *head = Some(f(pieces()));
+    });
+    out.into_iter()
+        .map(|r| r.expect("every share ran"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every element is handed out exactly once, in pieces of `chunk` (the last shorter), for
+    /// inputs of no piece, one, and many.
+    #[test]
+    fn shared_pieces_cover_the_input_once() {
+        for (n, chunk) in [
+            (0usize, 4usize),
+            (3, 4),
+            (4, 4),
+            (1000, 7),
+            (1 << 16, 1 << 10),
+        ] {
+            let xs: Vec<usize> = (0..n).collect();
+            let parts = share_chunks(&xs, chunk, |pieces| {
+                pieces
+                    .inspect(|p| assert!(!p.is_empty() && p.len() <= chunk))
+                    .flatten()
+                    .copied()
+                    .collect::<Vec<_>>()
+            });
+            assert!(parts.len() <= threads().max(1));
+            let mut seen: Vec<usize> = parts.concat();
+            seen.sort_unstable();
+            assert_eq!(seen, xs, "n = {n}, chunk = {chunk}");
+        }
+    }
 }

@@ -1,5 +1,6 @@
 """Observers against torch.ao, SQNR targets, merging and state."""
 
+import os
 import pickle
 
 import numpy as np
@@ -154,6 +155,36 @@ def test_histogram_counts_every_value(rng):
     counts, edges = obs.histogram()
     want, _ = np.histogram(np.concatenate(data).astype(np.float64), bins=edges)
     np.testing.assert_array_equal(counts, want)
+
+
+def test_large_batches_count_exactly_on_every_path_and_thread_count():
+    """Batches large enough for the parallel, four-lane counting (shared pieces, a range that
+    grows batch by batch): the counts equal NumPy's on every instruction set and thread count."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import hashlib, numpy as np, lowbit.calib as lc
+        rng = np.random.default_rng(5)
+        obs = lc.HistogramObserver(bins=2048)
+        data = [rng.standard_normal(300_001).astype(np.float32) * np.float32(1 + 0.3 * i) for i in range(4)]
+        data.append(np.full(200_000, 2.5, np.float32))  # one bin takes a whole batch
+        for d in data:
+            obs.update(d)
+        counts, edges = obs.histogram()
+        want, _ = np.histogram(np.concatenate(data).astype(np.float64), bins=edges)
+        assert np.array_equal(counts, want)
+        print(hashlib.sha256(obs.state_dict()["lowbit_observer"].encode()).hexdigest())
+    """)
+    outs = {}
+    for isa in ["scalar", "avx2", "avx512vnni"]:
+        for threads in ["1", "2"]:
+            env = {**os.environ, "LOWBIT_ISA": isa, "RAYON_NUM_THREADS": threads}
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            outs[isa, threads] = r.stdout.strip()
+    assert len(set(outs.values())) == 1, outs
 
 
 def test_concurrent_updates_lose_no_counts(rng):

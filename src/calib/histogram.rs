@@ -234,43 +234,47 @@ impl Tally {
     }
 }
 
-/// Runs `Pass` over `xs` in parallel tasks, each with its own counts. Tasks are few (a count
-/// array costs `bins` cells to clear and add up) and below 2^32 values (u32 counts).
+/// Runs `Pass` over `xs` on the caller and the pool's threads, each with its own counts, taking
+/// `TASK`-sized pieces from a shared queue. A thread's counts are u32: it counts at most `2^31`
+/// values (larger inputs go in several rounds).
 fn tally<E: Elem>(xs: &[E], bins: usize, grid: Grid) -> Tally {
     let n = xs.len();
     // Four count arrays pay for themselves when they stay in L1/L2 and the batch is large.
     let lanes = if bins <= 4096 && n >= 64 * bins { 4 } else { 1 };
-    let per_task = n
-        .div_ceil(rayon::current_num_threads())
-        .max(TASK)
-        .max(4 * lanes * (bins + 1))
-        .min(1 << 31);
-    let run = |c: &[E]| {
+    // A thread joins only if there are pieces enough to outweigh clearing and adding up its
+    // counts.
+    let piece = TASK.max(lanes * (bins + 1) / 2);
+    let share = |pieces: crate::pool::Pieces<'_, E>| {
         let mut counts = vec![0u32; lanes * (bins + 1)];
         let mut outside = vec![];
-        let (lo, hi, bad) = crate::quant::simd::dispatch(Pass {
-            xs: c,
-            grid,
-            bins,
-            counts: &mut counts,
-            outside: &mut outside,
-        });
+        let (mut lo, mut hi, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, false);
+        for c in pieces {
+            let (l, h, b) = crate::quant::simd::dispatch(Pass {
+                xs: c,
+                grid,
+                bins,
+                counts: &mut counts,
+                outside: &mut outside,
+            });
+            (lo, hi, bad) = (lo.min(l), hi.max(h), bad | b);
+        }
         (counts, outside, lo, hi, bad)
     };
-    let parts = crate::pool::map_chunks(xs, per_task, run);
     let mut t = Tally {
-        parts: Vec::with_capacity(parts.len()),
+        parts: vec![],
         outside: vec![],
         lo: f32::INFINITY,
         hi: f32::NEG_INFINITY,
         bad: false,
     };
-    for (c, outside, lo, hi, bad) in parts {
-        t.parts.push(c);
-        t.outside.extend(outside);
-        t.lo = t.lo.min(lo);
-        t.hi = t.hi.max(hi);
-        t.bad |= bad;
+    for round in xs.chunks(1 << 31) {
+        for (c, outside, lo, hi, bad) in crate::pool::share_chunks(round, piece, share) {
+            t.parts.push(c);
+            t.outside.extend(outside);
+            t.lo = t.lo.min(lo);
+            t.hi = t.hi.max(hi);
+            t.bad |= bad;
+        }
     }
     t
 }

@@ -1,7 +1,7 @@
 //! Runtime instruction-set dispatch for generic kernels.
 //!
 //! A kernel is a value whose `run` is `#[inline(always)]` generic code; `dispatch` calls it
-//! from a function compiled for AVX2 (or SSE4.1), so LLVM vectorizes the inlined body for that
+//! from a function compiled for AVX-512, AVX2 (or SSE4.1), so LLVM vectorizes the inlined body for that
 //! target: `vroundps` instead of a `rintf`/`floor` call per element. aarch64 has NEON's `frintn`,
 //! `frintm` and `fmla` as baseline, so its portable copy is compiled with [`WithFma`]. Kernels
 //! that must be bit-exact across machines (quantization, calibration) never call [`Isa::fma`];
@@ -42,11 +42,14 @@ impl Isa for NoFma {
     }
 }
 
-/// The x86 instruction set these generic kernels use: 2 = AVX2 + FMA (and every level above
-/// it), 1 = SSE4.1, 0 = baseline; from [`crate::isa::level`] (so `LOWBIT_ISA` caps it).
+/// The x86 instruction set these generic kernels use: 3 = AVX-512 (F/BW/VL/DQ, 512-bit
+/// vectors), 2 = AVX2 + FMA (and AVX-VNNI, which adds nothing here), 1 = SSE4.1, 0 = baseline;
+/// from [`crate::isa::level`] (so `LOWBIT_ISA` caps it).
 pub fn simd_level() -> u8 {
     let l = crate::isa::level();
-    if l.has_avx2() {
+    if l == crate::isa::Level::Avx512Vnni {
+        3
+    } else if l.has_avx2() {
         2
     } else if l == crate::isa::Level::Sse41 {
         1
@@ -60,6 +63,10 @@ pub fn simd_level() -> u8 {
 pub fn dispatch<K: Kernel>(k: K) -> K::Output {
     #[cfg(target_arch = "x86_64")]
     {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        unsafe fn avx512<K: Kernel>(k: K) -> K::Output {
+            k.run::<WithFma>()
+        }
         #[target_feature(enable = "avx2,fma")]
         unsafe fn avx2<K: Kernel>(k: K) -> K::Output {
             k.run::<WithFma>()
@@ -69,6 +76,8 @@ pub fn dispatch<K: Kernel>(k: K) -> K::Output {
             k.run::<NoFma>()
         }
         match simd_level() {
+            // SAFETY: the CPU has AVX-512 F/BW/VL/DQ, AVX2 and FMA.
+            3 => return unsafe { avx512(k) },
             // SAFETY: the CPU has AVX2 and FMA.
             2 => return unsafe { avx2(k) },
             // SAFETY: the CPU has SSE4.1.

@@ -66,29 +66,42 @@ def _along(v: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 
 
 def fq_per_tensor_reference(x: torch.Tensor, scale: Any, zero_point: Any, qmin: int, qmax: int) -> torch.Tensor:
-    """``(clamp(round(x * (1 / scale) + zp), qmin, qmax) - zp) * scale`` in float32, cast back."""
-    r = (torch.clamp(torch.round(x.to(torch.float32) * (1.0 / scale) + zero_point), qmin, qmax) - zero_point) * scale
+    """``(clamp(round(x * (1 / scale)) + zp, qmin, qmax) - zp) * scale`` in float32, cast back.
+
+    Upstream's reference rounds after adding the zero point (``round(x / scale + zp)``), which
+    differs from torch's kernel (``zp + nearbyint(x * inv_scale)``) at exact ties with an odd zero
+    point (x * inv = -127.5, zp = 127: upstream -0.0, torch -1); these references follow torch."""
+    r = (torch.clamp(torch.round(x.to(torch.float32) * (1.0 / scale)) + zero_point, qmin, qmax) - zero_point) * scale
     return r.to(x.dtype)
 
 
 def fq_per_tensor_grad_reference(dy: torch.Tensor, x: torch.Tensor, scale: Any, zero_point: Any, qmin: int, qmax: int) -> torch.Tensor:
-    """The straight-through gradient: ``dy`` where the rounded code is inside the range, else 0."""
-    xq = torch.round(x.to(torch.float32) * (1.0 / scale) + zero_point)
+    """The straight-through gradient: ``dy`` where the rounded code is inside the range, else 0
+    (the code rounded before the zero point is added, as in ``fq_per_tensor_reference``)."""
+    xq = torch.round(x.to(torch.float32) * (1.0 / scale)) + zero_point
     return torch.where((xq >= qmin) & (xq <= qmax), dy, torch.zeros_like(dy)).to(x.dtype)
+
+
+def _codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The unclamped codes by torch's per-channel rule: ``round(x * inv) + zp`` for integer zero
+    points, ``round(x * inv + zp)`` for float ones (its learnable-qparams path), which is the
+    formula upstream's reference uses for both."""
+    t = x.to(torch.float32) * (1.0 / s)
+    return torch.round(t + z) if z.is_floating_point() else torch.round(t) + z
 
 
 def fq_per_channel_reference(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int, qmax: int) -> torch.Tensor:
     """The per-channel float reference, one scale and zero point per index of ``axis``."""
     s = _along(scale.to(torch.float32), axis, x.ndim)
     z = _along(zero_point, axis, x.ndim)
-    r = (torch.clamp(torch.round(x.to(torch.float32) * (1.0 / s) + z), qmin, qmax) - z) * s
+    r = (torch.clamp(_codes(x, s, z), qmin, qmax) - z) * s
     return r.to(x.dtype)
 
 
 def fq_per_channel_grad_reference(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int, qmin: int, qmax: int) -> torch.Tensor:
     s = _along(scale.to(torch.float32), axis, x.ndim)
     z = _along(zero_point, axis, x.ndim)
-    xq = torch.round(x.to(torch.float32) * (1.0 / s) + z)
+    xq = _codes(x, s, z)
     return torch.where((xq >= qmin) & (xq <= qmax), dy, torch.zeros_like(dy)).to(x.dtype)
 
 
