@@ -8,7 +8,8 @@
 use std::sync::OnceLock;
 
 /// An instruction-set level, lowest first. x86-64: baseline, SSE4.1, AVX2 + FMA, AVX-VNNI
-/// (AVX2 with the 256-bit `vpdpbusd`), AVX-512 F/BW/VL/DQ + VNNI. aarch64: NEON (its baseline).
+/// (AVX2 with the 256-bit `vpdpbusd`, used where [`avx_vnni`] says the CPU has it), AVX-512
+/// F/BW/VL/DQ + VNNI. aarch64: NEON (its baseline).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Level {
     Scalar,
@@ -118,6 +119,23 @@ fn resolve(hw: Level, cap: Option<Level>) -> Level {
         (true, true) => Level::Neon,
         _ => Level::Scalar,
     }
+}
+
+/// Whether the 256-bit AVX-VNNI `vpdpbusd` may be used: the level in use is `avxvnni` or above
+/// and the CPU has the extension (some AVX-512 VNNI CPUs lack it: Ice Lake, Zen 4).
+pub fn avx_vnni() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            matches!(level(), Level::AvxVnni | Level::Avx512Vnni)
+                && std::arch::is_x86_feature_detected!("avxvnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
 /// Whether AVX-512 VPOPCNTDQ (`vpopcntq` on 512-bit vectors) may be used: the level in use is

@@ -269,7 +269,7 @@ class IntLinear:
         return self._core.nbytes
 
     def forward(self, x: Any, path: str | None = None) -> Any:
-        """``path``: ``"avx512vnni"``, ``"avx2"`` or ``"portable"`` (those :func:`intgemm_paths`
+        """``path``: ``"avx512vnni"``, ``"avxvnni"``, ``"avx2"`` or ``"portable"`` (those :func:`intgemm_paths`
         lists); the fastest the CPU and ``LOWBIT_ISA`` allow when None."""
         rows, lead, torch_in = _rows(x, self.in_features)
         if path is not None and not isinstance(path, str):

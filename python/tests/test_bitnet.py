@@ -162,7 +162,7 @@ assert np.array_equal(y, np.sign(np.vstack([ones, -ones])) @ np.sign(np.vstack([
 print(bn.kernel(), int(t.astype(np.int64).sum()), int(np.abs(t).sum()), int(tp.astype(np.int64).sum()), int(x.sum()), int(np.abs(x).sum()), int(y.sum()))
 """
     outs = {}
-    for path in ["scalar", "avx2", "avx512vnni"]:
+    for path in ["scalar", "avx2", "avxvnni", "avx512vnni"]:
         r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, LOWBIT_ISA=path), capture_output=True, text=True, check=True)
         kind, *sums = r.stdout.split()
         outs[kind] = sums
@@ -190,7 +190,7 @@ for k in (2048, 4096, 65536 + 7):
 print(bn.kernel(), len(bad), bad[:3])
 """
     kinds = set()
-    for path in ["scalar", "avx2", "avx512vnni"]:
+    for path in ["scalar", "avx2", "avxvnni", "avx512vnni"]:
         r = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, LOWBIT_ISA=path), capture_output=True, text=True, check=True)
         kind, nbad, *rest = r.stdout.split(maxsplit=2)
         assert nbad == "0", r.stdout
@@ -454,7 +454,7 @@ def test_int_linear_equals_torch_on_the_quantized_operands(spec):
     x[4] = torch.randn(100, generator=g) * 1e-30  # tiny range
     x[5, ::7] = 0.0                  # ties and zeros
     paths = bn.intgemm_paths()
-    missing = {"avx2", "avx512vnni"} - set(paths)
+    missing = {"avx2", "avxvnni", "avx512vnni"} - set(paths)
     if missing:
         print(f"integer GEMM paths not on this CPU (or capped by LOWBIT_ISA), not run: {sorted(missing)}")
     for b in (None, bias):
@@ -507,7 +507,7 @@ def test_int_linear_paths_under_every_isa_cap():
             "y = bn.IntLinear(q)(g.standard_normal((5, 72)).astype(np.float32)); "
             "print(bn.intgemm_paths()[-1], y.tobytes().hex())")
     outs = {}
-    for cap in ("scalar", "avx2", "avx512vnni"):
+    for cap in ("scalar", "avx2", "avxvnni", "avx512vnni"):
         r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LOWBIT_ISA": cap}, capture_output=True,
                            text=True, check=True)
         path, y = r.stdout.split()

@@ -39,13 +39,16 @@ pub enum Path {
     Portable,
     /// AVX2 `maddubs` on codes split into nibbles (no 16-bit saturation).
     Avx2,
+    /// AVX-VNNI: the AVX2 tile with the 256-bit `vpdpbusd` (CPUs with VNNI but no AVX-512:
+    /// Intel's client cores since Alder Lake, and a cap of `LOWBIT_ISA=avxvnni`).
+    AvxVnni,
     /// AVX-512 VNNI `vpdpbusd` on 512-bit vectors.
     Avx512,
 }
 
 impl Path {
     /// Every path, slowest first.
-    pub const ALL: [Path; 3] = [Path::Portable, Path::Avx2, Path::Avx512];
+    pub const ALL: [Path; 4] = [Path::Portable, Path::Avx2, Path::AvxVnni, Path::Avx512];
 
     /// Whether the CPU and `LOWBIT_ISA` allow this path.
     pub fn allowed(self) -> bool {
@@ -53,6 +56,7 @@ impl Path {
         match self {
             Path::Portable => true,
             Path::Avx2 => l.has_avx2(),
+            Path::AvxVnni => crate::isa::avx_vnni(),
             Path::Avx512 => l == crate::isa::Level::Avx512Vnni,
         }
     }
@@ -78,7 +82,7 @@ impl Path {
             .find(|p| p.name() == name)
             .ok_or_else(|| {
                 crate::Error::value(format!(
-                    "path must be 'avx512vnni', 'avx2' or 'portable', got {name:?}"
+                    "path must be 'avx512vnni', 'avxvnni', 'avx2' or 'portable', got {name:?}"
                 ))
             })
     }
@@ -87,6 +91,7 @@ impl Path {
         match self {
             Path::Portable => "portable",
             Path::Avx2 => "avx2",
+            Path::AvxVnni => "avxvnni",
             Path::Avx512 => "avx512vnni",
         }
     }
@@ -512,6 +517,8 @@ impl Ctx<'_> {
             Path::Avx512 => unsafe { go!(avx512) },
             #[cfg(target_arch = "x86_64")]
             Path::Avx2 => unsafe { go!(avx2) },
+            #[cfg(target_arch = "x86_64")]
+            Path::AvxVnni => unsafe { go!(avxvnni) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => go!(portable),
         }
@@ -692,13 +699,45 @@ unsafe fn avx512<const R: usize, const P: usize>(
     }
 }
 
-/// AVX2: each 64-byte step as two 256-bit halves (8 columns each). `maddubs` takes the codes as
-/// its unsigned operand; bytes are split into nibbles first, so a pair of products stays within
-/// `2 x 15 x 128` and the int16 lanes never saturate.
+/// AVX2: each 64-byte step as two 256-bit halves (8 columns each), see [`ymm`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::needless_range_loop)] // `r` walks the activation rows and the accumulators alike
 unsafe fn avx2<const R: usize, const P: usize>(
+    ctx: &Ctx<'_>,
+    r0: usize,
+    p: usize,
+    buf: &mut [[f32; PMAX * NR]; MR],
+) {
+    // SAFETY: the caller's promise; this function has the features `ymm` needs.
+    unsafe { ymm::<R, P, false>(ctx, r0, p, buf) }
+}
+
+/// AVX-VNNI: the AVX2 tile with the 256-bit `vpdpbusd`, see [`ymm`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avxvnni")]
+unsafe fn avxvnni<const R: usize, const P: usize>(
+    ctx: &Ctx<'_>,
+    r0: usize,
+    p: usize,
+    buf: &mut [[f32; PMAX * NR]; MR],
+) {
+    // SAFETY: the caller's promise; this function has the features `ymm` needs.
+    unsafe { ymm::<R, P, true>(ctx, r0, p, buf) }
+}
+
+/// The 256-bit tile: each 64-byte step as two halves (8 columns each). With `VNNI`, one
+/// `vpdpbusd` per half and step (u8 codes x s8 activations, summed in int32: no saturation);
+/// without, `maddubs` takes the codes as its unsigned operand, split into nibbles first so that
+/// a pair of products stays within `2 x 15 x 128` and the int16 lanes never saturate. Both give
+/// the same int32 sums.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA (and AVX-VNNI with `VNNI`); inlined only into [`avx2`] and
+/// [`avxvnni`], which enable them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `r` walks the activation rows and the accumulators alike
+unsafe fn ymm<const R: usize, const P: usize, const VNNI: bool>(
     ctx: &Ctx<'_>,
     r0: usize,
     p: usize,
@@ -764,27 +803,41 @@ unsafe fn avx2<const R: usize, const P: usize>(
                         let x1 =
                             _mm256_set1_epi32(unsafe { word(q0, r * stride + a0 + 8 * i + 4) });
                         for h in 0..2 {
-                            let s = _mm256_add_epi16(
-                                _mm256_maddubs_epi16(lo[h], x0),
-                                _mm256_maddubs_epi16(hi[h], x1),
-                            );
-                            acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(s, ones));
+                            acc[r][h] = if VNNI {
+                                let a = _mm256_dpbusd_avx_epi32(acc[r][h], lo[h], x0);
+                                _mm256_dpbusd_avx_epi32(a, hi[h], x1)
+                            } else {
+                                let s = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(lo[h], x0),
+                                    _mm256_maddubs_epi16(hi[h], x1),
+                                );
+                                _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(s, ones))
+                            };
                         }
                     }
                 }
             } else {
                 for s in 0..w.gs / 4 {
+                    let mut v = [_mm256_setzero_si256(); 2];
                     let mut lo = [_mm256_setzero_si256(); 2];
                     let mut hi = [_mm256_setzero_si256(); 2];
                     for h in 0..2 {
                         // SAFETY: 32 bytes of step s inside `bytes`.
-                        let v = unsafe { _mm256_loadu_si256(bytes.add(64 * s + 32 * h).cast()) };
-                        lo[h] = _mm256_and_si256(v, nib);
-                        hi[h] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                        v[h] = unsafe { _mm256_loadu_si256(bytes.add(64 * s + 32 * h).cast()) };
+                        if !VNNI {
+                            lo[h] = _mm256_and_si256(v[h], nib);
+                            hi[h] = _mm256_and_si256(_mm256_srli_epi16::<4>(v[h]), nib);
+                        }
                     }
                     for r in 0..R {
                         // SAFETY: 4 bytes of row r0 + r inside its `stride` (the assert).
                         let x = _mm256_set1_epi32(unsafe { word(q0, r * stride + a0 + 4 * s) });
+                        if VNNI {
+                            for h in 0..2 {
+                                acc[r][h] = _mm256_dpbusd_avx_epi32(acc[r][h], v[h], x);
+                            }
+                            continue;
+                        }
                         for h in 0..2 {
                             let l = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[h], x), ones);
                             let u = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[h], x), sixteen);
@@ -811,7 +864,8 @@ unsafe fn avx2<const R: usize, const P: usize>(
 }
 
 /// The int8 multiply-accumulate rate of one thread in a tight loop of the best instruction the
-/// CPU and `LOWBIT_ISA` allow (AVX-512 VNNI `vpdpbusd`, else AVX2 `maddubs`), twelve
+/// CPU and `LOWBIT_ISA` allow (AVX-512 VNNI `vpdpbusd`, AVX-VNNI's 256-bit one, else AVX2
+/// `maddubs`), twelve
 /// independent accumulators in registers, no memory traffic: the ceiling the integer GEMMs are
 /// measured against. Returns the instruction's name and MAC/s (`None` on the portable path).
 pub fn peak_mac_rate(seconds: f64) -> Option<(&'static str, f64)> {
@@ -831,6 +885,26 @@ pub fn peak_mac_rate(seconds: f64) -> Option<(&'static str, f64)> {
                 }
             }
             acc.iter().map(|&v| _mm512_reduce_add_epi32(v)).sum()
+        }
+        #[target_feature(enable = "avx2,avxvnni")]
+        unsafe fn vnni256(n: usize) -> i32 {
+            let (a, b) = (
+                std::hint::black_box(_mm256_set1_epi8(1)),
+                std::hint::black_box(_mm256_set1_epi8(2)),
+            );
+            let mut acc = [_mm256_setzero_si256(); ACC];
+            for _ in 0..n {
+                for x in acc.iter_mut() {
+                    *x = _mm256_dpbusd_avx_epi32(*x, a, b);
+                }
+            }
+            let mut out = [0i32; 8];
+            let s = acc
+                .iter()
+                .fold(_mm256_setzero_si256(), |s, &v| _mm256_add_epi32(s, v));
+            // SAFETY: `out` holds 32 bytes.
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), s) };
+            out.iter().fold(0i32, |s, &v| s.wrapping_add(v))
         }
         #[target_feature(enable = "avx2")]
         unsafe fn maddubs(n: usize) -> i32 {
@@ -852,6 +926,7 @@ pub fn peak_mac_rate(seconds: f64) -> Option<(&'static str, f64)> {
         }
         let (name, macs, run): (&str, usize, unsafe fn(usize) -> i32) = match Path::best() {
             Path::Avx512 => ("avx512vnni vpdpbusd", 64, vnni),
+            Path::AvxVnni => ("avxvnni vpdpbusd", 32, vnni256),
             Path::Avx2 => ("avx2 maddubs", 32, maddubs),
             Path::Portable => return None,
         };

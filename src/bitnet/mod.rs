@@ -22,12 +22,20 @@ pub fn use_vnni() -> bool {
     crate::isa::level() == crate::isa::Level::Avx512Vnni
 }
 
+/// Whether the ternary GEMM's 256-bit tiles take AVX-VNNI's `vpdpbusd` (no AVX-512 VNNI in use,
+/// and [`crate::isa::avx_vnni`]).
+pub fn use_avx_vnni() -> bool {
+    !use_vnni() && crate::isa::avx_vnni()
+}
+
 /// The kernel path in use, for reports: "avx2" or "scalar", with the AVX-512 extensions taken.
 pub fn kernel_name() -> &'static str {
     if crate::isa::avx512_popcnt() {
         "avx2+avx512vnni+avx512vpopcntdq"
     } else if use_vnni() {
         "avx2+avx512vnni"
+    } else if use_avx_vnni() {
+        "avx2+avxvnni"
     } else if use_avx2() {
         "avx2"
     } else {

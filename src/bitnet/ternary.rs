@@ -150,6 +150,7 @@ impl TernaryMatrix {
             epi,
             avx2,
             vnni,
+            vnni256: avx2 && super::use_avx_vnni(),
             qz: &qz,
             qzs,
         };
@@ -303,6 +304,7 @@ impl Epilogue for Rescale<'_> {
 }
 
 /// One output row of a task through its epilogue, compiled per instruction set.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct RowEpilogue<'a, E: Epilogue> {
     epi: &'a E,
     r: usize,
@@ -326,6 +328,7 @@ struct Ctx<'a, E> {
     /// Activations, `m` rows of `qs` bytes (zero-padded beyond `k`).
     qp: &'a [i8],
     qs: usize,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     sums: &'a [i32],
     epi: &'a E,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -333,6 +336,9 @@ struct Ctx<'a, E> {
     /// The AVX2 tiles take AVX-512 VNNI (`avx2` and `use_vnni()`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     vnni: bool,
+    /// Without `vnni`, the AVX2 tiles take AVX-VNNI's 256-bit `vpdpbusd` (`use_avx_vnni()`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    vnni256: bool,
     /// With `vnni` on the row tiles, the activations again in `zmm_layout`'s order, rows
     /// `qzs` bytes apart (empty for the panels, which read the plain layout).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -367,6 +373,8 @@ impl<E: Epilogue> Ctx<'_, E> {
                         if self.vnni {
                             let qz = &self.qz[r0 * self.qzs..(r0 + 4) * self.qzs];
                             zmm_row_tile::<4, 1>(w, wrow, qz, self.qzs)
+                        } else if self.vnni256 {
+                            avxvnni_row_tile::<4, 1>(w, wrow, q, self.qs)
                         } else {
                             avx2_tile::<4, 1>(w, wrow, q, self.qs)
                         }
@@ -452,6 +460,8 @@ impl<E: Epilogue> Tile<'_, E> {
                 let zs = self.ctx.qzs;
                 let qz = &self.ctx.qz[self.r0 * zs..(self.r0 + R) * zs];
                 zmm_row_tile::<R, W>(self.w, wrow, qz, zs)
+            } else if self.ctx.vnni256 {
+                avxvnni_row_tile::<R, W>(self.w, wrow, q, qs)
             } else {
                 avx2_tile::<R, W>(self.w, wrow, q, qs)
             }
@@ -536,6 +546,7 @@ mod panels {
             epi,
             avx2: true,
             vnni: super::super::use_vnni(),
+            vnni256: super::super::use_avx_vnni(),
             qz: &[],
             qzs: 0,
         };
@@ -616,15 +627,25 @@ mod panels {
                 } else {
                     for p in 0..np {
                         let panel = &panels[p * NR * kp..(p + 1) * NR * kp];
-                        // SAFETY: `gemm` is only called when use_avx2() found AVX2 on the CPU.
+                        macro_rules! go {
+                            ($f:ident) => {
+                                match rs {
+                                    6 => $f::<6>(panel, q, ctx.qs, p, &mut buf),
+                                    5 => $f::<5>(panel, q, ctx.qs, p, &mut buf),
+                                    4 => $f::<4>(panel, q, ctx.qs, p, &mut buf),
+                                    3 => $f::<3>(panel, q, ctx.qs, p, &mut buf),
+                                    2 => $f::<2>(panel, q, ctx.qs, p, &mut buf),
+                                    _ => $f::<1>(panel, q, ctx.qs, p, &mut buf),
+                                }
+                            };
+                        }
+                        // SAFETY: `gemm` is only called when use_avx2() found AVX2 on the CPU,
+                        // and `vnni256` is set only where `avx_vnni()` found AVX-VNNI.
                         unsafe {
-                            match rs {
-                                6 => tile::<6>(panel, q, ctx.qs, p, &mut buf),
-                                5 => tile::<5>(panel, q, ctx.qs, p, &mut buf),
-                                4 => tile::<4>(panel, q, ctx.qs, p, &mut buf),
-                                3 => tile::<3>(panel, q, ctx.qs, p, &mut buf),
-                                2 => tile::<2>(panel, q, ctx.qs, p, &mut buf),
-                                _ => tile::<1>(panel, q, ctx.qs, p, &mut buf),
+                            if ctx.vnni256 {
+                                go!(avxvnni_tile)
+                            } else {
+                                go!(tile)
                             }
                         }
                     }
@@ -714,10 +735,41 @@ mod panels {
     }
 
     /// `buf[r][16 p + j] = Σ u q` of `R` activation rows (`qs` bytes apart in `q`) and the 16
-    /// columns of `panel`.
+    /// columns of `panel`, by AVX2 `maddubs` (see [`ymm_tile`]).
     #[target_feature(enable = "avx2")]
-    #[allow(clippy::needless_range_loop)] // `acc[r][v]` reads best as the register block it is
     unsafe fn tile<const R: usize>(
+        panel: &[u8],
+        q: &[i8],
+        qs: usize,
+        p: usize,
+        buf: &mut [[i32; NR * GROUP]],
+    ) {
+        // SAFETY: the caller's promise; this function has AVX2.
+        unsafe { ymm_tile::<R, false>(panel, q, qs, p, buf) }
+    }
+
+    /// [`tile`] by AVX-VNNI's 256-bit `vpdpbusd` (see [`ymm_tile`]).
+    #[target_feature(enable = "avx2,avxvnni")]
+    unsafe fn avxvnni_tile<const R: usize>(
+        panel: &[u8],
+        q: &[i8],
+        qs: usize,
+        p: usize,
+        buf: &mut [[i32; NR * GROUP]],
+    ) {
+        // SAFETY: the caller's promise; this function has AVX2 and AVX-VNNI.
+        unsafe { ymm_tile::<R, true>(panel, q, qs, p, buf) }
+    }
+
+    /// The 256-bit panel tile. With `VNNI`, each step's products go straight into int32 lanes
+    /// (`vpdpbusd`); without, `maddubs` sums them in int16 lanes for `SPAN` steps, then widens.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 (and AVX-VNNI with `VNNI`); inlined only into [`tile`] and
+    /// [`avxvnni_tile`], which enable them.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // `acc[r][v]` reads best as the register block it is
+    unsafe fn ymm_tile<const R: usize, const VNNI: bool>(
         panel: &[u8],
         q: &[i8],
         qs: usize,
@@ -735,14 +787,28 @@ mod panels {
             let s1 = (s0 + SPAN).min(steps);
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             for s in s0..s1 {
-                let w0 = _mm256_loadu_si256(wp.add(s * 4 * NR) as *const __m256i);
-                let w1 = _mm256_loadu_si256(wp.add(s * 4 * NR + 32) as *const __m256i);
+                // SAFETY: step s of the panel and four bytes of each row (the assert).
+                let (w0, w1) = unsafe {
+                    (
+                        _mm256_loadu_si256(wp.add(s * 4 * NR) as *const __m256i),
+                        _mm256_loadu_si256(wp.add(s * 4 * NR + 32) as *const __m256i),
+                    )
+                };
                 for r in 0..R {
-                    let a =
-                        _mm256_set1_epi32((qp.add(r * qs + 4 * s) as *const i32).read_unaligned());
-                    acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(w0, a));
-                    acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(w1, a));
+                    let a = unsafe { (qp.add(r * qs + 4 * s) as *const i32).read_unaligned() };
+                    let a = _mm256_set1_epi32(a);
+                    if VNNI {
+                        acc32[r][0] = _mm256_dpbusd_avx_epi32(acc32[r][0], w0, a);
+                        acc32[r][1] = _mm256_dpbusd_avx_epi32(acc32[r][1], w1, a);
+                    } else {
+                        acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(w0, a));
+                        acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(w1, a));
+                    }
                 }
+            }
+            if VNNI {
+                s0 = s1;
+                continue;
             }
             for r in 0..R {
                 for v in 0..2 {
@@ -754,7 +820,8 @@ mod panels {
         for r in 0..R {
             for v in 0..2 {
                 let dst = buf[r][p * NR + 8 * v..].as_mut_ptr() as *mut __m256i;
-                _mm256_storeu_si256(dst, acc32[r][v]);
+                // SAFETY: `buf[r]` holds NR * GROUP lanes, panel p's 16 among them.
+                unsafe { _mm256_storeu_si256(dst, acc32[r][v]) };
             }
         }
     }
@@ -779,6 +846,7 @@ fn dot_scalar(w: &[u8], q: &[i8]) -> i32 {
 /// [-512, 508]; each block adds four of them to a lane (one per 32-weight group), so 16 blocks
 /// add at most 64 terms, in [-32768, 32512]: still exact in i16 (the minimum is reached when
 /// every weight is +1 and every activation -128, which the tests check).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const SPAN: usize = 16;
 
 /// The sum of the eight i32 lanes.
@@ -894,8 +962,37 @@ unsafe fn zmm_row_tile<const R: usize, const W: usize>(
 /// activation load `W` weight rows; products are summed in i16 for `SPAN` blocks at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::needless_range_loop)] // `acc[j][r]` reads best as the register block it is
 unsafe fn avx2_tile<const R: usize, const W: usize>(
+    w: &[u8],
+    wrow: usize,
+    q: &[i8],
+    qs: usize,
+) -> [[i32; R]; W] {
+    // SAFETY: the caller's promise; this function has AVX2.
+    unsafe { ymm_row_tile::<R, W, false>(w, wrow, q, qs) }
+}
+
+/// [`avx2_tile`] by AVX-VNNI's 256-bit `vpdpbusd`: products straight into int32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avxvnni")]
+unsafe fn avxvnni_row_tile<const R: usize, const W: usize>(
+    w: &[u8],
+    wrow: usize,
+    q: &[i8],
+    qs: usize,
+) -> [[i32; R]; W] {
+    // SAFETY: the caller's promise; this function has AVX2 and AVX-VNNI.
+    unsafe { ymm_row_tile::<R, W, true>(w, wrow, q, qs) }
+}
+
+/// The body of [`avx2_tile`] (`VNNI` false) and [`avxvnni_row_tile`] (true).
+///
+/// # Safety
+/// The CPU has AVX2 (and AVX-VNNI with `VNNI`); inlined only into the two, which enable them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `acc[j][r]` reads best as the register block it is
+unsafe fn ymm_row_tile<const R: usize, const W: usize, const VNNI: bool>(
     w: &[u8],
     wrow: usize,
     q: &[i8],
@@ -929,10 +1026,27 @@ unsafe fn avx2_tile<const R: usize, const W: usize>(
                     let a =
                         _mm256_loadu_si256(qp.add(r * qs + b * BLOCK + 32 * g) as *const __m256i);
                     for j in 0..W {
-                        acc[j][r] = _mm256_add_epi16(acc[j][r], _mm256_maddubs_epi16(wg[j], a));
+                        if VNNI && g % 2 == 0 {
+                            acc32[j][r] = _mm256_dpbusd_avx_epi32(acc32[j][r], wg[j], a);
+                        } else if VNNI {
+                            // Odd groups into a second set: twice the sums in flight against
+                            // `vpdpbusd`'s latency (its accumulator is an input).
+                            acc[j][r] = _mm256_dpbusd_avx_epi32(acc[j][r], wg[j], a);
+                        } else {
+                            acc[j][r] = _mm256_add_epi16(acc[j][r], _mm256_maddubs_epi16(wg[j], a));
+                        }
                     }
                 }
             }
+        }
+        if VNNI {
+            for j in 0..W {
+                for r in 0..R {
+                    acc32[j][r] = _mm256_add_epi32(acc32[j][r], acc[j][r]);
+                }
+            }
+            b0 = b1;
+            continue;
         }
         for j in 0..W {
             for r in 0..R {

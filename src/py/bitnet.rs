@@ -180,8 +180,8 @@ impl IntLinear {
         self.0.w.nbytes()
     }
 
-    /// `q_x @ dequantized(w).T / s_x + bias` on the chosen kernel path ("avx512vnni", "avx2",
-    /// "portable"; the fastest allowed when None).
+    /// `q_x @ dequantized(w).T / s_x + bias` on the chosen kernel path ("avx512vnni", "avxvnni",
+    /// "avx2", "portable"; the fastest allowed when None).
     #[pyo3(signature = (x, path=None))]
     fn forward<'py>(
         &self,

@@ -202,6 +202,7 @@ impl<E: Elem, Q: Code> RunKernel<E, Q> for QuantTensor {
         _: Option<&mut [MaybeUninit<bool>]>,
         _: usize,
     ) {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
         if let Some(xs) = E::as_f32s(x) {

@@ -123,6 +123,7 @@ impl PackedWeights {
         // Rows `r0 ..` and panels `p0 ..` of the output, as `dst` frames them.
         let task = |r0: usize, p0: usize, mut dst: ArrayViewMut2<'_, f32>| {
             let (nr, nc) = dst.dim();
+            #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
             let mut buf = [[0f32; 16]; MR];
             for (pi, c) in (0..nc).step_by(PANEL).enumerate() {
                 let p = p0 + pi;
