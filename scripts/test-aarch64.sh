@@ -15,9 +15,11 @@ export RUSTC=/usr/bin/rustc
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/aarch64}"
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
-# ARMv8.2-A half precision: the gemm crate's aarch64 kernels carry fp16 instructions.
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+fp16"
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64
+# ARMv8.2-A half precision: the gemm crate's aarch64 kernels carry fp16 instructions. Static
+# linking: under qemu-user, a dynamically linked aarch64 program here hangs in its first
+# pthread_create (a plain C program too), a statically linked one runs.
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+fp16,+crt-static"
 /usr/bin/cargo --version
 qemu-aarch64 --version | head -1
 /usr/bin/cargo test --target aarch64-unknown-linux-gnu --profile dev-fast "$@"

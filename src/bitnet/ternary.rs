@@ -483,15 +483,15 @@ impl<E: Epilogue> Tile<'_, E> {
 /// at 256 rows 108 against 146).
 pub const PANEL_MIN_ROWS: usize = 128;
 
-/// Panels are not blocked over k: a 16-column panel holds 16 bytes per input, and past this many
-/// inputs (32 KiB) it leaves L1 and the panel path falls behind the row-tile path, which streams
-/// the packed weights once per four activation rows from L2 (64 x 4096 -> 4096: 100 against 160
-/// G MAC/s per core).
+/// Past this many inputs the panels (blocked over k, see `panels::task`) pay for their unpacking
+/// only from `2 * PANEL_MIN_ROWS` rows: below, the row tiles, which read the packed codes
+/// directly, are faster (4096 -> 4096 per core, row tiles against panels: 128 rows 194 vs 163
+/// G MAC/s; 256 rows 194 vs 205; 1024 x 4096 -> 1024: 182 vs 232).
 pub const PANEL_MAX_K: usize = 2048;
 
 /// Whether a product of `m` activation rows and `k` inputs takes the panel path.
 pub fn uses_panels(m: usize, k: usize) -> bool {
-    m >= PANEL_MIN_ROWS && k <= PANEL_MAX_K
+    m >= PANEL_MIN_ROWS && (k <= PANEL_MAX_K || m >= 2 * PANEL_MIN_ROWS)
 }
 
 /// The batched AVX2 GEMM. A task unpacks the 2-bit codes of its output columns into panels of
@@ -501,8 +501,8 @@ pub fn uses_panels(m: usize, k: usize) -> bool {
 /// `s` then gives, in one `maddubs` each, the products of 4 inputs x 16 columns; a tile of six
 /// activation rows keeps 12 such accumulators in registers and loads each weight vector once for
 /// six rows. The unpacking (one pass over the task's weights) is spread over the task's
-/// activation rows, so this path is for `m >= PANEL_MIN_ROWS` (and `k <= PANEL_MAX_K`, see
-/// `uses_panels`); the row-tile path reads the packed codes directly.
+/// activation rows, so this path is for `m >= PANEL_MIN_ROWS` (twice that past `PANEL_MAX_K`
+/// inputs, see `uses_panels`); the row-tile path reads the packed codes directly.
 #[cfg(target_arch = "x86_64")]
 mod panels {
     use super::{Ctx, Epilogue, RowEpilogue, TernaryMatrix, BLOCK};
@@ -515,8 +515,10 @@ mod panels {
     const NR: usize = 16;
     /// Activation rows per register tile.
     const MR: usize = 6;
-    /// Panels a task unpacks (64 columns: 96 KiB of panels at k = 1536, in L2).
+    /// Panels a task unpacks (64 columns).
     const GROUP: usize = 4;
+    /// Inputs per block of the panels: 16 KiB per panel, 64 KiB for a task's four (in L2).
+    const KB: usize = 1024;
     /// Steps of four inputs summed in 16-bit lanes before widening: a lane adds
     /// `u0 q0 + u1 q1` in [-512, 508] per step, so 64 steps stay in [-32768, 32512].
     const SPAN: usize = 64;
@@ -566,7 +568,9 @@ mod panels {
             });
     }
 
-    /// Rows `r0 ..` and columns `c0 ..` of the output, as `dst` frames them.
+    /// Rows `r0 ..` and columns `c0 ..` of the output, as `dst` frames them. The inputs go in
+    /// blocks of `KB`: a block's panels (16 KiB each) stay in L1/L2 while every row of the task
+    /// passes them, and each row's sums add up over the blocks.
     fn task<E: Epilogue>(
         ctx: &Ctx<'_, E>,
         r0: usize,
@@ -581,102 +585,127 @@ mod panels {
         // (for k = 96 that is 96 codes instead of 128).
         let kp = ctx.w.k.next_multiple_of(4);
         let np = nc.div_ceil(NR);
+        let mut dots = vec![[0i32; NR * GROUP]; m];
         SCRATCH.with_borrow_mut(|panels| {
-            panels.resize(np * NR * kp, 0);
-            for p in 0..np {
-                unpack(
-                    ctx.w,
-                    c0 + p * NR,
-                    &mut panels[p * NR * kp..(p + 1) * NR * kp],
-                );
-            }
             let mut buf = vec![[0i32; NR * GROUP]; MR];
-            let vnni = ctx.vnni;
-            let mut r = 0;
-            while r < m {
-                let rs = (m - r).min(MR);
-                let q = &ctx.qp[(r0 + r) * ctx.qs..];
-                if vnni {
-                    // Two panels at a time: 2 x rs independent accumulators in flight.
-                    let mut p = 0;
-                    while p < np {
-                        let two = np - p >= 2;
-                        let panel = &panels[p * NR * kp..(p + 1 + two as usize) * NR * kp];
-                        macro_rules! go {
-                            ($p:literal) => {
-                                match rs {
-                                    6 => vnni_tile::<6, $p>(panel, q, ctx.qs, p, &mut buf),
-                                    5 => vnni_tile::<5, $p>(panel, q, ctx.qs, p, &mut buf),
-                                    4 => vnni_tile::<4, $p>(panel, q, ctx.qs, p, &mut buf),
-                                    3 => vnni_tile::<3, $p>(panel, q, ctx.qs, p, &mut buf),
-                                    2 => vnni_tile::<2, $p>(panel, q, ctx.qs, p, &mut buf),
-                                    _ => vnni_tile::<1, $p>(panel, q, ctx.qs, p, &mut buf),
-                                }
-                            };
-                        }
-                        // SAFETY: `use_vnni()` found AVX-512 F/BW/VNNI on the CPU.
-                        unsafe {
-                            if two {
-                                go!(2)
-                            } else {
-                                go!(1)
-                            }
-                        }
-                        p += 1 + two as usize;
-                    }
-                } else {
-                    for p in 0..np {
-                        let panel = &panels[p * NR * kp..(p + 1) * NR * kp];
-                        macro_rules! go {
-                            ($f:ident) => {
-                                match rs {
-                                    6 => $f::<6>(panel, q, ctx.qs, p, &mut buf),
-                                    5 => $f::<5>(panel, q, ctx.qs, p, &mut buf),
-                                    4 => $f::<4>(panel, q, ctx.qs, p, &mut buf),
-                                    3 => $f::<3>(panel, q, ctx.qs, p, &mut buf),
-                                    2 => $f::<2>(panel, q, ctx.qs, p, &mut buf),
-                                    _ => $f::<1>(panel, q, ctx.qs, p, &mut buf),
-                                }
-                            };
-                        }
-                        // SAFETY: `gemm` is only called when use_avx2() found AVX2 on the CPU,
-                        // and `vnni256` is set only where `avx_vnni()` found AVX-VNNI.
-                        unsafe {
-                            if ctx.vnni256 {
-                                go!(avxvnni_tile)
-                            } else {
-                                go!(tile)
-                            }
+            for k0 in (0..kp).step_by(KB) {
+                let kb = (kp - k0).min(KB);
+                panels.resize(np * NR * kb, 0);
+                for p in 0..np {
+                    unpack(
+                        ctx.w,
+                        c0 + p * NR,
+                        k0,
+                        &mut panels[p * NR * kb..(p + 1) * NR * kb],
+                    );
+                }
+                let mut r = 0;
+                while r < m {
+                    let rs = (m - r).min(MR);
+                    let q = &ctx.qp[(r0 + r) * ctx.qs + k0..];
+                    tiles(ctx, panels, kb, np, rs, q, &mut buf);
+                    for (acc, v) in dots[r..r + rs].iter_mut().zip(&buf) {
+                        for (a, &b) in acc[..nc].iter_mut().zip(&v[..nc]) {
+                            *a = a.wrapping_add(b);
                         }
                     }
+                    r += rs;
                 }
-                for (i, v) in buf.iter().take(rs).enumerate() {
-                    let mut row = dst.row_mut(r + i);
-                    crate::quant::simd::dispatch(RowEpilogue {
-                        epi: ctx.epi,
-                        r: r0 + r + i,
-                        c0,
-                        v: &v[..nc],
-                        sub: ctx.sums[r0 + r + i],
-                        out: row.as_slice_mut().expect("task columns are contiguous"),
-                    });
-                }
-                r += rs;
             }
         });
+        for (i, v) in dots.iter().enumerate() {
+            let mut row = dst.row_mut(i);
+            crate::quant::simd::dispatch(RowEpilogue {
+                epi: ctx.epi,
+                r: r0 + i,
+                c0,
+                v: &v[..nc],
+                sub: ctx.sums[r0 + i],
+                out: row.as_slice_mut().expect("task columns are contiguous"),
+            });
+        }
     }
 
-    /// The panel of columns `c0 .. c0 + 16` (columns past the matrix get code 0), its first
-    /// `panel.len() / 16` inputs.
-    fn unpack(w: &TernaryMatrix, c0: usize, panel: &mut [u8]) {
-        let (kp, wrow) = (w.kp, w.kp / 4);
+    /// The sums of `rs` activation rows (from `q`, `ctx.qs` bytes apart) against the `np` panels
+    /// of `kb` inputs each in `panels`, into `buf[..rs]`.
+    fn tiles<E: Epilogue>(
+        ctx: &Ctx<'_, E>,
+        panels: &[u8],
+        kb: usize,
+        np: usize,
+        rs: usize,
+        q: &[i8],
+        buf: &mut [[i32; NR * GROUP]],
+    ) {
+        if ctx.vnni {
+            // Two panels at a time: 2 x rs independent accumulators in flight.
+            let mut p = 0;
+            while p < np {
+                let two = np - p >= 2;
+                let panel = &panels[p * NR * kb..(p + 1 + two as usize) * NR * kb];
+                macro_rules! go {
+                    ($p:literal) => {
+                        match rs {
+                            6 => vnni_tile::<6, $p>(panel, q, ctx.qs, p, buf),
+                            5 => vnni_tile::<5, $p>(panel, q, ctx.qs, p, buf),
+                            4 => vnni_tile::<4, $p>(panel, q, ctx.qs, p, buf),
+                            3 => vnni_tile::<3, $p>(panel, q, ctx.qs, p, buf),
+                            2 => vnni_tile::<2, $p>(panel, q, ctx.qs, p, buf),
+                            _ => vnni_tile::<1, $p>(panel, q, ctx.qs, p, buf),
+                        }
+                    };
+                }
+                // SAFETY: `use_vnni()` found AVX-512 F/BW/VNNI on the CPU.
+                unsafe {
+                    if two {
+                        go!(2)
+                    } else {
+                        go!(1)
+                    }
+                }
+                p += 1 + two as usize;
+            }
+            return;
+        }
+        for p in 0..np {
+            let panel = &panels[p * NR * kb..(p + 1) * NR * kb];
+            macro_rules! go {
+                ($f:ident) => {
+                    match rs {
+                        6 => $f::<6>(panel, q, ctx.qs, p, buf),
+                        5 => $f::<5>(panel, q, ctx.qs, p, buf),
+                        4 => $f::<4>(panel, q, ctx.qs, p, buf),
+                        3 => $f::<3>(panel, q, ctx.qs, p, buf),
+                        2 => $f::<2>(panel, q, ctx.qs, p, buf),
+                        _ => $f::<1>(panel, q, ctx.qs, p, buf),
+                    }
+                };
+            }
+            // SAFETY: `gemm` is only called when use_avx2() found AVX2 on the CPU, and
+            // `vnni256` is set only where `avx_vnni()` found AVX-VNNI.
+            unsafe {
+                if ctx.vnni256 {
+                    go!(avxvnni_tile)
+                } else {
+                    go!(tile)
+                }
+            }
+        }
+    }
+
+    /// The panel of columns `c0 .. c0 + 16` (columns past the matrix get code 0), its
+    /// `panel.len() / 16` inputs from input `k0` (a multiple of the packing's block).
+    fn unpack(w: &TernaryMatrix, c0: usize, k0: usize, panel: &mut [u8]) {
+        debug_assert_eq!(k0 % BLOCK, 0);
+        let wrow = w.kp / 4;
         let steps = panel.len() / (4 * NR);
-        let mut row = vec![1u8; kp];
+        let span = (4 * steps).next_multiple_of(BLOCK);
+        let mut row = vec![1u8; span];
         for j in 0..NR {
             let c = c0 + j;
             if c < w.n {
                 // 32 bytes of a block give its 128 codes, group g in bits 2g..2g+2.
-                let src = &w.packed[c * wrow..(c + 1) * wrow];
+                let src = &w.packed[c * wrow + k0 / 4..(c + 1) * wrow];
                 for (blk, out) in src.chunks_exact(BLOCK / 4).zip(row.chunks_exact_mut(BLOCK)) {
                     for g in 0..4 {
                         for (o, &b) in out[32 * g..32 * (g + 1)].iter_mut().zip(blk) {
@@ -1117,7 +1146,11 @@ mod tests {
             (133, 33, 64),
             // Panels cut at k rounded up to 4, not at the 128-wide packing block.
             (140, 40, 96),
-            // Many rows at a k past PANEL_MAX_K: the row-tile path.
+            // Panels in several blocks of inputs, the last one partial.
+            (130, 37, 2500),
+            (129, 16, 1025),
+            // Long rows on the row tiles, and on panels from 256 rows.
+            (257, 21, 2100),
             (18, 9, 4100),
             (33, 5, 2049),
             (37, 20, 6),
@@ -1185,6 +1218,16 @@ mod tests {
                 }
                 check_all_paths(w, &Array2::from_elem((2, k), 127));
                 check_all_paths(w, &Array2::from_elem((17, k), 127));
+            }
+        }
+        // The panel path over several blocks of inputs (rows enough for panels at any k).
+        for k in [2049, 4099] {
+            for w in [
+                Array2::<i8>::from_elem((19, k), 1),
+                Array2::<i8>::from_elem((19, k), -1),
+            ] {
+                check_all_paths(&w, &Array2::from_elem((257, k), -128));
+                check_all_paths(&w, &Array2::from_elem((263, k), 127));
             }
         }
         let k = 4096;
