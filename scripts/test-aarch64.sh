@@ -11,7 +11,7 @@ if ! dpkg -s libstd-rust-web-dev:arm64 >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rustc-web cargo-web \
         libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
 fi
-export RUSTC=/usr/bin/rustc
+export RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/aarch64}"
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
