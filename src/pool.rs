@@ -64,37 +64,6 @@ pub fn threads() -> usize {
     run(rayon::current_num_threads)
 }
 
-/// `f` of each `chunk`-sized piece of `xs`, in order, in parallel: the first piece on the
-/// calling thread while the pool's threads take the others, so that a caller from outside the
-/// pool (Python's thread) works instead of sleeping until they finish, and the pool's wake-up
-/// is hidden behind its work. For loops of a few tasks, called many times (observer batches).
-pub fn map_chunks<T: Sync, R: Send>(
-    xs: &[T],
-    chunk: usize,
-    f: impl Fn(&[T]) -> R + Sync,
-) -> Vec<R> {
-    let mut pieces = xs.chunks(chunk.max(1));
-    let Some(first) = pieces.next() else {
-        return vec![];
-    };
-    let rest: Vec<&[T]> = pieces.collect();
-    if rest.is_empty() {
-        return vec![f(first)];
-    }
-    let mut out: Vec<Option<R>> = (0..=rest.len()).map(|_| None).collect();
-    let (head, tail) = out.split_first_mut().expect("at least two pieces");
-    let f = &f;
-    rayon::in_place_scope(|s| {
-        for (o, &p) in tail.iter_mut().zip(&rest) {
-            s.spawn(move |_| *o = Some(f(p)));
-        }
-        *head = Some(f(first));
-    });
-    out.into_iter()
-        .map(|r| r.expect("every piece ran"))
-        .collect()
-}
-
 /// `chunk`-sized pieces of a slice, handed out to whichever thread asks first.
 pub struct Pieces<'a, T> {
     xs: &'a [T],
@@ -113,9 +82,11 @@ impl<'a, T> Iterator for Pieces<'a, T> {
 
 /// `f` run once on the calling thread and once on each of up to `threads() - 1` pool threads
 /// (no more than there are pieces), each taking `chunk`-sized pieces of `xs` from one shared
-/// queue until none are left; what each returned, in no particular order. For loops whose
-/// per-thread state costs something to set up and combine (a histogram's counts): a pool
-/// thread that wakes late takes fewer pieces instead of holding the caller up.
+/// queue until none are left; what each returned, in no particular order. The caller works
+/// instead of sleeping until the pool's threads finish, which hides their wake-up; a pool thread
+/// that wakes late takes fewer pieces instead of holding the caller up. For loops of a few
+/// pieces called many times (observer batches), whose per-thread state (a histogram's counts)
+/// costs something to set up and combine.
 pub fn share_chunks<T: Sync, R: Send>(
     xs: &[T],
     chunk: usize,

@@ -206,7 +206,7 @@ pub fn finite_minmax<E: Elem>(x: &ArrayViewD<'_, E>) -> Result<(f32, f32)> {
     finish(match x.as_slice_memory_order() {
         Some(s) => {
             let per_task = s.len().div_ceil(rayon::current_num_threads()).max(CHUNK);
-            crate::pool::map_chunks(s, per_task, scan)
+            crate::pool::share_chunks(s, per_task, |pieces| pieces.map(scan).fold(init, merge))
                 .into_iter()
                 .fold(init, merge)
         }
