@@ -23,9 +23,10 @@ True
 from __future__ import annotations
 
 import fnmatch
+import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -187,6 +188,118 @@ def _spec_for(name: str, spec: Any) -> QuantSpec | None:
     return None
 
 
+def _find_blocks(model: Any, chosen: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The model's repeated blocks (a ``ModuleList``'s children: a transformer's layers), those
+    of the ``ModuleList`` whose children hold the most of the ``chosen`` layers; [] if none
+    holds chosen layers in two children."""
+    import torch
+
+    best: list[tuple[str, Any]] = []
+    best_count = 1
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.ModuleList):
+            blocks = [(f"{name}.{i}" if name else str(i), b) for i, b in enumerate(m)]
+            count = sum(any(n.startswith(bn + ".") for n in chosen) for bn, _ in blocks)
+            if count > best_count:
+                best, best_count = blocks, count
+    return best
+
+
+def _first(out: Any) -> Any:
+    """A block's output hidden states: the output, or its first element."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _chain(out: Any, args: tuple) -> tuple:
+    """The next block's positional inputs: this block's output in place of its first input."""
+    return (_first(out),) + tuple(args[1:])
+
+
+def _stages(model: Any, chosen: Mapping[str, Any], batch: Any) -> list[tuple[list[str], Any]]:
+    """The chosen layers in execution order (from one batch), split into stages: those run
+    before the repeated blocks (``None``: calibrated on passes of the whole model), each
+    block's own (calibrated by running that block alone on its inputs, the previous block's
+    outputs), and those run after. Blocks qualify only if, on this batch, each runs once, each
+    takes the previous one's output as its first input, and each chosen layer runs inside its
+    own block's call; otherwise one stage of whole-model passes."""
+    import torch
+
+    blocks = _find_blocks(model, chosen)
+    owner = {n: next((i for i, (bn, _) in enumerate(blocks) if n.startswith(bn + ".")), None) for n in chosen}
+    events: list[tuple[str, Any, Any]] = []  # ("layer", name, None) | ("in" / "out", block, tensor)
+    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: events.append(("layer", n, None)))
+               for n, (m, _) in chosen.items()]
+    for i, (_, b) in enumerate(blocks):
+        handles.append(b.register_forward_pre_hook(
+            lambda _m, a, k, i=i: events.append(("in", i, a[0] if a else None)), with_kwargs=True))
+        handles.append(b.register_forward_hook(lambda _m, _a, out, i=i: events.append(("out", i, _first(out)))))
+    try:
+        with torch.no_grad():
+            _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    order: list[str] = []
+    for kind, n, _ in events:
+        if kind == "layer" and n not in order:
+            order.append(n)
+    whole = [(order, None)]
+    calls = [(i, x) for kind, i, x in events if kind == "in"]
+    if not blocks or len(calls) != len(blocks) or len({i for i, _ in calls}) != len(blocks):
+        return whole
+    # Each block's input is the previous one's output, and each layer runs inside its block.
+    current: int | None = None
+    last_out: Any = None
+    ran: list[int] = []
+    stages: list[tuple[list[str], Any]] = [([], None)]
+    after: list[tuple[int, str]] = []  # layers outside every block, after some block ran
+    for kind, n, x in events:
+        if kind == "in":
+            if current is not None or (ran and x is not last_out):
+                return whole
+            current = n
+            ran.append(n)
+            stages.append(([], blocks[n][1]))
+        elif kind == "out":
+            if current != n:
+                return whole
+            current, last_out = None, x
+        elif owner[n] != current:
+            return whole  # a block's layer run outside its block's call, or another inside it
+        elif current is None and ran:
+            after.append((len(ran), n))
+        elif n not in stages[-1][0]:
+            stages[-1][0].append(n)
+    suffix = list(dict.fromkeys(n for _, n in after))
+    if any(k < len(blocks) for k, _ in after) or set(suffix) & set(stages[0][0]):
+        return whole  # a layer between two blocks, or one run both before and after them
+    return stages + [(suffix, None)]
+
+
+def _block_inputs(block: Any, passes: Sequence[Callable[[], Any]]) -> list[tuple[tuple, dict]]:
+    """The positional and keyword inputs ``block`` receives in each of ``passes`` (each pass
+    stops there)."""
+    import torch
+
+    inputs: list[tuple[tuple, dict]] = []
+
+    def hook(_m: Any, args: tuple, kwargs: dict) -> None:
+        inputs.append((args, kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for run in passes:
+                try:
+                    run()
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return inputs
+
+
 def quantize_model(
     model: Any,
     data: Iterable[Any],
@@ -250,12 +363,14 @@ def quantize_model(
     model.eval()
     order: list[str] = []
     hessians: dict[str, Hessian] = {}
+    full_passes = [functools.partial(_call, model, b) for b in batches]
 
-    def gather(names: Sequence[str], target: str | None = None) -> None:
-        """Hessians of ``names`` over every batch. With a ``target`` (the first of ``names`` the
-        model runs), each pass stops at the first of ``names`` after it whose input is not the
-        target's very input tensor: layers that share it (attention's q, k, v) are gathered in
-        the same pass, before the target is quantized, which leaves their input unchanged."""
+    def gather(names: Sequence[str], passes: Sequence[Callable[[], Any]], target: str | None = None) -> None:
+        """Hessians of ``names`` over every one of ``passes`` (the model, or one block of it, on
+        each batch). With a ``target`` (the first of ``names`` a pass runs), each pass stops at
+        the first of ``names`` after it whose input is not the target's very input tensor:
+        layers that share it (attention's q, k, v) are gathered in the same pass, before the
+        target is quantized, which leaves their input unchanged."""
         seen: dict[str, Any] = {}
 
         def hook_for(name: str) -> Any:
@@ -265,7 +380,7 @@ def quantize_model(
                     if name == target:
                         seen["x"] = x
                     elif "x" not in seen:
-                        return  # ran before the target in this batch: gathered in a later pass
+                        return  # ran before the target in this pass: gathered in a later one
                     elif x is not seen["x"]:
                         raise _Stop
                 if name not in hessians:
@@ -278,17 +393,17 @@ def quantize_model(
         handles = [chosen[n][0].register_forward_pre_hook(hook_for(n)) for n in names]
         try:
             with torch.no_grad():
-                for b in batches:
+                for run in passes:
                     seen.clear()
                     try:
-                        _call(model, b)
+                        run()
                     except _Stop:
                         pass
         finally:
             for h in handles:
                 h.remove()
         if target is not None:
-            # A layer that shared the target's input in some batches only has a partial sum:
+            # A layer that shared the target's input in some passes only has a partial sum:
             # it is gathered again when its turn comes.
             full = hessians[target].samples if target in hessians else -1
             for n in list(hessians):
@@ -296,56 +411,63 @@ def quantize_model(
                     del hessians[n]
 
     result = PTQResult("gptq+mse" if method == "gptq" and mse_grid else method)
+
+    def quantize_layer(name: str) -> None:
+        """Quantizes layer ``name`` from its gathered Hessian and writes its weight back."""
+        mod, s = chosen[name]
+        if name not in hessians:
+            return  # never ran on the calibration data
+        t = time.perf_counter()
+        w = mod.weight.detach().float().cpu().numpy()
+        hs = hessians.pop(name)
+        assert s is not None
+        try:
+            if method == "gptq":
+                r = gptq(w, hs, s, damp=d, act_order=act_order, grid="mse" if mse_grid else "minmax")
+                qt, deq, err, rtn_err, dead = r.tensor, r.weight, r.error, r.rtn_error, r.dead
+            elif method == "mse":
+                wc = np.ascontiguousarray(w)
+                qt, deq, _ = _lowbit.gptq(wc, np.ascontiguousarray(hs.matrix), s, d, False, True, False)
+                err = _lowbit.output_error(wc, deq, hs.matrix)
+                rtn_qt = _lowbit.quantize(wc, s)
+                rtn_deq = rtn_qt.dequantize()
+                rtn_err = _lowbit.output_error(wc, rtn_deq, hs.matrix)
+                if rtn_err < err:  # the diagonal-weighted search can lose on correlated inputs
+                    qt, deq, err = rtn_qt, rtn_deq, rtn_err
+                dead = 0
+            else:
+                qt = _lowbit.quantize(np.ascontiguousarray(w), s)
+                deq = qt.dequantize()
+                err = rtn_err = _lowbit.output_error(np.ascontiguousarray(w), deq, hs.matrix)
+                dead = 0
+        except LowbitValueError as e:
+            raise LowbitValueError(f"layer {name!r}: {e}") from None
+        with torch.no_grad():
+            mod.weight.copy_(torch.from_numpy(np.asarray(deq)).to(mod.weight.dtype))
+        result.layers[name] = LayerResult(qt, err, rtn_err, dead, time.perf_counter() - t)
+
     try:
         if method != "gptq" or not sequential:
-            gather(list(chosen))
-            todo = list(order)
+            gather(list(chosen), full_passes)
+            stages: list[tuple[list[str], Any]] = [(list(order), None)]
         else:
-            # The execution order, from one batch.
-            probe: list[str] = []
-            handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: probe.append(n) if n not in probe else None)
-                       for n, (m, _) in chosen.items()]
-            try:
+            stages = _stages(model, chosen, batches[0])
+        block_inputs: list[tuple[tuple, dict]] = []
+        for names, block in stages:
+            if block is None:
+                passes = full_passes
+            else:
+                if not block_inputs:
+                    block_inputs = _block_inputs(block, full_passes)
+                passes = [functools.partial(block, *a, **k) for a, k in block_inputs]
+            for i, name in enumerate(names):
+                if method == "gptq" and sequential and name not in hessians:
+                    gather(names[i:], passes, target=name)
+                quantize_layer(name)
+            if block is not None:
+                # This block's outputs, from its quantized layers, are the next block's inputs.
                 with torch.no_grad():
-                    _call(model, batches[0])
-            finally:
-                for h in handles:
-                    h.remove()
-            todo = probe
-        for i, name in enumerate(todo):
-            mod, s = chosen[name]
-            if method == "gptq" and sequential and name not in hessians:
-                gather(todo[i:], target=name)
-            if name not in hessians:
-                continue  # never ran on the calibration data
-            t = time.perf_counter()
-            w = mod.weight.detach().float().cpu().numpy()
-            hs = hessians.pop(name)
-            assert s is not None
-            try:
-                if method == "gptq":
-                    r = gptq(w, hs, s, damp=d, act_order=act_order, grid="mse" if mse_grid else "minmax")
-                    qt, deq, err, rtn_err, dead = r.tensor, r.weight, r.error, r.rtn_error, r.dead
-                elif method == "mse":
-                    wc = np.ascontiguousarray(w)
-                    qt, deq, _ = _lowbit.gptq(wc, np.ascontiguousarray(hs.matrix), s, d, False, True, False)
-                    err = _lowbit.output_error(wc, deq, hs.matrix)
-                    rtn_qt = _lowbit.quantize(wc, s)
-                    rtn_deq = rtn_qt.dequantize()
-                    rtn_err = _lowbit.output_error(wc, rtn_deq, hs.matrix)
-                    if rtn_err < err:  # the diagonal-weighted search can lose on correlated inputs
-                        qt, deq, err = rtn_qt, rtn_deq, rtn_err
-                    dead = 0
-                else:
-                    qt = _lowbit.quantize(np.ascontiguousarray(w), s)
-                    deq = qt.dequantize()
-                    err = rtn_err = _lowbit.output_error(np.ascontiguousarray(w), deq, hs.matrix)
-                    dead = 0
-            except LowbitValueError as e:
-                raise LowbitValueError(f"layer {name!r}: {e}") from None
-            with torch.no_grad():
-                mod.weight.copy_(torch.from_numpy(np.asarray(deq)).to(mod.weight.dtype))
-            result.layers[name] = LayerResult(qt, err, rtn_err, dead, time.perf_counter() - t)
+                    block_inputs = [(_chain(block(*a, **k), a), k) for a, k in block_inputs]
     finally:
         model.train(was_training)
     result.seconds = time.perf_counter() - t0

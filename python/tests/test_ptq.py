@@ -383,3 +383,91 @@ def test_bad_grid_is_refused():
         quantize_model(net, [torch.randn(4, 8)], lowbit.QuantSpec(4), method="awq")
     with pytest.raises(lowbit.LowbitValueError, match="grid"):
         gptq(np.ones((4, 8), np.float32), np.eye(8), lowbit.QuantSpec(4), grid=None)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = _Attn()
+        self.up = torch.nn.Linear(16, 32)
+        self.down = torch.nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        x = x + self.attn(x * mask) * scale
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class _Stack(torch.nn.Module):
+    """A transformer-like model: a layer before the blocks, repeated blocks taking the previous
+    block's output (and a mask, positionally, and a keyword), a head after them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 16)
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(3))
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        mask = (x[..., :1] > -1).float()
+        for b in self.blocks:
+            h = b(h, mask, scale=0.5)
+        return self.head(h)
+
+
+def test_blocks_calibrated_alone_give_the_codes_of_whole_model_passes(monkeypatch):
+    """Sequential GPTQ runs each repeated block alone on its cached inputs (the previous
+    block's outputs): the same Hessians, so the same codes, as passes of the whole model."""
+    import copy
+
+    import lowbit.ptq as ptq
+
+    torch.manual_seed(0)
+    net = _Stack()
+    data = [torch.randn(2, 6, 8) for _ in range(4)]
+    names = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    chosen = {n: (net.get_submodule(n), None) for n in names}
+    stages = ptq._stages(net, chosen, data[0])
+    assert [len(n) for n, _ in stages] == [1, 6, 6, 6, 1]
+    assert [b for _, b in stages[1:4]] == list(net.blocks)
+    spec = lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=8)
+    fast = copy.deepcopy(net)
+    r_fast = quantize_model(fast, data, spec)
+    monkeypatch.setattr(ptq, "_find_blocks", lambda *_: [])
+    assert len(ptq._stages(net, chosen, data[0])) == 1
+    r_slow = quantize_model(net, data, spec)
+    assert list(r_fast.layers) == list(r_slow.layers) == names[:1] + [
+        n for n in names if n.startswith("blocks")] + ["head"]
+    for n in names:
+        np.testing.assert_array_equal(r_fast.layers[n].tensor.int_repr(), r_slow.layers[n].tensor.int_repr())
+    x = torch.randn(3, 6, 8)
+    torch.testing.assert_close(fast(x), net(x), rtol=0, atol=0)
+
+
+def test_blocks_that_do_not_chain_fall_back_to_whole_model_passes():
+    """A block whose input is not the previous block's output (here: a norm between them), or a
+    block run twice, is calibrated by passes of the whole model."""
+    import lowbit.ptq as ptq
+
+    class Between(_Stack):
+        def forward(self, x):
+            h = self.inp(x)
+            for b in self.blocks:
+                h = torch.nn.functional.layer_norm(b(h, 1.0), (16,))
+            return self.head(h)
+
+    class Twice(_Stack):
+        def forward(self, x):
+            h = self.inp(x)
+            for b in list(self.blocks) + [self.blocks[0]]:
+                h = b(h, 1.0)
+            return self.head(h)
+
+    for cls in (Between, Twice):
+        torch.manual_seed(0)
+        net = cls()
+        chosen = {n: (m, None) for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)}
+        x = torch.randn(2, 6, 8)
+        assert len(ptq._stages(net, chosen, x)) == 1, cls
+        r = quantize_model(net, [x], lowbit.QuantSpec(4, granularity="channel"))
+        assert len(r.layers) == 20

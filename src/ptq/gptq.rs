@@ -16,13 +16,30 @@ use super::linalg::inverse_cholesky_upper;
 use crate::ensure;
 use crate::quant::affine::QRange;
 use crate::quant::pack::pack;
+use crate::quant::simd::{dispatch, Isa, Kernel};
 use crate::quant::spec::{qparams_from_minmax, Granularity, QuantSpec, QuantizedTensor};
 use crate::{Error, Result};
-use ndarray::{Array2, ArrayView2, Axis};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 /// Rows solved together: each row of the factor is read once per chunk.
-const ROWS_PER_CHUNK: usize = 16;
+const ROWS_PER_CHUNK: usize = 32;
+
+/// Columns per lazy batch update (the reference's block size).
+const BLOCK: usize = 128;
+
+/// Columns of a lazy-update block: [`BLOCK`], or with dynamic groups (grids taken from the
+/// weights as feedback left them when a group's first column is reached) a whole number of
+/// groups, or one group where a group is wider, so that every column of a group has taken the
+/// errors of every column before it when the group's grid is chosen.
+fn block_columns(gs: usize, dynamic: bool) -> usize {
+    match (dynamic, gs >= BLOCK) {
+        (false, _) => BLOCK,
+        (true, true) => gs,
+        (true, false) => BLOCK / gs * gs,
+    }
+}
 
 /// Solver settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -69,7 +86,9 @@ type Grid = (f32, i32);
 const SHRINKS: usize = 81;
 
 /// The grid of `values` (whose importances are `weights`): min-max, or with `mse` the shrunk
-/// min-max range of least weighted squared error (the first, least shrunk, on ties).
+/// min-max range of least weighted squared error (the first, least shrunk, on ties). Inlined
+/// into the dispatched kernels below (`vroundpd` there, not a libm call per value).
+#[inline(always)]
 fn search_grid(values: &[f64], weights: &[f64], r: QRange, symmetric: bool, mse: bool) -> Grid {
     let (lo, hi) = values
         .iter()
@@ -80,16 +99,7 @@ fn search_grid(values: &[f64], weights: &[f64], r: QRange, symmetric: bool, mse:
     if !mse {
         return base;
     }
-    let cost = |g: Grid| -> f64 {
-        values
-            .iter()
-            .zip(weights)
-            .map(|(&v, &wt)| {
-                let d = v - round_to_grid(v, g, r).1;
-                wt * d * d
-            })
-            .sum()
-    };
+    let cost = |g: Grid| grid_cost(values, weights, g, r);
     let (mut best, mut best_cost) = (base, cost(base));
     for i in 1..SHRINKS {
         let p = 1.0 - i as f32 / 100.0;
@@ -102,7 +112,27 @@ fn search_grid(values: &[f64], weights: &[f64], r: QRange, symmetric: bool, mse:
     best
 }
 
-#[inline]
+/// `Σ weight (value - its grid point)²`, in eight independent lanes (vectorizes).
+#[inline(always)]
+fn grid_cost(values: &[f64], weights: &[f64], g: Grid, r: QRange) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let (cv, cw) = (values.chunks_exact(8), weights.chunks_exact(8));
+    let tail: f64 = cv
+        .remainder()
+        .iter()
+        .zip(cw.remainder())
+        .map(|(&v, &wt)| wt * (v - round_to_grid(v, g, r).1).powi(2))
+        .sum();
+    for (v, wt) in cv.zip(cw) {
+        for l in 0..8 {
+            let d = v[l] - round_to_grid(v[l], g, r).1;
+            acc[l] += wt[l] * d * d;
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+#[inline(always)]
 fn round_to_grid(w: f64, (s, zp): Grid, r: QRange) -> (i32, f64) {
     let s = s as f64;
     let q = ((w / s).round_ties_even() + zp as f64).clamp(r.min as f64, r.max as f64);
@@ -114,6 +144,130 @@ fn group_size(spec: &QuantSpec, cols: usize) -> usize {
     match spec.granularity {
         Granularity::Tensor | Granularity::Channel => cols.max(1),
         Granularity::Group => spec.group_size.expect("a group spec has a group size"),
+    }
+}
+
+/// The per-tensor grid search, compiled for the CPU's instruction set.
+struct TensorGrid<'a> {
+    values: &'a [f64],
+    weights: &'a [f64],
+    r: QRange,
+    sym: bool,
+    mse: bool,
+}
+
+impl Kernel for TensorGrid<'_> {
+    type Output = Grid;
+
+    #[inline(always)]
+    fn run<S: Isa>(self) -> Grid {
+        search_grid(self.values, self.weights, self.r, self.sym, self.mse)
+    }
+}
+
+/// What every chunk of rows shares.
+struct Common<'a> {
+    w: ArrayView2<'a, f32>,
+    /// Visiting order of the input columns.
+    perm: &'a [usize],
+    dead: &'a [bool],
+    /// Importance of each input for the MSE grid search.
+    imp: &'a [f64],
+    /// Upper Cholesky factor of the damped inverse Hessian, in visiting order.
+    u: &'a Array2<f64>,
+    feedback: bool,
+    r: QRange,
+    sym: bool,
+    mse: bool,
+    gs: usize,
+    dynamic: bool,
+    tensor_grid: Option<Grid>,
+    block: usize,
+}
+
+/// GPTQ on rows `r0..` of the weight (as many as `codes` has), compiled for the CPU's
+/// instruction set; rows are independent given the factor.
+struct Rows<'a> {
+    c: &'a Common<'a>,
+    r0: usize,
+    codes: ArrayViewMut2<'a, i32>,
+    scales: ArrayViewMut2<'a, f32>,
+    zs: ArrayViewMut2<'a, i32>,
+}
+
+impl Kernel for Rows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<S: Isa>(self) {
+        let Rows {
+            c,
+            r0,
+            mut codes,
+            mut scales,
+            mut zs,
+        } = self;
+        let (n, cols) = codes.dim();
+        let (r, gs, u) = (c.r, c.gs, c.u);
+        // This chunk's rows in visiting order, in float64.
+        let mut wk = Array2::from_shape_fn((n, cols), |(k, i)| {
+            let j = c.perm[i];
+            if c.dead[j] && c.feedback {
+                0.0
+            } else {
+                c.w[[r0 + k, j]] as f64
+            }
+        });
+        // Static grids, from the weights as given.
+        if !c.dynamic {
+            for k in 0..n {
+                for g in 0..scales.ncols() {
+                    let grid = c.tensor_grid.unwrap_or_else(|| {
+                        let end = ((g + 1) * gs).min(cols);
+                        let v: Vec<f64> = (g * gs..end).map(|j| c.w[[r0 + k, j]] as f64).collect();
+                        search_grid(&v, &c.imp[g * gs..end], r, c.sym, c.mse)
+                    });
+                    (scales[[k, g]], zs[[k, g]]) = grid;
+                }
+            }
+        }
+        // Lazy batch updates: a block's columns take each column's error at once; the
+        // columns after the block take the whole block's errors in one product at its end.
+        for b0 in (0..cols).step_by(c.block) {
+            let b1 = (b0 + c.block).min(cols);
+            let mut err = Array2::<f64>::zeros((n, b1 - b0));
+            for i in b0..b1 {
+                let col = c.perm[i];
+                let g = col / gs;
+                let tail = &u.row(i).to_slice().expect("the factor is row-major")[i + 1..b1];
+                for k in 0..n {
+                    let mut wrow = wk.row_mut(k);
+                    let wrow = wrow.as_slice_mut().expect("row-major");
+                    if c.dynamic && col.is_multiple_of(gs) {
+                        // No act-order, so `col == i`, and the group lies in this block: its
+                        // weights as error feedback left them.
+                        let end = (col + gs).min(cols);
+                        (scales[[k, g]], zs[[k, g]]) =
+                            search_grid(&wrow[col..end], &c.imp[col..end], r, c.sym, c.mse);
+                    }
+                    let (q, deq) = round_to_grid(wrow[i], (scales[[k, g]], zs[[k, g]]), r);
+                    codes[[k, col]] = q;
+                    if c.feedback {
+                        let e = (wrow[i] - deq) / u[[i, i]];
+                        err[[k, i - b0]] = e;
+                        if e != 0.0 {
+                            for (wj, uj) in wrow[i + 1..b1].iter_mut().zip(tail) {
+                                *wj -= e * uj;
+                            }
+                        }
+                    }
+                }
+            }
+            if c.feedback && b1 < cols {
+                let (_, mut rest) = wk.view_mut().split_at(Axis(1), b1);
+                general_mat_mul(-1.0, &err, &u.slice(s![b0..b1, b1..]), 1.0, &mut rest);
+            }
+        }
     }
 }
 
@@ -187,7 +341,6 @@ pub fn gptq(
         })?
     };
 
-    // Static grids, from the weights as given (per tensor, per channel, or act-order groups).
     let ngroups = cols.div_ceil(gs);
     // Importance of each input feature for the MSE grid: its Hessian diagonal (0 when dead).
     let imp: Vec<f64> = (0..cols)
@@ -197,81 +350,50 @@ pub fn gptq(
     let tensor_grid = (spec.granularity == Granularity::Tensor).then(|| {
         let v: Vec<f64> = w.iter().map(|&v| v as f64).collect();
         let wt: Vec<f64> = (0..rows).flat_map(|_| imp.iter().copied()).collect();
-        search_grid(&v, &wt, r, sym, mse)
+        dispatch(TensorGrid {
+            values: &v,
+            weights: &wt,
+            r,
+            sym,
+            mse,
+        })
     });
-    let static_grids = (spec.granularity != Granularity::Group || cfg.act_order || !cfg.feedback)
-        .then(|| {
-            Array2::from_shape_fn((rows, ngroups), |(i, g)| {
-                tensor_grid.unwrap_or_else(|| {
-                    let end = ((g + 1) * gs).min(cols);
-                    let v: Vec<f64> = (g * gs..end).map(|j| w[[i, j]] as f64).collect();
-                    search_grid(&v, &imp[g * gs..end], r, sym, mse)
-                })
-            })
-        });
+    // Grids from the weights as given (per tensor, per channel, or act-order groups), or
+    // dynamic: from the weights as feedback left them, when a group's first column is reached.
+    let dynamic = spec.granularity == Granularity::Group && !cfg.act_order && cfg.feedback;
 
     let mut codes = Array2::<i32>::zeros((rows, cols));
     let mut grids = Array2::<f32>::zeros((rows, ngroups));
     let mut zps = Array2::<i32>::zeros((rows, ngroups));
+    let common = Common {
+        w,
+        perm: &perm,
+        dead: &dead,
+        imp: &imp,
+        u: &u,
+        feedback: cfg.feedback,
+        r,
+        sym,
+        mse,
+        gs,
+        dynamic,
+        tensor_grid,
+        block: block_columns(gs, dynamic),
+    };
     codes
         .axis_chunks_iter_mut(Axis(0), ROWS_PER_CHUNK)
         .into_par_iter()
         .zip(grids.axis_chunks_iter_mut(Axis(0), ROWS_PER_CHUNK))
         .zip(zps.axis_chunks_iter_mut(Axis(0), ROWS_PER_CHUNK))
         .enumerate()
-        .for_each(|(c, ((mut codes, mut scales), mut zs))| {
-            let r0 = c * ROWS_PER_CHUNK;
-            let n = codes.nrows();
-            // This chunk's rows in visiting order, in float64.
-            let mut wk: Vec<Vec<f64>> = (0..n)
-                .map(|k| {
-                    perm.iter()
-                        .map(|&j| {
-                            if dead[j] && cfg.feedback {
-                                0.0
-                            } else {
-                                w[[r0 + k, j]] as f64
-                            }
-                        })
-                        .collect()
-                })
-                .collect();
-            let mut grid: Vec<Grid> = vec![(1.0, 0); n];
-            let mut err = vec![0.0f64; n];
-            for i in 0..cols {
-                let col = perm[i];
-                let g = col / gs;
-                for k in 0..n {
-                    grid[k] = match &static_grids {
-                        Some(sg) => sg[[r0 + k, g]],
-                        None if col.is_multiple_of(gs) => {
-                            // Dynamic group: the weights of this group as error feedback left them.
-                            let end = (col + gs).min(cols);
-                            search_grid(&wk[k][col..end], &imp[col..end], r, sym, mse)
-                        }
-                        None => grid[k],
-                    };
-                    let (q, deq) = round_to_grid(wk[k][i], grid[k], r);
-                    codes[[k, col]] = q;
-                    scales[[k, g]] = grid[k].0;
-                    zs[[k, g]] = grid[k].1;
-                    err[k] = if cfg.feedback {
-                        (wk[k][i] - deq) / u[[i, i]]
-                    } else {
-                        0.0
-                    };
-                }
-                let ui = u.row(i);
-                let tail = ui.as_slice().expect("the factor is row-major");
-                for k in 0..n {
-                    let e = err[k];
-                    if e != 0.0 {
-                        for (wj, uj) in wk[k][i + 1..].iter_mut().zip(&tail[i + 1..]) {
-                            *wj -= e * uj;
-                        }
-                    }
-                }
-            }
+        .for_each(|(c, ((codes, scales), zs))| {
+            dispatch(Rows {
+                c: &common,
+                r0: c * ROWS_PER_CHUNK,
+                codes,
+                scales,
+                zs,
+            })
         });
 
     // The grid tables in the spec's shape, and the codes packed as stored (offsets from the
