@@ -46,6 +46,8 @@ __all__ = [
     "QuantizedTensor",
     "gptq",
     "output_error",
+    "hadamard_conjugate",
+    "hadamard_rotate",
     "gguf_dequantize",
     "gguf_quantize",
     "load_gguf",
@@ -316,6 +318,10 @@ def gptq(
     """GPTQ on one layer: ``(QuantizedTensor, dequantized float32 weight, dead input count)``."""
 def output_error(w: npt.NDArray[np.float32], q: npt.NDArray[np.float32], h: npt.NDArray[np.float64]) -> float:
     """``Σ_rows (w - q) H (w - q)ᵀ``."""
+def hadamard_rotate(x: npt.NDArray[np.float64], seed: int, inverse: bool = False) -> npt.NDArray[np.float64]:
+    """``x R`` (``x Rᵀ`` with ``inverse``) for the randomized Hadamard rotation ``seed`` draws."""
+def hadamard_conjugate(h: npt.NDArray[np.float64], seed: int) -> npt.NDArray[np.float64]:
+    """``Rᵀ h R``: the Hessian of the rotated inputs."""
 
 # ---- lowbit.nas ---------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ True
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import functools
 import time
@@ -35,7 +36,7 @@ from lowbit._array import as_array, float32
 from lowbit._lowbit import LowbitTypeError, LowbitValueError, QuantizedTensor, QuantSpec
 from lowbit._validate import float_arg, int_arg, is_tensor
 
-__all__ = ["GPTQResult", "Hessian", "LayerResult", "PTQResult", "gptq", "quantize_model"]
+__all__ = ["GPTQResult", "Hessian", "LayerResult", "PTQResult", "Rotation", "gptq", "quantize_model"]
 
 
 class Hessian:
@@ -54,25 +55,123 @@ class Hessian:
         self.samples = 0
 
     def update(self, x: Any) -> None:
+        product, samples = self._product(x)
+        self.matrix += product
+        self.samples += samples
+
+    def _rows(self, x: Any) -> Any:
+        """``x`` checked and flattened to (samples, features): float32 for a tensor (on its
+        device), float64 for an array."""
         tensor = is_tensor(x)
+        if tensor and x.is_meta:
+            raise LowbitValueError("x is a meta tensor: it holds no values")
         a: Any = x.detach() if tensor else as_array(x)  # a tensor or an ndarray: the same calls below
         if not (a.is_floating_point() if tensor else a.dtype.kind == "f"):
             raise LowbitTypeError(f"x must hold floats, got {a.dtype}")
         if a.ndim == 0 or a.shape[-1] != self.features:
             raise LowbitValueError(f"x must end in {self.features} features, got shape {tuple(a.shape)}")
         # A tensor's products in float32 on its own device, as the reference GPTQ forms them.
-        a = a.reshape(-1, self.features).float() if tensor else a.reshape(-1, self.features).astype(np.float64)
-        if not (bool(a.isfinite().all()) if tensor else np.isfinite(a).all()):
+        return a.reshape(-1, self.features).float() if tensor else a.reshape(-1, self.features).astype(np.float64)
+
+    def _product(self, x: Any, y: Any = None) -> tuple[np.ndarray, int]:
+        """``Σ x yᵀ`` over the samples (``y = x`` by default) in float64, and the sample count.
+        A NaN or Inf anywhere in feature ``i`` of either makes entry ``(i, i)`` NaN or Inf
+        (``Inf·0`` is NaN): the diagonal tells, without a pass over the inputs."""
+        a = self._rows(x)
+        b = a if y is None else self._rows(y)
+        product = a.T @ b
+        out = product.cpu().double().numpy() if is_tensor(product) else product
+        if not np.isfinite(np.diagonal(out)).all():
             raise LowbitValueError("x holds NaN or Inf; nothing was added")
-        product = a.T @ a
-        self.matrix += product.cpu().double().numpy() if tensor else product
-        self.samples += a.shape[0]
+        return out, a.shape[0]
 
     def merge(self, other: Hessian) -> None:
         if not isinstance(other, Hessian) or other.features != self.features:
-            raise LowbitValueError("can only merge a Hessian of the same number of features")
+            raise LowbitValueError("other must be a Hessian of the same number of features")
         self.matrix += other.matrix
         self.samples += other.samples
+
+
+def _matrix(h: Any, what: str, n: int | None = None) -> np.ndarray:
+    """A square float64 matrix (C order) from a :class:`Hessian`, an array or a tensor."""
+    if isinstance(h, Hessian):
+        h = h.matrix
+    if is_tensor(h):
+        if h.is_meta or h.is_complex():
+            raise LowbitTypeError(f"{what} must be a real matrix with values, got a {h.dtype} tensor on {h.device}")
+        h = h.detach().cpu().double().numpy()
+    a = as_array(h, what)
+    if a.dtype.kind not in "fiub":
+        raise LowbitTypeError(f"{what} must be a real matrix, got {a.dtype}")
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or (n is not None and a.shape[0] != n):
+        want = f"({n}, {n})" if n is not None else "a square 2-D matrix"
+        raise LowbitValueError(f"{what} must be {want}, got shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """The randomized Hadamard rotation ``R = D H`` of ``features`` inputs (incoherence
+    processing, as in QuIP# and QuaRot): ``D`` random signs drawn from ``seed`` (the same on
+    every machine), ``H`` block-diagonal Sylvester-Hadamard blocks of :attr:`block` features
+    scaled by ``1/√block``, applied by the fast Walsh–Hadamard transform in Rust. ``R`` is
+    orthogonal, so a layer computes the same with its weight ``W R`` and its input ``x R``;
+    the rotated weight spreads each row's outliers over its block, which a grid of 2–4 bits
+    fits better.
+
+    >>> import numpy as np
+    >>> r = Rotation(384)
+    >>> r.block
+    128
+    >>> w, x = np.ones((2, 384), np.float32), np.arange(384, dtype=np.float32)
+    >>> bool(np.allclose(r.apply(w) @ r.apply(x), w @ x, rtol=1e-5))
+    True
+    >>> bool(np.allclose(r.inverse(r.apply(x)), x, atol=1e-3))
+    True
+    """
+
+    features: int
+    seed: int = 0  # below 2**32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", int_arg(self.features, "features", 1, 1 << 24))
+        object.__setattr__(self, "seed", int_arg(self.seed, "seed", 0, (1 << 32) - 1))
+
+    @property
+    def block(self) -> int:
+        """Features per Hadamard block: the largest power of two dividing :attr:`features`."""
+        return self.features & -self.features
+
+    def _map(self, x: Any, inverse: bool) -> Any:
+        tensor = is_tensor(x)
+        if tensor and (x.is_meta or not x.is_floating_point()):
+            raise (LowbitValueError if x.is_meta else LowbitTypeError)(
+                "x is a meta tensor: it holds no values" if x.is_meta else f"x must hold floats, got {x.dtype}")
+        a = x.detach().cpu().double().numpy() if tensor else np.asarray(as_array(x))
+        if a.dtype.kind != "f":
+            raise LowbitTypeError(f"x must hold floats, got {a.dtype}")
+        if a.ndim == 0 or a.shape[-1] != self.features:
+            raise LowbitValueError(f"x must end in {self.features} features, got shape {tuple(a.shape)}")
+        out = _lowbit.hadamard_rotate(np.ascontiguousarray(a.reshape(-1, self.features), np.float64),
+                                      self.seed, inverse).reshape(a.shape)
+        if tensor:
+            import torch
+
+            return torch.from_numpy(out).to(dtype=x.dtype, device=x.device)
+        return out.astype(a.dtype.newbyteorder("="), copy=False)
+
+    def apply(self, x: Any) -> Any:
+        """``x R`` over the last axis (a NumPy array or torch tensor, any leading axes; the
+        same kind, dtype and device back). Rotates a weight (out, in) and its inputs alike."""
+        return self._map(x, False)
+
+    def inverse(self, x: Any) -> Any:
+        """``x Rᵀ``: undoes :meth:`apply`."""
+        return self._map(x, True)
+
+    def hessian(self, h: Any) -> np.ndarray:
+        """``Rᵀ h R``: the Hessian of the rotated inputs ``x R`` from that of ``x`` (float64)."""
+        return _lowbit.hadamard_conjugate(_matrix(h, "h", self.features), self.seed)
 
 
 @dataclass(frozen=True)
@@ -111,12 +210,7 @@ def gptq(weight: Any, hessian: Hessian | Any, spec: QuantSpec, damp: float = 0.0
         raise LowbitTypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
     torch_in = is_tensor(weight)
     w = np.ascontiguousarray(float32(weight, "weight"))
-    raw: Any = hessian.matrix if isinstance(hessian, Hessian) else hessian
-    if is_tensor(raw):
-        raw = raw.detach().cpu().double().numpy()
-    h = np.ascontiguousarray(np.asarray(raw, dtype=np.float64))
-    if h.ndim != 2:
-        raise LowbitValueError(f"hessian must be a 2-D matrix, got shape {h.shape}")
+    h = _matrix(hessian, "hessian")
     d = float_arg(damp, "damp", 0.0, None, finite=True)
     qt, deq, dead = _lowbit.gptq(w, h, spec, d, bool(act_order), _grid_arg(grid))
     rtn = _lowbit.quantize(w, spec).dequantize()
@@ -138,13 +232,17 @@ def gptq(weight: Any, hessian: Hessian | Any, spec: QuantSpec, damp: float = 0.0
 class LayerResult:
     """One layer of :func:`quantize_model`: its quantized weight, the layer's output error on the
     calibration inputs ``Σ (w - q) H (w - q)ᵀ`` and round-to-nearest's on the same grid (both
-    measured on the inputs the layer saw when it was quantized), and the seconds it took."""
+    measured on the inputs the layer saw when it was quantized), and the seconds it took. With
+    a ``rotation``, ``tensor`` holds the rotated weight ``W R`` (the layer computes
+    ``tensor · (x R)``: its input must be rotated online) and ``rtn_error`` is plain
+    round-to-nearest's, without the rotation."""
 
     tensor: QuantizedTensor
     error: float
     rtn_error: float
     dead: int
     seconds: float
+    rotation: Rotation | None = None
 
 
 @dataclass
@@ -157,7 +255,8 @@ class PTQResult:
     seconds: float = 0.0
 
     def tensors(self) -> dict[str, QuantizedTensor]:
-        """``{"<module>.weight": QuantizedTensor}``, for :func:`lowbit.save_checkpoint`."""
+        """``{"<module>.weight": QuantizedTensor}``, for :func:`lowbit.save_checkpoint` (a rotated
+        layer's tensor is of its rotated weight: see :class:`LayerResult`)."""
         return {f"{name}.weight": r.tensor for name, r in self.layers.items()}
 
     def __repr__(self) -> str:
@@ -300,6 +399,14 @@ def _block_inputs(block: Any, passes: Sequence[Callable[[], Any]]) -> list[tuple
     return inputs
 
 
+def _asymmetric_goal(w: np.ndarray, h: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """The weight whose outputs on the quantized inputs best match the float layer's on the
+    float inputs, ridge-regularized towards ``w``: ``w + w (C - H)(H + μI)⁻¹`` (float32)."""
+    w64 = w.astype(np.float64)
+    ridge = h + np.eye(h.shape[0]) * max(float(np.mean(np.diag(h))), 1e-12)
+    return np.ascontiguousarray(w64 + np.linalg.solve(ridge, (w64 @ (cross - h)).T).T, np.float32)
+
+
 def quantize_model(
     model: Any,
     data: Iterable[Any],
@@ -310,6 +417,8 @@ def quantize_model(
     act_order: bool = True,
     sequential: bool = True,
     grid: str = "minmax",
+    rotate: str | None = None,
+    asymmetric: bool = False,
 ) -> PTQResult:
     """Quantize every ``torch.nn.Linear`` of ``model`` in place (its weight becomes the
     dequantized quantized weight, so torch runs the model as it will be deployed) and return
@@ -323,10 +432,26 @@ def quantize_model(
     the same grid) or ``"mse"`` (round to nearest on MSE-searched grids: each group's min-max
     range shrunk to the least error weighted by the layer's Hessian diagonal; a layer keeps the
     min-max grids where they give the lower output error on the calibration data). ``grid="mse"``
-    gives GPTQ the same searched grids (see :func:`gptq`). With ``sequential`` (GPTQ's usual recipe) layers are quantized in the order
-    the model runs them, each calibrated on the outputs of the layers already quantized; the
-    forward pass stops at the layer being calibrated, so the cost is about half a pass over
-    ``data`` per layer. ``sequential=False`` gathers every layer's statistics in one pass.
+    gives GPTQ the same searched grids (see :func:`gptq`). ``rotate="hadamard"``: each layer
+    is quantized in a randomized Hadamard basis (:class:`Rotation`, incoherence processing):
+    its weight becomes ``Q(W R) Rᵀ``, so torch computes exactly what a deployment that rotates
+    the layer's input online (``x R``) and multiplies by the stored ``Q(W R)`` computes.
+
+    With ``sequential`` (GPTQ's usual recipe) layers are quantized in the order the model runs
+    them, each calibrated on the outputs of the layers already quantized. A model's repeated
+    blocks (the children of a ``torch.nn.ModuleList``: a transformer's layers) are run alone
+    on their cached inputs, each block's on the previous one's outputs, so each layer costs a
+    part of one block's pass over ``data``; where blocks do not chain so, passes of the whole
+    model stop at the layer being calibrated. ``sequential=False`` gathers every layer's
+    statistics in one pass.
+
+    ``asymmetric=True`` (GPTQ only; asymmetric calibration, as in GPTAQ) fits each layer's
+    output on the quantized model's inputs ``x_q`` to the *float* model's output on its own
+    inputs ``x_f``, so a layer also corrects the error the layers before it left: GPTQ runs on
+    the ridge-regularized least-squares goal ``W + W (C - H)(H + μI)⁻¹`` (``H = Σ x_q x_qᵀ``,
+    ``C = Σ x_f x_qᵀ``, ``μ`` the mean of ``H``'s diagonal), and each layer's errors are
+    those of that goal's outputs (GPTQ's objective there). It keeps a float copy of the model and runs
+    it beside the quantized one.
 
     >>> import torch, lowbit
     >>> from lowbit.ptq import quantize_model
@@ -344,12 +469,22 @@ def quantize_model(
     if method not in ("gptq", "rtn", "mse"):
         raise LowbitValueError(f"method must be 'gptq', 'rtn' or 'mse', got {method!r}")
     mse_grid = _grid_arg(grid) or method == "mse"
+    if rotate not in (None, "hadamard"):
+        raise LowbitValueError(f"rotate must be None or 'hadamard', got {rotate!r}")
+    if not isinstance(asymmetric, bool):
+        raise LowbitTypeError(f"asymmetric must be True or False, got {type(asymmetric).__name__}")
+    if asymmetric and (method != "gptq" or not sequential):
+        raise LowbitValueError("asymmetric calibration fits each layer to the float model's outputs on top of the "
+                               "layers quantized before it: it needs method='gptq' with sequential=True")
     if not isinstance(spec, (QuantSpec, Mapping)) or (isinstance(spec, Mapping) and not all(
             isinstance(v, QuantSpec) for v in spec.values())):
         raise LowbitTypeError("spec must be a QuantSpec or a dict of module-name glob to QuantSpec")
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)
     d = float_arg(damp, "damp", 0.0, None, finite=True)
-    batches = list(data)
+    try:
+        batches = list(data)
+    except TypeError:
+        raise LowbitTypeError(f"data must be an iterable of calibration batches, got {type(data).__name__}") from None
     if not batches:
         raise LowbitValueError("data yielded no batches to calibrate on")
     t0 = time.perf_counter()
@@ -363,14 +498,20 @@ def quantize_model(
     model.eval()
     order: list[str] = []
     hessians: dict[str, Hessian] = {}
+    crosses: dict[str, Any] = {}  # asymmetric calibration: Σ x_f x_qᵀ
+    # The float model, which the quantized one's layers are fitted to with ``asymmetric``.
+    float_model: Any = copy.deepcopy(model) if asymmetric else None
     full_passes = [functools.partial(_call, model, b) for b in batches]
 
-    def gather(names: Sequence[str], passes: Sequence[Callable[[], Any]], target: str | None = None) -> None:
+    def gather(names: Sequence[str], passes: Sequence[Callable[[], Any]], target: str | None = None,
+               float_passes: Sequence[Callable[[], Any]] | None = None) -> None:
         """Hessians of ``names`` over every one of ``passes`` (the model, or one block of it, on
         each batch). With a ``target`` (the first of ``names`` a pass runs), each pass stops at
         the first of ``names`` after it whose input is not the target's very input tensor:
         layers that share it (attention's q, k, v) are gathered in the same pass, before the
-        target is quantized, which leaves their input unchanged."""
+        target is quantized, which leaves their input unchanged. With ``float_passes`` (the
+        float model's, pass for pass), the target's float input ``x_f`` is taken first and each
+        layer also gathers ``Σ x_f x_qᵀ`` (asymmetric calibration)."""
         seen: dict[str, Any] = {}
 
         def hook_for(name: str) -> Any:
@@ -386,19 +527,41 @@ def quantize_model(
                 if name not in hessians:
                     hessians[name] = Hessian(chosen[name][0].in_features)
                     order.append(name)
-                hessians[name].update(x.detach())
+                stats = hessians[name]
+                # Layers reading one tensor in a row (attention's q, k, v) share its products.
+                if seen.get("last", (None,))[0] is not x:
+                    try:
+                        products = [stats._product(x)]
+                        if "x_f" in seen:
+                            products.append(stats._product(seen["x_f"], x))
+                    except LowbitValueError:
+                        raise LowbitValueError(f"layer {name!r}: its input from the calibration data holds NaN or "
+                                               "Inf") from None
+                    seen["last"] = (x, products)
+                (h, n), *extra = seen["last"][1]
+                stats.matrix += h
+                stats.samples += n
+                if extra:
+                    crosses[name] = crosses.get(name, 0.0) + extra[0][0]
 
             return hook
 
+        def float_hook(_mod: Any, args: tuple) -> None:
+            seen["x_f"] = args[0]
+            raise _Stop
+
         handles = [chosen[n][0].register_forward_pre_hook(hook_for(n)) for n in names]
+        if float_passes is not None and target is not None:
+            handles.append(float_model.get_submodule(target).register_forward_pre_hook(float_hook))
         try:
             with torch.no_grad():
-                for run in passes:
+                for i, run in enumerate(passes):
                     seen.clear()
-                    try:
-                        run()
-                    except _Stop:
-                        pass
+                    for r in ([float_passes[i]] if float_passes is not None else []) + [run]:
+                        try:
+                            r()
+                        except _Stop:
+                            pass
         finally:
             for h in handles:
                 h.remove()
@@ -409,8 +572,9 @@ def quantize_model(
             for n in list(hessians):
                 if n != target and hessians[n].samples != full:
                     del hessians[n]
+                    crosses.pop(n, None)
 
-    result = PTQResult("gptq+mse" if method == "gptq" and mse_grid else method)
+    result = PTQResult(("gptq+mse" if method == "gptq" and mse_grid else method) + ("+hadamard" if rotate else ""))
 
     def quantize_layer(name: str) -> None:
         """Quantizes layer ``name`` from its gathered Hessian and writes its weight back."""
@@ -418,33 +582,40 @@ def quantize_model(
         if name not in hessians:
             return  # never ran on the calibration data
         t = time.perf_counter()
-        w = mod.weight.detach().float().cpu().numpy()
-        hs = hessians.pop(name)
+        w = np.ascontiguousarray(mod.weight.detach().float().cpu().numpy())
+        h = hessians.pop(name).matrix
+        cross = crosses.pop(name, None)
+        goal = w if cross is None else _asymmetric_goal(w, h, cross)
+        rot = Rotation(w.shape[1]) if rotate else None
+        # The method runs on the rotated weight W R against the rotated inputs' Hessian.
+        wq = np.ascontiguousarray(rot.apply(goal), np.float32) if rot else goal
+        hq = rot.hessian(h) if rot else h
         assert s is not None
         try:
+            dead = 0
             if method == "gptq":
-                r = gptq(w, hs, s, damp=d, act_order=act_order, grid="mse" if mse_grid else "minmax")
-                qt, deq, err, rtn_err, dead = r.tensor, r.weight, r.error, r.rtn_error, r.dead
+                qt, deq, dead = _lowbit.gptq(wq, hq, s, d, bool(act_order), mse_grid)
             elif method == "mse":
-                wc = np.ascontiguousarray(w)
-                qt, deq, _ = _lowbit.gptq(wc, np.ascontiguousarray(hs.matrix), s, d, False, True, False)
-                err = _lowbit.output_error(wc, deq, hs.matrix)
-                rtn_qt = _lowbit.quantize(wc, s)
-                rtn_deq = rtn_qt.dequantize()
-                rtn_err = _lowbit.output_error(wc, rtn_deq, hs.matrix)
-                if rtn_err < err:  # the diagonal-weighted search can lose on correlated inputs
-                    qt, deq, err = rtn_qt, rtn_deq, rtn_err
-                dead = 0
+                qt, deq, _ = _lowbit.gptq(wq, hq, s, d, False, True, False)
+                rtn_qt = _lowbit.quantize(wq, s)
+                # The diagonal-weighted search can lose on correlated inputs: keep the better.
+                if _lowbit.output_error(wq, rtn_qt.dequantize(), hq) < _lowbit.output_error(wq, deq, hq):
+                    qt, deq = rtn_qt, rtn_qt.dequantize()
             else:
-                qt = _lowbit.quantize(np.ascontiguousarray(w), s)
+                qt = _lowbit.quantize(wq, s)
                 deq = qt.dequantize()
-                err = rtn_err = _lowbit.output_error(np.ascontiguousarray(w), deq, hs.matrix)
-                dead = 0
+            if rot:
+                # Back to the layer's own inputs: W ≈ Q(W R) Rᵀ.
+                deq = np.ascontiguousarray(rot.inverse(np.asarray(deq)), np.float32)
+            # The errors against plain RTN's on the layer's inputs: of the layer's own weight,
+            # or with asymmetric calibration of the goal GPTQ fitted.
+            rtn = _lowbit.quantize(w, s).dequantize()
+            err, rtn_err = (_lowbit.output_error(goal, q, h) for q in (deq, rtn))
         except LowbitValueError as e:
             raise LowbitValueError(f"layer {name!r}: {e}") from None
         with torch.no_grad():
             mod.weight.copy_(torch.from_numpy(np.asarray(deq)).to(mod.weight.dtype))
-        result.layers[name] = LayerResult(qt, err, rtn_err, dead, time.perf_counter() - t)
+        result.layers[name] = LayerResult(qt, err, rtn_err, dead, time.perf_counter() - t, rot)
 
     try:
         if method != "gptq" or not sequential:
@@ -452,22 +623,30 @@ def quantize_model(
             stages: list[tuple[list[str], Any]] = [(list(order), None)]
         else:
             stages = _stages(model, chosen, batches[0])
+        # The float model's passes and block inputs, pass for pass, with ``asymmetric``.
+        float_full = [functools.partial(_call, float_model, b) for b in batches] if float_model else None
+        names_of = {id(m): n for n, m in model.named_modules()}
         block_inputs: list[tuple[tuple, dict]] = []
+        float_inputs: list[tuple[tuple, dict]] = []
         for names, block in stages:
+            float_block: Any = float_model.get_submodule(names_of[id(block)]) if float_model and block else None
             if block is None:
-                passes = full_passes
+                passes, float_passes = full_passes, float_full
             else:
                 if not block_inputs:
                     block_inputs = _block_inputs(block, full_passes)
+                    float_inputs = _block_inputs(float_block, float_full) if float_full else []
                 passes = [functools.partial(block, *a, **k) for a, k in block_inputs]
+                float_passes = [functools.partial(float_block, *a, **k) for a, k in float_inputs] or None
             for i, name in enumerate(names):
                 if method == "gptq" and sequential and name not in hessians:
-                    gather(names[i:], passes, target=name)
+                    gather(names[i:], passes, target=name, float_passes=float_passes)
                 quantize_layer(name)
             if block is not None:
                 # This block's outputs, from its quantized layers, are the next block's inputs.
                 with torch.no_grad():
                     block_inputs = [(_chain(block(*a, **k), a), k) for a, k in block_inputs]
+                    float_inputs = [(_chain(float_block(*a, **k), a), k) for a, k in float_inputs]
     finally:
         model.train(was_training)
     result.seconds = time.perf_counter() - t0

@@ -52,6 +52,7 @@ import lowbit.data as ld
 import lowbit.export
 import lowbit.export as export
 import lowbit.nas as nas
+import lowbit.ptq as ptq
 import lowbit.runtime as rt
 import lowbit.torch as lt
 
@@ -62,7 +63,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"),
 HANG_S = 120  # a case still running after this long is a hang: the watchdog ends the process
 HUGE_S = 10.0  # a huge request must be refused well within this (refusing takes microseconds)
 MODULES = ["lowbit", "lowbit.bitnet", "lowbit.calib", "lowbit.crossval", "lowbit.nas", "lowbit.runtime",
-           "lowbit.torch", "lowbit.data", "lowbit.export"]
+           "lowbit.torch", "lowbit.data", "lowbit.export", "lowbit.ptq"]
 BIG = 2**40
 
 # ---------------------------------------------------------------------------------------------
@@ -715,6 +716,7 @@ def observed(o: lc.Observer, x: Any) -> Any:
 # The table
 
 X = np.linspace(-2, 2, 24, dtype=np.float32).reshape(4, 6)
+H6 = (X.T @ X + np.eye(6)).astype(np.float64)  # a positive definite Hessian of 6 inputs
 XT = torch.from_numpy(X.copy())
 Q8 = np.arange(-12, 12, dtype=np.int8).reshape(4, 6)
 U8 = np.arange(24, dtype=np.uint8).reshape(4, 6) % 4
@@ -981,6 +983,34 @@ def _entries() -> list[Entry]:
           ])),
         E("lowbit.calib.HistogramObserver.clip_range", lambda c: hist(c).clip_range()),
         E("lowbit.calib.HistogramObserver.histogram", lambda c: hist(c).histogram()),
+        # ---- lowbit.ptq
+        E("lowbit.ptq.Hessian", f(ptq.Hessian), features=Z(6, lo=1)),
+        E("lowbit.ptq.Hessian.update", lambda c, **kw: ptq.Hessian(6).update(**kw), x=F(X)),
+        E("lowbit.ptq.Hessian.update[tensor]", lambda c, **kw: ptq.Hessian(6).update(**kw), x=T(torch.from_numpy(X))),
+        E("lowbit.ptq.Hessian.merge", lambda c, **kw: ptq.Hessian(6).merge(**kw), other=OBJ(ptq.Hessian(6))),
+        E("lowbit.ptq.gptq", lambda c, **kw: ptq.gptq(**kw).dead, weight=F(X), hessian=F(H6),
+          spec=OBJ(lowbit.QuantSpec(4)), damp=FL(0.01, lo=0.0), act_order=FLAG(True), grid=CH("minmax")),
+        E("lowbit.ptq.quantize_model", lambda c, **kw: list(ptq.quantize_model(copy.deepcopy(c.net), **kw).layers),
+          data=ANY([torch.randn(4, 8)] * 2, extra=[_c("None", _const(None), "raise"), _c("int", _const(3), "raise"),
+                                                  _c("empty", _const([]), "raise"),
+                                                  _c("wrong-shape", _const([torch.randn(4, 9)]), "propagates"),
+                                                  _c("nan", _const([torch.full((4, 8), float("nan"))]), "raise")]),
+          spec=OBJ(lowbit.QuantSpec(4)), method=CH("gptq"), damp=FL(0.01, lo=0.0), act_order=FLAG(True),
+          sequential=FLAG(True), grid=CH("minmax"), rotate=CH("hadamard", optional=True)),
+        E("lowbit.ptq.quantize_model[model]", lambda c, **kw: list(ptq.quantize_model(data=[torch.randn(4, 8)],
+                                                                                      spec=lowbit.QuantSpec(4), **kw).layers),
+          model=MOD(V(lambda c: copy.deepcopy(c.net)))),
+        E("lowbit.ptq.Rotation", f(ptq.Rotation), features=Z(16, lo=1), seed=N(0, lo=0)),
+        E("lowbit.ptq.Rotation.apply", lambda c, **kw: ptq.Rotation(6).apply(**kw), x=F(X)),
+        E("lowbit.ptq.Rotation.apply[tensor]", lambda c, **kw: ptq.Rotation(6).apply(**kw), x=T(torch.from_numpy(X))),
+        E("lowbit.ptq.Rotation.inverse", lambda c, **kw: ptq.Rotation(6).inverse(**kw), x=F(X)),
+        E("lowbit.ptq.Rotation.hessian", lambda c, **kw: ptq.Rotation(6).hessian(**kw), h=F(H6)),
+        E("lowbit.ptq.PTQResult", f(ptq.PTQResult), method=ANY("gptq")),
+        E("lowbit.ptq.PTQResult.tensors", lambda c: ptq.PTQResult("gptq").tensors()),
+        E("lowbit.ptq.GPTQResult", f(ptq.GPTQResult), tensor=ANY(None), weight=ANY(None), dead=ANY(0), error=ANY(0.0),
+          rtn_error=ANY(0.0)),
+        E("lowbit.ptq.LayerResult", f(ptq.LayerResult), tensor=ANY(None), error=ANY(0.0), rtn_error=ANY(0.0),
+          dead=ANY(0), seconds=ANY(0.0)),
         # ---- lowbit.export
         E("lowbit.export.onnx", lambda c, **kw: export.onnx(**kw).opset, model=MOD(V(lambda c: c.net)),
           example_inputs=ANY(V(lambda c: torch.randn(2, 8))), path=OP(V(lambda c: c.out("net.onnx"))),

@@ -449,7 +449,13 @@ pub fn output_error(
         h.dim()
     );
     let d = Array2::from_shape_fn(w.dim(), |ij| w[ij] as f64 - q[ij] as f64);
-    Ok(d.dot(&h).iter().zip(d.iter()).map(|(a, b)| a * b).sum())
+    // Chunks of rows in parallel, their sums added in order (the same on any thread count).
+    let parts: Vec<f64> = d
+        .axis_chunks_iter(Axis(0), ROWS_PER_CHUNK)
+        .into_par_iter()
+        .map(|c| c.dot(&h).iter().zip(c.iter()).map(|(a, b)| a * b).sum())
+        .collect();
+    Ok(parts.iter().sum())
 }
 
 #[cfg(test)]

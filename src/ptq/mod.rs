@@ -1,6 +1,8 @@
 //! Post-training quantization solvers: GPTQ's Hessian-guided error feedback, on the dense
-//! float64 linear algebra it needs.
+//! float64 linear algebra it needs, and randomized Hadamard rotations.
 pub mod gptq;
+pub mod hadamard;
 pub mod linalg;
 
 pub use gptq::{gptq, output_error, Config as GptqConfig, Solution as GptqSolution};
+pub use hadamard::Rotation;

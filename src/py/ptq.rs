@@ -46,3 +46,32 @@ pub fn output_error(
     let (w, q, h) = (w.as_array(), q.as_array(), h.as_array());
     detach(py, || ptq::output_error(w, q, h))
 }
+
+/// `x R` (or `x Rᵀ` with `inverse`) for the randomized Hadamard rotation of `x`'s columns
+/// whose signs `seed` draws.
+#[pyfunction]
+#[pyo3(signature = (x, seed, inverse=false))]
+pub fn hadamard_rotate<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, f64>,
+    seed: u64,
+    inverse: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let mut x = x.as_array().as_standard_layout().into_owned();
+    detach(py, || {
+        ptq::Rotation::new(x.ncols(), seed)?.apply(x.view_mut(), inverse)
+    })?;
+    Ok(x.into_pyarray(py).into_any())
+}
+
+/// `Rᵀ h R`: the Hessian of the rotated inputs.
+#[pyfunction]
+pub fn hadamard_conjugate<'py>(
+    py: Python<'py>,
+    h: PyReadonlyArray2<'py, f64>,
+    seed: u64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let h = h.as_array().to_owned();
+    let out = detach(py, || ptq::Rotation::new(h.ncols(), seed)?.conjugate(&h))?;
+    Ok(out.into_pyarray(py).into_any())
+}
