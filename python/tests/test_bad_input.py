@@ -1290,6 +1290,7 @@ def _entries() -> list[Entry]:
           space=OBJ(V(lambda c: c.space))),
         # ---- lowbit.data
         E("lowbit.data.Tokenizer", lambda c: len(ld.Tokenizer())),
+        E("lowbit.data.english_sentences", lambda c, **kw: len(ld.english_sentences(**kw)), limit=Z(5)),
         E("lowbit.data.Tokenizer.split", lambda c, **kw: ld.Tokenizer().split(**kw), text=TXT("a red circle?")),
         E("lowbit.data.Tokenizer.encode", lambda c, **kw: ld.Tokenizer().encode(**kw), text=TXT("a red circle?"),
           bos=FLAG(True), eos=FLAG(True)),

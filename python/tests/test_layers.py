@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("bottom: the extension, argument checks, the array adapter, atomic files",
      {"lowbit._lowbit", "lowbit._validate", "lowbit._array", "lowbit._io"}),
     ("torch tensors through the core, build facts, the synthetic task data",
-     {"lowbit._ops", "lowbit._tensor", "lowbit._config", "lowbit.data"}),
+     {"lowbit._ops", "lowbit._tensor", "lowbit._config", "lowbit.data", "lowbit.data.sentences"}),
     ("areas: affine quantization, BitNet, calibration, NAS cost models, the Rust runtime",
      {"lowbit._quant", "lowbit._gguf", "lowbit.bitnet", "lowbit.calib", "lowbit.ptq", "lowbit._multitask", "lowbit.nas", "lowbit.nas.*",
       "lowbit.runtime"}),

@@ -35,7 +35,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ANSWERS", "CHARSET", "COLORS", "COUNTS", "POSITIONS", "SHAPES", "ShapeSpec", "SyntheticScenes", "Tokenizer"]
+from lowbit.data.sentences import english_sentences
+
+__all__ = ["ANSWERS", "CHARSET", "COLORS", "COUNTS", "POSITIONS", "SHAPES", "ShapeSpec", "SyntheticScenes", "Tokenizer",
+           "english_sentences"]
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
