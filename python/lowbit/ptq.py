@@ -269,6 +269,14 @@ class _Stop(Exception):
     """Raised by a hook once the layer being calibrated has seen its input."""
 
 
+def _until_stop(run: Callable[[], Any]) -> None:
+    """Runs one pass, which a hook may end early by raising :class:`_Stop`."""
+    try:
+        run()
+    except _Stop:
+        pass
+
+
 def _call(model: Any, batch: Any) -> None:
     if isinstance(batch, Mapping):
         model(**batch)
@@ -390,10 +398,7 @@ def _block_inputs(block: Any, passes: Sequence[Callable[[], Any]]) -> list[tuple
     try:
         with torch.no_grad():
             for run in passes:
-                try:
-                    run()
-                except _Stop:
-                    pass
+                _until_stop(run)
     finally:
         handle.remove()
     return inputs
@@ -557,11 +562,9 @@ def quantize_model(
             with torch.no_grad():
                 for i, run in enumerate(passes):
                     seen.clear()
-                    for r in ([float_passes[i]] if float_passes is not None else []) + [run]:
-                        try:
-                            r()
-                        except _Stop:
-                            pass
+                    if float_passes is not None:
+                        _until_stop(float_passes[i])  # the float input x_f first
+                    _until_stop(run)
         finally:
             for h in handles:
                 h.remove()
@@ -594,24 +597,32 @@ def quantize_model(
         assert s is not None
         try:
             dead = 0
+            # (error, RTN's error) where the branch measured both on the layer's own inputs.
+            errors: tuple[float, float] | None = None
             if method == "gptq":
                 qt, deq, dead = _lowbit.gptq(wq, hq, s, d, bool(act_order), mse_grid)
             elif method == "mse":
                 qt, deq, _ = _lowbit.gptq(wq, hq, s, d, False, True, False)
                 rtn_qt = _lowbit.quantize(wq, s)
+                e_mse, e_rtn = (_lowbit.output_error(wq, q, hq) for q in (deq, rtn_qt.dequantize()))
                 # The diagonal-weighted search can lose on correlated inputs: keep the better.
-                if _lowbit.output_error(wq, rtn_qt.dequantize(), hq) < _lowbit.output_error(wq, deq, hq):
+                if e_rtn < e_mse:
                     qt, deq = rtn_qt, rtn_qt.dequantize()
+                errors = (min(e_mse, e_rtn), e_rtn)
             else:
                 qt = _lowbit.quantize(wq, s)
                 deq = qt.dequantize()
+                errors = (_lowbit.output_error(wq, deq, hq),) * 2
             if rot:
                 # Back to the layer's own inputs: W ≈ Q(W R) Rᵀ.
                 deq = np.ascontiguousarray(rot.inverse(np.asarray(deq)), np.float32)
             # The errors against plain RTN's on the layer's inputs: of the layer's own weight,
-            # or with asymmetric calibration of the goal GPTQ fitted.
-            rtn = _lowbit.quantize(w, s).dequantize()
-            err, rtn_err = (_lowbit.output_error(goal, q, h) for q in (deq, rtn))
+            # or with asymmetric calibration of the goal GPTQ fitted (unrotated RTN and MSE
+            # measured them already: their wq, hq are the layer's own w, h).
+            if errors is None or rot:
+                rtn = _lowbit.quantize(w, s).dequantize()
+                errors = (_lowbit.output_error(goal, deq, h), _lowbit.output_error(goal, rtn, h))
+            err, rtn_err = errors
         except LowbitValueError as e:
             raise LowbitValueError(f"layer {name!r}: {e}") from None
         with torch.no_grad():
