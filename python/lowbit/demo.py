@@ -15,6 +15,7 @@ latency and energy on the phone profiles of :mod:`lowbit.nas`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -28,13 +29,20 @@ import numpy as np
 from lowbit._io import write_atomic
 
 #: Formats the demo deploys, with the bits the NAS estimate uses (weights, activations).
-FORMATS: dict[str, tuple[int, int]] = {"f32": (32, 32), "int8": (8, 8), "int4": (4, 8), "int2": (2, 32), "ternary": (2, 8)}
+FORMATS: dict[str, tuple[int, int]] = {"f32": (32, 32), "int8": (8, 8), "int4": (4, 8), "int2": (2, 32),
+                                       "int3-gptq": (3, 32), "int2-gptq": (2, 32), "ternary": (2, 8)}
 #: How each format's row is labelled: int8 / int4 quantize the float model's weights after
 #: training and its activations per token to int8 at run time (the runtime's W8A8 / W4A8
-#: integer GEMM); int2 quantizes weights only and keeps float32 activations; ternary is the QAT
-#: model, BitNet b1.58 weights with int8 activations.
+#: integer GEMM); int2 rounds weights to nearest and keeps float32 activations; the GPTQ rows
+#: quantize the float model's weights with :func:`lowbit.ptq.quantize_model` (post-training,
+#: no retraining); ternary is the QAT model, BitNet b1.58 weights with int8 activations.
 LABELS: dict[str, str] = {"f32": "f32", "int8": "int8 W8A8", "int4": "int4 W4A8", "int2": "int2 W2A32",
+                          "int3-gptq": "int3 W3A32 GPTQ", "int2-gptq": "int2 W2A32 GPTQ",
                           "ternary": "ternary W1.58A8 QAT"}
+#: The PTQ formats: GPTQ with asymmetric calibration (each layer fitted to the float model's
+#: outputs) on asymmetric groups of 32 inputs, every linear layer and the patch convolution, on
+#: this many training scenes.
+PTQ_SCENES = 256
 #: The training settings of :func:`run`'s defaults, those of the models lowbit ships.
 DEFAULTS = {"steps": 1500, "qat_steps": 600, "n_train": 3000, "seed": 0}
 #: Phone profiles of the NAS estimate.
@@ -168,7 +176,9 @@ def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = DEFAULTS["step
 
     import lowbit.nas as nas
     from lowbit import crossval, models
+    from lowbit._lowbit import QuantSpec
     from lowbit.data import SyntheticScenes
+    from lowbit.ptq import quantize_model
     from lowbit.runtime import MultiTaskModel
 
     out = Path(out)
@@ -190,21 +200,36 @@ def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = DEFAULTS["step
     graph = nas.from_torch(_AllTasks(f32_model), (torch.from_numpy(images[:1]),))
     inputs = _crossval_inputs(f32_model, images[:4], questions[:4])
     rows = []
+    calib = models.calibration_batches(SyntheticScenes(seed=DEFAULTS["seed"], n=PTQ_SCENES,
+                                                       image_size=f32_model.config.image_size), f32_model.config)
     for fmt, (wb, ab) in FORMATS.items():
         src = qat_model if fmt == "ternary" else f32_model
         path = out / f"multitask-{fmt}.safetensors"
-        size = models.save(src, path, weights=fmt)["bytes"]
+        if fmt.endswith("-gptq"):
+            src = copy.deepcopy(f32_model)
+            start = time.perf_counter()
+            spec = QuantSpec(wb, symmetric=False, granularity="group", group_size=32)
+            result = quantize_model(src, calib, spec, asymmetric=True)
+            log(f"{fmt}: {result.method} on {PTQ_SCENES} scenes in {time.perf_counter() - start:.0f} s")
+            # The deployed file: the GPTQ codes as they are; embeddings int8 as in the int2 row.
+            size = models.save(src, path, weights="int2", tensors=result.tensors())["bytes"]
+        else:
+            size = models.save(src, path, weights=fmt)["bytes"]
         # The runtime quantizes the activations the format calls 8-bit (the ternary kernel does
         # so itself).
         act_bits = ab if ab < 32 and fmt != "ternary" else None
         rt = MultiTaskModel.load(path, act_bits=act_bits)
-        # Cross-validation: the float runtime against PyTorch (1e-4), and the runtime quantizing
-        # at load time against PyTorch simulating the same quantization (fake-quant), each layer
-        # on the runtime's own input (a one-ulp difference before an int8 activation quantizer
-        # moves a code by a step, which end to end every later layer would inherit).
+        # Cross-validation: the float runtime against PyTorch (1e-4) on the same weights (the
+        # file's, dequantized, for weight-only formats), and the runtime quantizing at load time
+        # against PyTorch simulating the same quantization (fake-quant), each layer on the
+        # runtime's own input (a one-ulp difference before an int8 activation quantizer moves a
+        # code by a step, which end to end every later layer would inherit).
         if fmt == "f32":
             reports = {t: crossval.compare(src, rt, inp) for t, inp in inputs.items()}
-        elif fmt in ("int8", "int4", "ternary"):
+        elif act_bits is None and fmt != "ternary":
+            deployed = models.load(path)
+            reports = {t: crossval.compare(deployed, rt, inp) for t, inp in inputs.items()}
+        else:
             latent = out / f"multitask-{fmt}-float.safetensors"
             models.save(src, latent)
             sim_rt = MultiTaskModel.load(latent, weights=fmt, act_bits=act_bits)
@@ -212,8 +237,6 @@ def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = DEFAULTS["step
             reports = {t: crossval.compare(sim, sim_rt, inp, mode="quantization", isolate=True)
                        for t, inp in inputs.items()}
             latent.unlink()
-        else:  # the runtime has no load-time int2 mode to compare with
-            reports = {}
         metrics = models.evaluate(rt, held_out)
         rt_ms = timings(rt)
         row: dict[str, Any] = {"format": fmt, "bits": wb, "size_mb": size / 1e6, **metrics}
@@ -369,12 +392,13 @@ def format_table(rows: list[dict[str, Any]], batch: int) -> str:
         f"time on a batch of {batch} images; NAS: one image, all heads, estimated latency / energy",
         "formats: f32 is the trained float model; int8 / int4 (W8A8 / W4A8) quantize its weights after "
         "training and its activations per token to int8 at run time (the runtime's integer GEMM on the stored "
-        "codes); int2 (W2A32) quantizes its weights only and keeps float32 activations; ternary (W1.58A8) is a "
-        "separate model, fine-tuned from it with quantization-aware training: BitNet b1.58 weights, int8 "
-        "activations",
-        "crossval: the runtime against PyTorch layer by layer (f32: the float model, 1e-4; int8 / int4 / "
-        "ternary: PyTorch's fake-quant simulation of the same format); n/a: not cross-validated, as the "
-        "runtime has no load-time int2 mode to compare with (int2 is still evaluated and timed)",
+        "codes); int2 (W2A32) rounds its weights to nearest and keeps float32 activations; the GPTQ rows "
+        f"quantize its weights after training with lowbit.ptq (GPTQ, asymmetric calibration, {PTQ_SCENES} training "
+        "scenes, no retraining) and keep float32 activations; ternary (W1.58A8) is a separate model, fine-tuned "
+        "from it with quantization-aware training: BitNet b1.58 weights, int8 activations",
+        "crossval: the runtime against PyTorch layer by layer (f32: the float model; int2 and the GPTQ rows: "
+        "the PyTorch model with the file's weights; 1e-4; int8 / int4 / ternary: PyTorch's fake-quant "
+        "simulation of the same format)",
         *(["ONNX: the same deployed weights as ONNX QDQ (lowbit.export.onnx: OCR and image-embedding paths) run by "
            "ONNX Runtime's CPU provider: its OCR / R@1, its latency for one image, and its OCR path against PyTorch "
            "with the deployed weights, layer by layer (1e-4); every ONNX row is weight-only, float activations "

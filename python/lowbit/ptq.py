@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -256,13 +257,62 @@ class PTQResult:
 
     def tensors(self) -> dict[str, QuantizedTensor]:
         """``{"<module>.weight": QuantizedTensor}``, for :func:`lowbit.save_checkpoint` (a rotated
-        layer's tensor is of its rotated weight: see :class:`LayerResult`)."""
+        layer's tensor is of its rotated weight: see :class:`LayerResult`; a convolution's is
+        of its weight as a matrix, ``(out_channels, in_channels · kh · kw)``)."""
         return {f"{name}.weight": r.tensor for name, r in self.layers.items()}
+
+    def save(self, model: Any, path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> None:
+        """Write ``model``'s state dict with the quantized layers as their
+        :class:`lowbit.QuantizedTensor` (codes, scales, zero points) and every other tensor as
+        it is, as one lowbit checkpoint (:func:`lowbit.save_checkpoint`, atomic): the file
+        :class:`lowbit.runtime.BertEncoder` loads as stored (beside the model's
+        ``config.json``). Rotated layers are refused: the runtime does not rotate their inputs.
+
+        >>> import os, tempfile, torch, lowbit
+        >>> from lowbit.ptq import quantize_model
+        >>> net = torch.nn.Sequential(torch.nn.Linear(16, 8))
+        >>> r = quantize_model(net, [torch.randn(32, 16)], lowbit.QuantSpec(4, granularity="channel"), method="rtn")
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+        >>> r.save(net, path)
+        >>> lowbit.load_quantized(path)["0.weight"].spec.bits
+        4
+        """
+        import torch
+
+        from lowbit._quant import save_checkpoint
+
+        if not isinstance(model, torch.nn.Module):
+            raise LowbitTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        rotated = [n for n, r in self.layers.items() if r.rotation is not None]
+        if rotated:
+            raise LowbitValueError(f"layers {rotated} were quantized rotated (rotate='hadamard'): their tensors "
+                                   "multiply rotated inputs, which no lowbit loader rotates")
+        state: dict[str, Any] = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        tensors = self.tensors()
+        _check_deployed({k: v.float().numpy() for k, v in state.items() if k in tensors}, tensors)
+        save_checkpoint(path, {**state, **tensors}, metadata)
 
     def __repr__(self) -> str:
         worse = sum(r.error > r.rtn_error for r in self.layers.values())
         return (f"PTQResult(method={self.method!r}, {len(self.layers)} layers, {self.seconds:.2f} s, "
                 f"{worse} with an error above round-to-nearest's)")
+
+
+def _check_deployed(state: Mapping[str, np.ndarray], tensors: Mapping[str, Any]) -> None:
+    """Checks that each of ``tensors`` is a :class:`lowbit.QuantizedTensor` of a weight in
+    ``state`` (name to float32 array) that dequantizes to that weight's values, as
+    :func:`quantize_model` leaves a model (a tensor of a convolution may be its matrix)."""
+    if not isinstance(tensors, Mapping):
+        raise LowbitTypeError(f"tensors must be a dict of name to QuantizedTensor, got {type(tensors).__name__}")
+    for name, q in tensors.items():
+        if not isinstance(q, QuantizedTensor):
+            raise LowbitTypeError(f"tensors[{name!r}] must be a QuantizedTensor, got {type(q).__name__}")
+        if name not in state:
+            raise LowbitValueError(f"tensors[{name!r}]: the model has no such tensor")
+        w, deq = state[name], q.dequantize()
+        if deq.size != w.size or not np.array_equal(deq.reshape(w.shape), w):
+            raise LowbitValueError(f"tensors[{name!r}] does not dequantize to the model's {name} (another model's "
+                                   "tensor, or one of a rotated layer, whose inputs loaders do not rotate)")
 
 
 class _Stop(Exception):
@@ -284,6 +334,39 @@ def _call(model: Any, batch: Any) -> None:
         model(*batch)
     else:
         model(batch)
+
+
+def _quantizable(m: Any) -> bool:
+    """A ``Linear``, or a ``Conv2d`` of one group (each output channel reads every input
+    channel: the layer is a matrix product over its unfolded patches)."""
+    import torch
+
+    return isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)
+
+
+def _features(m: Any) -> int:
+    """The columns of the layer's weight as a matrix: ``in_features``, or a convolution's
+    ``in_channels · kh · kw``."""
+    return int(m.weight[0].numel())
+
+
+def _layer_rows(m: Any, x: Any) -> Any:
+    """The layer's input as rows of its weight matrix's columns: a convolution's input as its
+    unfolded patches (channel-major, as ``weight.reshape(out, -1)`` orders them), padded as
+    the layer pads."""
+    import torch
+    import torch.nn.functional as F
+
+    if not isinstance(m, torch.nn.Conv2d):
+        return x
+    padding: Any = m.padding
+    if m.padding_mode != "zeros" or isinstance(padding, str):
+        # Pad as the layer does (its own padding mode; "same" / "valid" resolved by torch).
+        pads = m._reversed_padding_repeated_twice
+        x = F.pad(x, pads, mode=m.padding_mode if m.padding_mode != "zeros" else "constant")
+        padding = 0
+    cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+    return cols.transpose(1, 2)
 
 
 def _spec_for(name: str, spec: Any) -> QuantSpec | None:
@@ -322,13 +405,42 @@ def _chain(out: Any, args: tuple) -> tuple:
     return (_first(out),) + tuple(args[1:])
 
 
-def _stages(model: Any, chosen: Mapping[str, Any], batch: Any) -> list[tuple[list[str], Any]]:
-    """The chosen layers in execution order (from one batch), split into stages: those run
-    before the repeated blocks (``None``: calibrated on passes of the whole model), each
-    block's own (calibrated by running that block alone on its inputs, the previous block's
-    outputs), and those run after. Blocks qualify only if, on this batch, each runs once, each
-    takes the previous one's output as its first input, and each chosen layer runs inside its
-    own block's call; otherwise one stage of whole-model passes."""
+def _run_order(model: Any, chosen: Mapping[str, Any], batches: Sequence[Any]) -> list[str]:
+    """The ``chosen`` layers in the order passes over ``batches`` first run them (the passes
+    stop once every one ran; layers that never run are left out)."""
+    import torch
+
+    order: dict[str, None] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def seen(_m: Any, _a: tuple) -> None:
+            order[name] = None
+            if len(order) == len(chosen):
+                raise _Stop
+
+        return seen
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, (m, _) in chosen.items()]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                if len(order) == len(chosen):
+                    break
+                _until_stop(functools.partial(_call, model, b))
+    finally:
+        for h in handles:
+            h.remove()
+    return list(order)
+
+
+def _stages(model: Any, chosen: Mapping[str, Any], batches: Sequence[Any]) -> list[tuple[list[str], Any]]:
+    """The chosen layers in execution order, split into stages: those run before the repeated
+    blocks (``None``: calibrated on passes of the whole model), each block's own (calibrated by
+    running that block alone on its inputs, the previous block's outputs), and those run
+    after. Blocks qualify only if, on the first batch, each runs once, each takes the previous
+    one's output as its first input, and each chosen layer runs inside its own block's call;
+    otherwise one stage of whole-model passes. Layers the first batch does not run (another
+    task's head) come last, on whole-model passes, in the order the other batches run them."""
     import torch
 
     blocks = _find_blocks(model, chosen)
@@ -342,7 +454,7 @@ def _stages(model: Any, chosen: Mapping[str, Any], batch: Any) -> list[tuple[lis
         handles.append(b.register_forward_hook(lambda _m, _a, out, i=i: events.append(("out", i, _first(out)))))
     try:
         with torch.no_grad():
-            _call(model, batch)
+            _call(model, batches[0])
     finally:
         for h in handles:
             h.remove()
@@ -350,7 +462,9 @@ def _stages(model: Any, chosen: Mapping[str, Any], batch: Any) -> list[tuple[lis
     for kind, n, _ in events:
         if kind == "layer" and n not in order:
             order.append(n)
-    whole = [(order, None)]
+    missing = {n: chosen[n] for n in chosen if n not in order}
+    rest = _run_order(model, missing, batches[1:]) if missing else []
+    whole = [(order + rest, None)]
     calls = [(i, x) for kind, i, x in events if kind == "in"]
     if not blocks or len(calls) != len(blocks) or len({i for i, _ in calls}) != len(blocks):
         return whole
@@ -380,7 +494,7 @@ def _stages(model: Any, chosen: Mapping[str, Any], batch: Any) -> list[tuple[lis
     suffix = list(dict.fromkeys(n for _, n in after))
     if any(k < len(blocks) for k, _ in after) or set(suffix) & set(stages[0][0]):
         return whole  # a layer between two blocks, or one run both before and after them
-    return stages + [(suffix, None)]
+    return stages + [(suffix + rest, None)]
 
 
 def _block_inputs(block: Any, passes: Sequence[Callable[[], Any]]) -> list[tuple[tuple, dict]]:
@@ -425,9 +539,12 @@ def quantize_model(
     rotate: str | None = None,
     asymmetric: bool = False,
 ) -> PTQResult:
-    """Quantize every ``torch.nn.Linear`` of ``model`` in place (its weight becomes the
-    dequantized quantized weight, so torch runs the model as it will be deployed) and return
-    a :class:`PTQResult` with each layer's :class:`lowbit.QuantizedTensor`.
+    """Quantize every ``torch.nn.Linear`` and ``torch.nn.Conv2d`` of ``model`` in place (its
+    weight becomes the dequantized quantized weight, so torch runs the model as it will be
+    deployed) and return a :class:`PTQResult` with each layer's :class:`lowbit.QuantizedTensor`.
+    A convolution is quantized as the matrix ``weight.reshape(out_channels, -1)`` (groups run
+    along ``in_channels · kh · kw``, channel-major) on its unfolded input patches; grouped and
+    depthwise convolutions (``groups > 1``) stay float.
 
     ``data`` yields calibration batches as :func:`lowbit.torch.calibrate` takes them (a tensor,
     a tuple of positional inputs or a dict of keyword inputs). ``spec`` is a
@@ -494,10 +611,10 @@ def quantize_model(
         raise LowbitValueError("data yielded no batches to calibrate on")
     t0 = time.perf_counter()
     chosen = {name: (m, _spec_for(name, spec)) for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and not any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+              if _quantizable(m) and not any(fnmatch.fnmatchcase(name, p) for p in patterns)}
     chosen = {n: ms for n, ms in chosen.items() if ms[1] is not None}
     if not chosen:
-        raise LowbitValueError("the model has no Linear layers to quantize (after spec and exclude)")
+        raise LowbitValueError("the model has no Linear or Conv2d layers to quantize (after spec and exclude)")
 
     was_training = model.training
     model.eval()
@@ -530,15 +647,17 @@ def quantize_model(
                     elif x is not seen["x"]:
                         raise _Stop
                 if name not in hessians:
-                    hessians[name] = Hessian(chosen[name][0].in_features)
+                    hessians[name] = Hessian(_features(chosen[name][0]))
                     order.append(name)
                 stats = hessians[name]
                 # Layers reading one tensor in a row (attention's q, k, v) share its products.
                 if seen.get("last", (None,))[0] is not x:
                     try:
-                        products = [stats._product(x)]
+                        mod = chosen[name][0]
+                        rows = _layer_rows(mod, x)
+                        products = [stats._product(rows)]
                         if "x_f" in seen:
-                            products.append(stats._product(seen["x_f"], x))
+                            products.append(stats._product(_layer_rows(mod, seen["x_f"]), rows))
                     except LowbitValueError:
                         raise LowbitValueError(f"layer {name!r}: its input from the calibration data holds NaN or "
                                                "Inf") from None
@@ -586,7 +705,7 @@ def quantize_model(
         if name not in hessians:
             return  # never ran on the calibration data
         t = time.perf_counter()
-        w = np.ascontiguousarray(mod.weight.detach().float().cpu().numpy())
+        w = np.ascontiguousarray(mod.weight.detach().float().cpu().reshape(mod.weight.shape[0], -1).numpy())
         h = hessians.pop(name).matrix
         cross = crosses.pop(name, None)
         goal = w if cross is None else _asymmetric_goal(w, h, cross)
@@ -626,7 +745,7 @@ def quantize_model(
         except LowbitValueError as e:
             raise LowbitValueError(f"layer {name!r}: {e}") from None
         with torch.no_grad():
-            mod.weight.copy_(torch.from_numpy(np.asarray(deq)).to(mod.weight.dtype))
+            mod.weight.copy_(torch.from_numpy(np.asarray(deq)).reshape(mod.weight.shape).to(mod.weight.dtype))
         result.layers[name] = LayerResult(qt, err, rtn_err, dead, time.perf_counter() - t, rot)
 
     try:
@@ -634,7 +753,7 @@ def quantize_model(
             gather(list(chosen), full_passes)
             stages: list[tuple[list[str], Any]] = [(list(order), None)]
         else:
-            stages = _stages(model, chosen, batches[0])
+            stages = _stages(model, chosen, batches)
         # The float model's passes and block inputs, pass for pass, with ``asymmetric``.
         float_full = [functools.partial(_call, float_model, b) for b in batches] if float_model else None
         names_of = {id(m): n for n, m in model.named_modules()}

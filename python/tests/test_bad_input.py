@@ -674,6 +674,8 @@ class Ctx:
         self.space = nas.SearchSpace([[{"latency_ms": 1.0, "params": 1.0}, {"latency_ms": 2.0, "params": 3.0}]] * 3)
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         self.report = cv.compare(self.bert_torch, self.bert, {"input_ids": torch.tensor([[1, 2, 3]])})
+        self.ptq_net = copy.deepcopy(self.net)
+        self.ptq = ptq.quantize_model(self.ptq_net, [torch.randn(4, 8)], lowbit.QuantSpec(4), method="rtn")
         self.onnx_path = tmp / "net.onnx"
         export.onnx(self.net, torch.randn(2, 8), self.onnx_path)
         self.ort_model = export.OrtModel(self.onnx_path)
@@ -1007,6 +1009,9 @@ def _entries() -> list[Entry]:
         E("lowbit.ptq.Rotation.hessian", lambda c, **kw: ptq.Rotation(6).hessian(**kw), h=F(H6)),
         E("lowbit.ptq.PTQResult", f(ptq.PTQResult), method=ANY("gptq")),
         E("lowbit.ptq.PTQResult.tensors", lambda c: ptq.PTQResult("gptq").tensors()),
+        E("lowbit.ptq.PTQResult.save", lambda c, **kw: c.ptq.save(**kw), model=MOD(V(lambda c: c.ptq_net)),
+          path=OP(V(lambda c: c.out("ptq.safetensors"))),
+          metadata=M({"note": "x"}, optional=True, extra=[_c("int-values", _const({"a": 1}), "raise")])),
         E("lowbit.ptq.GPTQResult", f(ptq.GPTQResult), tensor=ANY(None), weight=ANY(None), dead=ANY(0), error=ANY(0.0),
           rtn_error=ANY(0.0)),
         E("lowbit.ptq.LayerResult", f(ptq.LayerResult), tensor=ANY(None), error=ANY(0.0), rtn_error=ANY(0.0),

@@ -378,3 +378,42 @@ def test_bad_files_name_what_is_wrong(tmp_path):
 def test_exported():
     assert "MultiTaskModel" in lowbit.runtime.__all__
     assert MultiTaskModel.WEIGHTS == lowbit.runtime.BertEncoder.WEIGHTS
+
+
+def test_a_ptq_model_runs_in_the_runtime_as_stored(vlm, tmp_path):
+    """lowbit.ptq's GPTQ codes (any bits and group size, the patch convolution included) saved
+    with models.save(tensors=...): the runtime runs them as stored, equal layer by layer to the
+    PyTorch model quantize_model left."""
+    from lowbit.data import SyntheticScenes
+    from lowbit.ptq import quantize_model
+
+    model, _ = vlm
+    c = model.config
+    twin = MultiTaskVLM(c).eval()
+    twin.load_state_dict(model.state_dict())
+    scenes = [dict(s, image=s["image"][:c.channels]) for s in SyntheticScenes(seed=3, n=8, image_size=c.image_size)]
+    calib = models.calibration_batches(scenes, c, batch_size=4)
+    assert {b["task"] for b in calib} == {"caption", "ocr", "vqa", "text", "image"}
+    spec = lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=16)
+    r = quantize_model(twin, calib, spec)
+    linear = {n for n, m in twin.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    assert set(r.layers) == linear  # every head's layers, though each batch runs one head
+    path = tmp_path / "ptq.safetensors"
+    models.save(twin, path, tensors=r.tensors())
+    stored = lowbit.load_quantized(path)
+    for name, q in r.tensors().items():
+        np.testing.assert_array_equal(stored[name].int_repr(), q.int_repr())
+    runtime = MultiTaskModel.load(path)
+    inputs = task_inputs(model)
+    for task in ROUTED:
+        cv.assert_close(twin, runtime, inputs[task])
+    torch.testing.assert_close(models.load(path)(**inputs["vqa"]), twin(**inputs["vqa"]), rtol=0, atol=0)
+    # Tensors that are not the model's deployed weights are refused, and nothing is written.
+    other = tmp_path / "other.safetensors"
+    with pytest.raises(lowbit.LowbitValueError, match="does not dequantize"):
+        models.save(model, other, tensors=r.tensors())
+    with pytest.raises(lowbit.LowbitValueError, match="no such tensor"):
+        models.save(twin, other, tensors={"nope.weight": next(iter(r.tensors().values()))})
+    with pytest.raises(lowbit.LowbitTypeError):
+        models.save(twin, other, tensors={"ocr_head.head.weight": np.zeros(3)})
+    assert not other.exists()

@@ -623,3 +623,92 @@ def test_asymmetric_calibration_refuses_what_it_cannot_do():
         quantize_model(net, data, spec, sequential=False, asymmetric=True)
     with pytest.raises(lowbit.LowbitTypeError, match="asymmetric"):
         quantize_model(net, data, spec, asymmetric="yes")
+
+
+# ------------------------------------------------------------------------------------------
+# Convolutions, and models whose batches run different layers
+
+
+def _patches(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """The conv's input patches by slicing (rows: image, then output position in row-major
+    order; columns: channel, then kernel row, then kernel column), padded by hand."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    left, right, top, bottom = conv._reversed_padding_repeated_twice
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = torch.nn.functional.pad(x, (left, right, top, bottom), mode=mode)
+    oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    rows = [xp[n, :, i * sh:i * sh + dh * (kh - 1) + 1:dh, j * sw:j * sw + dw * (kw - 1) + 1:dw].reshape(-1)
+            for n in range(x.shape[0]) for i in range(oh) for j in range(ow)]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kwargs", [dict(padding=1, stride=2), dict(padding="same", dilation=2),
+                                    dict(padding=2, padding_mode="reflect"), dict(kernel_size=(1, 3), bias=False)])
+def test_conv2d_layers_are_matrices_over_their_input_patches(kwargs):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, **{"kernel_size": 3, **kwargs})
+    net = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    data = [torch.randn(2, 3, 9, 10) for _ in range(3)]
+    w = conv.weight.detach().reshape(8, -1).numpy().copy()
+    spec = lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=9)
+    h = Hessian(w.shape[1])
+    for x in data:
+        h.update(_patches(x, conv))
+    want = gptq(w, h, spec)
+    r = quantize_model(net, data, spec)
+    assert list(r.layers) == ["0", "2"]
+    np.testing.assert_array_equal(r.layers["0"].tensor.int_repr(), want.tensor.int_repr())
+    assert r.layers["0"].error == pytest.approx(want.error, rel=1e-6)
+    for name, lr in r.layers.items():
+        mod = net.get_submodule(name)
+        np.testing.assert_array_equal(mod.weight.detach().reshape(mod.weight.shape[0], -1).numpy(),
+                                      lr.tensor.dequantize())
+        assert lr.error <= lr.rtn_error
+
+
+def test_grouped_convolutions_stay_float_and_a_model_of_them_alone_is_refused():
+    torch.manual_seed(0)
+    dw = torch.nn.Conv2d(4, 4, 3, groups=4)
+    net = torch.nn.Sequential(dw, torch.nn.Conv2d(4, 6, 1))
+    before = dw.weight.detach().clone()
+    r = quantize_model(net, [torch.randn(2, 4, 8, 8)], lowbit.QuantSpec(4, granularity="channel"))
+    assert list(r.layers) == ["1"] and torch.equal(dw.weight, before)
+    with pytest.raises(lowbit.LowbitValueError, match="no Linear or Conv2d"):
+        quantize_model(torch.nn.Sequential(dw), [torch.randn(2, 4, 8, 8)], lowbit.QuantSpec(4))
+
+
+class _TwoTasks(torch.nn.Module):
+    """Shared blocks and a head per task: a batch runs one task's head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU())
+                                          for _ in range(2))
+        self.a = torch.nn.Linear(16, 4)
+        self.b = torch.nn.Linear(16, 5)
+        self.unused = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return self.a(x) if task == "a" else self.b(x)
+
+
+def test_layers_only_later_batches_run_are_quantized_too():
+    torch.manual_seed(0)
+    data = [{"x": torch.randn(32, 16), "task": t} for t in ("a", "b", "a", "b")]
+    spec = lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=8)
+    net = _TwoTasks()
+    twin = _TwoTasks()
+    twin.load_state_dict(net.state_dict())
+    r = quantize_model(net, data, spec)
+    assert list(r.layers) == ["blocks.0.0", "blocks.1.0", "a", "b"]  # "unused" never ran: float
+    # Head b is calibrated on its own batches' inputs, through the quantized blocks.
+    h = Hessian(16)
+    with torch.no_grad():
+        for d in data[1::2]:
+            h.update(net.blocks[1](net.blocks[0](d["x"])))
+    want = gptq(twin.b.weight.detach().numpy(), h, spec)
+    np.testing.assert_array_equal(r.layers["b"].tensor.int_repr(), want.tensor.int_repr())
+    assert torch.equal(net.unused.weight, twin.unused.weight)

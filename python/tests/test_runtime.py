@@ -313,3 +313,32 @@ def test_a_folder_with_one_quantized_file_loads_and_others_name_what_they_hold(t
     # model.safetensors wins over other files, as before
     (path / "model.q4.safetensors").write_bytes((q / "model.q4.safetensors").read_bytes())
     torch.testing.assert_close(BertEncoder.load(path)(ids, mask, tt), full, rtol=0, atol=1e-4)
+
+
+def test_a_ptq_bert_runs_in_the_runtime_as_stored(tmp_path):
+    """A BertModel quantized by lowbit.ptq (GPTQ, 3 and 2 bits, mixed per layer) and saved by
+    PTQResult.save beside its config.json: BertEncoder runs the stored codes (dequantized once),
+    equal to transformers running the quantized model; rotated results are refused."""
+    from lowbit.ptq import quantize_model
+
+    model, path = make(tmp_path, pooler=False)
+    ids, mask, tt = inputs(4, 12)
+    data = [dict(input_ids=i, attention_mask=m, token_type_ids=t) for i, m, t in zip(*(x.split(2) for x in inputs(8, 12, seed=1)))]
+    spec = {"*.intermediate.*": lowbit.QuantSpec(2, symmetric=False, granularity="group", group_size=16),
+            "encoder.*": lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=16)}
+    r = quantize_model(model, data, spec)
+    assert len(r.layers) == 12
+    q = tmp_path / "q"
+    q.mkdir()
+    (q / "config.json").write_text((path / "config.json").read_text())
+    r.save(model, q / "model.safetensors")
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    torch.testing.assert_close(BertEncoder.load(q)(ids, mask, tt), want, rtol=0, atol=1e-4)
+    stored = lowbit.load_quantized(q / "model.safetensors")
+    assert stored["encoder.layer.0.intermediate.dense.weight"].spec.bits == 2
+    assert stored["encoder.layer.1.attention.self.query.weight"].spec.bits == 3
+    rot = quantize_model(model, data, spec, rotate="hadamard")
+    with pytest.raises(lowbit.LowbitValueError, match="rotated"):
+        rot.save(model, q / "rot.safetensors")
+    assert not (q / "rot.safetensors").exists()

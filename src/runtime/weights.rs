@@ -239,7 +239,10 @@ impl Weights {
             .iter()
             .filter_map(|(n, s)| {
                 let t = self.tensors.get(n)?;
-                (t.dims() != s.as_slice())
+                // A convolution's weight may be stored as its matrix (out, in · kh · kw): as
+                // post-training quantization groups it.
+                let matrix = s.len() > 2 && t.dims() == [s[0], s[1..].iter().product::<usize>()];
+                (t.dims() != s.as_slice() && !matrix)
                     .then(|| format!("{n}: {:?} in the file, {s:?} expected", t.dims()))
             })
             .collect();

@@ -40,7 +40,7 @@ from lowbit.models.evaluation import evaluate
 from lowbit.models.files import load, save
 from lowbit.models.modules import MultiTaskVLM
 from lowbit.models.qat import QATLinear, quantize_for_training
-from lowbit.models.training import LOSS_WEIGHTS, multitask_loss, train
+from lowbit.models.training import LOSS_WEIGHTS, calibration_batches, multitask_loss, train
 
 __all__ = [
     "CONFIG_KEY",
@@ -49,6 +49,7 @@ __all__ = [
     "MultiTaskConfig",
     "MultiTaskVLM",
     "QATLinear",
+    "calibration_batches",
     "evaluate",
     "load",
     "multitask_loss",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -46,7 +46,8 @@ def _ternary_tensor(w: np.ndarray) -> Any:
                     scales=np.array(s), zero_points=np.array(0, dtype=np.int32))
 
 
-def save(model: MultiTaskVLM, path: str | os.PathLike[str], weights: str = "f32") -> dict[str, int]:
+def save(model: MultiTaskVLM, path: str | os.PathLike[str], weights: str = "f32",
+         tensors: Mapping[str, Any] | None = None) -> dict[str, int]:
     """Write ``model`` as one safetensors file with its config in the metadata, atomically and
     with a ``lowbit.sha256`` that :func:`load` and the runtime check (see :func:`lowbit.save_checkpoint`).
 
@@ -54,18 +55,29 @@ def save(model: MultiTaskVLM, path: str | os.PathLike[str], weights: str = "f32"
     per output channel, ``"int4"`` symmetric per group of 32 inputs, ``"int2"`` asymmetric per
     group of 32, ``"ternary"`` BitNet b1.58 absmean codes at 2 bits (the runtime runs these on the
     packed ternary kernel). Embeddings, positions and the patch embedding are then stored int8
-    per row / channel, norms and biases float16. Returns ``{"bytes": file size, "tensors": n}``.
+    per row / channel, norms and biases float16. ``tensors`` stores the given
+    :class:`lowbit.QuantizedTensor` for those weights instead, as they are (a
+    :func:`lowbit.ptq.quantize_model` result's ``tensors()``: each must dequantize to the
+    model's weight). Returns ``{"bytes": file size, "tensors": n}``.
     """
     from lowbit._lowbit import QuantSpec
     from lowbit._quant import quantize, save_checkpoint
 
     _check_weights(weights)
     state = {k: v.detach().float().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
+    given: dict[str, Any] = {}
+    if tensors is not None:
+        from lowbit.ptq import _check_deployed
+
+        _check_deployed(state, tensors)
+        given = dict(tensors)
     meta = {CONFIG_KEY: model.config.to_json(), "lowbit.weights": weights}
     if weights != "f32":
         linear = _linear_weights(model)
         ternary = []
         for name, w in state.items():
+            if name in given:
+                continue
             if name in linear:
                 state[name] = _ternary_tensor(w) if weights == "ternary" else quantize(w, _spec(weights))
                 if weights == "ternary":
@@ -77,7 +89,7 @@ def save(model: MultiTaskVLM, path: str | os.PathLike[str], weights: str = "f32"
                 state[name] = w.astype(np.float16)
         if ternary:
             meta["lowbit.ternary"] = json.dumps(ternary)
-    save_checkpoint(path, state, meta)
+    save_checkpoint(path, {**state, **given}, meta)
     return {"bytes": os.path.getsize(path), "tensors": len(state)}
 
 

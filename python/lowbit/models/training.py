@@ -13,6 +13,7 @@ from torch import nn
 
 from lowbit._lowbit import LowbitValueError
 from lowbit._multitask import _TOKENIZER, MultiTaskConfig
+from lowbit._validate import int_arg
 from lowbit.data import SyntheticScenes
 from lowbit.models.files import save
 from lowbit.models.modules import MultiTaskVLM
@@ -60,6 +61,42 @@ class _Batches:
 
 
 LOSS_WEIGHTS = {"caption": 1.0, "ocr": 1.0, "vqa": 1.0, "retrieval": 0.5}
+
+
+def calibration_batches(data: Any, config: MultiTaskConfig | None = None, batch_size: int = 64) -> list[dict[str, Any]]:
+    """Inputs of every task of :class:`MultiTaskVLM` for scenes ``data`` (keyword batches, as
+    :func:`lowbit.ptq.quantize_model` and :func:`lowbit.torch.calibrate` take them): for each
+    chunk of ``batch_size`` scenes, the caption decoder on the reference captions (teacher
+    forcing), OCR, VQA on each scene's first question, the retrieval text tower on the captions,
+    and the image embedding, so every layer of every head sees its inputs.
+
+    >>> from lowbit.data import SyntheticScenes
+    >>> from lowbit.models import MultiTaskConfig, calibration_batches
+    >>> c = MultiTaskConfig()
+    >>> b = calibration_batches(SyntheticScenes(seed=1, n=3, image_size=c.image_size), c)
+    >>> [x["task"] for x in b], tuple(b[0]["images"].shape)
+    (['caption', 'ocr', 'vqa', 'text', 'image'], (3, 3, 64, 64))
+    """
+    c = config or MultiTaskConfig()
+    items = list(data)
+    if not items:
+        raise LowbitValueError("the calibration data is empty")
+    batch_size = int_arg(batch_size, "batch_size", 1, None)
+    tok = _TOKENIZER
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        images = torch.from_numpy(np.stack([s["image"] for s in chunk]))
+        captions = [s["caption"] for s in chunk]
+        cap, _ = tok.batch(captions, c.max_caption_len + 1, bos=True, eos=True)
+        q, qm = tok.batch([s["qa"][0][0] for s in chunk], c.max_question_len, cls=True)
+        t, tm = tok.batch(captions, c.max_text_len, cls=True)
+        out += [{"images": images, "task": "caption", "ids": torch.from_numpy(cap[:, :-1])},
+                {"images": images, "task": "ocr"},
+                {"images": images, "task": "vqa", "ids": torch.from_numpy(q), "mask": torch.from_numpy(qm)},
+                {"task": "text", "ids": torch.from_numpy(t), "mask": torch.from_numpy(tm)},
+                {"images": images, "task": "image"}]
+    return out
 
 
 def multitask_loss(model: MultiTaskVLM, b: dict[str, torch.Tensor],
