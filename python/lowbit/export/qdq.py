@@ -77,6 +77,11 @@ class _Weight:
     quant_min: int
     quant_max: int
 
+    @property
+    def onnx_type(self) -> str:
+        """The narrowest ONNX integer type that holds the codes' range (``"uint4"``, ...)."""
+        return _onnx_type(self.quant_min, self.quant_max)[0]
+
 
 @dataclass
 class _Activation:

@@ -43,6 +43,8 @@ from lowbit._lowbit import LowbitValueError
 __all__: list[str] = []
 
 _MOVES_DATA = {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+#: The weight types QNN's HTP backend runs: ONNX type name to ONNX Runtime's ``QuantType`` member.
+_QUANT_TYPES = {"int8": "QInt8", "uint8": "QUInt8", "int4": "QInt4", "uint4": "QUInt4"}
 
 
 def _weight_override(mod: str, w: Any, value: Any, matmul: bool, op: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
@@ -55,22 +57,18 @@ def _weight_override(mod: str, w: Any, value: Any, matmul: bool, op: str) -> tup
     if w.group is not None:
         raise LowbitValueError(f"{name}: QNN's HTP backend has no blocked (group) quantization; quantize it per "
                                "tensor (Linear) or per channel (Conv)")
-    # The narrowest type holding the codes; its wider range clips nothing, since every code of
-    # the dequantized weight lies in lowbit's range.
-    lo, hi = w.quant_min, w.quant_max
-    if lo < 0:
-        kind = QuantType.QInt4 if (lo >= -8 and hi <= 7) else QuantType.QInt8 if (lo >= -128 and hi <= 127) else None
-    else:
-        kind = QuantType.QUInt4 if hi <= 15 else QuantType.QUInt8 if hi <= 255 else None
-    if kind is None or hi - lo < 7:
-        raise LowbitValueError(f"{name}: QNN's HTP backend runs 4- and 8-bit weights, got codes in [{lo}, {hi}]")
+    # The narrowest type holding the codes, as the CPU export picks it; its wider range clips
+    # nothing, since every code of the dequantized weight lies in lowbit's range.
+    if w.onnx_type not in _QUANT_TYPES:
+        raise LowbitValueError(f"{name}: QNN's HTP backend runs 4- and 8-bit weights, got codes in "
+                               f"[{w.quant_min}, {w.quant_max}]")
+    kind = getattr(QuantType, _QUANT_TYPES[w.onnx_type])
     per_channel = np.ndim(w.scales) == 1
     if per_channel and op == "MatMul":
         raise LowbitValueError(f"{name}: QNN's HTP backend runs MatMul weights per tensor only (a Linear on 2-D "
                                "inputs is a Gemm, which takes them per channel); calibrate with "
                                "weight_spec=QuantSpec(8, granularity='tensor') or quantize it per tensor")
-    np_type = {QuantType.QInt8: np.int8, QuantType.QUInt8: np.uint8, QuantType.QInt4: np.int8,
-               QuantType.QUInt4: np.uint8}[kind]
+    np_type = np.int8 if w.onnx_type.startswith("int") else np.uint8
     array = np.ascontiguousarray(value.detach().float().cpu().numpy())
     scales = np.atleast_1d(np.asarray(w.scales, np.float32))
     zps = np.atleast_1d(np.asarray(w.zero_points)).astype(np_type)
@@ -195,7 +193,5 @@ def complete(proto: Any, plan: Any, batches: list[tuple], opset: int | None) -> 
         rows = overrides.get(f"{mod or 'model'}.weight_dequantized")
         if rows is None:  # a module the traced call does not run
             continue
-        q = rows[0]["quant_type"]
-        kinds[mod] = {QuantType.QInt8: "int8", QuantType.QUInt8: "uint8", QuantType.QInt4: "int4",
-                      QuantType.QUInt4: "uint4"}[q]
+        kinds[mod] = next(k for k, v in _QUANT_TYPES.items() if getattr(QuantType, v) == rows[0]["quant_type"])
     return result, final, kinds
