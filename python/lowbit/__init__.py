@@ -43,7 +43,7 @@ from lowbit._quant import (
 
 def __getattr__(name: str):  # noqa: ANN202
     # The PyTorch parts on first use, so `import lowbit` works without PyTorch installed.
-    if name in ("torch", "models", "demo"):
+    if name in ("torch", "models", "demo", "export"):
         import importlib
 
         return importlib.import_module(f"lowbit.{name}")

@@ -44,6 +44,7 @@ __all__ = [
     "quantize_per_tensor",
     "QuantSpec",
     "QuantizedTensor",
+    "awq_search",
     "gptq",
     "output_error",
     "hadamard_conjugate",
@@ -316,6 +317,14 @@ def gptq(
     feedback: bool = True,
 ) -> tuple[QuantizedTensor, npt.NDArray[np.float32], int]:
     """GPTQ on one layer: ``(QuantizedTensor, dequantized float32 weight, dead input count)``."""
+def awq_search(
+    w: npt.NDArray[np.float32],
+    h: npt.NDArray[np.float64],
+    activation: npt.NDArray[np.float64],
+    spec: QuantSpec,
+    grid: int = 20,
+) -> tuple[npt.NDArray[np.float32], float, float]:
+    """AWQ's per-input scales: ``(scales, alpha, output error)``, the best of ``grid`` exponents."""
 def output_error(w: npt.NDArray[np.float32], q: npt.NDArray[np.float32], h: npt.NDArray[np.float64]) -> float:
     """``Σ_rows (w - q) H (w - q)ᵀ``."""
 def hadamard_rotate(x: npt.NDArray[np.float64], seed: int, inverse: bool = False) -> npt.NDArray[np.float64]:

@@ -212,7 +212,7 @@ def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = DEFAULTS["step
             result = quantize_model(src, calib, spec, asymmetric=True)
             log(f"{fmt}: {result.method} on {PTQ_SCENES} scenes in {time.perf_counter() - start:.0f} s")
             # The deployed file: the GPTQ codes as they are; embeddings int8 as in the int2 row.
-            size = models.save(src, path, weights="int2", tensors=result.tensors())["bytes"]
+            size = models.save(src, path, weights="int2", quantized=result)["bytes"]
         else:
             size = models.save(src, path, weights=fmt)["bytes"]
         # The runtime quantizes the activations the format calls 8-bit (the ternary kernel does

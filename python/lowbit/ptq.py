@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -53,12 +54,21 @@ class Hessian:
     def __init__(self, features: int) -> None:
         self.features = int_arg(features, "features", 1, 1 << 20)
         self.matrix = np.zeros((self.features, self.features), dtype=np.float64)
+        #: ``Σ |x|`` per feature (float64): AWQ's activation statistic.
+        self.absolute = np.zeros(self.features, dtype=np.float64)
         self.samples = 0
 
     def update(self, x: Any) -> None:
         product, samples = self._product(x)
         self.matrix += product
+        self.absolute += self._absolute(x)
         self.samples += samples
+
+    def _absolute(self, x: Any) -> np.ndarray:
+        """``Σ |x|`` over the samples, per feature (float64)."""
+        a = self._rows(x).abs() if is_tensor(x) else np.abs(self._rows(x))
+        total = a.sum(0)
+        return total.cpu().double().numpy() if is_tensor(total) else total
 
     def _rows(self, x: Any) -> Any:
         """``x`` checked and flattened to (samples, features): float32 for a tensor (on its
@@ -90,6 +100,7 @@ class Hessian:
         if not isinstance(other, Hessian) or other.features != self.features:
             raise LowbitValueError("other must be a Hessian of the same number of features")
         self.matrix += other.matrix
+        self.absolute += other.absolute
         self.samples += other.samples
 
 
@@ -236,7 +247,9 @@ class LayerResult:
     measured on the inputs the layer saw when it was quantized), and the seconds it took. With
     a ``rotation``, ``tensor`` holds the rotated weight ``W R`` (the layer computes
     ``tensor · (x R)``: its input must be rotated online) and ``rtn_error`` is plain
-    round-to-nearest's, without the rotation."""
+    round-to-nearest's, without the rotation. With AWQ's per-input ``scales`` ``s``, ``tensor``
+    holds ``W diag(s)`` (the layer computes ``tensor · (x / s)``: the division belongs in the
+    operation before the layer)."""
 
     tensor: QuantizedTensor
     error: float
@@ -244,6 +257,32 @@ class LayerResult:
     dead: int
     seconds: float
     rotation: Rotation | None = None
+    scales: np.ndarray | None = None
+
+    @property
+    def transforms_input(self) -> bool:
+        """Whether ``tensor`` multiplies a rotated or scaled input, not the layer's own."""
+        return self.rotation is not None or self.scales is not None
+
+    def weight(self) -> np.ndarray:
+        """The float32 weight the layer computes with, ``(out, in)`` (a convolution's as its
+        matrix): ``tensor`` dequantized and taken back to the layer's own inputs, as
+        :func:`quantize_model` wrote it into the model."""
+        w = self.tensor.dequantize().reshape(self.tensor.shape[0], -1)
+        if self.rotation is not None:
+            w = np.ascontiguousarray(self.rotation.inverse(w), np.float32)
+        if self.scales is not None:
+            w = np.ascontiguousarray(w / self.scales, np.float32)
+        return w
+
+    def _transform(self) -> dict[str, Any]:
+        """The layer's entry of the checkpoint's input transforms (see :meth:`PTQResult.save`)."""
+        entry: dict[str, Any] = {}
+        if self.scales is not None:
+            entry["scales"] = [float(v) for v in self.scales]
+        if self.rotation is not None:
+            entry["rotation_seed"] = self.rotation.seed
+        return entry
 
 
 @dataclass
@@ -261,12 +300,20 @@ class PTQResult:
         of its weight as a matrix, ``(out_channels, in_channels · kh · kw)``)."""
         return {f"{name}.weight": r.tensor for name, r in self.layers.items()}
 
+    def transforms_metadata(self) -> dict[str, str]:
+        """The checkpoint metadata that tells loaders what the rotated or AWQ-scaled layers do
+        to their inputs (``{"lowbit.input_transforms": JSON}``: weight name to
+        ``{"scales": [...], "rotation_seed": seed}``; empty without such layers)."""
+        entries = {f"{n}.weight": r._transform() for n, r in self.layers.items() if r.transforms_input}
+        return {INPUT_TRANSFORMS_KEY: json.dumps(entries)} if entries else {}
+
     def save(self, model: Any, path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> None:
         """Write ``model``'s state dict with the quantized layers as their
         :class:`lowbit.QuantizedTensor` (codes, scales, zero points) and every other tensor as
         it is, as one lowbit checkpoint (:func:`lowbit.save_checkpoint`, atomic): the file
         :class:`lowbit.runtime.BertEncoder` loads as stored (beside the model's
-        ``config.json``). Rotated layers are refused: the runtime does not rotate their inputs.
+        ``config.json``). Rotated and AWQ-scaled layers keep their tensors in that basis, with
+        :meth:`transforms_metadata`: the runtime transforms their inputs online.
 
         >>> import os, tempfile, torch, lowbit
         >>> from lowbit.ptq import quantize_model
@@ -283,14 +330,12 @@ class PTQResult:
 
         if not isinstance(model, torch.nn.Module):
             raise LowbitTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        rotated = [n for n, r in self.layers.items() if r.rotation is not None]
-        if rotated:
-            raise LowbitValueError(f"layers {rotated} were quantized rotated (rotate='hadamard'): their tensors "
-                                   "multiply rotated inputs, which no lowbit loader rotates")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise LowbitTypeError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
         state: dict[str, Any] = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         tensors = self.tensors()
-        _check_deployed({k: v.float().numpy() for k, v in state.items() if k in tensors}, tensors)
-        save_checkpoint(path, {**state, **tensors}, metadata)
+        _check_deployed({k: v.float().numpy() for k, v in state.items() if k in tensors}, self)
+        save_checkpoint(path, {**state, **tensors}, {**(metadata or {}), **self.transforms_metadata()})
 
     def __repr__(self) -> str:
         worse = sum(r.error > r.rtn_error for r in self.layers.values())
@@ -298,21 +343,37 @@ class PTQResult:
                 f"{worse} with an error above round-to-nearest's)")
 
 
-def _check_deployed(state: Mapping[str, np.ndarray], tensors: Mapping[str, Any]) -> None:
-    """Checks that each of ``tensors`` is a :class:`lowbit.QuantizedTensor` of a weight in
-    ``state`` (name to float32 array) that dequantizes to that weight's values, as
-    :func:`quantize_model` leaves a model (a tensor of a convolution may be its matrix)."""
-    if not isinstance(tensors, Mapping):
-        raise LowbitTypeError(f"tensors must be a dict of name to QuantizedTensor, got {type(tensors).__name__}")
-    for name, q in tensors.items():
-        if not isinstance(q, QuantizedTensor):
-            raise LowbitTypeError(f"tensors[{name!r}] must be a QuantizedTensor, got {type(q).__name__}")
+def _check_deployed(state: Mapping[str, np.ndarray], quantized: Any) -> None:
+    """Checks that ``quantized`` (a :class:`PTQResult`, or a dict of weight name to
+    :class:`lowbit.QuantizedTensor`) holds weights of ``state`` (name to float32 array) that
+    compute the values ``state`` holds, as :func:`quantize_model` leaves a model (a
+    convolution's tensor may be its matrix; a rotated or scaled layer's, in its basis)."""
+    if isinstance(quantized, PTQResult):
+        weights = {f"{n}.weight": r.weight for n, r in quantized.layers.items()}
+    elif isinstance(quantized, Mapping):
+        for name, q in quantized.items():
+            if not isinstance(q, QuantizedTensor):
+                raise LowbitTypeError(f"tensors[{name!r}] must be a QuantizedTensor, got {type(q).__name__}")
+        weights = {n: q.dequantize for n, q in quantized.items()}
+    else:
+        raise LowbitTypeError("quantized must be a PTQResult or a dict of name to QuantizedTensor, got "
+                              f"{type(quantized).__name__}")
+    for name, weight in weights.items():
         if name not in state:
-            raise LowbitValueError(f"tensors[{name!r}]: the model has no such tensor")
-        w, deq = state[name], q.dequantize()
+            raise LowbitValueError(f"{name!r}: the model has no such tensor")
+        w, deq = state[name], weight()
         if deq.size != w.size or not np.array_equal(deq.reshape(w.shape), w):
-            raise LowbitValueError(f"tensors[{name!r}] does not dequantize to the model's {name} (another model's "
-                                   "tensor, or one of a rotated layer, whose inputs loaders do not rotate)")
+            raise LowbitValueError(f"{name!r} does not compute the model's {name} (another model's tensor, or the "
+                                   "model changed since it was quantized)")
+
+
+#: The checkpoint metadata key of rotated and AWQ-scaled layers' input transforms (the
+#: runtime's ``INPUT_TRANSFORMS_KEY``).
+INPUT_TRANSFORMS_KEY = "lowbit.input_transforms"
+
+
+#: The methods of :func:`quantize_model`.
+METHODS = ("gptq", "rtn", "mse", "awq", "awq+gptq")
 
 
 class _Stop(Exception):
@@ -553,21 +614,26 @@ def quantize_model(
     keep in float (embeddings, heads). ``method``: ``"gptq"``, ``"rtn"`` (round to nearest on
     the same grid) or ``"mse"`` (round to nearest on MSE-searched grids: each group's min-max
     range shrunk to the least error weighted by the layer's Hessian diagonal; a layer keeps the
-    min-max grids where they give the lower output error on the calibration data). ``grid="mse"``
-    gives GPTQ the same searched grids (see :func:`gptq`). ``rotate="hadamard"``: each layer
-    is quantized in a randomized Hadamard basis (:class:`Rotation`, incoherence processing):
-    its weight becomes ``Q(W R) Rᵀ``, so torch computes exactly what a deployment that rotates
-    the layer's input online (``x R``) and multiplies by the stored ``Q(W R)`` computes.
+    min-max grids where they give the lower output error on the calibration data), ``"awq"``
+    (activation-aware scales, Lin et al. 2023: input channel ``j`` scaled by ``a_j^α``, ``a_j``
+    its mean absolute activation, ``α`` searched over 0, 0.05, ..., 0.95 in Rust for the least
+    output error on the calibration inputs; the weight becomes ``Q(W diag(s)) diag(s)⁻¹``, what
+    a deployment computes that folds ``1/s`` into the operation before the layer) or
+    ``"awq+gptq"`` (GPTQ on the scaled weight). ``grid="mse"`` gives GPTQ the same searched
+    grids (see :func:`gptq`), and AWQ after its scales (as AWQ's clipping search follows them). ``rotate="hadamard"``: each layer is quantized in a
+    randomized Hadamard basis (:class:`Rotation`, incoherence processing): its weight becomes
+    ``Q(W R) Rᵀ``, so torch computes exactly what a deployment that rotates the layer's input
+    online (``x R``) and multiplies by the stored ``Q(W R)`` computes.
 
-    With ``sequential`` (GPTQ's usual recipe) layers are quantized in the order the model runs
-    them, each calibrated on the outputs of the layers already quantized. A model's repeated
-    blocks (the children of a ``torch.nn.ModuleList``: a transformer's layers) are run alone
-    on their cached inputs, each block's on the previous one's outputs, so each layer costs a
-    part of one block's pass over ``data``; where blocks do not chain so, passes of the whole
-    model stop at the layer being calibrated. ``sequential=False`` gathers every layer's
-    statistics in one pass.
+    With ``sequential`` (GPTQ's usual recipe, for ``"gptq"`` and ``"awq+gptq"``) layers are
+    quantized in the order the model runs them, each calibrated on the outputs of the layers
+    already quantized. A model's repeated blocks (the children of a ``torch.nn.ModuleList``: a
+    transformer's layers) are run alone on their cached inputs, each block's on the previous
+    one's outputs, so each layer costs a part of one block's pass over ``data``; where blocks
+    do not chain so, passes of the whole model stop at the layer being calibrated. The other
+    methods, and ``sequential=False``, gather every layer's statistics in one pass.
 
-    ``asymmetric=True`` (GPTQ only; asymmetric calibration, as in GPTAQ) fits each layer's
+    ``asymmetric=True`` (GPTQ and AWQ + GPTQ; asymmetric calibration, as in GPTAQ) fits each layer's
     output on the quantized model's inputs ``x_q`` to the *float* model's output on its own
     inputs ``x_f``, so a layer also corrects the error the layers before it left: GPTQ runs on
     the ridge-regularized least-squares goal ``W + W (C - H)(H + μI)⁻¹`` (``H = Σ x_q x_qᵀ``,
@@ -588,16 +654,23 @@ def quantize_model(
 
     if not isinstance(model, torch.nn.Module):
         raise LowbitTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if method not in ("gptq", "rtn", "mse"):
-        raise LowbitValueError(f"method must be 'gptq', 'rtn' or 'mse', got {method!r}")
+    if method not in METHODS:
+        raise LowbitValueError(f"method must be one of {METHODS}, got {method!r}")
     mse_grid = _grid_arg(grid) or method == "mse"
     if rotate not in (None, "hadamard"):
         raise LowbitValueError(f"rotate must be None or 'hadamard', got {rotate!r}")
+    awq = method.startswith("awq")
+    if awq and rotate:
+        raise LowbitValueError("AWQ's scales come from the layer's own inputs' statistics: they do not compose with "
+                               "rotate='hadamard' here (use one or the other)")
     if not isinstance(asymmetric, bool):
         raise LowbitTypeError(f"asymmetric must be True or False, got {type(asymmetric).__name__}")
-    if asymmetric and (method != "gptq" or not sequential):
+    # GPTQ's error feedback calibrates layers in order, each on the outputs of those before it.
+    in_order = method in ("gptq", "awq+gptq") and sequential
+    if asymmetric and not in_order:
         raise LowbitValueError("asymmetric calibration fits each layer to the float model's outputs on top of the "
-                               "layers quantized before it: it needs method='gptq' with sequential=True")
+                               "layers quantized before it: it needs method='gptq' or 'awq+gptq' with "
+                               "sequential=True")
     if not isinstance(spec, (QuantSpec, Mapping)) or (isinstance(spec, Mapping) and not all(
             isinstance(v, QuantSpec) for v in spec.values())):
         raise LowbitTypeError("spec must be a QuantSpec or a dict of module-name glob to QuantSpec")
@@ -661,10 +734,12 @@ def quantize_model(
                     except LowbitValueError:
                         raise LowbitValueError(f"layer {name!r}: its input from the calibration data holds NaN or "
                                                "Inf") from None
-                    seen["last"] = (x, products)
-                (h, n), *extra = seen["last"][1]
+                    seen["last"] = (x, products, stats._absolute(rows) if awq else None)
+                _, ((h, n), *extra), absolute = seen["last"]
                 stats.matrix += h
                 stats.samples += n
+                if absolute is not None:
+                    stats.absolute += absolute
                 if extra:
                     crosses[name] = crosses.get(name, 0.0) + extra[0][0]
 
@@ -696,7 +771,7 @@ def quantize_model(
                     del hessians[n]
                     crosses.pop(n, None)
 
-    result = PTQResult(("gptq+mse" if method == "gptq" and mse_grid else method) + ("+hadamard" if rotate else "")
+    result = PTQResult(method + ("+mse" if mse_grid and method not in ("rtn", "mse") else "") + ("+hadamard" if rotate else "")
                        + ("+asym" if asymmetric else ""))
 
     def quantize_layer(name: str) -> None:
@@ -706,7 +781,8 @@ def quantize_model(
             return  # never ran on the calibration data
         t = time.perf_counter()
         w = np.ascontiguousarray(mod.weight.detach().float().cpu().reshape(mod.weight.shape[0], -1).numpy())
-        h = hessians.pop(name).matrix
+        stats = hessians.pop(name)
+        h = stats.matrix
         cross = crosses.pop(name, None)
         goal = w if cross is None else _asymmetric_goal(w, h, cross)
         rot = Rotation(w.shape[1]) if rotate else None
@@ -718,8 +794,17 @@ def quantize_model(
             dead = 0
             # (error, RTN's error) where the branch measured both on the layer's own inputs.
             errors: tuple[float, float] | None = None
-            if method == "gptq":
+            scales = None
+            if awq:
+                # AWQ: the weight scaled per input, W diag(s), against the inputs x / s.
+                activation = stats.absolute / max(stats.samples, 1)
+                scales = _lowbit.awq_search(goal, h, activation, s, 20)[0]
+                wq = np.ascontiguousarray(goal * scales)
+                hq = h / np.outer(scales, scales)
+            if method in ("gptq", "awq+gptq"):
                 qt, deq, dead = _lowbit.gptq(wq, hq, s, d, bool(act_order), mse_grid)
+            elif method == "awq" and mse_grid:
+                qt, deq, _ = _lowbit.gptq(wq, hq, s, d, False, True, False)
             elif method == "mse":
                 qt, deq, _ = _lowbit.gptq(wq, hq, s, d, False, True, False)
                 rtn_qt = _lowbit.quantize(wq, s)
@@ -731,10 +816,13 @@ def quantize_model(
             else:
                 qt = _lowbit.quantize(wq, s)
                 deq = qt.dequantize()
-                errors = (_lowbit.output_error(wq, deq, hq),) * 2
+                if not awq:
+                    errors = (_lowbit.output_error(wq, deq, hq),) * 2
             if rot:
                 # Back to the layer's own inputs: W ≈ Q(W R) Rᵀ.
                 deq = np.ascontiguousarray(rot.inverse(np.asarray(deq)), np.float32)
+            if scales is not None:
+                deq = np.ascontiguousarray(np.asarray(deq) / scales, np.float32)  # W ≈ Q(W diag(s)) diag(s)⁻¹
             # The errors against plain RTN's on the layer's inputs: of the layer's own weight,
             # or with asymmetric calibration of the goal GPTQ fitted (unrotated RTN and MSE
             # measured them already: their wq, hq are the layer's own w, h).
@@ -746,10 +834,10 @@ def quantize_model(
             raise LowbitValueError(f"layer {name!r}: {e}") from None
         with torch.no_grad():
             mod.weight.copy_(torch.from_numpy(np.asarray(deq)).reshape(mod.weight.shape).to(mod.weight.dtype))
-        result.layers[name] = LayerResult(qt, err, rtn_err, dead, time.perf_counter() - t, rot)
+        result.layers[name] = LayerResult(qt, err, rtn_err, dead, time.perf_counter() - t, rot, scales)
 
     try:
-        if method != "gptq" or not sequential:
+        if not in_order:
             gather(list(chosen), full_passes)
             stages: list[tuple[list[str], Any]] = [(list(order), None)]
         else:
@@ -770,7 +858,7 @@ def quantize_model(
                 passes = [functools.partial(block, *a, **k) for a, k in block_inputs]
                 float_passes = [functools.partial(float_block, *a, **k) for a, k in float_inputs] or None
             for i, name in enumerate(names):
-                if method == "gptq" and sequential and name not in hessians:
+                if in_order and name not in hessians:
                     gather(names[i:], passes, target=name, float_passes=float_passes)
                 quantize_layer(name)
             if block is not None:

@@ -1009,6 +1009,8 @@ def _entries() -> list[Entry]:
         E("lowbit.ptq.Rotation.hessian", lambda c, **kw: ptq.Rotation(6).hessian(**kw), h=F(H6)),
         E("lowbit.ptq.PTQResult", f(ptq.PTQResult), method=ANY("gptq")),
         E("lowbit.ptq.PTQResult.tensors", lambda c: ptq.PTQResult("gptq").tensors()),
+        E("lowbit.ptq.PTQResult.transforms_metadata", lambda c: c.ptq.transforms_metadata()),
+        E("lowbit.ptq.LayerResult.weight", lambda c: c.ptq.layers["0"].weight().shape),
         E("lowbit.ptq.PTQResult.save", lambda c, **kw: c.ptq.save(**kw), model=MOD(V(lambda c: c.ptq_net)),
           path=OP(V(lambda c: c.out("ptq.safetensors"))),
           metadata=M({"note": "x"}, optional=True, extra=[_c("int-values", _const({"a": 1}), "raise")])),

@@ -382,8 +382,9 @@ def test_exported():
 
 def test_a_ptq_model_runs_in_the_runtime_as_stored(vlm, tmp_path):
     """lowbit.ptq's GPTQ codes (any bits and group size, the patch convolution included) saved
-    with models.save(tensors=...): the runtime runs them as stored, equal layer by layer to the
-    PyTorch model quantize_model left."""
+    with models.save(quantized=...): the runtime runs them as stored, equal layer by layer to the
+    PyTorch model quantize_model left; rotated and AWQ-scaled layers with their inputs
+    transformed online."""
     from lowbit.data import SyntheticScenes
     from lowbit.ptq import quantize_model
 
@@ -399,7 +400,7 @@ def test_a_ptq_model_runs_in_the_runtime_as_stored(vlm, tmp_path):
     linear = {n for n, m in twin.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     assert set(r.layers) == linear  # every head's layers, though each batch runs one head
     path = tmp_path / "ptq.safetensors"
-    models.save(twin, path, tensors=r.tensors())
+    models.save(twin, path, quantized=r)
     stored = lowbit.load_quantized(path)
     for name, q in r.tensors().items():
         np.testing.assert_array_equal(stored[name].int_repr(), q.int_repr())
@@ -410,10 +411,26 @@ def test_a_ptq_model_runs_in_the_runtime_as_stored(vlm, tmp_path):
     torch.testing.assert_close(models.load(path)(**inputs["vqa"]), twin(**inputs["vqa"]), rtol=0, atol=0)
     # Tensors that are not the model's deployed weights are refused, and nothing is written.
     other = tmp_path / "other.safetensors"
-    with pytest.raises(lowbit.LowbitValueError, match="does not dequantize"):
-        models.save(model, other, tensors=r.tensors())
+    with pytest.raises(lowbit.LowbitValueError, match="does not compute"):
+        models.save(model, other, quantized=r)
+    with pytest.raises(lowbit.LowbitValueError, match="does not compute"):
+        models.save(model, other, quantized=r.tensors())
     with pytest.raises(lowbit.LowbitValueError, match="no such tensor"):
-        models.save(twin, other, tensors={"nope.weight": next(iter(r.tensors().values()))})
+        models.save(twin, other, quantized={"nope.weight": next(iter(r.tensors().values()))})
     with pytest.raises(lowbit.LowbitTypeError):
-        models.save(twin, other, tensors={"ocr_head.head.weight": np.zeros(3)})
+        models.save(twin, other, quantized={"ocr_head.head.weight": np.zeros(3)})
+    with pytest.raises(lowbit.LowbitTypeError):
+        models.save(twin, other, quantized=3)
     assert not other.exists()
+    # Rotated layers, and AWQ-scaled ones: stored in their basis, inputs transformed online.
+    for kw in (dict(rotate="hadamard"), dict(method="awq+gptq")):
+        twin.load_state_dict(model.state_dict())
+        r = quantize_model(twin, calib, spec, **kw)
+        assert all(lr.transforms_input for lr in r.layers.values())
+        models.save(twin, path, quantized=r)
+        meta = json.loads(lowbit.checkpoint_metadata(path)["lowbit.input_transforms"])
+        assert set(meta) == set(r.tensors())
+        runtime = MultiTaskModel.load(path)
+        for task in ROUTED:
+            cv.assert_close(twin, runtime, inputs[task])
+        torch.testing.assert_close(models.load(path)(**inputs["ocr"]), twin(**inputs["ocr"]), rtol=0, atol=0)

@@ -270,7 +270,7 @@ def test_quantize_model_refuses_bad_input():
     with pytest.raises(lowbit.LowbitValueError, match="no batches"):
         quantize_model(net, [], spec)
     with pytest.raises(lowbit.LowbitValueError, match="method"):
-        quantize_model(net, data, spec, method="awq")
+        quantize_model(net, data, spec, method="hqq2")
     with pytest.raises(lowbit.LowbitValueError, match="no Linear"):
         quantize_model(net, data, spec, exclude="*")
     with pytest.raises(lowbit.LowbitTypeError):
@@ -380,7 +380,7 @@ def test_bad_grid_is_refused():
     with pytest.raises(lowbit.LowbitValueError, match="grid"):
         quantize_model(net, [torch.randn(4, 8)], lowbit.QuantSpec(4), grid="best")
     with pytest.raises(lowbit.LowbitValueError, match="method"):
-        quantize_model(net, [torch.randn(4, 8)], lowbit.QuantSpec(4), method="awq")
+        quantize_model(net, [torch.randn(4, 8)], lowbit.QuantSpec(4), method="adaround")
     with pytest.raises(lowbit.LowbitValueError, match="grid"):
         gptq(np.ones((4, 8), np.float32), np.eye(8), lowbit.QuantSpec(4), grid=None)
 
@@ -712,3 +712,80 @@ def test_layers_only_later_batches_run_are_quantized_too():
     want = gptq(twin.b.weight.detach().numpy(), h, spec)
     np.testing.assert_array_equal(r.layers["b"].tensor.int_repr(), want.tensor.int_repr())
     assert torch.equal(net.unused.weight, twin.unused.weight)
+
+
+# ------------------------------------------------------------------------------------------
+# AWQ
+
+
+def reference_awq(w, x, spec, n_grid=20):
+    """The published scale search (llm-awq's auto_scale for one linear layer), in float64 on
+    the calibration inputs themselves: mean |x| per channel to the power of each grid ratio,
+    normalized, the weight quantized scaled and unscaled, the output MSE against the float
+    layer's; on lowbit's grid (the search, not the grid, is what is checked)."""
+    x_max = np.abs(x).mean(0)
+    ref_out = x @ w.T.astype(np.float64)
+    best, best_loss = None, np.inf
+    for i in range(n_grid):
+        s = np.maximum(x_max ** (i / n_grid), 1e-4)
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+        q = lowbit.quantize(np.ascontiguousarray(w * s), spec).dequantize() / s
+        loss = ((ref_out - x @ q.T.astype(np.float64)) ** 2).mean()
+        if loss < best_loss:
+            best, best_loss = s, loss
+    return best
+
+
+@pytest.mark.parametrize("bits, gs, seed", [(3, 16, 0), (4, 32, 1), (2, 16, 2), (3, None, 3)])
+def test_awq_scales_are_the_published_search(bits, gs, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((512, 64)) * np.where(np.arange(64) % 9 == 0, 25.0, 1.0)  # salient channels
+    w = rng.standard_normal((24, 64)).astype(np.float32)
+    spec = (lowbit.QuantSpec(bits, symmetric=False, granularity="group", group_size=gs) if gs
+            else lowbit.QuantSpec(bits, symmetric=False, granularity="channel"))
+    h = Hessian(64)
+    h.update(x)
+    np.testing.assert_allclose(h.absolute, np.abs(x).sum(0), rtol=1e-12)
+    s, alpha, err = lowbit._lowbit.awq_search(w, h.matrix, h.absolute / h.samples, spec)
+    want = reference_awq(w, x, spec)
+    np.testing.assert_allclose(s, want, rtol=1e-5)
+    assert 0 < alpha < 1
+    q = lowbit.quantize(np.ascontiguousarray(w * s), spec).dequantize() / s
+    assert err == pytest.approx(lowbit._lowbit.output_error(w, q, h.matrix), rel=1e-9)
+    assert err < lowbit._lowbit.output_error(w, lowbit.quantize(w, spec).dequantize(), h.matrix)
+
+
+def test_awq_models_compute_the_scaled_quantized_weights_and_refuse_what_they_cannot_do(tmp_path):
+    torch.manual_seed(0)
+    gain = torch.ones(32)
+    gain[::5] = 20
+    data = [torch.randn(64, 32) * gain for _ in range(6)]
+    spec = lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=16)
+    errors = {}
+    for method in ("awq", "awq+gptq"):
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 8))
+        r = quantize_model(net, data, spec, method=method)
+        assert r.method == method and list(r.layers) == ["0", "2"]
+        for name, lr in r.layers.items():
+            w = net.get_submodule(name).weight.detach().numpy()
+            assert lr.scales is not None and lr.transforms_input and lr.scales.dtype == np.float32
+            np.testing.assert_array_equal(w, lr.tensor.dequantize() / lr.scales)
+            assert lr.error <= lr.rtn_error
+        errors[method] = r.layers["0"].error
+        with pytest.raises(lowbit.LowbitValueError, match="AWQ"):
+            lowbit.export.onnx(net, data[0], tmp_path / "awq.onnx", quantized=r)
+    assert errors["awq+gptq"] < errors["awq"]
+    assert not list(tmp_path.iterdir())
+    net = torch.nn.Sequential(torch.nn.Linear(32, 8))
+    r = quantize_model(net, data, spec, method="awq+gptq", grid="mse", asymmetric=True)
+    assert r.method == "awq+gptq+mse+asym"
+    with pytest.raises(lowbit.LowbitValueError, match="rotate"):
+        quantize_model(net, data, spec, method="awq", rotate="hadamard")
+    with pytest.raises(lowbit.LowbitValueError, match="asymmetric"):
+        quantize_model(net, data, spec, method="awq", asymmetric=True)
+    h, other = Hessian(32), Hessian(32)
+    h.update(data[0])
+    other.update(data[1])
+    h.merge(other)
+    np.testing.assert_allclose(h.absolute, (data[0].abs().sum(0) + data[1].abs().sum(0)).double().numpy(), rtol=1e-6)

@@ -338,7 +338,35 @@ def test_a_ptq_bert_runs_in_the_runtime_as_stored(tmp_path):
     stored = lowbit.load_quantized(q / "model.safetensors")
     assert stored["encoder.layer.0.intermediate.dense.weight"].spec.bits == 2
     assert stored["encoder.layer.1.attention.self.query.weight"].spec.bits == 3
-    rot = quantize_model(model, data, spec, rotate="hadamard")
-    with pytest.raises(lowbit.LowbitValueError, match="rotated"):
-        rot.save(model, q / "rot.safetensors")
-    assert not (q / "rot.safetensors").exists()
+    # Rotated and AWQ-scaled layers: stored in their basis, the runtime transforms the inputs.
+    for kw in (dict(rotate="hadamard", asymmetric=True), dict(method="awq+gptq", grid="mse")):
+        torch.manual_seed(0)
+        model, _ = make(tmp_path, pooler=False)
+        r = quantize_model(model, data, spec, **kw)
+        r.save(model, q / "model.safetensors", metadata={"note": "x"})
+        assert lowbit.checkpoint_metadata(q / "model.safetensors")["note"] == "x"
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        torch.testing.assert_close(BertEncoder.load(q)(ids, mask, tt), want, rtol=0, atol=1e-4)
+    # The model changed since: refused, nothing written.
+    with torch.no_grad():
+        model.encoder.layer[0].output.dense.weight.add_(1.0)
+    with pytest.raises(lowbit.LowbitValueError, match="does not compute"):
+        r.save(model, q / "changed.safetensors")
+    assert not (q / "changed.safetensors").exists()
+
+
+def test_bad_input_transforms_are_format_errors(tmp_path):
+    import json
+
+    model, path = make(tmp_path, pooler=False)
+    name = "encoder.layer.0.attention.self.query.weight"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for bad, match in ((json.dumps({name: {"scales": [1.0] * 3}}), "positive finite"),
+                       (json.dumps({name: {"scales": [-1.0] * 48}}), "positive finite"),
+                       (json.dumps({"nope": {"rotation_seed": 1}}), "not a matrix"),
+                       (json.dumps({name: {"rotate": 1}}), "unknown field"),
+                       ("[1", "input_transforms")):
+        lowbit.save_checkpoint(path / "model.safetensors", state, {"lowbit.input_transforms": bad})
+        with pytest.raises(lowbit.LowbitFormatError, match=match):
+            BertEncoder.load(path)

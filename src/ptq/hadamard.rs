@@ -22,8 +22,11 @@ pub struct Rotation {
 }
 
 /// The normalized Walsh–Hadamard transform of `v` (length a power of two) in place:
-/// `v ← v H / √len`; its own inverse.
-fn fwht(v: &mut [f64]) {
+/// `v ← v H / √len`; its own inverse. `scale` is `1/√len` in `v`'s type.
+fn fwht<T>(v: &mut [T], scale: T)
+where
+    T: Copy + std::ops::Add<Output = T> + std::ops::Sub<Output = T> + std::ops::MulAssign,
+{
     let n = v.len();
     let mut h = 1;
     while h < n {
@@ -35,7 +38,6 @@ fn fwht(v: &mut [f64]) {
         }
         h *= 2;
     }
-    let scale = 1.0 / (n as f64).sqrt();
     v.iter_mut().for_each(|x| *x *= scale);
 }
 
@@ -86,11 +88,33 @@ impl Rotation {
                 if !inverse {
                     row.iter_mut().zip(&self.signs).for_each(|(v, s)| *v *= s);
                 }
-                row.chunks_exact_mut(self.block).for_each(fwht);
+                let scale = 1.0 / (self.block as f64).sqrt();
+                row.chunks_exact_mut(self.block)
+                    .for_each(|b| fwht(b, scale));
                 if inverse {
                     row.iter_mut().zip(&self.signs).for_each(|(v, s)| *v *= s);
                 }
             });
+        Ok(())
+    }
+
+    /// `x ← x R` for each row of `x`, float32 rows of `features` values back to back (a
+    /// runtime layer rotating its input online).
+    pub fn apply_f32(&self, x: &mut [f32]) -> Result<()> {
+        ensure!(
+            x.len().is_multiple_of(self.features),
+            "the rotation is of {} features, got {} values",
+            self.features,
+            x.len()
+        );
+        let scale = 1.0 / (self.block as f32).sqrt();
+        x.par_chunks_mut(self.features).for_each(|row| {
+            row.iter_mut()
+                .zip(&self.signs)
+                .for_each(|(v, s)| *v *= *s as f32);
+            row.chunks_exact_mut(self.block)
+                .for_each(|b| fwht(b, scale));
+        });
         Ok(())
     }
 
@@ -107,6 +131,22 @@ impl Rotation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn float32_rows_rotate_as_float64_ones() {
+        let r = Rotation::new(24, 7).unwrap();
+        let x: Vec<f32> = (0..72)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        let mut x64 = Array2::from_shape_fn((3, 24), |(i, j)| x[i * 24 + j] as f64);
+        r.apply(x64.view_mut(), false).unwrap();
+        let mut x32 = x.clone();
+        r.apply_f32(&mut x32).unwrap();
+        for (a, b) in x32.iter().zip(x64.iter()) {
+            assert!((*a as f64 - b).abs() < 1e-5, "{a} {b}");
+        }
+        assert!(r.apply_f32(&mut x32[..23]).is_err());
+    }
 
     fn dense(r: &Rotation) -> Array2<f64> {
         let mut m = Array2::<f64>::eye(r.features);

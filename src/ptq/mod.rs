@@ -1,5 +1,7 @@
 //! Post-training quantization solvers: GPTQ's Hessian-guided error feedback, on the dense
-//! float64 linear algebra it needs, and randomized Hadamard rotations.
+//! float64 linear algebra it needs, AWQ's activation-aware scales, and randomized Hadamard
+//! rotations.
+pub mod awq;
 pub mod gptq;
 pub mod hadamard;
 pub mod linalg;

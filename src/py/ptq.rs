@@ -2,7 +2,7 @@
 use super::detach;
 use super::quant::{QuantSpec, QuantizedTensor};
 use crate::ptq;
-use numpy::{IntoPyArray, PyReadonlyArray2};
+use numpy::{IntoPyArray, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 
 /// GPTQ on one layer (round to nearest without `feedback`; MSE-searched grids with
@@ -33,6 +33,24 @@ pub fn gptq<'py>(
         s.dequantized.into_pyarray(py).into_any(),
         s.dead,
     ))
+}
+
+/// AWQ's per-input scales of `w` for inputs of Hessian `h` and mean absolute values
+/// `activation`: `(scales, alpha, output error)`, the best of `grid` exponents.
+#[pyfunction]
+#[pyo3(signature = (w, h, activation, spec, grid=20))]
+pub fn awq_search<'py>(
+    py: Python<'py>,
+    w: PyReadonlyArray2<'py, f32>,
+    h: PyReadonlyArray2<'py, f64>,
+    activation: PyReadonlyArray1<'py, f64>,
+    spec: &QuantSpec,
+    grid: usize,
+) -> PyResult<(Bound<'py, PyAny>, f64, f64)> {
+    let (w, h, spec) = (w.as_array(), h.as_array(), spec.0);
+    let act = activation.as_array().to_vec();
+    let s = detach(py, || ptq::awq::search(w, h, &act, spec, grid))?;
+    Ok((s.scales.into_pyarray(py).into_any(), s.alpha, s.error))
 }
 
 /// `Σ_rows (w - q) H (w - q)ᵀ`.

@@ -9,6 +9,7 @@ use crate::bitnet::linear::{BinaryLinear, TernaryLinear};
 use crate::bitnet::quant::activation_quant;
 use crate::bitnet::ternary::{Acts, RowFn};
 use crate::names::string_enum;
+use crate::ptq::Rotation;
 use crate::quant::spec::{self, Granularity, QuantSpec, QuantizedTensor};
 use crate::{ensure, Error, Result};
 use candle_core::Tensor;
@@ -70,12 +71,45 @@ enum Kernel {
     Binary(BinaryLinear),
 }
 
+/// What a layer does to its input rows before its weights multiply them, for weights that
+/// post-training quantization stored in another basis (`lowbit.ptq`): AWQ's per-input scales
+/// (`x / s`), then a randomized Hadamard rotation (`x R`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InputTransform {
+    pub scales: Option<Vec<f32>>,
+    pub rotation: Option<Rotation>,
+}
+
+impl InputTransform {
+    /// The transformed copy of `x`, rows of `k` values back to back.
+    fn apply(&self, x: &[f32], k: usize) -> Result<Vec<f32>> {
+        let mut v = x.to_vec();
+        if let Some(s) = &self.scales {
+            ensure!(s.len() == k, "{} input scales for {k} inputs", s.len());
+            v.par_chunks_mut(k).for_each(|row| {
+                row.iter_mut().zip(s).for_each(|(a, b)| *a /= b);
+            });
+        }
+        if let Some(r) = &self.rotation {
+            ensure!(
+                r.features == k,
+                "a rotation of {} features for {k} inputs",
+                r.features
+            );
+            r.apply_f32(&mut v)?;
+        }
+        Ok(v)
+    }
+}
+
 /// `y = x @ w.T + b` over the last axis, with the weights in one of the `WeightMode`s.
 pub struct Linear {
     kernel: Kernel,
     bias: Option<Vec<f32>>,
     /// Per-token absmax activation quantization before a float kernel (BitNet's recipe).
     act_bits: Option<u32>,
+    /// Applied to the input before everything else.
+    input: Option<InputTransform>,
     pub in_features: usize,
     pub out_features: usize,
 }
@@ -122,6 +156,7 @@ impl Linear {
                 kernel: Kernel::Int(t),
                 bias: None,
                 act_bits,
+                input: None,
             });
         }
         let (out, rest) = (q.shape[0], q.shape[1..].iter().product::<usize>());
@@ -172,6 +207,7 @@ impl Linear {
             kernel,
             bias,
             act_bits: None,
+            input: None,
             in_features,
             out_features,
         })
@@ -185,7 +221,29 @@ impl Linear {
             kernel: Kernel::Ternary(t),
             bias: None,
             act_bits: None,
+            input: None,
         }
+    }
+
+    /// Transforms every input by `t` first (see [`InputTransform`]).
+    pub fn with_input(mut self, t: InputTransform) -> Result<Self> {
+        let k = self.in_features;
+        if let Some(s) = &t.scales {
+            ensure!(s.len() == k, "{} input scales for {k} inputs", s.len());
+            ensure!(
+                s.iter().all(|v| v.is_finite() && *v > 0.0),
+                "input scales must be positive and finite"
+            );
+        }
+        if let Some(r) = &t.rotation {
+            ensure!(
+                r.features == k,
+                "a rotation of {} features for {k} inputs",
+                r.features
+            );
+        }
+        self.input = Some(t);
+        Ok(self)
     }
 
     /// Quantizes the input rows to `bits`-bit integers per token (absmax, as BitNet does)
@@ -219,6 +277,16 @@ impl Linear {
 
     /// `act(x @ w.T + b)`, the activation fused into the same pass over the output.
     pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        let k = self.in_features;
+        if let Some(t) = &self.input {
+            let x = tensor(with_f32(x, |xs| t.apply(xs, k))??, x.dims())?;
+            return self.forward_own(&x, act);
+        }
+        self.forward_own(x, act)
+    }
+
+    /// `forward_act` on inputs already in the weights' basis.
+    fn forward_own(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
         let k = self.in_features;
         let (mut dims, rows) = input_rows(x, k)?;
         let n = self.out_features;
@@ -299,7 +367,9 @@ pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
     let ternary: Option<Vec<&TernaryLinear>> = layers
         .iter()
         .map(|l| match &l.kernel {
-            Kernel::Ternary(t) if l.in_features == layers[0].in_features => Some(t),
+            Kernel::Ternary(t) if l.in_features == layers[0].in_features && l.input.is_none() => {
+                Some(t)
+            }
             _ => None,
         })
         .collect();

@@ -3,8 +3,9 @@
 //! `lowbit quantize` load too: their tensors are dequantized once from the stored codes, and
 //! those `checkpoint::TERNARY_KEY` lists keep their ternary codes for the packed kernel.
 use super::ce;
-use super::layers::{Embedding, LayerNorm, Linear, WeightMode};
+use super::layers::{Embedding, InputTransform, LayerNorm, Linear, WeightMode};
 use crate::bitnet::linear::TernaryLinear;
+use crate::ptq::Rotation;
 use crate::quant::affine::Codes;
 use crate::quant::checkpoint::{
     self, check_ternary_tensor, float_data, map_file, parse, ternary_names, Entry, FloatData,
@@ -26,6 +27,59 @@ pub struct Weights {
     /// The tensors `lowbit.ternary` lists: codes as (rows, everything else) and the scale.
     ternary: BTreeMap<String, (Array2<i8>, f32)>,
     metadata: HashMap<String, String>,
+    /// What [`INPUT_TRANSFORMS_KEY`] says each listed weight's layer does to its input.
+    transforms: BTreeMap<String, InputTransform>,
+}
+
+/// The metadata key listing weights stored in another basis than their layer's inputs (by
+/// `lowbit.ptq`: rotated or AWQ-scaled): a JSON object of weight name to
+/// `{"scales": [s_j...], "rotation_seed": seed}` (each optional), the layer computing
+/// `W' · ((x / s) R)` with `R` the rotation of `lowbit.ptq.Rotation(in_features, seed)`.
+pub const INPUT_TRANSFORMS_KEY: &str = "lowbit.input_transforms";
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransformEntry {
+    scales: Option<Vec<f32>>,
+    rotation_seed: Option<u64>,
+}
+
+/// The transforms the metadata lists, for weights the file holds (`features` of each: its
+/// columns), checked.
+fn input_transforms(
+    meta: &HashMap<String, String>,
+    features: impl Fn(&str) -> Option<usize>,
+    path: &Path,
+) -> Result<BTreeMap<String, InputTransform>> {
+    let bad = |e: String| Error::format(format!("{}: {INPUT_TRANSFORMS_KEY}: {e}", path.display()));
+    let Some(text) = meta.get(INPUT_TRANSFORMS_KEY) else {
+        return Ok(BTreeMap::new());
+    };
+    let entries: BTreeMap<String, TransformEntry> =
+        serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    entries
+        .into_iter()
+        .map(|(name, e)| {
+            let k = features(&name)
+                .ok_or_else(|| bad(format!("{name} is not a matrix of the file")))?;
+            if let Some(s) = &e.scales {
+                if s.len() != k || !s.iter().all(|v| v.is_finite() && *v > 0.0) {
+                    return Err(bad(format!(
+                        "{name}: the scales must be {k} positive finite values"
+                    )));
+                }
+            }
+            let rotation = e
+                .rotation_seed
+                .map(|seed| Rotation::new(k, seed))
+                .transpose()?;
+            let t = InputTransform {
+                scales: e.scales,
+                rotation,
+            };
+            Ok((name, t))
+        })
+        .collect()
 }
 
 /// A float tensor of the file as float32 (None for integer buffers and f64, which no layer
@@ -82,6 +136,14 @@ impl Weights {
             }
             Weights::from_map(tensors)
         };
+        w.transforms = input_transforms(
+            &meta,
+            |n| {
+                let d = w.tensors.get(n)?.dims().to_vec();
+                (d.len() >= 2).then(|| d[1..].iter().product())
+            },
+            path,
+        )?;
         w.metadata = meta;
         Ok(w)
     }
@@ -153,6 +215,7 @@ impl Weights {
             quantized: BTreeMap::new(),
             ternary: BTreeMap::new(),
             metadata: HashMap::new(),
+            transforms: BTreeMap::new(),
         }
     }
 
@@ -160,7 +223,7 @@ impl Weights {
     /// and bias `bias`: on the packed ternary kernel when the file stores it as ternary, on the
     /// stored codes when it stores it quantized otherwise (the integer GEMM with 8-bit
     /// activations, else dequantized once; never re-quantized), else quantized with `mode`;
-    /// then `act_bits`.
+    /// then `act_bits`, and the input transform [`INPUT_TRANSFORMS_KEY`] lists for it.
     pub fn linear(
         &self,
         name: &str,
@@ -169,6 +232,21 @@ impl Weights {
         act_bits: Option<u32>,
     ) -> Result<Linear> {
         let bias = bias.map(|b| self.get(b)).transpose()?;
+        let layer = self.linear_as_stored(name, bias, mode, act_bits)?;
+        match self.transforms.get(name) {
+            Some(t) => layer.with_input(t.clone()),
+            None => Ok(layer),
+        }
+    }
+
+    /// [`Weights::linear`] without the input transform.
+    fn linear_as_stored(
+        &self,
+        name: &str,
+        bias: Option<Tensor>,
+        mode: WeightMode,
+        act_bits: Option<u32>,
+    ) -> Result<Linear> {
         if let Some((codes, scale)) = self.ternary(name) {
             let b = bias.as_ref().map(super::layers::to_vec).transpose()?;
             return Linear::from_ternary(TernaryLinear::new(codes.view(), vec![scale], b)?)

@@ -295,11 +295,11 @@ def _quantized_map(quantized: Any) -> dict[str, QuantizedTensor]:
     from lowbit.ptq import PTQResult
 
     if isinstance(quantized, PTQResult):
-        rotated = [n for n, r in quantized.layers.items() if r.rotation is not None]
-        if rotated:
-            raise LowbitValueError(f"layer {rotated[0]!r} was quantized with rotate='hadamard': its stored weight is "
-                                   "W R, whose input must be rotated online, and the export does not insert that "
-                                   "rotation yet; quantize without rotate to export")
+        moved = [n for n, r in quantized.layers.items() if r.transforms_input]
+        if moved:
+            raise LowbitValueError(f"layer {moved[0]!r} was quantized with rotate='hadamard' or AWQ's scales: its "
+                                   "stored weight multiplies a rotated or scaled input, and the export does not "
+                                   "insert that transform yet; quantize without them to export")
         quantized = quantized.tensors()
     if not isinstance(quantized, Mapping) or not all(isinstance(v, QuantizedTensor) for v in quantized.values()):
         raise LowbitTypeError("quantized must be a lowbit.ptq.PTQResult or a dict of '<module>.weight' -> QuantizedTensor")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ def _ternary_tensor(w: np.ndarray) -> Any:
 
 
 def save(model: MultiTaskVLM, path: str | os.PathLike[str], weights: str = "f32",
-         tensors: Mapping[str, Any] | None = None) -> dict[str, int]:
+         quantized: Any = None) -> dict[str, int]:
     """Write ``model`` as one safetensors file with its config in the metadata, atomically and
     with a ``lowbit.sha256`` that :func:`load` and the runtime check (see :func:`lowbit.save_checkpoint`).
 
@@ -55,10 +55,11 @@ def save(model: MultiTaskVLM, path: str | os.PathLike[str], weights: str = "f32"
     per output channel, ``"int4"`` symmetric per group of 32 inputs, ``"int2"`` asymmetric per
     group of 32, ``"ternary"`` BitNet b1.58 absmean codes at 2 bits (the runtime runs these on the
     packed ternary kernel). Embeddings, positions and the patch embedding are then stored int8
-    per row / channel, norms and biases float16. ``tensors`` stores the given
-    :class:`lowbit.QuantizedTensor` for those weights instead, as they are (a
-    :func:`lowbit.ptq.quantize_model` result's ``tensors()``: each must dequantize to the
-    model's weight). Returns ``{"bytes": file size, "tensors": n}``.
+    per row / channel, norms and biases float16. ``quantized`` (a :func:`lowbit.ptq.quantize_model`
+    result, or a dict of weight name to :class:`lowbit.QuantizedTensor`) stores those weights
+    as they are instead, each of which must compute the model's weight: rotated and AWQ-scaled
+    layers keep their tensors in that basis, with the metadata the runtime and :func:`load`
+    transform their inputs by. Returns ``{"bytes": file size, "tensors": n}``.
     """
     from lowbit._lowbit import QuantSpec
     from lowbit._quant import quantize, save_checkpoint
@@ -66,12 +67,16 @@ def save(model: MultiTaskVLM, path: str | os.PathLike[str], weights: str = "f32"
     _check_weights(weights)
     state = {k: v.detach().float().cpu().contiguous().numpy() for k, v in model.state_dict().items()}
     given: dict[str, Any] = {}
-    if tensors is not None:
-        from lowbit.ptq import _check_deployed
-
-        _check_deployed(state, tensors)
-        given = dict(tensors)
     meta = {CONFIG_KEY: model.config.to_json(), "lowbit.weights": weights}
+    if quantized is not None:
+        from lowbit.ptq import PTQResult, _check_deployed
+
+        _check_deployed(state, quantized)
+        if isinstance(quantized, PTQResult):
+            given = quantized.tensors()
+            meta.update(quantized.transforms_metadata())
+        else:
+            given = dict(quantized)
     if weights != "f32":
         linear = _linear_weights(model)
         ternary = []
@@ -99,12 +104,25 @@ def load(path: str | os.PathLike[str]) -> MultiTaskVLM:
     from lowbit._lowbit import QuantizedTensor
     from lowbit._quant import checkpoint_metadata, load_quantized
 
+    from lowbit.ptq import INPUT_TRANSFORMS_KEY, LayerResult, Rotation
+
     meta = checkpoint_metadata(path)
     if CONFIG_KEY not in meta:
         raise LowbitValueError(f"{os.fspath(path)} has no {CONFIG_KEY!r} metadata: not a lowbit multi-task model")
     model = MultiTaskVLM(MultiTaskConfig.from_json(meta[CONFIG_KEY]))
-    tensors = {k: torch.from_numpy(np.array(v.dequantize() if isinstance(v, QuantizedTensor) else v, dtype=np.float32))
-               for k, v in load_quantized(path).items()}
+    stored = load_quantized(path)
+    transforms = json.loads(meta.get(INPUT_TRANSFORMS_KEY, "{}"))
+
+    def value(name: str, v: Any) -> np.ndarray:
+        if name in transforms and isinstance(v, QuantizedTensor):
+            # A rotated or AWQ-scaled layer: its weight back in the layer's own basis.
+            t = transforms[name]
+            rot = Rotation(int(np.prod(v.shape[1:])), t["rotation_seed"]) if "rotation_seed" in t else None
+            scales = np.asarray(t["scales"], np.float32) if "scales" in t else None
+            return LayerResult(v, 0.0, 0.0, 0, 0.0, rot, scales).weight()
+        return np.array(v.dequantize() if isinstance(v, QuantizedTensor) else v, dtype=np.float32)
+
+    tensors = {k: torch.from_numpy(value(k, v)) for k, v in stored.items()}
     expected = model.state_dict()
     for k, v in tensors.items():
         if k in expected and tuple(v.shape) != tuple(expected[k].shape):
