@@ -46,6 +46,7 @@ __all__ = [
     "QuantizedTensor",
     "awq_search",
     "gptq",
+    "hqq",
     "output_error",
     "hadamard_conjugate",
     "hadamard_rotate",
@@ -325,6 +326,15 @@ def awq_search(
     grid: int = 20,
 ) -> tuple[npt.NDArray[np.float32], float, float]:
     """AWQ's per-input scales: ``(scales, alpha, output error)``, the best of ``grid`` exponents."""
+def hqq(
+    w: npt.NDArray[np.float32],
+    spec: QuantSpec,
+    lp: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    iters: int = 20,
+) -> QuantizedTensor:
+    """HQQ's calibration-free grids of ``spec`` for ``w``."""
 def output_error(w: npt.NDArray[np.float32], q: npt.NDArray[np.float32], h: npt.NDArray[np.float64]) -> float:
     """``Σ_rows (w - q) H (w - q)ᵀ``."""
 def hadamard_rotate(x: npt.NDArray[np.float64], seed: int, inverse: bool = False) -> npt.NDArray[np.float64]:

@@ -992,6 +992,8 @@ def _entries() -> list[Entry]:
         E("lowbit.ptq.Hessian.merge", lambda c, **kw: ptq.Hessian(6).merge(**kw), other=OBJ(ptq.Hessian(6))),
         E("lowbit.ptq.gptq", lambda c, **kw: ptq.gptq(**kw).dead, weight=F(X), hessian=F(H6),
           spec=OBJ(lowbit.QuantSpec(4)), damp=FL(0.01, lo=0.0), act_order=FLAG(True), grid=CH("minmax")),
+        E("lowbit.ptq.hqq", lambda c, **kw: ptq.hqq(**kw).shape, weight=F(X), spec=OBJ(lowbit.QuantSpec(4)),
+          lp=FL(0.7, lo=1e-6, hi=1.0), beta=FL(10.0, lo=1e-12), kappa=FL(1.01, lo=1.0), iters=N(20, lo=0, hi=10_000)),
         E("lowbit.ptq.quantize_model", lambda c, **kw: list(ptq.quantize_model(copy.deepcopy(c.net), **kw).layers),
           data=ANY([torch.randn(4, 8)] * 2, extra=[_c("None", _const(None), "raise"), _c("int", _const(3), "raise"),
                                                   _c("empty", _const([]), "raise"),

@@ -789,3 +789,96 @@ def test_awq_models_compute_the_scaled_quantized_weights_and_refuse_what_they_ca
     other.update(data[1])
     h.merge(other)
     np.testing.assert_allclose(h.absolute, (data[0].abs().sum(0) + data[1].abs().sum(0)).double().numpy(), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# HQQ
+
+
+def _seq_sum(a):
+    return float(np.cumsum(a)[-1]) if len(a) else 0.0  # in order, as the Rust solver sums
+
+
+def reference_hqq_grid(v, qmin, qmax, symmetric, lp=0.7, beta=10.0, kappa=1.01, iters=20):
+    """One group's grid by HQQ's half-quadratic steps (Badri & Shaji 2023) with lowbit's
+    integer zero points, in float64: min-max start (torch.ao's formula), codes, shrunk error,
+    least-squares scale and zero point on the codes, kept while the mean |error| falls."""
+    lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
+    eps = float(np.finfo(np.float32).eps)
+    if symmetric:
+        s = np.float32(max(np.float32(max(-lo, hi)) / np.float32((qmax - qmin) / 2), eps))
+        z = 0 if qmin < 0 else (qmin + qmax) // 2
+    else:
+        s = np.float32(max(np.float32(np.float32(hi) - np.float32(lo)) / np.float32(qmax - qmin), eps))
+        z = int(np.clip(qmin - np.round(np.float32(lo) / s), qmin, qmax))
+
+    def codes(s, z):
+        return np.clip(np.round(v / float(s)) + z, qmin, qmax)
+
+    def err(s, z):
+        return _seq_sum(np.abs(v - float(s) * (codes(s, z) - z))) / len(v)
+
+    best = err(s, z)
+    for _ in range(iters):
+        q = codes(s, z)
+        e = v - float(s) * (q - z)
+        a = np.abs(e)
+        with np.errstate(divide="ignore"):
+            shr = np.where(a == 0, 0.0, np.sign(e) * np.maximum(a - a ** (lp - 1) / beta, 0))
+        t = v - shr
+        beta *= kappa
+        if not symmetric:
+            mq, mt = _seq_sum(q) / len(v), _seq_sum(t) / len(v)
+            sqq, sqt = _seq_sum((q - mq) ** 2), _seq_sum((q - mq) * (t - mt))
+            if sqq <= 0 or sqt <= 0:
+                break
+            z = int(np.clip(np.round(mq - mt / (sqt / sqq)), qmin, qmax))
+        d = q - z
+        s_new = np.float32(_seq_sum(t * d) / _seq_sum(d * d))
+        if not (np.isfinite(s_new) and s_new > 0):
+            break
+        e_new = err(s_new, z)
+        if e_new >= best:
+            break
+        s, best = s_new, e_new
+    return s, z
+
+
+@pytest.mark.parametrize("bits, sym, gs, seed", [(4, False, 32, 0), (3, False, 16, 1), (2, False, 16, 2),
+                                                 (4, True, 32, 3), (3, False, 64, 4)])
+def test_hqq_grids_are_the_half_quadratic_steps(bits, sym, gs, seed):
+    from lowbit.ptq import hqq
+
+    w = (np.random.default_rng(seed).standard_normal((12, 64)) ** 3).astype(np.float32)
+    spec = lowbit.QuantSpec(bits, symmetric=sym, granularity="group", group_size=gs)
+    q = hqq(w, spec)
+    qmin, qmax = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if sym else (0, (1 << bits) - 1)
+    for i in range(w.shape[0]):
+        for g in range(64 // gs):
+            s, z = reference_hqq_grid(w[i, g * gs:(g + 1) * gs].astype(np.float64), qmin, qmax, sym)
+            assert q.scales[i, g] == pytest.approx(s, rel=1e-6)
+            assert q.zero_points[i, g] == z
+    rtn = lowbit.quantize(w, spec)
+    assert np.abs(q.dequantize() - w).mean() < np.abs(rtn.dequantize() - w).mean()
+
+
+def test_hqq_models_and_degenerate_weights():
+    from lowbit.ptq import hqq
+
+    net, data = _net_and_data()
+    spec = lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=16)
+    r = quantize_model(net, data, spec, method="hqq")
+    assert r.method == "hqq" and len(r.layers) == 3
+    for name, lr in r.layers.items():
+        np.testing.assert_array_equal(net.get_submodule(name).weight.detach().numpy(), lr.tensor.dequantize())
+    w = np.zeros((3, 32), np.float32)
+    w[1] = 0.5
+    w[2, 3] = -1e-30
+    q = hqq(w, spec)
+    assert np.isfinite(q.dequantize()).all() and (q.dequantize()[0] == 0).all()
+    with pytest.raises(lowbit.LowbitValueError):
+        hqq(np.full((2, 16), np.nan, np.float32), spec)
+    with pytest.raises(lowbit.LowbitValueError):
+        hqq(w, spec, lp=2.0)
+    with pytest.raises(lowbit.LowbitTypeError):
+        hqq(w, "int3")

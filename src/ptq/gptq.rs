@@ -140,7 +140,7 @@ fn round_to_grid(w: f64, (s, zp): Grid, r: QRange) -> (i32, f64) {
 }
 
 /// Columns per group of `spec` (all of them for per-channel and per-tensor grids).
-fn group_size(spec: &QuantSpec, cols: usize) -> usize {
+pub(super) fn group_size(spec: &QuantSpec, cols: usize) -> usize {
     match spec.granularity {
         Granularity::Tensor | Granularity::Channel => cols.max(1),
         Granularity::Group => spec.group_size.expect("a group spec has a group size"),

@@ -175,7 +175,7 @@ mod _lowbit {
     };
 
     #[pymodule_export]
-    use super::ptq::{awq_search, gptq, hadamard_conjugate, hadamard_rotate, output_error};
+    use super::ptq::{awq_search, gptq, hadamard_conjugate, hadamard_rotate, hqq, output_error};
 
     #[pymodule_export]
     use super::gguf::{gguf_dequantize, gguf_quantize, load_gguf};

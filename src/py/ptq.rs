@@ -53,6 +53,30 @@ pub fn awq_search<'py>(
     Ok((s.scales.into_pyarray(py).into_any(), s.alpha, s.error))
 }
 
+/// HQQ's calibration-free grids of `spec` for `w` (out, in).
+#[pyfunction]
+#[pyo3(signature = (w, spec, lp=0.7, beta=10.0, kappa=1.01, iters=20))]
+pub fn hqq(
+    py: Python<'_>,
+    w: PyReadonlyArray2<'_, f32>,
+    spec: &QuantSpec,
+    lp: f64,
+    beta: f64,
+    kappa: f64,
+    iters: usize,
+) -> PyResult<QuantizedTensor> {
+    let (w, spec) = (w.as_array(), spec.0);
+    let cfg = ptq::hqq::Config {
+        lp,
+        beta,
+        kappa,
+        iters,
+    };
+    Ok(QuantizedTensor(detach(py, || {
+        ptq::hqq::hqq(w, spec, &cfg)
+    })?))
+}
+
 /// `Σ_rows (w - q) H (w - q)ᵀ`.
 #[pyfunction]
 pub fn output_error(
