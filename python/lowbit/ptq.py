@@ -96,12 +96,41 @@ class Hessian:
             raise LowbitValueError("x holds NaN or Inf; nothing was added")
         return out, a.shape[0]
 
+    def sync(self, group: Any = None) -> None:
+        """Make every rank of ``group`` (``torch.distributed``) hold the statistics of all
+        ranks together (summed, identically on each: data-parallel calibration gives one
+        process's Hessian over all the data). Every rank must call it. A no-op outside
+        ``torch.distributed``."""
+        if not _distributed(group):
+            return
+        import torch
+        import torch.distributed as dist
+
+        flat = torch.from_numpy(np.concatenate([self.matrix.ravel(), self.absolute, [float(self.samples)]]))
+        if dist.get_backend(group) == "nccl":
+            flat = flat.cuda()
+        dist.all_reduce(flat, group=group)
+        out = flat.cpu().numpy()
+        n = self.features
+        self.matrix = out[:n * n].reshape(n, n).copy()
+        self.absolute = out[n * n:n * n + n].copy()
+        self.samples = int(out[-1])
+
     def merge(self, other: Hessian) -> None:
         if not isinstance(other, Hessian) or other.features != self.features:
             raise LowbitValueError("other must be a Hessian of the same number of features")
         self.matrix += other.matrix
         self.absolute += other.absolute
         self.samples += other.samples
+
+
+def _distributed(group: Any = None) -> bool:
+    """Whether ``torch.distributed`` runs more than one rank in ``group``."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return False
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def _matrix(h: Any, what: str, n: int | None = None) -> np.ndarray:
@@ -660,6 +689,11 @@ def quantize_model(
     do not chain so, passes of the whole model stop at the layer being calibrated. The other
     methods, and ``sequential=False``, gather every layer's statistics in one pass.
 
+    Under ``torch.distributed``, each rank calibrates on its own ``data`` and every layer's
+    statistics are summed over the ranks before it is quantized (:meth:`Hessian.sync`), so all
+    ranks quantize the same and their result is one process's on all the data; every rank must
+    run the same layers in the same order (the same kind of batches).
+
     ``asymmetric=True`` (GPTQ and AWQ + GPTQ; asymmetric calibration, as in GPTAQ) fits each layer's
     output on the quantized model's inputs ``x_q`` to the *float* model's output on its own
     inputs ``x_f``, so a layer also corrects the error the layers before it left: GPTQ runs on
@@ -716,6 +750,7 @@ def quantize_model(
     if not chosen:
         raise LowbitValueError("the model has no Linear or Conv2d layers to quantize (after spec and exclude)")
 
+    distributed = _distributed()
     was_training = model.training
     model.eval()
     order: list[str] = []
@@ -804,13 +839,22 @@ def quantize_model(
     def quantize_layer(name: str) -> None:
         """Quantizes layer ``name`` from its gathered Hessian and writes its weight back."""
         mod, s = chosen[name]
-        if name not in hessians:
-            return  # never ran on the calibration data
         t = time.perf_counter()
-        w = np.ascontiguousarray(mod.weight.detach().float().cpu().reshape(mod.weight.shape[0], -1).numpy())
-        stats = hessians.pop(name)
-        h = stats.matrix
+        stats = hessians.pop(name, None)
         cross = crosses.pop(name, None)
+        if distributed:
+            # Every rank's statistics summed (every rank reaches every layer, in one order).
+            stats = stats or Hessian(_features(mod))
+            stats.sync()
+            if asymmetric:
+                both = Hessian(stats.features)
+                both.matrix = cross if cross is not None else np.zeros_like(stats.matrix)
+                both.sync()
+                cross = both.matrix
+        if stats is None or stats.samples == 0:
+            return  # never ran on the calibration data
+        w = np.ascontiguousarray(mod.weight.detach().float().cpu().reshape(mod.weight.shape[0], -1).numpy())
+        h = stats.matrix
         goal = w if cross is None else _asymmetric_goal(w, h, cross)
         rot = Rotation(w.shape[1]) if rotate else None
         # The method runs on the rotated weight W R against the rotated inputs' Hessian.

@@ -989,6 +989,7 @@ def _entries() -> list[Entry]:
         E("lowbit.ptq.Hessian", f(ptq.Hessian), features=Z(6, lo=1)),
         E("lowbit.ptq.Hessian.update", lambda c, **kw: ptq.Hessian(6).update(**kw), x=F(X)),
         E("lowbit.ptq.Hessian.update[tensor]", lambda c, **kw: ptq.Hessian(6).update(**kw), x=T(torch.from_numpy(X))),
+        E("lowbit.ptq.Hessian.sync", lambda c, **kw: ptq.Hessian(6).sync(**kw), group=ANY(None)),
         E("lowbit.ptq.Hessian.merge", lambda c, **kw: ptq.Hessian(6).merge(**kw), other=OBJ(ptq.Hessian(6))),
         E("lowbit.ptq.gptq", lambda c, **kw: ptq.gptq(**kw).dead, weight=F(X), hessian=F(H6),
           spec=OBJ(lowbit.QuantSpec(4)), damp=FL(0.01, lo=0.0), act_order=FLAG(True), grid=CH("minmax")),

@@ -882,3 +882,48 @@ def test_hqq_models_and_degenerate_weights():
         hqq(w, spec, lp=2.0)
     with pytest.raises(lowbit.LowbitTypeError):
         hqq(w, "int3")
+
+
+# ------------------------------------------------------------------------------------------
+# torch.distributed
+
+
+_DIST_CASES = {"gptq": dict(), "asym": dict(asymmetric=True, grid="mse"), "awq": dict(method="awq")}
+
+
+def _dist_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    spec = lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=16)
+    for case, kw in _DIST_CASES.items():
+        net, data = _net_and_data(4)
+        r = quantize_model(net, data[rank::world], spec, **kw)
+        np.savez(f"{out_dir}/{case}-rank{rank}.npz", **{n: lr.tensor.int_repr() for n, lr in r.layers.items()},
+                 **{f"{n}.error": lr.error for n, lr in r.layers.items()})
+    h = Hessian(3)
+    h.update(np.full((rank + 1, 3), rank + 1.0))
+    h.sync()
+    np.save(f"{out_dir}/hessian-rank{rank}.npy", np.concatenate([h.matrix.ravel(), h.absolute, [h.samples]]))
+    dist.destroy_process_group()
+
+
+def test_distributed_statistics_equal_one_process(tmp_path):
+    """Two gloo ranks, each calibrating on half the batches: both quantize every layer as one
+    process does on all of them (the Hessians summed over the ranks before each layer)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dist_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spec = lowbit.QuantSpec(3, symmetric=False, granularity="group", group_size=16)
+    for case, kw in _DIST_CASES.items():
+        net, data = _net_and_data(4)
+        # One process, batches in the order the ranks' halves are summed.
+        one = quantize_model(net, data[0::2] + data[1::2], spec, **kw)
+        for rank in range(2):
+            got = np.load(tmp_path / f"{case}-rank{rank}.npz")
+            for name, lr in one.layers.items():
+                np.testing.assert_array_equal(got[name], lr.tensor.int_repr(), err_msg=f"{case} {name}")
+                assert float(got[f"{name}.error"]) == pytest.approx(lr.error, rel=1e-6)
+    for rank in range(2):
+        h = np.load(tmp_path / f"hessian-rank{rank}.npy")
+        np.testing.assert_array_equal(h, np.concatenate([np.full(9, 1 + 8.0), np.full(3, 1 + 4.0), [3]]))
