@@ -124,6 +124,24 @@ class Hessian:
         self.samples += other.samples
 
 
+def _globs(v: Any, what: str) -> list[str]:
+    """A glob or a sequence of globs of module names, as a list."""
+    if isinstance(v, str):
+        return [v]
+    if not isinstance(v, (list, tuple)) or not all(isinstance(p, str) for p in v):
+        raise LowbitTypeError(f"{what} must be a glob or a list of globs of module names, got {v!r}")
+    return list(v)
+
+
+def _progress_bar(total: int, desc: str) -> Any:
+    """A ``tqdm`` bar of ``total`` steps, or None without tqdm."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="layer")
+
+
 def _distributed(group: Any = None) -> bool:
     """Whether ``torch.distributed`` runs more than one rank in ``group``."""
     try:
@@ -654,6 +672,8 @@ def quantize_model(
     grid: str = "minmax",
     rotate: str | None = None,
     asymmetric: bool = False,
+    modules: str | Sequence[str] | None = None,
+    progress: bool = True,
 ) -> PTQResult:
     """Quantize every ``torch.nn.Linear`` and ``torch.nn.Conv2d`` of ``model`` in place (its
     weight becomes the dequantized quantized weight, so torch runs the model as it will be
@@ -666,7 +686,9 @@ def quantize_model(
     a tuple of positional inputs or a dict of keyword inputs). ``spec`` is a
     :class:`lowbit.QuantSpec`, or a dict of module-name glob to ``QuantSpec`` (mixed precision;
     the first match wins, unmatched layers stay float). ``exclude`` names globs of modules to
-    keep in float (embeddings, heads). ``method``: ``"gptq"``, ``"rtn"`` (round to nearest on
+    keep in float (embeddings, heads); ``modules``, if given, globs of the only modules to
+    quantize. ``progress`` shows a progress bar over the layers (with ``tqdm``, when
+    installed). ``method``: ``"gptq"``, ``"rtn"`` (round to nearest on
     the same grid) or ``"mse"`` (round to nearest on MSE-searched grids: each group's min-max
     range shrunk to the least error weighted by the layer's Hessian diagonal; a layer keeps the
     min-max grids where they give the lower output error on the calibration data), ``"awq"``
@@ -735,7 +757,8 @@ def quantize_model(
     if not isinstance(spec, (QuantSpec, Mapping)) or (isinstance(spec, Mapping) and not all(
             isinstance(v, QuantSpec) for v in spec.values())):
         raise LowbitTypeError("spec must be a QuantSpec or a dict of module-name glob to QuantSpec")
-    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    patterns = _globs(exclude, "exclude")
+    include = None if modules is None else _globs(modules, "modules")
     d = float_arg(damp, "damp", 0.0, None, finite=True)
     try:
         batches = list(data)
@@ -745,12 +768,14 @@ def quantize_model(
         raise LowbitValueError("data yielded no batches to calibrate on")
     t0 = time.perf_counter()
     chosen = {name: (m, _spec_for(name, spec)) for name, m in model.named_modules()
-              if _quantizable(m) and not any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+              if _quantizable(m) and not any(fnmatch.fnmatchcase(name, p) for p in patterns)
+              and (include is None or any(fnmatch.fnmatchcase(name, p) for p in include))}
     chosen = {n: ms for n, ms in chosen.items() if ms[1] is not None}
     if not chosen:
-        raise LowbitValueError("the model has no Linear or Conv2d layers to quantize (after spec and exclude)")
+        raise LowbitValueError("the model has no Linear or Conv2d layers to quantize (after spec, modules and exclude)")
 
     distributed = _distributed()
+    bar = _progress_bar(len(chosen), "quantizing") if progress else None
     was_training = model.training
     model.eval()
     order: list[str] = []
@@ -909,6 +934,9 @@ def quantize_model(
         with torch.no_grad():
             mod.weight.copy_(torch.from_numpy(np.asarray(deq)).reshape(mod.weight.shape).to(mod.weight.dtype))
         result.layers[name] = LayerResult(qt, err, rtn_err, dead, time.perf_counter() - t, rot, scales)
+        if bar is not None:
+            bar.set_postfix_str(name, refresh=False)
+            bar.update()
 
     try:
         if not in_order:
@@ -942,5 +970,7 @@ def quantize_model(
                     float_inputs = [(_chain(float_block(*a, **k), a), k) for a, k in float_inputs]
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     result.seconds = time.perf_counter() - t0
     return result

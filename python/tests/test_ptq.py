@@ -262,6 +262,10 @@ def test_quantize_model_rtn_exclude_mixed_precision_and_batch_kinds():
     assert torch.equal(net.head.weight, head)
     r = quantize_model(net, [{"ids": d} for d in data], s4, exclude=["up", "down"])
     assert list(r.layers) == ["head"]
+    r = quantize_model(net, data, s4, modules=["d*", "head"], exclude="head", progress=False)
+    assert list(r.layers) == ["down"]
+    with pytest.raises(lowbit.LowbitTypeError, match="modules"):
+        quantize_model(net, data, s4, modules=[3])
 
 
 def test_quantize_model_refuses_bad_input():
