@@ -209,7 +209,7 @@ def run(out: str | os.PathLike[str] = "lowbit-demo", steps: int = DEFAULTS["step
             src = copy.deepcopy(f32_model)
             start = time.perf_counter()
             spec = QuantSpec(wb, symmetric=False, granularity="group", group_size=32)
-            result = quantize_model(src, calib, spec, asymmetric=True)
+            result = quantize_model(src, calib, spec, asymmetric=True, progress=progress)
             log(f"{fmt}: {result.method} on {PTQ_SCENES} scenes in {time.perf_counter() - start:.0f} s")
             # The deployed file: the GPTQ codes as they are; embeddings int8 as in the int2 row.
             size = models.save(src, path, weights="int2", quantized=result)["bytes"]
