@@ -139,6 +139,18 @@ fn round_to_grid(w: f64, (s, zp): Grid, r: QRange) -> (i32, f64) {
     (q as i32, (q - zp as f64) * s)
 }
 
+/// A per-channel `spec` of a weight matrix must run along its output channels (axis 0).
+pub(super) fn check_axis(spec: &QuantSpec, solver: &str) -> Result<()> {
+    if spec.granularity == Granularity::Channel {
+        ensure!(
+            spec.axis == 0 || spec.axis == -2,
+            "{solver} quantizes per output channel (axis 0) or per group of input features, got axis {}",
+            spec.axis
+        );
+    }
+    Ok(())
+}
+
 /// Columns per group of `spec` (all of them for per-channel and per-tensor grids).
 pub(super) fn group_size(spec: &QuantSpec, cols: usize) -> usize {
     match spec.granularity {
@@ -290,13 +302,7 @@ pub fn gptq(
         "damp must be a finite number >= 0, got {}",
         cfg.damp
     );
-    if spec.granularity == Granularity::Channel {
-        ensure!(
-            spec.axis == 0 || spec.axis == -2,
-            "GPTQ quantizes per output channel (axis 0) or per group of input features, got axis {}",
-            spec.axis
-        );
-    }
+    check_axis(&spec, "GPTQ")?;
     ensure!(
         w.iter().all(|v| v.is_finite()),
         "the weight holds NaN or Inf"

@@ -10,7 +10,7 @@
 //! squares on the codes, rounds the zero point and refits the scale for it (symmetric grids
 //! keep their zero point and fit the scale alone). The first grid is min-max's, and a grid is
 //! only kept while the error falls, so HQQ's is never worse than min-max's on that measure.
-use super::gptq::group_size;
+use super::gptq::{check_axis, group_size};
 use crate::ensure;
 use crate::quant::affine::QRange;
 use crate::quant::spec::{qparams_from_minmax, quantize, Granularity, QuantSpec, QuantizedTensor};
@@ -126,13 +126,7 @@ fn fit(values: &[f64], r: QRange, symmetric: bool, cfg: &Config) -> Grid {
 /// group of input features; rows in parallel.
 pub fn hqq(w: ArrayView2<'_, f32>, spec: QuantSpec, cfg: &Config) -> Result<QuantizedTensor> {
     let (rows, cols) = w.dim();
-    if spec.granularity == Granularity::Channel {
-        ensure!(
-            spec.axis == 0 || spec.axis == -2,
-            "HQQ quantizes per output channel (axis 0) or per group of input features, got axis {}",
-            spec.axis
-        );
-    }
+    check_axis(&spec, "HQQ")?;
     ensure!(
         w.iter().all(|v| v.is_finite()),
         "the weight holds NaN or Inf"
